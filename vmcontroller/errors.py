@@ -1,0 +1,94 @@
+"""
+Every exception vmcontroller raises.
+
+The errors that can cross the wire are defined once, in :mod:`guest_agent.protocol.errors`,
+which the agent shares; the hypervisor errors are host-only.
+"""
+
+from guest_agent.protocol.errors import (
+    AgentOSError,
+    AlreadyExists,
+    BadRequest,
+    CommandNotFound,
+    ConnectionLost,
+    DirectoryNotEmpty,
+    ErrorCode,
+    FrameTooLarge,
+    IncompleteTransfer,
+    IntegrityError,
+    InternalError,
+    IsADirectory,
+    NotADirectory,
+    OperationCancelled,
+    OperationError,
+    OperationTimeout,
+    PathNotFound,
+    PermissionDenied,
+    ProtocolError,
+    TooManyRequests,
+    UnknownOperation,
+    UnsupportedProtocolVersion,
+    VMControllerError,
+)
+
+
+class AgentUnreachable(VMControllerError):
+    """No agent answered on the channel within the time given."""
+
+
+class HypervisorError(VMControllerError):
+    """The hypervisor refused or failed an operation."""
+
+
+class DriverNotFound(HypervisorError):
+    """No installed hypervisor driver has the requested name."""
+
+
+class VMNotFound(HypervisorError):
+    """No VM of that name is defined on this hypervisor."""
+
+
+class VMStateError(HypervisorError):
+    """The VM is not in a state that allows the operation (e.g. pausing a stopped VM)."""
+
+
+class SnapshotNotFound(HypervisorError):
+    """The VM has no snapshot of that name."""
+
+
+class ImageBuildError(VMControllerError):
+    """Building a guest image failed."""
+
+
+__all__ = [
+    "AgentOSError",
+    "AgentUnreachable",
+    "AlreadyExists",
+    "BadRequest",
+    "CommandNotFound",
+    "ConnectionLost",
+    "DirectoryNotEmpty",
+    "DriverNotFound",
+    "ErrorCode",
+    "FrameTooLarge",
+    "HypervisorError",
+    "ImageBuildError",
+    "IncompleteTransfer",
+    "IntegrityError",
+    "InternalError",
+    "IsADirectory",
+    "NotADirectory",
+    "OperationCancelled",
+    "OperationError",
+    "OperationTimeout",
+    "PathNotFound",
+    "PermissionDenied",
+    "ProtocolError",
+    "SnapshotNotFound",
+    "TooManyRequests",
+    "UnknownOperation",
+    "UnsupportedProtocolVersion",
+    "VMControllerError",
+    "VMNotFound",
+    "VMStateError",
+]

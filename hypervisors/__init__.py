@@ -1,0 +1,81 @@
+"""
+Hypervisor drivers and the way to find them.
+
+Drivers register under the ``vmcontroller.hypervisors`` entry-point group; :func:`load_driver`
+finds one by name. Each driver is a :class:`twisted.application.service.IService`: start it
+(``startService()``, or add it to a running ``MultiService``) before use and stop it after.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any
+
+from twisted.internet.interfaces import IReactorCore
+from zope.interface.exceptions import Invalid
+from zope.interface.verify import verifyObject
+
+from hypervisors.interface import (
+    DEFAULT_AGENT_CHANNEL,
+    Accel,
+    IHypervisorDriver,
+    SnapshotInfo,
+    VMSpec,
+    VMState,
+)
+from vmcontroller.errors import DriverNotFound
+
+__all__ = [
+    "DEFAULT_AGENT_CHANNEL",
+    "ENTRY_POINT_GROUP",
+    "Accel",
+    "IHypervisorDriver",
+    "SnapshotInfo",
+    "VMSpec",
+    "VMState",
+    "installed_drivers",
+    "load_driver",
+]
+
+ENTRY_POINT_GROUP = "vmcontroller.hypervisors"
+
+
+def installed_drivers() -> list[str]:
+    """The names of the installed hypervisor drivers, sorted."""
+    return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def load_driver(name: str, reactor: IReactorCore, **options: Any) -> IHypervisorDriver:
+    """
+    Create the driver registered as ``name``.
+
+    :param reactor: the reactor the driver schedules its work with.
+    :param options: keyword arguments for the driver's constructor (e.g. ``uri`` for libvirt).
+    :return: the driver, not started yet: call ``startService()`` or add it to a ``MultiService``.
+    :raises DriverNotFound: no driver of that name is installed, or it does not provide
+        :class:`IHypervisorDriver`.
+    """
+    matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not matches:
+        installed = ", ".join(installed_drivers()) or "none"
+        raise DriverNotFound(
+            f"no hypervisor driver named {name!r} (installed: {installed}); install the package that "
+            f"provides it, or check that vmcontroller is installed (pip install .) so that its "
+            f"{ENTRY_POINT_GROUP!r} entry points exist"
+        )
+    try:
+        factory = matches[0].load()
+    except ImportError as e:
+        raise DriverNotFound(
+            f"hypervisor driver {name!r} is registered but cannot be imported ({e}); "
+            "install its dependencies"
+        ) from e
+    driver = factory(reactor, **options)
+    try:
+        verifyObject(IHypervisorDriver, driver)
+    except Invalid as e:
+        raise DriverNotFound(
+            f"{matches[0].value} registered as hypervisor driver {name!r} does not implement "
+            f"IHypervisorDriver: {e}"
+        ) from e
+    return driver  # type: ignore[no-any-return]

@@ -52,6 +52,14 @@ class VMStateError(HypervisorError):
     """The VM is not in a state that allows the operation (e.g. pausing a stopped VM)."""
 
 
+class VMAlreadyExists(HypervisorError):
+    """A VM of that name is defined already."""
+
+
+class VMTimeout(HypervisorError):
+    """The VM did not reach the expected state in the time given."""
+
+
 class SnapshotNotFound(HypervisorError):
     """The VM has no snapshot of that name."""
 
@@ -88,7 +96,9 @@ __all__ = [
     "TooManyRequests",
     "UnknownOperation",
     "UnsupportedProtocolVersion",
+    "VMAlreadyExists",
     "VMControllerError",
     "VMNotFound",
     "VMStateError",
+    "VMTimeout",
 ]

@@ -1,0 +1,10 @@
+"""The agent's operations, by the name a REQUEST gives."""
+
+from __future__ import annotations
+
+from guest_agent.ops import exec as _exec
+from guest_agent.ops import files as _files
+from guest_agent.ops import system as _system
+from guest_agent.session import Operation
+
+OPERATIONS: dict[str, Operation] = {**_system.OPERATIONS, **_exec.OPERATIONS, **_files.OPERATIONS}

@@ -1,0 +1,607 @@
+"""
+The sans-I/O protocol engine: bytes in, events out; calls in, bytes to send.
+
+:class:`HostConnection` and :class:`AgentConnection` hold everything both ends must agree
+on (the resynchronising handshake, version negotiation, request bookkeeping, per-stream
+flow control and the hard limits) and nothing about sockets, processes or files, so both
+are tested by feeding one's output into the other.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from guest_agent.protocol.errors import (
+    ErrorCode,
+    FrameTooLarge,
+    OperationError,
+    ProtocolError,
+    TooManyRequests,
+    UnsupportedProtocolVersion,
+    VMControllerError,
+    error_from_wire,
+)
+from guest_agent.protocol.frames import (
+    ACK_MAGIC,
+    NONCE_SIZE,
+    Channel,
+    RESET_MARKER,
+    SYNC_MAGIC,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    Marker,
+    encode_frame,
+    encode_json,
+)
+
+#: Protocol versions this code speaks, oldest first.
+SUPPORTED_VERSIONS = (1,)
+DEFAULT_MAX_FRAME = 256 * 1024
+DEFAULT_WINDOW = 4 * 1024 * 1024
+DEFAULT_MAX_INFLIGHT = 64
+#: Hard ceilings on what a peer may ask us to accept, whatever it announces.
+MAX_WINDOW = 64 * 1024 * 1024
+
+
+# ---- events ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HandshakeComplete:
+    version: int
+    peer: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class HandshakeFailed:
+    error: VMControllerError
+
+
+@dataclass(frozen=True)
+class SessionReset:
+    """The peer started over: every request and stream of the old session is gone."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class RequestReceived:
+    request_id: int
+    op: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ResponseReceived:
+    request_id: int
+    result: Any
+
+
+@dataclass(frozen=True)
+class ErrorReceived:
+    """An operation failed (``request_id`` > 0) or the peer rejected the connection (0)."""
+
+    request_id: int
+    error: VMControllerError
+
+
+@dataclass(frozen=True)
+class DataReceived:
+    request_id: int
+    channel: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    request_id: int
+    channel: int
+    trailer: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class WindowOpened:
+    """The peer granted credit: more data may be sent on this stream."""
+
+    request_id: int
+    channel: int
+
+
+@dataclass(frozen=True)
+class NotificationReceived:
+    name: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    request_id: int
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ProtocolFailure:
+    """The agent saw a broken stream, told the host why and went back to hunting for SYNC."""
+
+    error: ProtocolError
+
+
+Event = (
+    HandshakeComplete
+    | HandshakeFailed
+    | SessionReset
+    | RequestReceived
+    | ResponseReceived
+    | ErrorReceived
+    | DataReceived
+    | StreamEnded
+    | WindowOpened
+    | NotificationReceived
+    | CancelRequested
+    | ProtocolFailure
+)
+
+
+@dataclass
+class Limits:
+    """What this side accepts; the peer learns them in HELLO."""
+
+    max_frame: int = DEFAULT_MAX_FRAME
+    window: int = DEFAULT_WINDOW
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
+
+    def to_wire(self) -> dict[str, int]:
+        return {"max_frame": self.max_frame, "window": self.window, "max_inflight": self.max_inflight}
+
+
+@dataclass
+class _Stream:
+    """Flow-control state of one (request, channel) direction."""
+
+    credit: int  # sending: bytes the peer still accepts; receiving: bytes we still accept
+    unacknowledged: int = 0  # receiving: consumed bytes not yet granted back
+
+
+@dataclass
+class _Request:
+    sending: dict[int, _Stream] = field(default_factory=dict)
+    receiving: dict[int, _Stream] = field(default_factory=dict)
+
+
+_CHANNELS = frozenset(Channel)
+
+
+class _Connection:
+    """What both ends share: framing, open requests, streams and their credit."""
+
+    def __init__(self, limits: Limits | None) -> None:
+        self.limits = limits or Limits()
+        self._decoder = FrameDecoder(self.limits.max_frame)
+        self._outgoing = bytearray()
+        self._requests: dict[int, _Request] = {}
+        self._open = False
+        # Learnt from the peer's HELLO.
+        self.version = 0
+        self.peer_limits = Limits()
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    @property
+    def open_requests(self) -> int:
+        return len(self._requests)
+
+    def data_to_send(self) -> bytes:
+        """Bytes the transport must write, in order; the buffer is emptied."""
+        data = bytes(self._outgoing)
+        self._outgoing.clear()
+        return data
+
+    def _send(self, frame_type: FrameType, request_id: int, payload: bytes = b"", flags: int = 0) -> None:
+        self._outgoing += encode_frame(frame_type, request_id, payload, flags)
+
+    def _reset_session(self) -> None:
+        self._requests.clear()
+        self._open = False
+        self.version = 0
+
+    def _require_open(self) -> None:
+        if not self._open:
+            raise ProtocolError("no session: the handshake has not completed")
+
+    # -- streams ------------------------------------------------------------------
+
+    def send_data(self, request_id: int, channel: int, data: bytes | memoryview) -> int:
+        """
+        Queue as much of ``data`` as the peer's window allows, in frames no larger than
+        its limit.  Returns how many bytes were taken; send the rest after a
+        :class:`WindowOpened` for this stream.  Data for a finished request is dropped
+        (the peer has stopped listening) and counted as taken.
+        """
+        self._require_open()
+        request = self._requests.get(request_id)
+        if request is None:
+            return len(data)
+        stream = request.sending.get(channel)
+        if stream is None:
+            stream = request.sending[channel] = _Stream(self.peer_limits.window)
+        taken = min(len(data), stream.credit)
+        view = memoryview(data)[:taken]
+        step = self.peer_limits.max_frame
+        for start in range(0, taken, step):
+            self._send(FrameType.DATA, request_id, bytes(view[start : start + step]), channel)
+        stream.credit -= taken
+        return taken
+
+    def send_credit_available(self, request_id: int, channel: int) -> int:
+        """How many bytes :meth:`send_data` would take now."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return 0
+        stream = request.sending.get(channel)
+        return self.peer_limits.window if stream is None else stream.credit
+
+    def send_eof(self, request_id: int, channel: int, trailer: dict[str, Any] | None = None) -> None:
+        self._require_open()
+        if request_id in self._requests:
+            self._send(FrameType.EOF, request_id, encode_json(trailer) if trailer else b"", channel)
+
+    def consumed(self, request_id: int, channel: int, count: int) -> None:
+        """
+        Tell the engine the application has dealt with ``count`` received bytes, so the
+        peer may send more.  Credit goes back in batches of a quarter window, to keep
+        CREDIT frames rare.
+        """
+        request = self._requests.get(request_id)
+        if request is None or not self._open:
+            return
+        stream = request.receiving.get(channel)
+        if stream is None:
+            return
+        stream.unacknowledged += count
+        if stream.unacknowledged >= self.limits.window // 4:
+            grant, stream.unacknowledged = stream.unacknowledged, 0
+            stream.credit += grant
+            self._send(FrameType.CREDIT, request_id, grant.to_bytes(4, "big"), channel)
+
+    def _forget(self, request_id: int) -> None:
+        self._requests.pop(request_id, None)
+
+    # -- receiving ----------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        self._decoder.feed(data)
+        events: list[Event] = []
+        self._process(events)
+        return events
+
+    def _process(self, events: list[Event]) -> None:
+        raise NotImplementedError
+
+    def _handle_common(self, frame: Frame, events: list[Event]) -> bool:
+        """Stream frames, shared by both roles; False when the frame is not one of them."""
+        if frame.type in (FrameType.DATA, FrameType.EOF, FrameType.CREDIT) and frame.flags not in _CHANNELS:
+            raise ProtocolError(f"{frame.type.name} frame names unknown channel {frame.flags}")
+        if frame.type is FrameType.DATA:
+            request = self._requests.get(frame.request_id)
+            if request is None:
+                return True  # a late chunk for a request that already ended
+            stream = request.receiving.get(frame.flags)
+            if stream is None:
+                stream = request.receiving[frame.flags] = _Stream(self.limits.window)
+            if len(frame.payload) > stream.credit:
+                raise ProtocolError(
+                    f"peer sent {len(frame.payload)} bytes on request {frame.request_id} "
+                    f"channel {frame.flags} with only {stream.credit} bytes of window left"
+                )
+            stream.credit -= len(frame.payload)
+            events.append(DataReceived(frame.request_id, frame.flags, frame.payload))
+        elif frame.type is FrameType.EOF:
+            if frame.request_id in self._requests:
+                trailer = frame.json()
+                if not isinstance(trailer, dict):
+                    raise ProtocolError("EOF trailer must be a JSON object")
+                events.append(StreamEnded(frame.request_id, frame.flags, trailer))
+        elif frame.type is FrameType.CREDIT:
+            if len(frame.payload) != 4:
+                raise ProtocolError("CREDIT frame must carry a 4-byte count")
+            request = self._requests.get(frame.request_id)
+            if request is not None:
+                grant = int.from_bytes(frame.payload, "big")
+                stream = request.sending.setdefault(frame.flags, _Stream(self.peer_limits.window))
+                if stream.credit + grant > MAX_WINDOW:
+                    raise ProtocolError("peer granted more credit than any window allows")
+                stream.credit += grant
+                events.append(WindowOpened(frame.request_id, frame.flags))
+        else:
+            return False
+        return True
+
+    def _accept_peer_limits(self, hello: dict[str, Any]) -> None:
+        try:
+            peer = Limits(int(hello["max_frame"]), int(hello["window"]), int(hello["max_inflight"]))
+        except (KeyError, TypeError, ValueError):
+            raise ProtocolError("HELLO lacks max_frame, window or max_inflight") from None
+        if not (1024 <= peer.max_frame and 1024 <= peer.window <= MAX_WINDOW and 1 <= peer.max_inflight):
+            raise ProtocolError(f"HELLO announces unusable limits {peer.to_wire()}")
+        self.peer_limits = peer
+
+
+def _error_payload(code: ErrorCode | str, message: str, details: dict[str, Any] | None = None) -> bytes:
+    return encode_json({"code": str(getattr(code, "value", code)), "message": message, "details": details or {}})
+
+
+def _decode_error(frame: Frame) -> VMControllerError:
+    body = frame.json()
+    if not isinstance(body, dict) or not isinstance(body.get("code"), str):
+        raise ProtocolError("ERROR frame must carry a JSON object with a code")
+    details = body.get("details")
+    return error_from_wire(body["code"], str(body.get("message", "")), details if isinstance(details, dict) else {})
+
+
+class HostConnection(_Connection):
+    """
+    The host's end: it starts every session with SYNC, offers its versions in HELLO and
+    sends requests.
+
+    :param versions: protocol versions to offer (tests offer unsupported ones).
+    """
+
+    def __init__(self, limits: Limits | None = None, versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+                 hello_extra: dict[str, Any] | None = None) -> None:
+        super().__init__(limits)
+        self._versions = versions
+        self._hello_extra = hello_extra or {}
+        self._nonce: bytes | None = None
+        self._awaiting_hello = False
+        self._next_id = 1
+
+    def start(self) -> None:
+        """(Re)start a session: discard all state and ask the agent to resynchronise."""
+        self._reset_session()
+        self._decoder.clear()
+        self._outgoing.clear()
+        self._nonce = os.urandom(NONCE_SIZE)
+        self._awaiting_hello = False
+        self._outgoing += SYNC_MAGIC + self._nonce
+
+    def send_request(self, op: str, args: dict[str, Any] | None = None) -> int:
+        """Send a request and return its id, which every later event about it carries."""
+        self._require_open()
+        if len(self._requests) >= self.peer_limits.max_inflight:
+            raise TooManyRequests(
+                f"{len(self._requests)} operations are in flight, the agent's limit is "
+                f"{self.peer_limits.max_inflight}: wait for some to finish"
+            )
+        request_id = self._next_id
+        self._next_id = self._next_id % 0xFFFFFFFF + 1
+        self._requests[request_id] = _Request()
+        self._send(FrameType.REQUEST, request_id, encode_json({"op": op, "args": args or {}}))
+        return request_id
+
+    def send_cancel(self, request_id: int, body: dict[str, Any] | None = None) -> None:
+        self._require_open()
+        if request_id in self._requests:
+            self._send(FrameType.CANCEL, request_id, encode_json(body or {}))
+
+    def _process(self, events: list[Event]) -> None:
+        while True:
+            if self._nonce is None:
+                self._decoder.clear()  # nothing is expected before start()
+                return
+            if not self._open and not self._awaiting_hello:
+                if self._decoder.hunt(ACK_MAGIC, self._nonce) is None:
+                    return
+                self._awaiting_hello = True
+                hello = {"versions": list(self._versions), **self.limits.to_wire(), **self._hello_extra}
+                self._send(FrameType.HELLO, 0, encode_json(hello))
+                continue
+            item = self._decoder.next()
+            if item is None:
+                return
+            if isinstance(item, Marker):
+                if item.magic == ACK_MAGIC:
+                    continue  # a repeated ACK for a SYNC sent again while waiting
+                if item.magic == RESET_MARKER:
+                    self._nonce = None
+                    self._reset_session()
+                    self._decoder.clear()
+                    events.append(SessionReset("the agent restarted"))
+                    return
+                raise ProtocolError("the agent sent SYNC, which only the host may send")
+            self._handle_frame(item, events)
+
+    def _handle_frame(self, frame: Frame, events: list[Event]) -> None:
+        if self._awaiting_hello:
+            if frame.type is FrameType.HELLO:
+                hello = frame.json()
+                if not isinstance(hello, dict) or hello.get("version") not in self._versions:
+                    raise ProtocolError(f"agent chose a version the host did not offer: {hello!r}")
+                self._accept_peer_limits(hello)
+                self.version = hello["version"]
+                self._awaiting_hello = False
+                self._open = True
+                events.append(HandshakeComplete(self.version, hello))
+            elif frame.type is FrameType.ERROR and frame.request_id == 0:
+                self._awaiting_hello = False
+                self._nonce = None
+                events.append(HandshakeFailed(_decode_error(frame)))
+            else:
+                raise ProtocolError(f"expected HELLO from the agent, got {frame.type.name}")
+            return
+        if self._handle_common(frame, events):
+            return
+        if frame.type is FrameType.RESPONSE:
+            if frame.request_id in self._requests:
+                self._forget(frame.request_id)
+                events.append(ResponseReceived(frame.request_id, frame.json()))
+        elif frame.type is FrameType.ERROR:
+            error = _decode_error(frame)
+            if frame.request_id == 0:
+                events.append(ErrorReceived(0, error))
+            elif frame.request_id in self._requests:
+                self._forget(frame.request_id)
+                events.append(ErrorReceived(frame.request_id, error))
+        elif frame.type is FrameType.NOTIFY:
+            body = frame.json()
+            if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+                raise ProtocolError("NOTIFY must carry a JSON object with a name")
+            events.append(NotificationReceived(body["name"], body.get("body") or {}))
+        else:
+            raise ProtocolError(f"the agent may not send {frame.type.name}")
+
+
+class AgentConnection(_Connection):
+    """
+    The agent's end: it hunts for the host's SYNC, answers HELLO and serves requests.
+    A broken stream never ends it: it reports the error to the host and hunts again.
+    """
+
+    def __init__(self, limits: Limits | None = None, versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+                 hello_extra: dict[str, Any] | None = None) -> None:
+        super().__init__(limits)
+        self._versions = versions
+        self._hello_extra = hello_extra or {}
+        self._synced = False
+
+    def announce_restart(self) -> None:
+        """Tell a host that may still hold a session with an earlier agent that it is gone."""
+        self._outgoing += RESET_MARKER
+
+    def host_disconnected(self) -> None:
+        """The transport says the host went away: drop the session, keep nothing buffered."""
+        self._reset_session()
+        self._synced = False
+        self._decoder.clear()
+        self._outgoing.clear()
+
+    def send_response(self, request_id: int, result: Any = None) -> None:
+        if request_id in self._requests:
+            self._forget(request_id)
+            self._send(FrameType.RESPONSE, request_id, encode_json(result))
+
+    def send_error(self, request_id: int, error: OperationError) -> None:
+        if request_id in self._requests:
+            self._forget(request_id)
+            self._send(FrameType.ERROR, request_id, _error_payload(error.code, error.message, error.details))
+
+    def send_notification(self, name: str, body: dict[str, Any] | None = None) -> None:
+        if self._open:
+            self._send(FrameType.NOTIFY, 0, encode_json({"name": name, "body": body or {}}))
+
+    def _process(self, events: list[Event]) -> None:
+        while True:
+            if not self._synced:
+                nonce = self._decoder.hunt(SYNC_MAGIC)
+                if nonce is None:
+                    return
+                self._synced_with(nonce, events)
+                continue
+            try:
+                item = self._decoder.next()
+                if item is None:
+                    return
+                if isinstance(item, Marker):
+                    if item.magic != SYNC_MAGIC:
+                        raise ProtocolError("the host sent a marker only the agent may send")
+                    self._synced_with(item.nonce, events)
+                    continue
+                self._handle_frame(item, events)
+            except ProtocolError as e:
+                # Tell the host why, then drop the session and hunt for the next SYNC.
+                code = e.code
+                self._send(FrameType.ERROR, 0, _error_payload(code, str(e)))
+                self._reset_session()
+                self._synced = False
+                self._decoder.clear()
+                events.append(ProtocolFailure(e))
+
+    def _synced_with(self, nonce: bytes, events: list[Event]) -> None:
+        had_session = self._open or bool(self._requests)
+        self._reset_session()
+        self._synced = True
+        self._outgoing += ACK_MAGIC + nonce
+        if had_session:
+            events.append(SessionReset("the host started a new session"))
+
+    def _handle_frame(self, frame: Frame, events: list[Event]) -> None:
+        if not self._open:
+            if frame.type is not FrameType.HELLO:
+                raise ProtocolError(f"expected HELLO from the host, got {frame.type.name}")
+            hello = frame.json()
+            offered = hello.get("versions") if isinstance(hello, dict) else None
+            if not isinstance(offered, list):
+                raise ProtocolError("HELLO must list the host's versions")
+            common = set(offered) & set(self._versions)
+            if not common:
+                message = (
+                    f"the host speaks protocol versions {sorted(offered)} and this agent speaks "
+                    f"{list(self._versions)}: install a matching vmcontroller agent in the guest"
+                )
+                self._send(FrameType.ERROR, 0, _error_payload(
+                    ErrorCode.UNSUPPORTED_VERSION, message, {"supported": list(self._versions)}))
+                self._synced = False  # the host must SYNC again to retry
+                return
+            self._accept_peer_limits(hello)
+            self.version = max(common)
+            self._open = True
+            reply = {"version": self.version, **self.limits.to_wire(), **self._hello_extra}
+            self._send(FrameType.HELLO, 0, encode_json(reply))
+            events.append(HandshakeComplete(self.version, hello))
+            return
+        if self._handle_common(frame, events):
+            return
+        if frame.type is FrameType.REQUEST:
+            self._handle_request(frame, events)
+        elif frame.type is FrameType.CANCEL:
+            if frame.request_id in self._requests:
+                body = frame.json()
+                events.append(CancelRequested(frame.request_id, body if isinstance(body, dict) else {}))
+        else:
+            raise ProtocolError(f"the host may not send {frame.type.name} in a session")
+
+    def _handle_request(self, frame: Frame, events: list[Event]) -> None:
+        if frame.request_id == 0 or frame.request_id in self._requests:
+            raise ProtocolError(f"request id {frame.request_id} is zero or already in flight")
+        body = frame.json()
+        if not isinstance(body, dict) or not isinstance(body.get("op"), str) or not isinstance(
+            body.get("args", {}), dict
+        ):
+            self._send(FrameType.ERROR, frame.request_id, _error_payload(
+                ErrorCode.BAD_REQUEST, "a request must be a JSON object with 'op' and 'args'"))
+            return
+        if len(self._requests) >= self.limits.max_inflight:
+            self._send(FrameType.ERROR, frame.request_id, _error_payload(
+                ErrorCode.TOO_MANY_REQUESTS,
+                f"{len(self._requests)} operations are in flight, the agent's limit is "
+                f"{self.limits.max_inflight}: wait for some to finish"))
+            return
+        self._requests[frame.request_id] = _Request()
+        events.append(RequestReceived(frame.request_id, body["op"], body.get("args", {})))
+
+
+__all__ = [
+    "SUPPORTED_VERSIONS",
+    "AgentConnection",
+    "CancelRequested",
+    "DataReceived",
+    "ErrorReceived",
+    "Event",
+    "FrameTooLarge",
+    "HandshakeComplete",
+    "HandshakeFailed",
+    "HostConnection",
+    "Limits",
+    "NotificationReceived",
+    "ProtocolFailure",
+    "RequestReceived",
+    "ResponseReceived",
+    "SessionReset",
+    "StreamEnded",
+    "UnsupportedProtocolVersion",
+    "WindowOpened",
+]

@@ -1,0 +1,192 @@
+"""
+The wire codec: frames and the markers that resynchronise a byte stream.
+
+A frame is a 16-byte header and a payload::
+
+    magic  'VM'-like 2 bytes (0xA5 0x5A)
+    type   u8     FrameType
+    flags  u8     the sub-stream (channel) for DATA, EOF and CREDIT frames
+    id     u32    request id; 0 for connection-level frames
+    length u32    payload length, checked against the receiver's limit
+    crc    u32    CRC-32 of the 12 bytes above
+
+The header CRC lets a receiver tell a real frame from stale or foreign bytes before it
+trusts the length and waits for that many bytes.  Between frames a byte 0xFF starts a
+marker (SYNC, ACK or RESET), used to resynchronise a stream whose two ends may have been
+out of step.  See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from guest_agent.protocol.errors import FrameTooLarge, ProtocolError
+
+FRAME_MAGIC = b"\xa5\x5a"
+_HEADER = struct.Struct("!2sBBII")
+_CRC = struct.Struct("!I")
+HEADER_SIZE = _HEADER.size + _CRC.size
+
+MARKER_LEAD = 0xFF
+NONCE_SIZE = 16
+#: host -> agent: "forget everything before this; start a session", followed by a nonce.
+SYNC_MAGIC = b"\xffVMC-SYNC\x00"
+#: agent -> host: "SYNC with this nonce seen", followed by the nonce.
+ACK_MAGIC = b"\xffVMC-ACK\x00\x00"
+#: agent -> host: "I (re)started and have no session".
+RESET_MARKER = b"\xffVMC-RESET"
+MARKER_SIZE = len(SYNC_MAGIC)
+assert len(ACK_MAGIC) == len(RESET_MARKER) == MARKER_SIZE
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    REQUEST = 2
+    RESPONSE = 3
+    ERROR = 4
+    DATA = 5
+    EOF = 6
+    CREDIT = 7
+    NOTIFY = 8
+    CANCEL = 9
+
+
+class Channel(enum.IntEnum):
+    """Sub-streams of one request: stdin and file contents use INPUT."""
+
+    INPUT = 0
+    STDOUT = 1
+    STDERR = 2
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: FrameType
+    request_id: int
+    payload: bytes = b""
+    flags: int = 0
+
+    def json(self) -> Any:
+        """Decode a control frame's JSON payload; malformed JSON breaks the protocol."""
+        if not self.payload:
+            return {}
+        try:
+            return json.loads(self.payload)
+        except ValueError as e:
+            raise ProtocolError(f"{self.type.name} frame carries malformed JSON: {e}") from None
+
+
+def encode_frame(frame_type: FrameType, request_id: int, payload: bytes = b"", flags: int = 0) -> bytes:
+    header = _HEADER.pack(FRAME_MAGIC, frame_type, flags, request_id, len(payload))
+    return header + _CRC.pack(zlib.crc32(header)) + payload
+
+
+def encode_json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A resynchronisation marker found between frames."""
+
+    magic: bytes
+    nonce: bytes = b""
+
+
+class FrameDecoder:
+    """
+    Cuts a byte stream into frames and markers.
+
+    :param max_payload: the largest payload this side accepts; a header announcing more
+        raises :class:`FrameTooLarge` before any of the payload is buffered.
+    """
+
+    def __init__(self, max_payload: int) -> None:
+        self.max_payload = max_payload
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def clear(self) -> None:
+        self._buffer.clear()
+
+    def next(self) -> Frame | Marker | None:
+        """
+        The next complete frame or marker, or None until more bytes arrive.
+
+        :raises ProtocolError: the bytes at a frame boundary are neither a frame nor a
+            marker; the caller must resynchronise.
+        """
+        buf = self._buffer
+        if not buf:
+            return None
+        if buf[0] == MARKER_LEAD:
+            return self._next_marker()
+        if len(buf) < HEADER_SIZE:
+            if not FRAME_MAGIC.startswith(bytes(buf[:2])):
+                raise ProtocolError(f"expected a frame, got byte 0x{buf[0]:02x}: the stream is out of step")
+            return None
+        magic, frame_type, flags, request_id, length = _HEADER.unpack_from(buf)
+        (crc,) = _CRC.unpack_from(buf, _HEADER.size)
+        if magic != FRAME_MAGIC or crc != zlib.crc32(bytes(buf[: _HEADER.size])):
+            raise ProtocolError("corrupt frame header: the stream is out of step")
+        if length > self.max_payload:
+            raise FrameTooLarge(
+                f"frame of {length} bytes exceeds the limit of {self.max_payload} bytes"
+            )
+        try:
+            kind = FrameType(frame_type)
+        except ValueError:
+            raise ProtocolError(f"unknown frame type {frame_type}") from None
+        end = HEADER_SIZE + length
+        if len(buf) < end:
+            return None
+        payload = bytes(buf[HEADER_SIZE:end])
+        del buf[:end]
+        return Frame(kind, request_id, payload, flags)
+
+    def _next_marker(self) -> Marker | None:
+        buf = self._buffer
+        head = bytes(buf[:MARKER_SIZE])
+        if len(head) < MARKER_SIZE:
+            if not any(m.startswith(head) for m in (SYNC_MAGIC, ACK_MAGIC, RESET_MARKER)):
+                raise ProtocolError("unknown marker: the stream is out of step")
+            return None
+        if head == RESET_MARKER:
+            del buf[:MARKER_SIZE]
+            return Marker(head)
+        if head not in (SYNC_MAGIC, ACK_MAGIC):
+            raise ProtocolError("unknown marker: the stream is out of step")
+        if len(buf) < MARKER_SIZE + NONCE_SIZE:
+            return None
+        nonce = bytes(buf[MARKER_SIZE : MARKER_SIZE + NONCE_SIZE])
+        del buf[: MARKER_SIZE + NONCE_SIZE]
+        return Marker(head, nonce)
+
+    def hunt(self, magic: bytes, nonce: bytes | None = None) -> bytes | None:
+        """
+        Discard bytes up to and including the first ``magic`` marker (with ``nonce``, when
+        given) and return the marker's nonce; None (keeping only a possible partial marker)
+        when there is none yet.  Stale bytes from an earlier peer are dropped this way.
+        """
+        needle = magic if nonce is None else magic + nonce
+        at = self._buffer.find(needle)
+        if at < 0:
+            # Keep a tail that may be the start of the marker.
+            keep = MARKER_SIZE + NONCE_SIZE - 1
+            if len(self._buffer) > keep:
+                del self._buffer[: len(self._buffer) - keep]
+            return None
+        end = at + MARKER_SIZE + NONCE_SIZE
+        if len(self._buffer) < end:
+            del self._buffer[:at]
+            return None
+        found = bytes(self._buffer[at + MARKER_SIZE : end])
+        del self._buffer[:end]
+        return found

@@ -1,0 +1,155 @@
+"""
+One host session inside the agent: it feeds the sans-I/O engine, runs each request's
+operation as a coroutine and turns its outcome into a RESPONSE or an ERROR frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from guest_agent.link import Link, RequestIO
+from guest_agent.protocol.connection import (
+    AgentConnection,
+    CancelRequested,
+    HandshakeComplete,
+    Limits,
+    ProtocolFailure,
+    RequestReceived,
+    SessionReset,
+)
+from guest_agent.protocol.errors import ConnectionLost, InternalError, OperationError, UnknownOperation
+
+Operation = Callable[["OperationContext"], Awaitable[Any]]
+
+
+class OperationContext:
+    """
+    What an operation sees of its request: its arguments, its data streams and a way to
+    learn that the host cancelled it or went away.
+    """
+
+    def __init__(self, reactor: IReactorTime, request_id: int, op: str, args: dict[str, Any],
+                 io: RequestIO, notify: Callable[[str, dict[str, Any]], None]) -> None:
+        self.reactor = reactor
+        self.request_id = request_id
+        self.op = op
+        self.args = args
+        self.io = io
+        self.notify = notify
+        self.cancel_reason: dict[str, Any] | None = None
+        self._cancel_callbacks: list[Callable[[dict[str, Any]], None]] = []
+
+    def on_cancel(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``callback`` with the host's CANCEL body when the operation must stop."""
+        if self.cancel_reason is not None:
+            callback(self.cancel_reason)
+        else:
+            self._cancel_callbacks.append(callback)
+
+    def cancel(self, reason: dict[str, Any]) -> None:
+        if self.cancel_reason is not None:
+            return
+        self.cancel_reason = reason
+        callbacks, self._cancel_callbacks = self._cancel_callbacks, []
+        for callback in callbacks:
+            callback(reason)
+
+
+class AgentSession:
+    """
+    Serves one host over one byte stream, across any number of resynchronisations.
+
+    :param write: writes to the transport.
+    :param operations: handlers by operation name.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: IReactorTime, operations: Mapping[str, Operation],
+                 write: Callable[[bytes], None], limits: Limits | None = None,
+                 hello: dict[str, Any] | None = None) -> None:
+        self._reactor = reactor
+        self._operations = operations
+        self.link = Link(AgentConnection(limits, hello_extra=hello), write)
+        self._running: dict[int, OperationContext] = {}
+
+    @property
+    def connection(self) -> AgentConnection:
+        connection = self.link.connection
+        assert isinstance(connection, AgentConnection)
+        return connection
+
+    def announce_restart(self) -> None:
+        self.connection.announce_restart()
+        self.link.flush()
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.connection.receive_data(data):
+            if self.link.route_stream_event(event):
+                continue
+            if isinstance(event, RequestReceived):
+                self._start(event)
+            elif isinstance(event, CancelRequested):
+                context = self._running.get(event.request_id)
+                if context is not None:
+                    context.cancel(event.body)
+            elif isinstance(event, SessionReset | ProtocolFailure):
+                self.log.warn("Session ended: {why}", why=getattr(event, "reason", None) or event)
+                self._end_session("the host started a new session")
+            elif isinstance(event, HandshakeComplete):
+                self.log.info("Host connected, protocol version {v}", v=event.version)
+        self.link.flush()
+
+    def host_disconnected(self) -> None:
+        """The transport lost the host: stop everything the session started."""
+        self.connection.host_disconnected()
+        self._end_session("the host disconnected")
+
+    def _end_session(self, why: str) -> None:
+        running, self._running = self._running, {}
+        for context in running.values():
+            context.cancel({"reason": why})
+        self.link.fail_all(ConnectionLost(why))
+
+    def _start(self, event: RequestReceived) -> None:
+        operation = self._operations.get(event.op)
+        if operation is None:
+            self.connection.send_error(event.request_id, UnknownOperation(
+                f"the agent has no operation {event.op!r}; it knows {sorted(self._operations)}"))
+            return
+        io = self.link.open_io(event.request_id)
+        context = OperationContext(self._reactor, event.request_id, event.op, event.args, io, self._notify)
+        self._running[event.request_id] = context
+        Deferred.fromCoroutine(self._run(operation, context))
+
+    async def _run(self, operation: Operation, context: OperationContext) -> None:
+        try:
+            result = await operation(context)
+        except OperationError as e:
+            self._finish(context, lambda: self.connection.send_error(context.request_id, e))
+        except ConnectionLost:
+            self._finish(context, lambda: None)
+        except Exception:
+            self.log.failure("Operation {op} failed", op=context.op)
+            error = InternalError(f"the agent failed running {context.op!r}; see the agent's journal in the guest")
+            self._finish(context, lambda: self.connection.send_error(context.request_id, error))
+        else:
+            self._finish(context, lambda: self.connection.send_response(context.request_id, result))
+
+    def _finish(self, context: OperationContext, reply: Callable[[], None]) -> None:
+        # A context from an ended session must not answer a new request that reuses its id.
+        if self._running.get(context.request_id) is not context:
+            return
+        del self._running[context.request_id]
+        self.link.close_io(context.request_id)
+        reply()
+        self.link.flush()
+
+    def _notify(self, name: str, body: dict[str, Any]) -> None:
+        self.connection.send_notification(name, body)
+        self.link.flush()

@@ -1,0 +1,237 @@
+"""
+The seam between vmcontroller and a hypervisor: :class:`IHypervisorDriver` and its data types.
+
+Every driver method returns a :class:`~twisted.internet.defer.Deferred`; drivers that wrap a
+blocking library run it in a private thread pool, so callers never block the reactor.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+__all__ = [
+    "DEFAULT_AGENT_CHANNEL",
+    "Accel",
+    "IHypervisorDriver",
+    "SnapshotInfo",
+    "VMSpec",
+    "VMState",
+]
+
+#: The virtio-serial port name the guest agent listens on (``/dev/virtio-ports/<name>``).
+DEFAULT_AGENT_CHANNEL = "org.vmcontroller.agent.0"
+
+#: CPU acceleration: hardware virtualisation, pure emulation, or decided by the driver.
+Accel = Literal["auto", "kvm", "tcg"]
+
+
+class VMState(enum.Enum):
+    """
+    The run state of a VM.
+
+    The values follow libvirt's ``virDomainState`` so that drivers for other hypervisors have a
+    common vocabulary; :meth:`from_libvirt` maps libvirt's integers.
+    """
+
+    NOSTATE = "nostate"
+    RUNNING = "running"
+    #: Blocked on a resource (libvirt's BLOCKED); a running VM that is momentarily idle.
+    BLOCKED = "blocked"
+    PAUSED = "paused"
+    #: Shutting down: the guest is processing a shutdown request.
+    SHUTDOWN = "shutdown"
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    #: Suspended by guest power management (S3/S4).
+    PMSUSPENDED = "pmsuspended"
+
+    @classmethod
+    def from_libvirt(cls, value: int) -> VMState:
+        """
+        Map a libvirt ``VIR_DOMAIN_*`` state number to a :class:`VMState`.
+
+        :param value: the first element of ``virDomain.state()``.
+        """
+        return _LIBVIRT_STATES.get(value, cls.NOSTATE)
+
+    @property
+    def is_active(self) -> bool:
+        """Whether the VM has a running emulator process (it may be paused)."""
+        return self not in (VMState.SHUTOFF, VMState.NOSTATE, VMState.CRASHED)
+
+
+# libvirt's numbering (VIR_DOMAIN_NOSTATE = 0 ... VIR_DOMAIN_PMSUSPENDED = 7); spelled out so this
+# module does not need libvirt installed.
+_LIBVIRT_STATES: dict[int, VMState] = {
+    0: VMState.NOSTATE,
+    1: VMState.RUNNING,
+    2: VMState.BLOCKED,
+    3: VMState.PAUSED,
+    4: VMState.SHUTDOWN,
+    5: VMState.SHUTOFF,
+    6: VMState.CRASHED,
+    7: VMState.PMSUSPENDED,
+}
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """
+    What a VM is made of.
+
+    :ivar name: the VM's name, unique on the hypervisor; letters, digits, ``-``, ``_`` and ``.``.
+    :ivar disk: path of the base disk image (qcow2). The driver never writes to it: each VM gets a
+        copy-on-write overlay of its own.
+    :ivar kernel: path of the kernel for direct kernel boot, or ``None`` to boot from the disk.
+    :ivar initrd: path of the initial ramdisk that goes with ``kernel``.
+    :ivar cmdline: the kernel command line (direct kernel boot only).
+    :ivar accel: ``"kvm"``, ``"tcg"``, or ``"auto"`` to let the driver decide (see the driver).
+    :ivar agent_channel: name of the virtio-serial port the guest agent uses.
+    """
+
+    name: str
+    disk: str
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str = ""
+    memory_mib: int = 512
+    vcpus: int = 1
+    accel: Accel = "auto"
+    agent_channel: str = DEFAULT_AGENT_CHANNEL
+    #: Extra virtio-serial port names to create next to the agent channel (host side: unix sockets).
+    extra_channels: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or self.name[0] == ".":
+            raise ValueError(
+                f"invalid VM name {self.name!r}: use letters, digits, '-', '_' and '.', "
+                "not starting with '.'"
+            )
+        if self.memory_mib < 64:
+            raise ValueError(f"memory_mib={self.memory_mib} is too small: give at least 64 MiB")
+        if self.vcpus < 1:
+            raise ValueError(f"vcpus={self.vcpus}: a VM needs at least one virtual CPU")
+        if self.accel not in ("auto", "kvm", "tcg"):
+            raise ValueError(f"accel={self.accel!r}: use 'auto', 'kvm' or 'tcg'")
+        if self.initrd is not None and self.kernel is None:
+            raise ValueError("initrd given without kernel: direct kernel boot needs both")
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """
+    A snapshot of a VM.
+
+    :ivar name: the snapshot's name, unique per VM.
+    :ivar description: free text given when it was taken.
+    :ivar created: when it was taken (UTC).
+    :ivar state: the VM's state when it was taken; an active state means memory was saved too,
+        and reverting resumes the VM where it was.
+    :ivar parent: the name of the snapshot it was taken on top of, if any.
+    :ivar current: whether the VM's disk currently descends from this snapshot.
+    """
+
+    name: str
+    description: str
+    created: datetime
+    state: VMState
+    parent: str | None = None
+    current: bool = False
+
+    @property
+    def has_memory(self) -> bool:
+        """Whether the snapshot holds the VM's memory (it was taken while the VM ran)."""
+        return self.state.is_active
+
+
+class IHypervisorDriver(Interface):
+    """
+    Controls VMs on one hypervisor.
+
+    Every method returns a Deferred. Errors are :class:`vmcontroller.errors.HypervisorError`
+    subclasses: :class:`~vmcontroller.errors.VMNotFound` for an unknown VM,
+    :class:`~vmcontroller.errors.VMStateError` when the VM's state forbids the operation,
+    :class:`~vmcontroller.errors.SnapshotNotFound` for an unknown snapshot. State-changing
+    operations on one VM run one at a time, in the order they were called.
+    """
+
+    def define(spec: VMSpec) -> Deferred[str]:
+        """
+        Create the VM (its writable disk overlay and its definition) without starting it.
+
+        :return: a Deferred firing with the VM's name; fails with
+            :class:`~vmcontroller.errors.VMAlreadyExists` if the name is taken.
+        """
+
+    def start(name: str) -> Deferred[None]:
+        """Boot a defined, shut-off VM."""
+
+    def shutdown(name: str, wait: bool = True, timeout: float = 120.0) -> Deferred[None]:
+        """
+        Ask the guest to power off (ACPI power button).
+
+        :param wait: wait until the VM is shut off.
+        :param timeout: seconds to wait; then fail with :class:`~vmcontroller.errors.VMTimeout`
+            (the VM keeps running: use :meth:`power_off`).
+        """
+
+    def power_off(name: str) -> Deferred[None]:
+        """Stop the VM at once, like pulling the plug."""
+
+    def pause(name: str) -> Deferred[None]:
+        """Freeze the VM's CPUs; memory stays."""
+
+    def resume(name: str) -> Deferred[None]:
+        """Unfreeze a paused VM."""
+
+    def reset(name: str) -> Deferred[None]:
+        """Hard-reset the VM, like pressing the reset button (no clean guest shutdown)."""
+
+    def state(name: str) -> Deferred[VMState]:
+        """The VM's current state."""
+
+    def wait_for_state(name: str, state: VMState, timeout: float = 60.0) -> Deferred[None]:
+        """
+        Fire once the VM is in ``state``.
+
+        :param timeout: seconds; then fail with :class:`~vmcontroller.errors.VMTimeout`.
+        """
+
+    def snapshot_create(name: str, snapshot_name: str, description: str = "") -> Deferred[SnapshotInfo]:
+        """
+        Take a snapshot: disk and memory if the VM runs, disk only if it is shut off.
+        """
+
+    def snapshot_list(name: str) -> Deferred[list[SnapshotInfo]]:
+        """The VM's snapshots, oldest first."""
+
+    def snapshot_revert(name: str, snapshot_name: str) -> Deferred[None]:
+        """
+        Return the VM to a snapshot; it ends in the state it had when the snapshot was taken.
+        """
+
+    def snapshot_delete(name: str, snapshot_name: str) -> Deferred[None]:
+        """Delete one snapshot; its children are kept."""
+
+    def undefine(name: str) -> Deferred[None]:
+        """Stop the VM if it runs, then delete it with its snapshots and its disk overlay."""
+
+    def list_vms() -> Deferred[list[str]]:
+        """The names of the VMs this driver manages, sorted."""
+
+    def agent_socket_path(name: str, channel: str | None = None) -> Deferred[str]:
+        """
+        The host end of the VM's agent channel: a unix socket path to connect to.
+
+        :param channel: another virtio-serial port of the VM (see ``VMSpec.extra_channels``);
+            by default the agent's.
+
+        Only a running (or paused) VM has one; otherwise fail with
+        :class:`~vmcontroller.errors.VMStateError`.
+        """

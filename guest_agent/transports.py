@@ -1,0 +1,225 @@
+"""
+How the agent reaches the host: TCP (a session per connection) and character devices
+(a virtio-serial port or a serial tty: one device, any number of host connections).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import signal
+import termios
+import tty
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import abstract
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from guest_agent.protocol.connection import Limits
+from guest_agent.session import AgentSession, Operation
+
+_READ_SIZE = 256 * 1024
+
+
+class AgentProtocol(Protocol):
+    """One host over one TCP (or other stream) connection."""
+
+    def __init__(self, reactor: IReactorTime, operations: Mapping[str, Operation], limits: Limits | None,
+                 hello: dict[str, Any]) -> None:
+        self._reactor = reactor
+        self._operations = operations
+        self._limits = limits
+        self._hello = hello
+        self.session: AgentSession | None = None
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.session = AgentSession(self._reactor, self._operations, self.transport.write, self._limits, self._hello)
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.session is not None
+        self.session.data_received(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self.session is not None:
+            self.session.host_disconnected()
+
+
+class AgentFactory(Factory):
+    """Serves agent sessions on a listening endpoint (``tcp:PORT:interface=ADDR``)."""
+
+    def __init__(self, reactor: IReactorTime, operations: Mapping[str, Operation], limits: Limits | None = None,
+                 hello: dict[str, Any] | None = None) -> None:
+        self.reactor = reactor
+        self.operations = operations
+        self.limits = limits
+        self.hello = hello or {}
+
+    def buildProtocol(self, addr: Any) -> AgentProtocol:
+        return AgentProtocol(self.reactor, self.operations, self.limits, self.hello)
+
+
+class _DeviceReader(abstract.FileDescriptor):
+    """
+    The device while one host is connected.  A fresh reader per host connection means
+    output queued for a host that left is dropped with its reader.
+    """
+
+    def __init__(self, reactor: Any, fd: int, device: CharacterDeviceTransport) -> None:
+        super().__init__(reactor)
+        self._fd = fd
+        self._device = device
+        self.connected = 1
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def doRead(self) -> None:
+        try:
+            data = os.read(self._fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._device.host_gone(self, f"read failed: {e}")
+            return
+        if not data:
+            # virtio-serial reads end-of-file while no host has the port open.
+            self._device.host_gone(self, "end of file")
+            return
+        self._device.session.data_received(data)
+
+    def writeSomeData(self, data: bytes) -> int:
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            self._device.host_gone(self, f"write failed: {e}")
+            return len(data)  # the reader is done; let the buffer go
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The reactor saw POLLHUP: the host side of the port closed.
+        super().connectionLost(reason)
+        self._device.host_gone(self, "hang-up")
+
+    def detach(self) -> None:
+        self.stopReading()
+        self.stopWriting()
+        self.disconnected = 1
+
+
+class CharacterDeviceTransport(Service):
+    """
+    Serves the host through a character device: a virtio-serial port, which tells the
+    guest when the host side opens and closes, or a serial tty, which never does.
+
+    Neither tells the guest *that* a host is waiting until it writes, and a virtio-serial
+    port with no host polls as hang-up at once; so between hosts the agent does not poll
+    the device: it waits for the SIGIO the port sends when the host opens it, with a slow
+    poll as the safety net for a lost signal.
+
+    :param path: the device node; the agent waits for it to appear.
+    :param serial: True for a tty, put in raw mode.
+    """
+
+    log = Logger()
+    APPEAR_INTERVAL = 0.5
+    HOST_CHECK_INTERVAL = 2.0
+
+    def __init__(self, reactor: Any, path: str, operations: Mapping[str, Operation], *, serial: bool = False,
+                 limits: Limits | None = None, hello: dict[str, Any] | None = None) -> None:
+        self._reactor = reactor
+        self.path = path
+        self._serial = serial
+        self._fd: int | None = None
+        self._reader: _DeviceReader | None = None
+        self._waiting: LoopingCall | None = None
+        self.session = AgentSession(reactor, operations, self._write, limits, hello)
+
+    def _write(self, data: bytes) -> None:
+        if self._reader is not None:
+            self._reader.write(data)
+
+    def startService(self) -> None:
+        super().startService()
+        self._start_loop(self._open_when_present, self.APPEAR_INTERVAL)
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._stop_loop()
+        if self._reader is not None:
+            self._reader.detach()
+            self._reader = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _start_loop(self, check: Any, interval: float) -> None:
+        self._stop_loop()
+        self._waiting = LoopingCall(check)
+        self._waiting.clock = self._reactor
+        self._waiting.start(interval, now=True)
+
+    def _stop_loop(self) -> None:
+        if self._waiting is not None and self._waiting.running:
+            self._waiting.stop()
+        self._waiting = None
+
+    def _open_when_present(self) -> None:
+        if not os.path.exists(self.path):
+            return
+        self._stop_loop()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY)
+        if self._serial:
+            tty.setraw(self._fd, termios.TCSANOW)
+        self.log.info("Serving the host on {path}", path=self.path)
+        self._attach()
+        # A host that talked to an earlier agent on this device must learn it is gone.
+        self.session.announce_restart()
+
+    def _attach(self) -> None:
+        assert self._fd is not None
+        self._reader = _DeviceReader(self._reactor, self._fd, self)
+        self._reader.startReading()
+
+    def host_gone(self, reader: _DeviceReader, why: str) -> None:
+        if reader is not self._reader or self._fd is None:
+            return
+        self.log.info("Host left {path} ({why}); waiting for it", path=self.path, why=why)
+        reader.detach()
+        self._reader = None
+        self.session.host_disconnected()
+        if not self._serial:
+            self._wait_for_host()
+
+    def _wait_for_host(self) -> None:
+        assert self._fd is not None
+        fcntl.fcntl(self._fd, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) | os.O_ASYNC)
+        signal.signal(signal.SIGIO, lambda signum, frame: self._reactor.callFromThread(self._check_host))
+        self._start_loop(self._check_host, self.HOST_CHECK_INTERVAL)
+
+    def _check_host(self) -> None:
+        if self._fd is None or self._reader is not None:
+            return
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        if any(mask & select.POLLHUP for _, mask in poller.poll(0)):
+            return
+        self._stop_loop()
+        self.log.info("Host connected on {path}", path=self.path)
+        self._attach()
+
+
+def virtio_port_path(name: str) -> str:
+    return os.path.join("/dev/virtio-ports", name)
+
+
+__all__ = ["AgentFactory", "AgentProtocol", "CharacterDeviceTransport", "virtio_port_path"]

@@ -1,0 +1,231 @@
+"""The sans-I/O engine, host and agent ends joined by hand: no reactor, no sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from guest_agent.protocol.connection import (
+    AgentConnection,
+    CancelRequested,
+    DataReceived,
+    ErrorReceived,
+    HandshakeComplete,
+    HandshakeFailed,
+    HostConnection,
+    Limits,
+    ProtocolFailure,
+    RequestReceived,
+    ResponseReceived,
+    SessionReset,
+    StreamEnded,
+    WindowOpened,
+)
+from guest_agent.protocol.errors import (
+    FrameTooLarge,
+    PathNotFound,
+    ProtocolError,
+    TooManyRequests,
+    UnsupportedProtocolVersion,
+)
+from guest_agent.protocol.frames import Channel, FrameType, encode_frame
+
+
+def opened(host_limits: Limits | None = None, agent_limits: Limits | None = None) -> tuple[HostConnection, AgentConnection]:
+    host, agent = HostConnection(host_limits), AgentConnection(agent_limits)
+    host.start()
+    agent.receive_data(host.data_to_send())
+    host.receive_data(agent.data_to_send())  # ACK -> HELLO
+    agent.receive_data(host.data_to_send())
+    events = host.receive_data(agent.data_to_send())
+    assert [type(e) for e in events] == [HandshakeComplete]
+    assert host.is_open and agent.is_open
+    return host, agent
+
+
+def test_handshake_discards_stale_bytes_both_ways() -> None:
+    host, agent = HostConnection(), AgentConnection()
+    host.start()
+    # Leftovers of an earlier session sit in the channel in both directions.
+    assert agent.receive_data(encode_frame(FrameType.DATA, 3, b"old") + b"junk" + host.data_to_send()) == []
+    stale_reply = encode_frame(FrameType.RESPONSE, 1, b"{}")
+    assert host.receive_data(stale_reply + agent.data_to_send()) == []
+    events = agent.receive_data(host.data_to_send())
+    assert isinstance(events[0], HandshakeComplete) and events[0].version == 1
+    (done,) = host.receive_data(agent.data_to_send())
+    assert isinstance(done, HandshakeComplete)
+
+
+def test_repeated_sync_is_acknowledged_and_harmless() -> None:
+    host, agent = HostConnection(), AgentConnection()
+    host.start()
+    first = host.data_to_send()
+    host.start()  # the retry timer fired before the first ACK came back
+    agent.receive_data(first + host.data_to_send())
+    host.receive_data(agent.data_to_send())
+    agent.receive_data(host.data_to_send())
+    assert isinstance(host.receive_data(agent.data_to_send())[0], HandshakeComplete)
+
+
+def test_unknown_version_is_a_clear_error() -> None:
+    host, agent = HostConnection(versions=(99,)), AgentConnection()
+    host.start()
+    agent.receive_data(host.data_to_send())
+    host.receive_data(agent.data_to_send())
+    assert agent.receive_data(host.data_to_send()) == []
+    (event,) = host.receive_data(agent.data_to_send())
+    assert isinstance(event, HandshakeFailed)
+    assert isinstance(event.error, UnsupportedProtocolVersion)
+    assert "[99]" in str(event.error) and "install a matching vmcontroller agent" in str(event.error)
+    # The agent is not stuck: a host that speaks its version gets a session.
+    good = HostConnection()
+    good.start()
+    agent.receive_data(good.data_to_send())
+    good.receive_data(agent.data_to_send())
+    agent.receive_data(good.data_to_send())
+    assert isinstance(good.receive_data(agent.data_to_send())[0], HandshakeComplete)
+
+
+def test_request_response_and_streams() -> None:
+    host, agent = opened()
+    rid = host.send_request("exec", {"argv": ["true"]})
+    assert host.send_data(rid, Channel.INPUT, b"stdin") == 5
+    host.send_eof(rid, Channel.INPUT)
+    events = agent.receive_data(host.data_to_send())
+    assert events == [
+        RequestReceived(rid, "exec", {"argv": ["true"]}),
+        DataReceived(rid, Channel.INPUT, b"stdin"),
+        StreamEnded(rid, Channel.INPUT, {}),
+    ]
+    agent.send_data(rid, Channel.STDOUT, b"out")
+    agent.send_eof(rid, Channel.STDOUT, {"bytes": 3})
+    agent.send_response(rid, {"exit_code": 0})
+    assert host.receive_data(agent.data_to_send()) == [
+        DataReceived(rid, Channel.STDOUT, b"out"),
+        StreamEnded(rid, Channel.STDOUT, {"bytes": 3}),
+        ResponseReceived(rid, {"exit_code": 0}),
+    ]
+    assert host.open_requests == agent.open_requests == 0
+
+
+def test_error_maps_to_our_exception() -> None:
+    host, agent = opened()
+    rid = host.send_request("pull", {"path": "/nope"})
+    agent.receive_data(host.data_to_send())
+    agent.send_error(rid, PathNotFound("no such file: /nope", {"path": "/nope"}))
+    (event,) = host.receive_data(agent.data_to_send())
+    assert isinstance(event, ErrorReceived) and isinstance(event.error, PathNotFound)
+    assert event.error.details == {"path": "/nope"}
+
+
+def test_flow_control_window_and_credit() -> None:
+    window = 64 * 1024
+    host, agent = opened(agent_limits=Limits(max_frame=16 * 1024, window=window))
+    rid = host.send_request("push", {})
+    assert host.send_data(rid, Channel.INPUT, b"a" * (window + 10)) == window
+    assert host.send_data(rid, Channel.INPUT, b"a") == 0
+    events = agent.receive_data(host.data_to_send())
+    chunks = [e for e in events if isinstance(e, DataReceived)]
+    assert sum(len(c.data) for c in chunks) == window
+    assert max(len(c.data) for c in chunks) == 16 * 1024  # split to the agent's frame limit
+    agent.consumed(rid, Channel.INPUT, window // 8)
+    assert agent.data_to_send() == b""  # credit goes back in batches
+    agent.consumed(rid, Channel.INPUT, window // 8)
+    assert host.receive_data(agent.data_to_send()) == [WindowOpened(rid, Channel.INPUT)]
+    assert host.send_data(rid, Channel.INPUT, b"b" * window) == window // 4
+
+
+def test_sending_past_the_window_breaks_the_protocol() -> None:
+    host, agent = opened(agent_limits=Limits(window=4096))
+    rid = host.send_request("push", {})
+    agent.receive_data(host.data_to_send())
+    flood = encode_frame(FrameType.DATA, rid, b"x" * 4097, Channel.INPUT)
+    (event,) = agent.receive_data(flood)
+    assert isinstance(event, ProtocolFailure) and "window" in str(event.error)
+    # The agent told the host why before dropping the session.
+    (told,) = host.receive_data(agent.data_to_send())
+    assert isinstance(told, ErrorReceived) and told.request_id == 0 and isinstance(told.error, ProtocolError)
+
+
+def test_oversized_frame_from_host_gets_a_clear_error_and_agent_recovers() -> None:
+    host, agent = opened(agent_limits=Limits(max_frame=4096))
+    (event,) = agent.receive_data(encode_frame(FrameType.REQUEST, 1, b"x" * 5000))
+    assert isinstance(event, ProtocolFailure) and isinstance(event.error, FrameTooLarge)
+    (told,) = host.receive_data(agent.data_to_send())
+    assert isinstance(told.error, FrameTooLarge)
+    # Resynchronising gives a working session again: nothing is wedged.
+    host.start()
+    agent.receive_data(host.data_to_send())
+    host.receive_data(agent.data_to_send())
+    agent.receive_data(host.data_to_send())
+    assert isinstance(host.receive_data(agent.data_to_send())[0], HandshakeComplete)
+
+
+def test_oversized_frame_from_agent_raises_on_host() -> None:
+    host, agent = opened(host_limits=Limits(max_frame=4096))
+    with pytest.raises(FrameTooLarge):
+        host.receive_data(encode_frame(FrameType.NOTIFY, 0, b"x" * 5000))
+
+
+def test_in_flight_limit_checked_on_both_sides() -> None:
+    host, agent = opened(agent_limits=Limits(max_inflight=2))
+    host.send_request("a")
+    host.send_request("b")
+    with pytest.raises(TooManyRequests):
+        host.send_request("c")
+    agent.receive_data(host.data_to_send())
+    # A host that ignores the limit is refused by the agent.
+    agent.receive_data(encode_frame(FrameType.REQUEST, 99, b'{"op":"c","args":{}}'))
+    assert b"too-many-requests" in agent.data_to_send()
+
+
+def test_unknown_channel_is_a_violation() -> None:
+    host, agent = opened()
+    rid = host.send_request("exec")
+    agent.receive_data(host.data_to_send())
+    with pytest.raises(ProtocolError, match="unknown channel 9"):
+        host.receive_data(encode_frame(FrameType.DATA, rid, b"x", 9))
+
+
+def test_late_data_for_a_finished_request_is_dropped() -> None:
+    host, agent = opened()
+    rid = host.send_request("push")
+    agent.receive_data(host.data_to_send())
+    agent.send_error(rid, PathNotFound("missing"))
+    host.send_data(rid, Channel.INPUT, b"still sending")
+    assert agent.receive_data(host.data_to_send()) == []
+
+
+def test_agent_restart_resets_host_session() -> None:
+    host, agent = opened()
+    host.send_request("exec")
+    restarted = AgentConnection()
+    restarted.announce_restart()
+    (event,) = host.receive_data(restarted.data_to_send())
+    assert isinstance(event, SessionReset) and not host.is_open and host.open_requests == 0
+
+
+def test_new_sync_mid_session_resets_agent() -> None:
+    host, agent = opened()
+    rid = host.send_request("exec")
+    agent.receive_data(host.data_to_send())
+    host.start()
+    events = agent.receive_data(host.data_to_send())
+    assert [type(e) for e in events] == [SessionReset]
+    assert agent.open_requests == 0
+    agent.send_response(rid, {})  # the old operation's late answer goes nowhere
+    assert host.receive_data(agent.data_to_send()) == []
+
+
+def test_cancel_reaches_agent() -> None:
+    host, agent = opened()
+    rid = host.send_request("exec")
+    host.send_cancel(rid, {"signal": "KILL"})
+    events = agent.receive_data(host.data_to_send())
+    assert events[-1] == CancelRequested(rid, {"signal": "KILL"})
+
+
+def test_bad_json_request_is_refused_not_fatal() -> None:
+    host, agent = opened()
+    assert agent.receive_data(encode_frame(FrameType.REQUEST, 5, b'["not", "an object"]')) == []
+    assert b"bad-request" in agent.data_to_send()
+    assert agent.is_open

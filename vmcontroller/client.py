@@ -123,7 +123,7 @@ class GuestClient:
     def _transport_lost(self, reason: Failure) -> None:
         self._transport = None
         self._stop_sync_timer()
-        error = ConnectionLost(f"the channel to the agent closed: {reason.getErrorMessage()}")
+        error = self._closed or ConnectionLost(f"the channel to the agent closed: {reason.getErrorMessage()}")
         self._closed = error
         self._fail_pending(error)
         self._fire_ready(error)
@@ -143,6 +143,7 @@ class GuestClient:
 
     def _handshake_failed(self, error: VMControllerError) -> None:
         self._stop_sync_timer()
+        self._closed = error
         self._fire_ready(error)
         self.close()
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint, ITransport
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -38,6 +40,7 @@ from vmcontroller.errors import AgentUnreachable, ConnectionLost, ProtocolError,
 #: How often the handshake's SYNC is repeated until the agent answers: the agent may
 #: still be booting, or a stale partial frame may have swallowed the first one.
 SYNC_RETRY_INTERVAL = 1.0
+CONNECT_RETRY_INTERVAL = 0.5
 
 
 @dataclass
@@ -317,19 +320,32 @@ class _AgentProtocol(Protocol):
 
 async def _connect(reactor: IReactorTime, endpoint: IStreamClientEndpoint, timeout: float,
                    limits: Limits | None, versions: tuple[int, ...]) -> GuestClient:
-    client = GuestClient(reactor, limits, versions)
-    connecting = endpoint.connect(Factory.forProtocol(lambda: _AgentProtocol(client)))
-    try:
-        await connecting.addTimeout(timeout, reactor)
-        ready = Deferred.fromCoroutine(client.wait_ready())
-        await ready.addTimeout(timeout, reactor)
-    except CancelledError:
-        client.close()
-        raise AgentUnreachable(
-            f"no agent answered within {timeout:g} s: check that the guest has booted and that "
-            "the vmcontroller-agent service runs in it (journalctl -u vmcontroller-agent)"
-        ) from None
-    return client
+    deadline = reactor.seconds() + timeout
+    last_error: Exception | None = None
+    # A VM's channel socket appears only once the VM runs: retry until the deadline.
+    while reactor.seconds() < deadline:
+        client = GuestClient(reactor, limits, versions)
+        try:
+            await endpoint.connect(Factory.forProtocol(lambda: _AgentProtocol(client))).addTimeout(
+                max(deadline - reactor.seconds(), 0.01), reactor)
+        except ConnectError as e:
+            last_error = e
+            await deferLater(reactor, CONNECT_RETRY_INTERVAL, lambda: None)
+            continue
+        except CancelledError:
+            break
+        try:
+            ready = Deferred.fromCoroutine(client.wait_ready())
+            await ready.addTimeout(max(deadline - reactor.seconds(), 0.01), reactor)
+        except CancelledError:
+            client.close()
+            break
+        return client
+    why = f" (last error: {last_error})" if last_error else ""
+    raise AgentUnreachable(
+        f"no agent answered within {timeout:g} s{why}: check that the guest has booted and that "
+        "the vmcontroller-agent service runs in it (journalctl -u vmcontroller-agent)"
+    )
 
 
 def connect(reactor: IReactorTime, endpoint: IStreamClientEndpoint, *, timeout: float = 60.0,

@@ -67,8 +67,7 @@ def load_driver(name: str, reactor: IReactorCore, **options: Any) -> IHypervisor
         factory = matches[0].load()
     except ImportError as e:
         raise DriverNotFound(
-            f"hypervisor driver {name!r} is registered but cannot be imported ({e}); "
-            "install its dependencies"
+            f"hypervisor driver {name!r} is registered but cannot be imported ({e}); install its dependencies"
         ) from e
     driver = factory(reactor, **options)
     try:

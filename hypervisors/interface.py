@@ -110,8 +110,7 @@ class VMSpec:
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or self.name[0] == ".":
             raise ValueError(
-                f"invalid VM name {self.name!r}: use letters, digits, '-', '_' and '.', "
-                "not starting with '.'"
+                f"invalid VM name {self.name!r}: use letters, digits, '-', '_' and '.', not starting with '.'"
             )
         if self.memory_mib < 64:
             raise ValueError(f"memory_mib={self.memory_mib} is too small: give at least 64 MiB")

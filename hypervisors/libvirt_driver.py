@@ -1,0 +1,722 @@
+"""
+The libvirt/QEMU hypervisor driver.
+
+libvirt's Python binding blocks, so every call runs in the driver's own thread pool (never the
+reactor thread, never the reactor's shared pool) and ``libvirtError`` becomes one of our
+exceptions inside the worker thread, where libvirt keeps the per-thread error details.
+
+Each VM gets a directory ``/var/lib/vmcontroller/vms/<name>/`` with its qcow2 overlay of the
+base image (``disk.qcow2``) and its serial console log (``console.log``, written by virtlogd),
+so the base image is never modified and several VMs can share it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Coroutine, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import libvirt
+from twisted.application.service import Service
+from twisted.internet import utils
+from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.interfaces import IReactorCore, IReactorProcess, IReactorThreads, IReactorTime
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from hypervisors.interface import (
+    DEFAULT_AGENT_CHANNEL,
+    Accel,
+    IHypervisorDriver,
+    SnapshotInfo,
+    VMSpec,
+    VMState,
+)
+from vmcontroller.errors import (
+    HypervisorError,
+    SnapshotNotFound,
+    VMAlreadyExists,
+    VMNotFound,
+    VMStateError,
+    VMTimeout,
+)
+
+__all__ = [
+    "DEFAULT_STATE_DIR",
+    "METADATA_NS",
+    "LibvirtDriver",
+    "domain_xml",
+    "kvm_usable",
+    "select_accel",
+    "translate_error",
+]
+
+T = TypeVar("T")
+
+DEFAULT_STATE_DIR = Path("/var/lib/vmcontroller/vms")
+
+#: XML namespace of the ``<metadata>`` element that marks a domain as one of ours.
+METADATA_NS = "https://vmcontroller.readthedocs.io/xmlns/vm/1"
+_METADATA_KEY = "vmcontroller"
+
+ET.register_namespace(_METADATA_KEY, METADATA_NS)
+
+
+def _ignore_libvirt_error(_context: object, _error: object) -> None:
+    # libvirt's default handler prints every error to stderr, also those we expect and turn
+    # into exceptions (an unknown domain, a missing snapshot).
+    return None
+
+
+libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+
+#: How often :meth:`LibvirtDriver.wait_for_state` polls. Polling, not libvirt events: it needs
+#: no event loop integration and a state change is seen within this delay.
+POLL_INTERVAL = 0.25
+
+
+# -- pure helpers (unit-tested without libvirt or a reactor) ----------------------------------
+
+
+def kvm_usable(dev_kvm: str = "/dev/kvm", cpuinfo: str | None = None) -> bool:
+    """
+    Whether hardware virtualisation can be used: ``/dev/kvm`` exists and the CPU flags show
+    ``vmx`` (Intel) or ``svm`` (AMD).
+
+    Both are needed: inside a VM without nested virtualisation ``/dev/kvm`` may exist while
+    the guest kernel hangs at boot.
+
+    :param cpuinfo: the text of ``/proc/cpuinfo``; read from the system when ``None``.
+    """
+    if not os.path.exists(dev_kvm):
+        return False
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags" and {"vmx", "svm"} & set(value.split()):
+            return True
+    return False
+
+
+def select_accel(
+    spec_accel: Accel,
+    driver_accel: Accel,
+    *,
+    environ: Mapping[str, str],
+    kvm_available: bool,
+) -> Literal["kvm", "tcg"]:
+    """
+    Decide between KVM and TCG (pure emulation).
+
+    The first choice that is not ``"auto"`` wins, in this order: the VM's spec, the driver's
+    ``accel`` argument, the ``VMCONTROLLER_ACCEL`` environment variable. If all say ``auto``,
+    KVM is used when it is usable (see :func:`kvm_usable`), else TCG.
+
+    :raises HypervisorError: KVM was asked for but is not usable, or the variable is invalid.
+    """
+    env_accel = environ.get("VMCONTROLLER_ACCEL", "auto").strip().lower() or "auto"
+    if env_accel not in ("auto", "kvm", "tcg"):
+        raise HypervisorError(
+            f"VMCONTROLLER_ACCEL={env_accel!r} is not valid: set it to 'kvm', 'tcg' or 'auto'"
+        )
+    for choice, source in (
+        (spec_accel, "the VM spec"),
+        (driver_accel, "the driver"),
+        (env_accel, "VMCONTROLLER_ACCEL"),
+    ):
+        if choice == "kvm":
+            if not kvm_available:
+                raise HypervisorError(
+                    f"{source} asks for KVM, but this host cannot use it (no /dev/kvm, or no vmx/svm "
+                    "CPU flag, e.g. in a VM without nested virtualisation); use accel='tcg' or 'auto'"
+                )
+            return "kvm"
+        if choice == "tcg":
+            return "tcg"
+    return "kvm" if kvm_available else "tcg"
+
+
+def domain_xml(
+    spec: VMSpec,
+    *,
+    accel: Literal["kvm", "tcg"],
+    disk_path: str,
+    console_log: str,
+    disk_cache: str = "unsafe",
+) -> str:
+    """
+    The libvirt domain XML for ``spec``.
+
+    :param accel: ``kvm`` gives ``<domain type='kvm'>`` with the host CPU passed through,
+        ``tcg`` gives ``<domain type='qemu'>``.
+    :param disk_path: the VM's writable qcow2 overlay.
+    :param console_log: file the serial console is copied to (by virtlogd).
+    :param disk_cache: QEMU cache mode of the disk. ``unsafe`` (the default) ignores the
+        guest's flushes: the overlay is a throwaway copy-on-write layer, so a host crash costs
+        only the VM, while fsync-heavy guest work (dpkg, databases) runs much faster,
+        especially under TCG. Use ``writeback`` for VMs whose disks must survive host crashes.
+    """
+    domain = ET.Element("domain", type="kvm" if accel == "kvm" else "qemu")
+    ET.SubElement(domain, "name").text = spec.name
+    metadata = ET.SubElement(domain, "metadata")
+    ours = ET.SubElement(metadata, f"{{{METADATA_NS}}}vm")
+    ET.SubElement(ours, f"{{{METADATA_NS}}}base-disk").text = spec.disk
+    ET.SubElement(ours, f"{{{METADATA_NS}}}agent-channel").text = spec.agent_channel
+    ET.SubElement(ours, f"{{{METADATA_NS}}}accel").text = accel
+    ET.SubElement(domain, "memory", unit="MiB").text = str(spec.memory_mib)
+    ET.SubElement(domain, "vcpu").text = str(spec.vcpus)
+
+    os_ = ET.SubElement(domain, "os")
+    ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
+    if spec.kernel:
+        ET.SubElement(os_, "kernel").text = spec.kernel
+        if spec.initrd:
+            ET.SubElement(os_, "initrd").text = spec.initrd
+        if spec.cmdline:
+            ET.SubElement(os_, "cmdline").text = spec.cmdline
+    else:
+        ET.SubElement(os_, "boot", dev="hd")
+
+    # ACPI is what lets the guest see the power button that shutdown() presses.
+    features = ET.SubElement(domain, "features")
+    ET.SubElement(features, "acpi")
+    ET.SubElement(features, "apic")
+    if accel == "kvm":
+        ET.SubElement(domain, "cpu", mode="host-passthrough")
+    ET.SubElement(domain, "clock", offset="utc")
+    ET.SubElement(domain, "on_poweroff").text = "destroy"
+    ET.SubElement(domain, "on_reboot").text = "restart"
+    ET.SubElement(domain, "on_crash").text = "destroy"
+
+    devices = ET.SubElement(domain, "devices")
+    disk = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type="qcow2", cache=disk_cache, discard="unmap")
+    ET.SubElement(disk, "source", file=disk_path)
+    ET.SubElement(disk, "target", dev="vda", bus="virtio")
+
+    # No USB: libvirt adds a controller by default that only costs boot time.
+    ET.SubElement(devices, "controller", type="usb", model="none")
+    ET.SubElement(devices, "controller", type="virtio-serial", index="0")
+    for name in (spec.agent_channel, *spec.extra_channels):
+        channel = ET.SubElement(devices, "channel", type="unix")
+        # No path: libvirt makes one per running domain (under /var/lib/libvirt/qemu/channel/),
+        # and agent_socket_path() reads it back from the live XML.
+        ET.SubElement(channel, "source", mode="bind")
+        ET.SubElement(channel, "target", type="virtio", name=name)
+
+    serial = ET.SubElement(devices, "serial", type="pty")
+    ET.SubElement(serial, "log", file=console_log, append="off")
+    ET.SubElement(serial, "target", port="0")
+    console = ET.SubElement(devices, "console", type="pty")
+    ET.SubElement(console, "target", type="serial", port="0")
+
+    # Seeds the guest's entropy pool at once, so nothing in early boot waits for randomness.
+    rng = ET.SubElement(devices, "rng", model="virtio")
+    ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
+    ET.SubElement(devices, "memballoon", model="none")
+    ET.indent(domain)
+    return ET.tostring(domain, encoding="unicode")
+
+
+def translate_error(
+    error: libvirt.libvirtError,
+    *,
+    action: str,
+    vm: str | None = None,
+    snapshot: str | None = None,
+) -> HypervisorError:
+    """
+    Turn a ``libvirtError`` into the matching :class:`HypervisorError` subclass.
+
+    Must run in the thread that got the error when ``error`` was raised by libvirt, which is
+    where the binding reads libvirt's thread-local error details.
+
+    :param action: what was being done, for the message ("pause", "take snapshot s1", ...).
+    """
+    code = error.get_error_code()
+    message = error.get_error_message() or str(error)
+    what = f"{action} {vm!r}" if vm else action
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return VMNotFound(
+            f"cannot {what}: no VM named {vm!r} is defined ({message}); see list_vms() for the defined VMs"
+        )
+    if code == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+        return SnapshotNotFound(
+            f"cannot {what}: VM {vm!r} has no snapshot {snapshot!r} ({message}); "
+            "see snapshot_list() for its snapshots"
+        )
+    if code == libvirt.VIR_ERR_OPERATION_INVALID:
+        return VMStateError(
+            f"cannot {what} in its current state: {message}; check state() and start, resume or "
+            "stop the VM first"
+        )
+    return HypervisorError(
+        f"cannot {what}: libvirt says: {message} (error code {code}); check that libvirtd runs "
+        "(`virsh -c qemu:///system version`) and read its log and the VM's console.log"
+    )
+
+
+def _snapshot_state(text: str | None) -> VMState:
+    # libvirt's snapshot <state> uses the domain state names, plus "disk-snapshot" for an
+    # external disk-only snapshot of a running VM (no memory saved).
+    if not text or text == "disk-snapshot":
+        return VMState.SHUTOFF
+    try:
+        return VMState(text)
+    except ValueError:
+        return VMState.NOSTATE
+
+
+def parse_snapshot_xml(xml: str, *, current: bool = False) -> SnapshotInfo:
+    """Read a :class:`SnapshotInfo` from libvirt's ``<domainsnapshot>`` XML."""
+    root = ET.fromstring(xml)
+    created = root.findtext("creationTime")
+    return SnapshotInfo(
+        name=root.findtext("name") or "",
+        description=root.findtext("description") or "",
+        created=datetime.fromtimestamp(int(created or 0), tz=UTC),
+        state=_snapshot_state(root.findtext("state")),
+        parent=root.findtext("parent/name"),
+        current=current,
+    )
+
+
+def channel_socket_path(xml: str, channel: str) -> str | None:
+    """The host socket path of the unix channel named ``channel`` in a live domain XML."""
+    root = ET.fromstring(xml)
+    for element in root.iterfind("devices/channel"):
+        target = element.find("target")
+        source = element.find("source")
+        if target is not None and target.get("name") == channel and source is not None:
+            return source.get("path")
+    return None
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+
+@implementer(IHypervisorDriver)
+class LibvirtDriver(Service):
+    """
+    Controls QEMU VMs through libvirt.
+
+    A :class:`~twisted.application.service.Service`: ``startService()`` starts its thread pool,
+    ``stopService()`` closes the libvirt connection and stops the pool. Cancelling one of its
+    Deferreds does not stop a libvirt call already running in the pool.
+
+    :param reactor: the reactor; its clock drives ``wait_for_state`` and it runs ``qemu-img``.
+    :param uri: the libvirt URI; ``qemu:///system`` when running as root, else
+        ``qemu:///session``.
+    :param accel: the default for VMs whose spec says ``accel='auto'`` (see :func:`select_accel`).
+    :param state_dir: where each VM's directory (overlay disk, console log) goes; it and its
+        parents must be searchable by the user QEMU runs as (``libvirt-qemu``).
+    :param disk_cache: QEMU cache mode for the VMs' disks (see :func:`domain_xml`).
+    :param max_threads: size of the thread pool, i.e. how many libvirt calls run at once.
+    """
+
+    name = "libvirt"
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        uri: str | None = None,
+        accel: Accel = "auto",
+        *,
+        state_dir: Path | str = DEFAULT_STATE_DIR,
+        disk_cache: str = "unsafe",
+        max_threads: int = 8,
+    ) -> None:
+        if accel not in ("auto", "kvm", "tcg"):
+            raise ValueError(f"accel={accel!r}: use 'auto', 'kvm' or 'tcg'")
+        self._reactor = reactor
+        self.uri = uri or ("qemu:///system" if os.geteuid() == 0 else "qemu:///session")
+        self.accel: Accel = accel
+        self.state_dir = Path(state_dir)
+        self.disk_cache = disk_cache
+        self._pool = ThreadPool(minthreads=0, maxthreads=max_threads, name="vmcontroller-libvirt")
+        self._conn: libvirt.virConnect | None = None
+        self._conn_lock = threading.Lock()
+        self._locks: dict[str, DeferredLock] = {}
+        self._shutdown_trigger: Any = None
+
+    # -- service --------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool.start()
+        # Stop the pool's threads if the reactor stops without stopping this service first,
+        # so that the process can exit.
+        core: IReactorCore = self._reactor
+        self._shutdown_trigger = core.addSystemEventTrigger("during", "shutdown", self.stopService)
+
+    def stopService(self) -> Deferred[None]:
+        if not self.running:
+            return succeed(None)
+        super().stopService()
+        if self._shutdown_trigger is not None:
+            # Fails with ValueError/KeyError when that very trigger is calling us.
+            with contextlib.suppress(ValueError, KeyError):
+                self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
+        done: Deferred[None] = Deferred()
+
+        def stop() -> None:
+            self._close_connection()
+            # ThreadPool.stop() joins the workers, which wait for calls in flight: do that
+            # here, off the reactor thread.
+            self._pool.stop()
+            self._reactor.callFromThread(done.callback, None)
+
+        threading.Thread(target=stop, name="vmcontroller-libvirt-stop", daemon=True).start()
+        return done
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _connection(self) -> libvirt.virConnect:
+        # Called in worker threads; a virConnect may be shared by threads.
+        with self._conn_lock:
+            if self._conn is not None and self._conn.isAlive() != 1:
+                # libvirtd restarted: reconnect instead of failing every later call.
+                with contextlib.suppress(libvirt.libvirtError):
+                    self._conn.close()
+                self._conn = None
+            if self._conn is None:
+                try:
+                    self._conn = libvirt.open(self.uri)
+                except libvirt.libvirtError as e:
+                    raise HypervisorError(
+                        f"cannot connect to libvirt at {self.uri}: {e.get_error_message() or e}; "
+                        "start libvirtd (`libvirtd -d`, and `virtlogd -d`) or run scripts/setup-host.sh"
+                    ) from e
+            return self._conn
+
+    def _close_connection(self) -> None:
+        with self._conn_lock:
+            if self._conn is not None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    self._conn.close()
+                self._conn = None
+
+    def _in_pool(
+        self,
+        fn: Callable[[libvirt.virConnect], T],
+        *,
+        action: str,
+        vm: str | None = None,
+        snapshot: str | None = None,
+    ) -> Deferred[T]:
+        if not self.running:
+            return fail(
+                HypervisorError(
+                    f"cannot {action}: the libvirt driver is not started; call startService() or add "
+                    "it to a running MultiService"
+                )
+            )
+
+        def work() -> T:
+            try:
+                return fn(self._connection())
+            except libvirt.libvirtError as e:
+                raise translate_error(e, action=action, vm=vm, snapshot=snapshot) from e
+
+        threads: IReactorThreads = self._reactor
+        return deferToThreadPool(threads, self._pool, work)
+
+    async def _domain_call(
+        self, vm: str, action: str, fn: Callable[[libvirt.virDomain], T], snapshot: str | None = None
+    ) -> T:
+        return await self._in_pool(
+            lambda conn: fn(conn.lookupByName(vm)), action=action, vm=vm, snapshot=snapshot
+        )
+
+    async def _exclusive(self, vm: str, body: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        # One state-changing job per domain at a time: libvirt's per-domain job lock makes a
+        # second concurrent job wait and then fail after 30 s ("cannot acquire state change
+        # lock"), so queue ours here instead, in call order.
+        lock = self._locks.get(vm)
+        if lock is None:
+            lock = self._locks[vm] = DeferredLock()
+        await lock.acquire()
+        try:
+            return await body()
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(vm, None)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> Deferred[T]:
+        return Deferred.fromCoroutine(coro)
+
+    def _vm_dir(self, name: str) -> Path:
+        return self.state_dir / name
+
+    # -- IHypervisorDriver ----------------------------------------------------------------
+
+    def define(self, spec: VMSpec) -> Deferred[str]:
+        return self._run(self._exclusive(spec.name, lambda: self._define(spec)))
+
+    async def _define(self, spec: VMSpec) -> str:
+        vm_dir = self._vm_dir(spec.name)
+        overlay = vm_dir / "disk.qcow2"
+
+        def prepare(conn: libvirt.virConnect) -> Literal["kvm", "tcg"]:
+            try:
+                conn.lookupByName(spec.name)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+            else:
+                raise VMAlreadyExists(
+                    f"cannot define VM {spec.name!r}: a VM of that name exists already; undefine "
+                    "it first or choose another name"
+                )
+            for label, path in (("disk", spec.disk), ("kernel", spec.kernel), ("initrd", spec.initrd)):
+                if path is not None and not os.path.isfile(path):
+                    raise HypervisorError(
+                        f"cannot define VM {spec.name!r}: its {label} {path} does not exist; build the "
+                        "image first (python -m vmcontroller.images build)"
+                    )
+            accel = select_accel(spec.accel, self.accel, environ=os.environ, kvm_available=kvm_usable())
+            # Left over from a VM of the same name whose undefine did not finish: not in use,
+            # since libvirt knows no such domain.
+            shutil.rmtree(vm_dir, ignore_errors=True)
+            for d in (self.state_dir.parent, self.state_dir, vm_dir):
+                d.mkdir(parents=True, exist_ok=True)
+                d.chmod(0o755)
+            return accel
+
+        accel = await self._in_pool(prepare, action="define VM", vm=spec.name)
+        xml = domain_xml(
+            spec,
+            accel=accel,
+            disk_path=str(overlay),
+            console_log=str(vm_dir / "console.log"),
+            disk_cache=self.disk_cache,
+        )
+        try:
+            await self._create_overlay(spec, overlay)
+            await self._in_pool(lambda conn: conn.defineXML(xml), action="define VM", vm=spec.name)
+        except BaseException:
+            await self._in_pool(lambda conn: shutil.rmtree(vm_dir, ignore_errors=True), action="clean up")
+            raise
+        self.log.info(
+            "Defined VM {vm} ({accel}, {memory} MiB)", vm=spec.name, accel=accel, memory=spec.memory_mib
+        )
+        return spec.name
+
+    async def _create_overlay(self, spec: VMSpec, overlay: Path) -> None:
+        qemu_img = shutil.which("qemu-img", path=os.environ.get("PATH", "") + ":/usr/bin:/usr/local/bin")
+        if qemu_img is None:
+            raise HypervisorError("qemu-img is not installed: install the Debian package qemu-utils")
+        base = os.path.abspath(spec.disk)
+        process: IReactorProcess = self._reactor
+        out, err, code = await utils.getProcessOutputAndValue(
+            qemu_img,
+            ["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, str(overlay)],
+            env=dict(os.environ),
+            reactor=process,
+        )
+        if code != 0:
+            raise HypervisorError(
+                f"cannot define VM {spec.name!r}: qemu-img could not create the overlay {overlay} on "
+                f"{base}: {(err or out).decode(errors='replace').strip()}; check that the base image "
+                "is a qcow2 file and that the directory is writable"
+            )
+        # Readable for libvirt-qemu; libvirt's dynamic ownership hands it to QEMU at start.
+        overlay.chmod(0o644)
+
+    def start(self, name: str) -> Deferred[None]:
+        return self._run(self._exclusive(name, lambda: self._simple(name, "start", lambda d: d.create())))
+
+    async def _simple(self, name: str, action: str, fn: Callable[[libvirt.virDomain], object]) -> None:
+        await self._domain_call(name, action, fn)
+        self.log.info("{action} {vm}: done", action=action, vm=name)
+
+    def shutdown(self, name: str, wait: bool = True, timeout: float = 120.0) -> Deferred[None]:
+        async def go() -> None:
+            await self._exclusive(
+                name,
+                lambda: self._simple(
+                    name,
+                    "shut down",
+                    lambda d: d.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN),
+                ),
+            )
+            # Waiting outside the lock: other operations (power_off above all) may go ahead.
+            if wait:
+                await self._wait_for_state(name, VMState.SHUTOFF, timeout, hint="use power_off()")
+
+        return self._run(go())
+
+    def power_off(self, name: str) -> Deferred[None]:
+        return self._run(
+            self._exclusive(name, lambda: self._simple(name, "power off", lambda d: d.destroy()))
+        )
+
+    def pause(self, name: str) -> Deferred[None]:
+        return self._run(self._exclusive(name, lambda: self._simple(name, "pause", lambda d: d.suspend())))
+
+    def resume(self, name: str) -> Deferred[None]:
+        return self._run(self._exclusive(name, lambda: self._simple(name, "resume", lambda d: d.resume())))
+
+    def reset(self, name: str) -> Deferred[None]:
+        return self._run(self._exclusive(name, lambda: self._simple(name, "reset", lambda d: d.reset(0))))
+
+    def state(self, name: str) -> Deferred[VMState]:
+        return self._run(self._state(name))
+
+    async def _state(self, name: str) -> VMState:
+        return await self._domain_call(name, "get the state of", lambda d: VMState.from_libvirt(d.state()[0]))
+
+    def wait_for_state(self, name: str, state: VMState, timeout: float = 60.0) -> Deferred[None]:
+        return self._run(self._wait_for_state(name, state, timeout))
+
+    async def _wait_for_state(self, name: str, state: VMState, timeout: float, hint: str = "") -> None:
+        clock: IReactorTime = self._reactor
+        deadline = clock.seconds() + timeout
+        while True:
+            current = await self._state(name)
+            if current is state:
+                return
+            if clock.seconds() >= deadline:
+                raise VMTimeout(
+                    f"VM {name!r} did not become {state.value} within {timeout:g} s (it is "
+                    f"{current.value}); give it more time{', or ' + hint if hint else ''}, and read "
+                    f"{self._vm_dir(name) / 'console.log'} to see what the guest is doing"
+                )
+            await deferLater(clock, POLL_INTERVAL, lambda: None)
+
+    def snapshot_create(self, name: str, snapshot_name: str, description: str = "") -> Deferred[SnapshotInfo]:
+        root = ET.Element("domainsnapshot")
+        ET.SubElement(root, "name").text = snapshot_name
+        ET.SubElement(root, "description").text = description
+        xml = ET.tostring(root, encoding="unicode")
+
+        def create(d: libvirt.virDomain) -> SnapshotInfo:
+            if snapshot_name in d.snapshotListNames(0):
+                raise HypervisorError(
+                    f"cannot take snapshot {snapshot_name!r} of VM {name!r}: it has a snapshot of that "
+                    "name already; delete it first or choose another name"
+                )
+            # No flags: an internal qcow2 snapshot, with the memory when the VM runs (a full
+            # system checkpoint that reverts to a running VM) and of the disk alone when it is off.
+            snap = d.snapshotCreateXML(xml, 0)
+            return parse_snapshot_xml(snap.getXMLDesc(0), current=True)
+
+        async def go() -> SnapshotInfo:
+            info = await self._domain_call(name, f"take snapshot {snapshot_name!r} of", create, snapshot_name)
+            self.log.info("Took snapshot {snapshot} of {vm}", snapshot=snapshot_name, vm=name)
+            return info
+
+        return self._run(self._exclusive(name, go))
+
+    def snapshot_list(self, name: str) -> Deferred[list[SnapshotInfo]]:
+        def snapshots(d: libvirt.virDomain) -> list[SnapshotInfo]:
+            infos = [
+                parse_snapshot_xml(s.getXMLDesc(0), current=s.isCurrent(0) == 1)
+                for s in d.listAllSnapshots(0)
+            ]
+            return sorted(infos, key=lambda i: (i.created, i.name))
+
+        return self._run(self._domain_call(name, "list the snapshots of", snapshots))
+
+    def snapshot_revert(self, name: str, snapshot_name: str) -> Deferred[None]:
+        def revert(d: libvirt.virDomain) -> None:
+            d.revertToSnapshot(d.snapshotLookupByName(snapshot_name, 0), 0)
+
+        return self._run(
+            self._exclusive(
+                name,
+                lambda: self._domain_call(
+                    name, f"revert to snapshot {snapshot_name!r}", revert, snapshot_name
+                ),
+            )
+        )
+
+    def snapshot_delete(self, name: str, snapshot_name: str) -> Deferred[None]:
+        def delete(d: libvirt.virDomain) -> None:
+            d.snapshotLookupByName(snapshot_name, 0).delete(0)
+
+        return self._run(
+            self._exclusive(
+                name,
+                lambda: self._domain_call(
+                    name, f"delete snapshot {snapshot_name!r} of", delete, snapshot_name
+                ),
+            )
+        )
+
+    def undefine(self, name: str) -> Deferred[None]:
+        vm_dir = self._vm_dir(name)
+
+        def remove(d: libvirt.virDomain) -> None:
+            if d.isActive():
+                d.destroy()
+            # The snapshots' data lives in the overlay deleted below; drop libvirt's records of them.
+            d.undefineFlags(
+                libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+            )
+            shutil.rmtree(vm_dir, ignore_errors=True)
+
+        async def go() -> None:
+            await self._domain_call(name, "undefine", remove)
+            self.log.info("Undefined VM {vm}", vm=name)
+
+        return self._run(self._exclusive(name, go))
+
+    def list_vms(self) -> Deferred[list[str]]:
+        def ours(conn: libvirt.virConnect) -> list[str]:
+            names = []
+            for d in conn.listAllDomains(0):
+                try:
+                    d.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
+                except libvirt.libvirtError as e:
+                    # Not one of ours (no metadata), or undefined meanwhile.
+                    if e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_ERR_NO_DOMAIN):
+                        continue
+                    raise
+                names.append(d.name())
+            return sorted(names)
+
+        return self._in_pool(ours, action="list the VMs")
+
+    def agent_socket_path(self, name: str, channel: str | None = None) -> Deferred[str]:
+        def path(d: libvirt.virDomain) -> str:
+            xml = d.XMLDesc(0)
+            wanted = channel or _agent_channel(xml)
+            if not d.isActive():
+                raise VMStateError(
+                    f"VM {name!r} is not running, so its channel {wanted!r} has no socket; start it first"
+                )
+            found = channel_socket_path(xml, wanted)
+            if found is None:
+                raise HypervisorError(
+                    f"VM {name!r} has no unix channel named {wanted!r}; it was defined without it "
+                    "(see VMSpec.agent_channel and VMSpec.extra_channels)"
+                )
+            return found
+
+        return self._run(self._domain_call(name, "find the agent socket of", path))
+
+
+def _agent_channel(xml: str) -> str:
+    root = ET.fromstring(xml)
+    found = root.findtext(f"metadata/{{{METADATA_NS}}}vm/{{{METADATA_NS}}}agent-channel")
+    return found or DEFAULT_AGENT_CHANNEL

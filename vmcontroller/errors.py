@@ -5,6 +5,8 @@ The errors that can cross the wire are defined once, in :mod:`guest_agent.protoc
 which the agent shares; the hypervisor errors are host-only.
 """
 
+from typing import TYPE_CHECKING
+
 from guest_agent.protocol.errors import (
     AgentOSError,
     AlreadyExists,
@@ -30,6 +32,21 @@ from guest_agent.protocol.errors import (
     UnsupportedProtocolVersion,
     VMControllerError,
 )
+
+if TYPE_CHECKING:
+    from vmcontroller._exec import ExecResult
+
+
+class ProcessFailed(VMControllerError):
+    """
+    A guest process run with ``check=True`` exited with a non-zero status or was killed.
+
+    :ivar result: its :class:`~vmcontroller.client.ExecResult`, with its output.
+    """
+
+    def __init__(self, message: str, result: "ExecResult") -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class AgentUnreachable(VMControllerError):
@@ -91,6 +108,7 @@ __all__ = [
     "OperationTimeout",
     "PathNotFound",
     "PermissionDenied",
+    "ProcessFailed",
     "ProtocolError",
     "SnapshotNotFound",
     "TooManyRequests",

@@ -1,0 +1,249 @@
+"""
+``exec`` end to end on this machine: the real agent operation spawns real processes,
+and a real :class:`GuestClient` reaches it over loopback TCP with the real reactor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.task import deferLater
+
+from guest_agent.ops import exec as agent_exec
+from guest_agent.transports import AgentFactory
+from vmcontroller._exec import STREAM
+from vmcontroller.client import GuestClient, connect
+from vmcontroller.errors import (
+    CommandNotFound,
+    NotADirectory,
+    OperationCancelled,
+    OperationTimeout,
+    PathNotFound,
+    ProcessFailed,
+)
+
+MIB = 1024 * 1024
+
+
+@pytest_twisted.async_yield_fixture()
+async def client() -> AsyncIterator[GuestClient]:
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(AgentFactory(reactor, agent_exec.OPERATIONS))
+    guest = await connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), timeout=10)
+    yield guest
+    guest.close()
+    await port.stopListening()
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+async def wait_for(condition: object, what: str) -> None:
+    """Poll ``condition`` (a callable) for up to 10 s; the test fails if it never holds."""
+    for _ in range(200):
+        if condition():  # type: ignore[operator]
+            return
+        await sleep(0.05)
+    raise AssertionError(f"{what} never happened")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); a killed grandchild reparented to init is reaped at once.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_is_streamed_before_exit(client: GuestClient) -> None:
+    seen: list[bytes] = []
+    first: Deferred[None] = Deferred()
+
+    def on_stdout(chunk: bytes) -> None:
+        seen.append(chunk)
+        if not first.called:
+            first.callback(None)
+
+    handle = client.exec(["sh", "-c", "echo early; read _; echo late"], stdin=STREAM, on_stdout=on_stdout)
+    await first
+    assert b"".join(seen) == b"early\n"
+    assert not handle.exited.called  # still waiting for its stdin
+    await handle.write_stdin(b"go\n")
+    handle.close_stdin()
+    result = await handle.exited
+    assert b"".join(seen) == b"early\nlate\n"
+    assert result.stdout == b""  # a callback took it
+    assert result.exit_code == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_ten_mib_while_another_exec_runs(client: GuestClient) -> None:
+    slow = client.run(["sh", "-c", "for i in 1 2 3; do echo tick $i; sleep 0.2; done"])
+    script = "head -c 10485760 /dev/urandom > big && sha256sum big && cat big"
+    seen: list[bytes] = []
+    tmp = os.environ.get("TMPDIR", "/tmp")
+    workdir = os.path.join(tmp, f"exec-test-{os.getpid()}")
+    os.makedirs(workdir, exist_ok=True)
+    big = client.exec(["sh", "-c", script], cwd=workdir, on_stdout=seen.append)
+    result = await big.exited
+    digest_line, payload = b"".join(seen).split(b"\n", 1)
+    os.unlink(os.path.join(workdir, "big"))
+    os.rmdir(workdir)
+    assert len(payload) == 10 * MIB
+    assert hashlib.sha256(payload).hexdigest() == digest_line.split()[0].decode()
+    assert result.exit_code == 0
+    assert (await slow).stdout == b"tick 1\ntick 2\ntick 3\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_consumer_holds_the_process_back(client: GuestClient) -> None:
+    """A callback's Deferred backpressures the guest: nothing is cut, the process waits."""
+    seen: list[bytes] = []
+    held: list[Deferred[None]] = []
+
+    def on_stdout(chunk: bytes) -> Deferred[None]:
+        seen.append(chunk)
+        gate: Deferred[None] = Deferred()
+        held.append(gate)
+        return gate
+
+    handle = client.exec(["sh", "-c", "head -c 20971520 /dev/zero; echo done >&2"], on_stdout=on_stdout)
+    await wait_for(lambda: held, "first chunk")
+    await sleep(0.5)
+    # One chunk is held: the agent has only the window and its own buffer, the rest waits in the pipe.
+    assert len(held) == 1 and not handle.exited.called
+    while not handle.exited.called:
+        if held and not held[-1].called:
+            held[-1].callback(None)
+        await sleep(0)
+    result = await handle.exited
+    assert sum(map(len, seen)) == 20 * MIB and set(b"".join(seen)) == {0}
+    assert result.stderr == b"done\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stdin_bytes_env_cwd_exit_code(client: GuestClient, tmp_path: object) -> None:
+    result = await client.run(["sh", "-c", 'cat; echo "$GREETING"; echo "$PATH"; pwd; exit 3'],
+                              stdin=b"from stdin\n", env={"GREETING": "hello"}, cwd=str(tmp_path))
+    assert result.stdout == f"from stdin\nhello\n{agent_exec.DEFAULT_PATH}\n{tmp_path}\n".encode()
+    assert result.exit_code == 3 and result.signal is None
+    with pytest.raises(ProcessFailed, match="exited with status 3") as failed:
+        result.check()
+    assert failed.value.result is result
+
+
+@pytest_twisted.ensureDeferred
+async def test_streamed_stdin_of_many_mebibytes(client: GuestClient) -> None:
+    handle = client.exec(["sha256sum"], stdin=STREAM)
+    digest = hashlib.sha256()
+    block = os.urandom(MIB)
+    for i in range(12):
+        chunk = bytes([i]) + block[1:]
+        digest.update(chunk)
+        await handle.write_stdin(chunk)
+    handle.close_stdin()
+    result = await handle.result(check=True)
+    assert result.stdout.split()[0].decode() == digest.hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_by_a_signal(client: GuestClient) -> None:
+    result = await client.run(["sh", "-c", "echo bye; kill -TERM $$"])
+    assert (result.exit_code, result.signal, result.stdout) == (None, "SIGTERM", b"bye\n")
+    with pytest.raises(ProcessFailed, match="killed by SIGKILL"):
+        await client.run(["sh", "-c", "kill -KILL $$"], check=True)
+
+
+@pytest.mark.parametrize("launcher", ["setsid", "python"])
+@pytest_twisted.ensureDeferred
+async def test_timeout_kills_the_process_group(client: GuestClient, tmp_path: object,
+                                               monkeypatch: pytest.MonkeyPatch, launcher: str) -> None:
+    if launcher == "python":
+        # The shim a guest without setsid(1) gets.
+        monkeypatch.setattr(agent_exec, "_launcher",
+                            lambda: (sys.executable, "-I", "-S", "-c", agent_exec._SETSID_SHIM))
+    pid_file = f"{tmp_path}/child.pid"
+    with pytest.raises(OperationTimeout, match="timeout of 0.5 s"):
+        await client.run(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; sleep 300"], timeout=0.5)
+    with open(pid_file) as f:
+        grandchild = int(f.read())
+    await wait_for(lambda: not alive(grandchild), "the grandchild's death")
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeout_when_a_background_child_keeps_the_pipes(client: GuestClient, tmp_path: object) -> None:
+    """The shell exits at once; its child holds stdout open, so the exec runs until the timeout."""
+    pid_file = f"{tmp_path}/child.pid"
+    with pytest.raises(OperationTimeout):
+        await client.run(["sh", "-c", f"sleep 300 & echo $! > {pid_file}"], timeout=0.5)
+    with open(pid_file) as f:
+        grandchild = int(f.read())
+    await wait_for(lambda: not alive(grandchild), "the grandchild's death")
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_kills_the_process_group(client: GuestClient, tmp_path: object) -> None:
+    pid_file = f"{tmp_path}/child.pid"
+    started: Deferred[None] = Deferred()
+    handle = client.exec(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; echo started; sleep 300"],
+                         on_stdout=lambda chunk: None if started.called else started.callback(None))
+    await started
+    with open(pid_file) as f:
+        grandchild = int(f.read())
+    handle.cancel()
+    with pytest.raises(OperationCancelled):
+        await handle.result()
+    await wait_for(lambda: not alive(grandchild), "the grandchild's death")
+    assert (await client.run(["true"])).exit_code == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_host_gone_kills_the_process_group(client: GuestClient, tmp_path: object) -> None:
+    pid_file = f"{tmp_path}/child.pid"
+    started: Deferred[None] = Deferred()
+    handle = client.exec(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; echo started; sleep 300"],
+                         on_stdout=lambda chunk: None if started.called else started.callback(None))
+    await started
+    with open(pid_file) as f:
+        grandchild = int(f.read())
+    client.close()
+    with pytest.raises(Exception, match="closed"):
+        await handle.result()
+    await wait_for(lambda: not alive(grandchild), "the grandchild's death")
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_program_or_directory(client: GuestClient, tmp_path: object) -> None:
+    with pytest.raises(CommandNotFound, match="no-such-program"):
+        await client.run(["no-such-program", "--flag"])
+    with pytest.raises(CommandNotFound, match="not an executable file"):
+        await client.run([f"{tmp_path}"])
+    with pytest.raises(CommandNotFound, match="not-here"):
+        await client.run(["./not-here"], cwd=str(tmp_path))
+    with pytest.raises(CommandNotFound, match="PATH"):
+        await client.run(["sh", "-c", "true"], env={"PATH": str(tmp_path)})
+    with pytest.raises(PathNotFound, match="/no/such/dir"):
+        await client.run(["true"], cwd="/no/such/dir")
+    with pytest.raises(NotADirectory, match="not a directory"):
+        await client.run(["true"], cwd="/etc/passwd")
+    assert (await client.run(["true"])).exit_code == 0  # nothing lost: the agent serves on
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_at_once(client: GuestClient) -> None:
+    results = await gatherResults([
+        client.run(["sh", "-c", f"echo out {i}; echo err {i} >&2; exit {i % 7}"]) for i in range(100)
+    ])
+    for i, result in enumerate(results):
+        assert (result.stdout, result.stderr, result.exit_code) == (f"out {i}\n".encode(), f"err {i}\n".encode(), i % 7)

@@ -1,0 +1,247 @@
+"""
+The host side of ``exec``: an :class:`ExecHandle` per process started in the guest.
+
+Output is read chunk by chunk; each chunk read gives the agent credit to send more, so a
+callback that returns a Deferred holds the guest process back until it fires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock
+from twisted.python.failure import Failure
+
+from guest_agent.link import RequestIO
+from guest_agent.protocol.frames import Channel
+from vmcontroller.errors import (
+    BadRequest,
+    OperationCancelled,
+    ProcessFailed,
+    VMControllerError,
+)
+
+if TYPE_CHECKING:
+    from vmcontroller.client import GuestClient
+
+
+class STREAM:
+    """Pass as ``stdin`` to write the process's input through :meth:`ExecHandle.write_stdin`."""
+
+
+#: Receives each chunk of output; returning a Deferred holds back further output until it fires.
+OutputCallback = Callable[[bytes], "None | Deferred[None]"]
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """How a guest process ended, with its output when no callback took it."""
+
+    argv: tuple[str, ...]
+    exit_code: int | None
+    signal: str | None
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_code == 0
+
+    def check(self) -> ExecResult:
+        """
+        Return this result if the process exited with status 0.
+
+        :raises ProcessFailed: it exited with another status or was killed by a signal.
+        """
+        if self.succeeded:
+            return self
+        how = f"was killed by {self.signal}" if self.signal else f"exited with status {self.exit_code}"
+        tail = self.stderr[-500:].decode(errors="replace").strip()
+        raise ProcessFailed(f"{list(self.argv)!r} {how} in the guest" + (f": {tail}" if tail else ""), self)
+
+
+class ExecHandle:
+    """
+    A process running in the guest.  Made by :meth:`GuestClient.exec`.
+
+    Cancelling any Deferred it hands out cancels the process, as :meth:`cancel` does.
+    """
+
+    def __init__(self, client: GuestClient, argv: list[str], args: dict[str, Any], stdin: bytes | None | type[STREAM],
+                 on_stdout: OutputCallback | None, on_stderr: OutputCallback | None) -> None:
+        self._argv = tuple(argv)
+        self._stdin = stdin
+        self._callbacks: dict[int, OutputCallback | None] = {Channel.STDOUT: on_stdout, Channel.STDERR: on_stderr}
+        self._collected: dict[int, list[bytes]] = {Channel.STDOUT: [], Channel.STDERR: []}
+        self._io: RequestIO | None = None
+        self._io_waiters: list[Deferred[RequestIO]] = []
+        self._stdin_lock = DeferredLock()
+        self._stdin_closed = False
+        self._callback_failure: Failure | None = None
+        self._outcome: Failure | ExecResult | None = None
+        self._waiters: list[Deferred[ExecResult]] = []
+        self._task = Deferred.fromCoroutine(self._run(client, args))
+        self._task.addBoth(self._settle)
+
+    # ---- the public face -----------------------------------------------------------
+
+    @property
+    def exited(self) -> Deferred[ExecResult]:
+        """A new Deferred that fires with the :class:`ExecResult` once the process has ended."""
+        waiter: Deferred[ExecResult] = Deferred(lambda _: self.cancel())
+        if self._outcome is None:
+            self._waiters.append(waiter)
+        elif isinstance(self._outcome, Failure):
+            waiter.errback(self._outcome)
+        else:
+            waiter.callback(self._outcome)
+        return waiter
+
+    def result(self, check: bool = False) -> Deferred[ExecResult]:
+        """
+        The :class:`ExecResult`; with ``check``, fails with :class:`ProcessFailed` unless
+        the process exited with status 0.
+        """
+        waiter = self.exited
+        if check:
+            waiter.addCallback(ExecResult.check)
+        return waiter
+
+    def write_stdin(self, data: bytes) -> Deferred[None]:
+        """
+        Send ``data`` to the process's stdin; fires once the agent has room for more, so
+        awaiting each write keeps memory bounded.  Fails with :class:`ConnectionLost` when
+        the process has ended already.
+
+        :raises BadRequest: the process was not started with ``stdin=STREAM``, or stdin was closed.
+        """
+        self._require_stdin_stream()
+        return Deferred.fromCoroutine(self._locked_stdin(self._send_stdin, data))
+
+    def close_stdin(self) -> None:
+        """End the process's stdin once every write before has gone out."""
+        self._require_stdin_stream()
+        self._stdin_closed = True
+        Deferred.fromCoroutine(self._locked_stdin(self._send_stdin_eof, b"")).addErrback(lambda _: None)
+
+    def cancel(self) -> None:
+        """Kill the process group in the guest; the result fails with :class:`OperationCancelled`."""
+        self._task.cancel()
+
+    # ---- stdin ---------------------------------------------------------------------
+
+    def _require_stdin_stream(self) -> None:
+        if self._stdin is not STREAM:
+            raise BadRequest(f"{list(self._argv)!r} was not started with stdin=STREAM: pass its input to exec")
+        if self._stdin_closed:
+            raise BadRequest(f"the stdin of {list(self._argv)!r} is closed already")
+
+    async def _wait_io(self) -> RequestIO:
+        """The request's streams, once the request is open."""
+        if self._io is not None:
+            return self._io
+        if isinstance(self._outcome, Failure):
+            self._outcome.raiseException()
+        waiter: Deferred[RequestIO] = Deferred()
+        self._io_waiters.append(waiter)
+        return await waiter
+
+    async def _locked_stdin(self, send: Callable[[RequestIO, bytes], Any], data: bytes) -> None:
+        # One writer at a time: the stream layer keeps a single credit waiter per channel.
+        await self._stdin_lock.acquire()
+        try:
+            io = await self._wait_io()
+            await send(io, data)
+        finally:
+            self._stdin_lock.release()
+
+    @staticmethod
+    async def _send_stdin(io: RequestIO, data: bytes) -> None:
+        await io.send(Channel.INPUT, data)
+
+    @staticmethod
+    async def _send_stdin_eof(io: RequestIO, data: bytes) -> None:
+        io.send_eof(Channel.INPUT)
+
+    # ---- the request ---------------------------------------------------------------
+
+    async def _run(self, client: GuestClient, args: dict[str, Any]) -> ExecResult:
+        io, reply = await client.open_request("exec", args)
+        self._io = io
+        waiters, self._io_waiters = self._io_waiters, []
+        for waiter in waiters:
+            waiter.callback(io)
+        readers = [Deferred.fromCoroutine(self._read(io, channel)) for channel in (Channel.STDOUT, Channel.STDERR)]
+        if isinstance(self._stdin, bytes):
+            Deferred.fromCoroutine(self._feed(io, self._stdin)).addErrback(lambda _: None)
+        try:
+            status = await reply
+            for reader in readers:
+                await reader
+        except CancelledError:
+            if self._callback_failure is not None:
+                self._callback_failure.raiseException()
+            raise OperationCancelled(
+                f"{list(self._argv)!r} was cancelled: the agent kills its process group in the guest") from None
+        return ExecResult(self._argv, status.get("exit_code"), status.get("signal"),
+                          b"".join(self._collected[Channel.STDOUT]), b"".join(self._collected[Channel.STDERR]))
+
+    @staticmethod
+    async def _feed(io: RequestIO, data: bytes) -> None:
+        # Fails quietly when the process ends before reading it all: the result says how it ended.
+        await io.send(Channel.INPUT, data)
+        io.send_eof(Channel.INPUT)
+
+    async def _read(self, io: RequestIO, channel: int) -> None:
+        callback = self._callbacks[channel]
+        try:
+            while (chunk := await io.receive(channel)) is not None:
+                if callback is None:
+                    self._collected[channel].append(chunk)
+                    continue
+                try:
+                    waiting = callback(chunk)
+                    if waiting is not None:
+                        await waiting
+                except CancelledError:
+                    return
+                except Exception:  # noqa: BLE001  (any error of the user's callback ends the exec)
+                    self._callback_failure = Failure()
+                    self.cancel()
+                    return
+        except (VMControllerError, CancelledError):
+            return  # the request failed or was cancelled: its result says why
+
+    def _settle(self, outcome: ExecResult | Failure) -> None:
+        self._outcome = outcome
+        if isinstance(outcome, Failure):
+            # Writes still waiting for the request to open never will.
+            io_waiters, self._io_waiters = self._io_waiters, []
+            for io_waiter in io_waiters:
+                io_waiter.errback(outcome)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if isinstance(outcome, Failure):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(outcome)
+
+
+def start(client: GuestClient, argv: list[str], *, env: dict[str, str] | None, cwd: str | None,
+          stdin: bytes | None | type[STREAM], timeout: float | None, on_stdout: OutputCallback | None,
+          on_stderr: OutputCallback | None) -> ExecHandle:
+    """
+    Start ``argv`` in the guest; see :meth:`GuestClient.exec`.
+
+    :raises BadRequest: ``argv`` is not a non-empty list of strings.
+    """
+    if not isinstance(argv, list | tuple) or not argv or not all(isinstance(a, str) for a in argv):
+        raise BadRequest(f"exec needs argv, a non-empty list of strings; got {argv!r}")
+    args = {"argv": list(argv), "env": env, "cwd": cwd, "stdin": "stream" if stdin is not None else "none",
+            "timeout": timeout}
+    return ExecHandle(client, list(argv), args, stdin, on_stdout, on_stderr)
+
+
+__all__ = ["STREAM", "ExecHandle", "ExecResult", "OutputCallback", "start"]

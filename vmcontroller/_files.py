@@ -1,0 +1,250 @@
+"""
+Host side of file transfers: :func:`push` streams a host file to the agent's ``push``
+operation, :func:`pull` receives the agent's ``pull`` stream.  Both hash what moves and
+check it against the other end's sha256.
+
+Host disk reads and writes happen on the reactor thread, a 256 KiB chunk at a time: for a
+local file that is far quicker than a thread hop per chunk, and flow control bounds each
+burst to one window.  A file object passed in must therefore not block (no pipes or
+sockets); ``fsync`` of a pulled file, which can take seconds, runs in the reactor's thread
+pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, cast
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+
+from guest_agent.link import RequestIO
+from guest_agent.protocol.frames import Channel
+from vmcontroller.errors import (
+    IncompleteTransfer,
+    IntegrityError,
+    IsADirectory,
+    NotADirectory,
+    PathNotFound,
+    PermissionDenied,
+    VMControllerError,
+)
+
+if TYPE_CHECKING:
+    from vmcontroller.client import GuestClient
+
+#: Called as bytes move: bytes done so far, and the total when known (a pull does not
+#: know it before the end).
+Progress = Callable[[int, int | None], None]
+
+CHUNK_SIZE = 256 * 1024
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """
+    A finished transfer.
+
+    :ivar path: the file's path in the guest (the destination of a push, the source of
+        a pull).
+    :ivar mode: the permission bits of the guest file.
+    :ivar seconds: how long the transfer took, by the client's clock.
+    """
+
+    path: str
+    size: int
+    sha256: str
+    mode: int
+    seconds: float
+
+
+async def _fsync(client: GuestClient, fd: int) -> None:
+    """fsync in the reactor's thread pool; a test's Clock has none, and there it runs inline."""
+    if IReactorThreads.providedBy(client.reactor):
+        reactor = cast(IReactorThreads, client.reactor)
+        await deferToThreadPool(cast(IReactorFromThreads, reactor), reactor.getThreadPool(), os.fsync, fd)
+    else:
+        os.fsync(fd)
+
+
+def _stream_failed(result: Deferred[Any]) -> None:
+    """
+    A stream call raised a :class:`VMControllerError`: the request has ended, and the
+    error is the agent's own (or the lost connection's).  ``result`` fails with the same
+    error, possibly just after this returns (the client wakes the stream first), so it
+    must not be cancelled; its failure is consumed here instead.
+    """
+    result.addErrback(lambda failure: None)
+
+
+def _abandon(result: Deferred[Any]) -> None:
+    """The host gave up (a local error, a cancel): the agent stops and discards its part."""
+    result.cancel()
+    result.addErrback(lambda failure: None)  # its CancelledError interests nobody
+
+
+def _open_source(source: str | os.PathLike[str]) -> IO[bytes]:
+    path = os.fspath(source)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed by push)
+    except FileNotFoundError:
+        raise PathNotFound(f"the host file {path} does not exist", {"path": path}) from None
+    except IsADirectoryError:
+        raise IsADirectory(f"the host path {path} is a directory; push the files in it one by one",
+                           {"path": path}) from None
+    except PermissionError:
+        raise PermissionDenied(f"this host user may not read the host file {path}", {"path": path}) from None
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise IsADirectory(f"the host path {path} is not a regular file", {"path": path})
+    return f
+
+
+def _describe(source: IO[bytes]) -> tuple[int | None, int | None]:
+    """Size and permission bits of a file object, when it is a regular file."""
+    try:
+        info = os.fstat(source.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None, None  # BytesIO and the like have no descriptor
+    if not stat.S_ISREG(info.st_mode):
+        return None, None
+    return info.st_size - source.tell(), stat.S_IMODE(info.st_mode)
+
+
+async def _send_file(io: RequestIO, source: IO[bytes], total: int | None,
+                     progress: Progress | None) -> tuple[str, int]:
+    hasher = hashlib.sha256()
+    sent = 0
+    while chunk := source.read(CHUNK_SIZE):
+        hasher.update(chunk)
+        await io.send(Channel.INPUT, chunk)
+        sent += len(chunk)
+        if progress is not None:
+            progress(sent, total)
+    digest = hasher.hexdigest()
+    io.send_eof(Channel.INPUT, {"sha256": digest, "size": sent})
+    return digest, sent
+
+
+async def push(client: GuestClient, source: str | os.PathLike[str] | IO[bytes], destination: str, *,
+               mode: int | None, progress: Progress | None) -> TransferResult:
+    """
+    Copy ``source`` (a host path or a binary file object, read from its position) to the
+    guest path ``destination``, which appears there whole or not at all.
+
+    :param mode: permission bits of the guest file; None keeps the host file's (or, for a
+        file object without one, the guest's default).
+    :raises PathNotFound: the host file, or the guest destination's directory, is missing.
+    :raises IntegrityError: the agent received other bytes than were sent.
+    """
+    started = client.reactor.seconds()
+    f = source if not isinstance(source, str | os.PathLike) else _open_source(source)
+    try:
+        size, host_mode = _describe(f)
+        args = {"path": destination, "mode": host_mode if mode is None else mode, "size": size}
+        io, result = await client.open_request("push", args)
+        try:
+            digest, sent = await _send_file(io, f, size, progress)
+        except VMControllerError:
+            # E.g. the guest directory is missing: the agent answered with an error at
+            # once, RequestIO raises that error, and the file is not read any further.
+            _stream_failed(result)
+            raise
+        except BaseException:
+            _abandon(result)
+            raise
+    finally:
+        if f is not source:
+            f.close()
+    reply = await result
+    if reply.get("sha256") != digest or reply.get("size") != sent:
+        raise IntegrityError(
+            f"sent {sent} bytes with sha256 {digest} to {destination} but the agent stored "
+            f"{reply.get('size')} bytes with sha256 {reply.get('sha256')}: push again", {"path": destination})
+    return TransferResult(destination, sent, digest, int(reply["mode"]), client.reactor.seconds() - started)
+
+
+async def _receive_file(client: GuestClient, source: str, sink: IO[bytes],
+                        progress: Progress | None) -> TransferResult:
+    started = client.reactor.seconds()
+    io, result = await client.open_request("pull", {"path": source})
+    hasher = hashlib.sha256()
+    received = 0
+    try:
+        while (chunk := await io.receive(Channel.INPUT)) is not None:
+            sink.write(chunk)
+            hasher.update(chunk)
+            received += len(chunk)
+            if progress is not None:
+                progress(received, None)
+    except VMControllerError:
+        _stream_failed(result)
+        raise
+    except BaseException:
+        _abandon(result)
+        raise
+    digest = hasher.hexdigest()
+    trailer = io.trailer(Channel.INPUT) or {}
+    reply = await result
+    if trailer.get("size") != received or reply.get("size") != received:
+        raise IncompleteTransfer(
+            f"received {received} bytes of the guest file {source} but the agent says it sent "
+            f"{trailer.get('size')}: pull again", {"path": source})
+    if trailer.get("sha256") != digest or reply.get("sha256") != digest:
+        raise IntegrityError(
+            f"the {received} bytes received of the guest file {source} hash to sha256 {digest} but the "
+            f"agent sent {trailer.get('sha256')}: the data was corrupted in transit; pull again",
+            {"path": source})
+    return TransferResult(source, received, digest, int(reply["mode"]), client.reactor.seconds() - started)
+
+
+async def pull(client: GuestClient, source: str, destination: str | os.PathLike[str] | IO[bytes], *,
+               progress: Progress | None) -> TransferResult:
+    """
+    Copy the guest file ``source`` to ``destination``.  A host path gets the guest file's
+    permission bits and appears whole or not at all (a temp file in its directory is
+    renamed into place once the sha256 checks out); a file object is written to as the
+    data arrives, so it holds what was received even when the pull fails.
+
+    :raises PathNotFound: the guest file, or the host destination's directory, is missing.
+    :raises IntegrityError: the received bytes do not hash to the agent's sha256.
+    """
+    if not isinstance(destination, str | os.PathLike):
+        return await _receive_file(client, source, destination, progress)
+    path = os.path.abspath(os.fspath(destination))
+    directory = os.path.dirname(path)
+    if not os.path.exists(directory):
+        raise PathNotFound(f"the host directory {directory} does not exist: create it before pulling into it",
+                           {"path": directory})
+    if not os.path.isdir(directory):
+        raise NotADirectory(f"the host path {directory} is not a directory", {"path": directory})
+    if os.path.isdir(path):
+        raise IsADirectory(f"the host path {path} is a directory: give the file's path", {"path": path})
+    try:
+        fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)[:200]}.", suffix=".vmc-part",
+                                    dir=directory)
+    except PermissionError:
+        raise PermissionDenied(f"this host user may not create files in the host directory {directory}",
+                               {"path": directory}) from None
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            transfer = await _receive_file(client, source, sink, progress)
+            sink.flush()
+            await _fsync(client, sink.fileno())
+        os.chmod(temp, transfer.mode)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    return transfer
+
+
+__all__ = ["Progress", "TransferResult", "pull", "push"]

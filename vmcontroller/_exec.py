@@ -32,7 +32,7 @@ class STREAM:
 
 
 #: Receives each chunk of output; returning a Deferred holds back further output until it fires.
-OutputCallback = Callable[[bytes], "None | Deferred[None]"]
+OutputCallback = Callable[[bytes], "Deferred[None] | None"]
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,13 @@ class ExecHandle:
     Cancelling any Deferred it hands out cancels the process, as :meth:`cancel` does.
     """
 
-    def __init__(self, client: GuestClient, argv: list[str], args: dict[str, Any], stdin: bytes | None | type[STREAM],
-                 on_stdout: OutputCallback | None, on_stderr: OutputCallback | None) -> None:
+    def __init__(self, client: GuestClient, argv: list[str], args: dict[str, Any],
+                 stdin: bytes | type[STREAM] | None, on_stdout: OutputCallback | None,
+                 on_stderr: OutputCallback | None) -> None:
         self._argv = tuple(argv)
         self._stdin = stdin
-        self._callbacks: dict[int, OutputCallback | None] = {Channel.STDOUT: on_stdout, Channel.STDERR: on_stderr}
+        self._callbacks: dict[int, OutputCallback | None] = {
+            Channel.STDOUT: on_stdout, Channel.STDERR: on_stderr}
         self._collected: dict[int, list[bytes]] = {Channel.STDOUT: [], Channel.STDERR: []}
         self._io: RequestIO | None = None
         self._io_waiters: list[Deferred[RequestIO]] = []
@@ -134,7 +136,8 @@ class ExecHandle:
 
     def _require_stdin_stream(self) -> None:
         if self._stdin is not STREAM:
-            raise BadRequest(f"{list(self._argv)!r} was not started with stdin=STREAM: pass its input to exec")
+            raise BadRequest(
+                f"{list(self._argv)!r} was not started with stdin=STREAM: pass its input to exec")
         if self._stdin_closed:
             raise BadRequest(f"the stdin of {list(self._argv)!r} is closed already")
 
@@ -173,7 +176,7 @@ class ExecHandle:
         waiters, self._io_waiters = self._io_waiters, []
         for waiter in waiters:
             waiter.callback(io)
-        readers = [Deferred.fromCoroutine(self._read(io, channel)) for channel in (Channel.STDOUT, Channel.STDERR)]
+        readers = [Deferred.fromCoroutine(self._read(io, channel)) for channel in self._collected]
         if isinstance(self._stdin, bytes):
             Deferred.fromCoroutine(self._feed(io, self._stdin)).addErrback(lambda _: None)
         try:
@@ -183,10 +186,10 @@ class ExecHandle:
         except CancelledError:
             if self._callback_failure is not None:
                 self._callback_failure.raiseException()
-            raise OperationCancelled(
-                f"{list(self._argv)!r} was cancelled: the agent kills its process group in the guest") from None
-        return ExecResult(self._argv, status.get("exit_code"), status.get("signal"),
-                          b"".join(self._collected[Channel.STDOUT]), b"".join(self._collected[Channel.STDERR]))
+            raise OperationCancelled(f"{list(self._argv)!r} was cancelled: "
+                                     "the agent kills its process group in the guest") from None
+        stdout, stderr = (b"".join(self._collected[channel]) for channel in (Channel.STDOUT, Channel.STDERR))
+        return ExecResult(self._argv, status.get("exit_code"), status.get("signal"), stdout, stderr)
 
     @staticmethod
     async def _feed(io: RequestIO, data: bytes) -> None:
@@ -207,7 +210,7 @@ class ExecHandle:
                         await waiting
                 except CancelledError:
                     return
-                except Exception:  # noqa: BLE001  (any error of the user's callback ends the exec)
+                except Exception:  # any error of the user's callback ends the exec
                     self._callback_failure = Failure()
                     self.cancel()
                     return
@@ -230,7 +233,7 @@ class ExecHandle:
 
 
 def start(client: GuestClient, argv: list[str], *, env: dict[str, str] | None, cwd: str | None,
-          stdin: bytes | None | type[STREAM], timeout: float | None, on_stdout: OutputCallback | None,
+          stdin: bytes | type[STREAM] | None, timeout: float | None, on_stdout: OutputCallback | None,
           on_stderr: OutputCallback | None) -> ExecHandle:
     """
     Start ``argv`` in the guest; see :meth:`GuestClient.exec`.

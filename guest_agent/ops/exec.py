@@ -17,6 +17,7 @@ buffers at most :data:`HIGH_WATER` bytes per stream.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -82,8 +83,9 @@ class ExecRequest:
     def from_wire(cls, args: dict[str, Any]) -> ExecRequest:
         """:raises BadRequest: an argument is missing or of the wrong type."""
         argv = args.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
-            raise BadRequest(f"exec needs 'argv', a non-empty list of strings without NUL bytes; got {argv!r}")
+        if not (isinstance(argv, list) and argv and all(isinstance(a, str) and "\0" not in a for a in argv)):
+            raise BadRequest(
+                f"exec needs 'argv', a non-empty list of strings without NUL bytes; got {argv!r}")
         env = args.get("env")
         if env is not None and not (
             isinstance(env, dict)
@@ -98,7 +100,9 @@ class ExecRequest:
         if stdin not in ("none", "stream"):
             raise BadRequest(f"exec 'stdin' must be \"none\" or \"stream\"; got {stdin!r}")
         timeout = args.get("timeout")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        ):
             raise BadRequest(f"exec 'timeout' must be null or a positive number of seconds; got {timeout!r}")
         return cls(argv, env, cwd, stdin == "stream", timeout)
 
@@ -122,13 +126,14 @@ class ExecRequest:
                 raise PathNotFound(f"the working directory {self.cwd!r} does not exist in the guest",
                                    {"path": self.cwd})
             if not os.path.isdir(self.cwd):
-                raise NotADirectory(f"the working directory {self.cwd!r} is not a directory", {"path": self.cwd})
+                raise NotADirectory(f"the working directory {self.cwd!r} is not a directory",
+                                    {"path": self.cwd})
         program = self.argv[0]
         if "/" in program:
             path = os.path.join(self.cwd or os.getcwd(), program)
             if not os.path.isfile(path) or not os.access(path, os.X_OK):
-                raise CommandNotFound(f"{program!r} is not an executable file in the guest"
-                                      + (f" (relative to {self.cwd!r})" if self.cwd and not os.path.isabs(program) else ""),
+                where = f" (relative to {self.cwd!r})" if self.cwd and not os.path.isabs(program) else ""
+                raise CommandNotFound(f"{program!r} is not an executable file in the guest{where}",
                                       {"path": path})
         else:
             search = environment.get("PATH", os.defpath)
@@ -266,11 +271,9 @@ class _ExecProcess(ProcessProtocol):
             return
         self._stopping = error
         if self.transport is not None:
-            try:
-                # The leader first: it may not have called setsid() yet.
+            # The leader first: it may not have called setsid() yet.
+            with contextlib.suppress(ProcessExitedAlready):
                 self.transport.signalProcess("KILL")
-            except ProcessExitedAlready:
-                pass
             _kill_group(self._group)
         self._settle()
 
@@ -331,10 +334,8 @@ class _ExecProcess(ProcessProtocol):
 
 
 def _kill_group(group: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # every member has exited already
         os.killpg(group, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # every member has exited already
 
 
 async def run_exec(ctx: OperationContext) -> dict[str, Any]:
@@ -356,7 +357,8 @@ async def run_exec(ctx: OperationContext) -> dict[str, Any]:
         transport = reactor.spawnProcess(process, launcher[0], [*launcher, *request.argv], environment,
                                          request.cwd)
     except OSError as e:
-        raise AgentOSError(f"the guest could not start {request.argv[0]!r}: {e}", {"errno": e.errno}) from None
+        raise AgentOSError(f"the guest could not start {request.argv[0]!r}: {e}",
+                           {"errno": e.errno}) from None
     stdin: Deferred[None] | None = None
     if request.stream_stdin:
         stdin = Deferred.fromCoroutine(_feed_stdin(ctx.io, transport))

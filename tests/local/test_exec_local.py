@@ -35,7 +35,8 @@ MIB = 1024 * 1024
 
 @pytest_twisted.async_yield_fixture()
 async def client() -> AsyncIterator[GuestClient]:
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(AgentFactory(reactor, agent_exec.OPERATIONS))
+    factory = AgentFactory(reactor, agent_exec.OPERATIONS)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     guest = await connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), timeout=10)
     yield guest
     guest.close()
@@ -174,7 +175,7 @@ async def test_timeout_kills_the_process_group(client: GuestClient, tmp_path: ob
         monkeypatch.setattr(agent_exec, "_launcher",
                             lambda: (sys.executable, "-I", "-S", "-c", agent_exec._SETSID_SHIM))
     pid_file = f"{tmp_path}/child.pid"
-    with pytest.raises(OperationTimeout, match="timeout of 0.5 s"):
+    with pytest.raises(OperationTimeout, match=r"timeout of 0\.5 s"):
         await client.run(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; sleep 300"], timeout=0.5)
     with open(pid_file) as f:
         grandchild = int(f.read())
@@ -246,4 +247,5 @@ async def test_many_at_once(client: GuestClient) -> None:
         client.run(["sh", "-c", f"echo out {i}; echo err {i} >&2; exit {i % 7}"]) for i in range(100)
     ])
     for i, result in enumerate(results):
-        assert (result.stdout, result.stderr, result.exit_code) == (f"out {i}\n".encode(), f"err {i}\n".encode(), i % 7)
+        expected = (f"out {i}\n".encode(), f"err {i}\n".encode(), i % 7)
+        assert (result.stdout, result.stderr, result.exit_code) == expected

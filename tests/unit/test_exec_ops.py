@@ -1,0 +1,427 @@
+"""
+``exec`` without a reactor or real processes: the agent operation spawns into a fake
+process reactor, the host's :class:`ExecHandle` talks to it through :class:`InMemoryLink`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.interfaces import IProcessProtocol, IProcessTransport, IPushProducer, IReactorProcess
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from guest_agent.ops import exec as agent_exec
+from guest_agent.protocol.connection import Limits
+from vmcontroller._exec import STREAM, ExecHandle, ExecResult
+from vmcontroller.errors import (
+    BadRequest,
+    CommandNotFound,
+    NotADirectory,
+    OperationCancelled,
+    OperationTimeout,
+    PathNotFound,
+    ProcessFailed,
+)
+from vmcontroller.testing import InMemoryLink
+
+PID = 4242
+
+
+@implementer(IProcessTransport)
+class FakeProcess:
+    """A spawned process the test plays: it records what the agent does to it."""
+
+    def __init__(self, protocol: IProcessProtocol, executable: str, args: list[str], env: dict[str, str],
+                 path: str | None) -> None:
+        self.protocol = protocol
+        self.executable = executable
+        self.args = args
+        self.env = env
+        self.path = path
+        self.pid: int | None = PID
+        self.signals: list[str | int] = []
+        self.stdin = bytearray()
+        self.stdin_closed = False
+        self.paused = False
+        self.producer: IPushProducer | None = None
+        self.lost = False
+
+    # IProcessTransport
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+    def closeStdout(self) -> None:
+        raise NotImplementedError
+
+    def closeStderr(self) -> None:
+        raise NotImplementedError
+
+    def closeChildFD(self, descriptor: int) -> None:
+        raise NotImplementedError
+
+    def writeToChild(self, childFD: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def loseConnection(self) -> None:
+        self.lost = True
+
+    def signalProcess(self, signalID: str | int) -> None:
+        if self.pid is None:
+            raise ProcessExitedAlready()
+        self.signals.append(signalID)
+
+    def write(self, data: bytes) -> None:
+        self.stdin += data
+
+    def writeSequence(self, data: Any) -> None:
+        raise NotImplementedError
+
+    def getPeer(self) -> Any:
+        raise NotImplementedError
+
+    def getHost(self) -> Any:
+        raise NotImplementedError
+
+    # What twisted.internet.process.Process adds
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    # The test plays the process with these
+    def output(self, fd: int, data: bytes) -> None:
+        self.protocol.childDataReceived(fd, data)
+
+    def end(self, reason: Exception) -> None:
+        """Exit and close both pipes, as a process without children does."""
+        self.pid = None
+        self.protocol.processExited(Failure(reason))
+        self.protocol.childConnectionLost(1)
+        self.protocol.childConnectionLost(2)
+        self.protocol.processEnded(Failure(reason))
+
+
+@implementer(IReactorProcess)
+class FakeProcessReactor(Clock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.processes: list[FakeProcess] = []
+
+    def spawnProcess(self, processProtocol: IProcessProtocol, executable: Any, args: Any, env: Any = None,
+                     path: Any = None, uid: Any = None, gid: Any = None, usePTY: bool = False,
+                     childFDs: Any = None) -> FakeProcess:
+        process = FakeProcess(processProtocol, executable, list(args), env, path)
+        self.processes.append(process)
+        processProtocol.makeConnection(process)
+        return process
+
+
+class Exec:
+    """The agent's exec operation on a fake reactor, reached by a real client in memory."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, host_limits: Limits | None = None) -> None:
+        self.reactor = FakeProcessReactor()
+        self.killed_groups: list[int] = []
+        monkeypatch.setattr(agent_exec, "_kill_group", self.killed_groups.append)
+        self.link = InMemoryLink(agent_exec.OPERATIONS, agent_reactor=self.reactor,
+                                 client_limits=host_limits)
+        self.link.flush()
+
+    def start(self, argv: list[str], **kwargs: Any) -> ExecHandle:
+        handle = self.link.client.exec(argv, **kwargs)
+        self.link.flush()
+        return handle
+
+    @property
+    def process(self) -> FakeProcess:
+        return self.reactor.processes[-1]
+
+
+@pytest.fixture
+def exec_(monkeypatch: pytest.MonkeyPatch) -> Exec:
+    return Exec(monkeypatch)
+
+
+def outcome(d: Deferred[Any]) -> Any:
+    """What ``d`` fired with (a Failure's exception), or the test fails."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    result = results[0]
+    return result.value if isinstance(result, Failure) else result
+
+
+def test_fake_reactor_and_transport_provide_their_interfaces(exec_: Exec) -> None:
+    verifyObject(IReactorProcess, exec_.reactor)
+    exec_.start(["true"])
+    verifyObject(IProcessTransport, exec_.process)
+
+
+def test_spawns_through_setsid_with_the_given_env_and_cwd(exec_: Exec, tmp_path: Any) -> None:
+    exec_.start(["sh", "-c", "x"], env={"A": "1"}, cwd=str(tmp_path))
+    process = exec_.process
+    assert process.args == [*agent_exec._launcher(), "sh", "-c", "x"]
+    assert process.executable == process.args[0]
+    assert process.env == {"PATH": agent_exec.DEFAULT_PATH, "A": "1"}
+    assert process.path == str(tmp_path)
+    assert process.stdin_closed  # stdin "none": the program reads end-of-file
+
+
+def test_output_reaches_callbacks_before_exit_then_the_result(exec_: Exec) -> None:
+    out: list[bytes] = []
+    err: list[bytes] = []
+    handle = exec_.start(["cat"], on_stdout=out.append, on_stderr=err.append)
+    exec_.process.output(1, b"one")
+    exec_.process.output(2, b"oops")
+    exec_.link.flush()
+    assert (out, err) == ([b"one"], [b"oops"])
+    exited = handle.exited
+    assert not exited.called
+    exec_.process.output(1, b"two")
+    exec_.process.end(ProcessTerminated(exitCode=2))
+    exec_.link.flush()
+    assert outcome(exited) == ExecResult(("cat",), 2, None, b"", b"")
+    assert out == [b"one", b"two"]
+
+
+def test_collected_output_and_signal_name(exec_: Exec) -> None:
+    handle = exec_.start(["cat"])
+    exec_.process.output(1, b"a")
+    exec_.process.output(1, b"b")
+    exec_.process.output(2, b"c")
+    exec_.process.end(ProcessTerminated(signal=9))
+    exec_.link.flush()
+    result = outcome(handle.result())
+    assert (result.stdout, result.stderr, result.exit_code, result.signal) == (b"ab", b"c", None, "SIGKILL")
+    failure = outcome(handle.result(check=True))
+    assert isinstance(failure, ProcessFailed) and "killed by SIGKILL" in str(failure)
+    assert failure.result == result
+
+
+def test_check_passes_a_zero_status(exec_: Exec) -> None:
+    handle = exec_.start(["true"])
+    exec_.process.end(ProcessDone(0))
+    exec_.link.flush()
+    assert outcome(handle.result(check=True)).exit_code == 0
+
+
+def test_a_held_callback_pauses_the_pipes_and_nothing_is_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    window = 64 * 1024
+    exec_ = Exec(monkeypatch, Limits(window=window))
+    seen: list[bytes] = []
+    held: list[Deferred[None]] = []
+
+    def on_stdout(chunk: bytes) -> Deferred[None]:
+        seen.append(chunk)
+        held.append(Deferred())
+        return held[-1]
+
+    handle = exec_.start(["cat"], on_stdout=on_stdout)
+    process = exec_.process
+    sent = bytearray()
+    block = 16 * 1024
+    # The process writes until the agent stops reading its pipes.
+    while not process.paused:
+        data = bytes([len(sent) // block % 251]) * block
+        sent += data
+        process.output(1, data)
+        exec_.link.flush()
+        # The host's window, the chunk it took and the agent's buffer: then the pipes wait.
+        assert len(sent) <= window + window // 4 + agent_exec.HIGH_WATER + block, "the agent never paused"
+    assert len(held) == 1  # the host holds the first chunk, so it grants no more credit
+    for _ in range(1000):  # release the held chunks until the agent reads again
+        if not process.paused:
+            break
+        held[-1].callback(None)
+        exec_.link.flush()
+    assert not process.paused
+    process.end(ProcessDone(0))
+    exec_.link.flush()
+    for _ in range(1000):
+        if handle.exited.called:
+            break
+        if not held[-1].called:
+            held[-1].callback(None)
+        exec_.link.flush()
+    assert b"".join(seen) == sent
+
+
+def test_timeout_kills_the_group_and_fails(exec_: Exec) -> None:
+    handle = exec_.start(["sleep", "100"], timeout=5)
+    process = exec_.process
+    exec_.reactor.advance(4.9)
+    assert process.signals == []
+    exec_.reactor.advance(0.1)
+    assert process.signals == ["KILL"] and exec_.killed_groups == [PID]
+    result = handle.result()
+    assert not result.called  # the error waits until the process has gone
+    process.end(ProcessTerminated(signal=9))
+    exec_.link.flush()
+    error = outcome(result)
+    assert isinstance(error, OperationTimeout) and "timeout of 5 s" in str(error) and "SIGKILL" in str(error)
+
+
+def test_timeout_stops_waiting_for_pipes_a_grandchild_holds(exec_: Exec) -> None:
+    handle = exec_.start(["sh", "-c", "sleep 100 &"], timeout=1)
+    process = exec_.process
+    process.pid = None
+    process.protocol.processExited(Failure(ProcessDone(0)))  # the shell is gone, its child holds stdout
+    exec_.reactor.advance(1)
+    assert exec_.killed_groups == [PID]  # the group outlives its leader
+    assert process.lost  # the agent closed its ends of the pipes
+    process.protocol.childConnectionLost(1)
+    process.protocol.childConnectionLost(2)
+    process.protocol.processEnded(Failure(ProcessDone(0)))
+    exec_.link.flush()
+    assert isinstance(outcome(handle.result()), OperationTimeout)
+
+
+def test_cancel_kills_the_group(exec_: Exec) -> None:
+    handle = exec_.start(["sleep", "100"])
+    process = exec_.process
+    handle.cancel()
+    exec_.link.flush()
+    assert process.signals == ["KILL"] and exec_.killed_groups == [PID]
+    assert isinstance(outcome(handle.result()), OperationCancelled)
+    process.end(ProcessTerminated(signal=9))
+    exec_.link.flush()
+
+
+def test_cancelling_a_result_deferred_cancels_the_exec(exec_: Exec) -> None:
+    handle = exec_.start(["sleep", "100"])
+    handle.result().cancel()
+    exec_.link.flush()
+    assert exec_.process.signals == ["KILL"]
+    assert isinstance(outcome(handle.exited), OperationCancelled)
+
+
+def test_host_gone_kills_the_group(exec_: Exec) -> None:
+    exec_.start(["sleep", "100"]).exited.addErrback(lambda f: None)
+    exec_.link.client.close()
+    exec_.link.flush()
+    assert exec_.process.signals == ["KILL"] and exec_.killed_groups == [PID]
+
+
+def test_a_failing_callback_cancels_the_exec_with_its_error(exec_: Exec) -> None:
+    def on_stdout(chunk: bytes) -> None:
+        raise ValueError("cannot parse")
+
+    handle = exec_.start(["cat"], on_stdout=on_stdout)
+    exec_.process.output(1, b"x")
+    exec_.link.flush()
+    assert exec_.process.signals == ["KILL"]
+    error = outcome(handle.exited)
+    assert isinstance(error, ValueError) and "cannot parse" in str(error)
+
+
+def test_streamed_stdin_in_order_then_closed(exec_: Exec) -> None:
+    handle = exec_.start(["cat"], stdin=STREAM)
+    process = exec_.process
+    assert not process.stdin_closed and process.producer is not None
+    writes = [handle.write_stdin(b"a"), handle.write_stdin(b"b")]
+    handle.close_stdin()
+    exec_.link.flush()
+    assert [outcome(w) for w in writes] == [None, None]
+    assert process.stdin == b"ab" and process.stdin_closed
+
+
+def test_stdin_waits_while_the_pipe_is_full(exec_: Exec) -> None:
+    handle = exec_.start(["cat"], stdin=STREAM)
+    process = exec_.process
+    assert process.producer is not None
+    process.producer.pauseProducing()
+    for data in (b"a", b"b"):
+        handle.write_stdin(data)
+    exec_.link.flush()
+    assert process.stdin == b"a"  # taken, then the agent waits for the pipe
+    process.producer.resumeProducing()
+    exec_.link.flush()
+    assert process.stdin == b"ab"
+
+
+def test_stdin_bytes_are_fed_and_closed(exec_: Exec) -> None:
+    exec_.start(["cat"], stdin=b"input")
+    assert exec_.process.stdin == b"input" and exec_.process.stdin_closed
+
+
+def test_write_stdin_needs_stream(exec_: Exec) -> None:
+    handle = exec_.start(["cat"], stdin=b"x")
+    with pytest.raises(BadRequest, match="stdin=STREAM"):
+        handle.write_stdin(b"more")
+    streamed = exec_.start(["cat"], stdin=STREAM)
+    streamed.close_stdin()
+    with pytest.raises(BadRequest, match="closed"):
+        streamed.write_stdin(b"late")
+
+
+@pytest.mark.parametrize(("argv", "kwargs", "error", "message"), [
+    (["no-such-program"], {}, CommandNotFound, "no-such-program"),
+    (["sh"], {"env": {"PATH": "/nonexistent"}}, CommandNotFound, "/nonexistent"),
+    (["/etc/passwd"], {}, CommandNotFound, "not an executable file"),
+    (["true"], {"cwd": "/no/such/dir"}, PathNotFound, "/no/such/dir"),
+    (["true"], {"cwd": "/etc/passwd"}, NotADirectory, "/etc/passwd"),
+])
+def test_missing_program_or_directory_fails_before_spawning(
+        exec_: Exec, argv: list[str], kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
+    handle = exec_.start(argv, **kwargs)
+    failure = outcome(handle.exited)
+    assert isinstance(failure, error) and message in str(failure)
+    assert exec_.reactor.processes == []
+    exec_.start(["true"])
+    assert len(exec_.reactor.processes) == 1  # the agent serves on
+
+
+@pytest.mark.parametrize("args", [
+    {},
+    {"argv": []},
+    {"argv": ["a\0b"]},
+    {"argv": ["true"], "env": {"A=B": "c"}},
+    {"argv": ["true"], "env": {"A": 1}},
+    {"argv": ["true"], "cwd": 3},
+    {"argv": ["true"], "stdin": "file"},
+    {"argv": ["true"], "timeout": 0},
+    {"argv": ["true"], "timeout": True},
+])
+def test_bad_arguments(exec_: Exec, args: dict[str, Any]) -> None:
+    d = Deferred.fromCoroutine(exec_.link.client.call("exec", args))
+    exec_.link.flush()
+    assert isinstance(outcome(d), BadRequest)
+
+
+def test_host_rejects_a_bad_argv(exec_: Exec) -> None:
+    with pytest.raises(BadRequest, match="non-empty list"):
+        exec_.start([])
+
+
+def test_many_at_once(exec_: Exec) -> None:
+    handles = [exec_.start(["echo", str(i)]) for i in range(20)]
+    for i, process in enumerate(exec_.reactor.processes):
+        process.output(1, f"out {i}".encode())
+    for process in reversed(exec_.reactor.processes):
+        process.end(ProcessDone(0))
+    exec_.link.flush()
+    assert [outcome(h.exited).stdout for h in handles] == [f"out {i}".encode() for i in range(20)]
+
+
+def test_launcher_without_setsid_is_the_python_shim(monkeypatch: pytest.MonkeyPatch) -> None:
+    agent_exec._launcher.cache_clear()
+    monkeypatch.setattr(agent_exec.shutil, "which", lambda name, path=None: None)
+    try:
+        launcher = agent_exec._launcher()
+    finally:
+        agent_exec._launcher.cache_clear()
+    assert launcher[-2:] == ("-c", agent_exec._SETSID_SHIM)
+

@@ -89,8 +89,8 @@ async def info(ctx: OperationContext) -> dict[str, Any]:
     uname = os.uname()
     return {
         "hostname": socket.gethostname(),
-        "kernel": {"sysname": uname.sysname, "release": uname.release, "version": uname.version,
-                   "machine": uname.machine},
+        # As ``uname -srvm`` prints it.
+        "kernel": f"{uname.sysname} {uname.release} {uname.version} {uname.machine}",
         "os_release": _best_effort("os-release", _os_release),
         "uptime": _best_effort("/proc/uptime", _uptime),
         "load": _best_effort("load average", lambda: list(os.getloadavg())),

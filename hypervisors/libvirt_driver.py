@@ -465,6 +465,13 @@ class LibvirtDriver(Service):
     def _vm_dir(self, name: str) -> Path:
         return self.state_dir / name
 
+    def console_log_path(self, name: str) -> Path:
+        """
+        The file that receives VM ``name``'s serial console (truncated at each start): read it
+        to see how the guest boots.
+        """
+        return self._vm_dir(name) / "console.log"
+
     # -- IHypervisorDriver ----------------------------------------------------------------
 
     def define(self, spec: VMSpec) -> Deferred[str]:

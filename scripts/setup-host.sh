@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Prepare a Debian bookworm host to build guest images and run VMs: host packages, the
+# libvirt daemons, and the project's virtual environment. Idempotent and quick on re-run.
+# Run as root from anywhere: bash scripts/setup-host.sh
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+URI="qemu:///system"
+PACKAGES=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils mmdebstrap
+          libvirt-dev pkg-config python3-venv e2fsprogs gcc)
+
+step() { echo "setup-host: $*"; }
+die() { echo "setup-host: error: $*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (installs packages, starts libvirtd, builds images)"
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    step "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Refresh the package lists only when they are missing or a day old.
+    if [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -1440 2>/dev/null | head -1)" ]; then
+        step "apt-get update"
+        apt-get update -qq >/dev/null || step "apt-get update reported errors; trying the install anyway"
+    fi
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+        || die "apt-get install ${missing[*]} failed; run it by hand to see why"
+else
+    step "host packages already installed"
+fi
+
+# PID 1 may not be systemd (containers, CI): start the daemons ourselves when not running.
+for daemon in virtlogd libvirtd; do
+    if pgrep -x "$daemon" >/dev/null; then
+        step "$daemon is running"
+    else
+        step "starting $daemon"
+        "/usr/sbin/$daemon" -d || die "$daemon -d failed; see journalctl or /var/log/libvirt"
+    fi
+done
+for _ in $(seq 1 60); do
+    virsh -c "$URI" version >/dev/null 2>&1 && break
+    sleep 0.5
+done
+virsh -c "$URI" version >/dev/null 2>&1 || die "libvirtd does not answer on $URI after 30 s"
+step "libvirt answers on $URI"
+
+# Images and VM disks live where QEMU (user libvirt-qemu) can reach them, not under /root.
+install -d -m 0755 /var/lib/vmcontroller /var/lib/vmcontroller/images /var/lib/vmcontroller/vms
+step "state directories under /var/lib/vmcontroller"
+
+VENV="$REPO/.venv"
+if [ ! -x "$VENV/bin/python" ]; then
+    step "creating $VENV"
+    /usr/bin/python3 -m venv "$VENV"
+fi
+# Re-install only when the packaging metadata changed (or the venv is new).
+STAMP="$VENV/.setup-host-$(cat "$REPO/setup.cfg" "$REPO/pyproject.toml" | sha256sum | cut -c1-16)"
+if [ -e "$STAMP" ] && "$VENV/bin/python" -c "import vmcontroller, hypervisors, libvirt, tox" 2>/dev/null; then
+    step "virtual environment up to date"
+else
+    step "pip install -e '.[test,lint]' tox (into $VENV)"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e "$REPO[test,lint]" tox \
+        || die "pip install failed; libvirt-python needs libvirt-dev, pkg-config and gcc"
+    rm -f "$VENV"/.setup-host-*
+    touch "$STAMP"
+fi
+step "done"

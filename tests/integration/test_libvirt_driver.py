@@ -1,0 +1,243 @@
+"""
+Every operation of the libvirt driver on real libvirt and QEMU (TCG unless KVM is usable).
+
+The non-destructive tests use the session's shared guest; shutdown, power off and undefine run
+on short-lived VMs of their own, so the shared guest stays up for the agent tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
+from zope.interface.verify import verifyObject
+
+from hypervisors.interface import IHypervisorDriver, SnapshotInfo, VMState
+from hypervisors.libvirt_driver import LibvirtDriver
+from tests.integration.conftest import TEST_VM_PREFIX, BootedVM
+from vmcontroller.errors import (
+    HypervisorError,
+    SnapshotNotFound,
+    VMAlreadyExists,
+    VMNotFound,
+    VMStateError,
+)
+from vmcontroller.images import GuestImage
+
+pytestmark = pytest.mark.integration
+
+BOOT_TIMEOUT = 300.0
+
+
+async def wait_for_console(
+    driver: LibvirtDriver, name: str, text: str, timeout: float = BOOT_TIMEOUT
+) -> None:
+    """Wait until the VM's console log shows ``text`` (e.g. systemd reaching a target)."""
+    log = driver.console_log_path(name)
+    deadline = reactor.seconds() + timeout
+    while reactor.seconds() < deadline:
+        if log.exists() and text.encode() in log.read_bytes():
+            return
+        await deferLater(reactor, 0.5, lambda: None)
+    tail = log.read_bytes()[-3000:].decode("utf-8", "replace") if log.exists() else "(no console log)"
+    raise AssertionError(f"{name} did not print {text!r} within {timeout} s; console:\n{tail}")
+
+
+@pytest_twisted.async_yield_fixture()
+async def own_vm(hypervisor: LibvirtDriver, guest_image: GuestImage) -> AsyncIterator[str]:
+    """A defined, not yet started VM of the test's own, undefined afterwards."""
+    name = f"{TEST_VM_PREFIX}own-{os.getpid()}"
+    await hypervisor.define(guest_image.vm_spec(name, memory_mib=384))
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(VMNotFound):  # The test may have undefined it.
+            await hypervisor.undefine(name)
+
+
+def test_provides_the_interface(booted_vm: BootedVM) -> None:
+    assert verifyObject(IHypervisorDriver, booted_vm.driver)
+
+
+@pytest_twisted.ensureDeferred
+async def test_defined_and_running(booted_vm: BootedVM) -> None:
+    driver, name, _ = booted_vm
+    assert name in await driver.list_vms()
+    await driver.wait_for_state(name, VMState.RUNNING, timeout=60)
+    assert await driver.state(name) is VMState.RUNNING
+
+
+@pytest_twisted.ensureDeferred
+async def test_define_taken_name(booted_vm: BootedVM) -> None:
+    driver, name, image = booted_vm
+    with pytest.raises(VMAlreadyExists):
+        await driver.define(image.vm_spec(name))
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_vm(booted_vm: BootedVM) -> None:
+    driver = booted_vm.driver
+    with pytest.raises(VMNotFound):
+        await driver.state("vmc-no-such-vm")
+    with pytest.raises(VMNotFound):
+        await driver.pause("vmc-no-such-vm")
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_socket_path(booted_vm: BootedVM) -> None:
+    driver, name, _ = booted_vm
+    path = await driver.agent_socket_path(name)
+    assert path.endswith("org.vmcontroller.agent.0")
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+
+
+@pytest_twisted.ensureDeferred
+async def test_boots_to_multi_user_with_the_agent_unit(booted_vm: BootedVM) -> None:
+    driver, name, _ = booted_vm
+    await wait_for_console(driver, name, "Reached target")
+    await wait_for_console(driver, name, "multi-user.target")
+    log = driver.console_log_path(name).read_bytes()
+    assert b"vmcontroller guest agent" in log
+
+
+@pytest_twisted.ensureDeferred
+async def test_pause_resume(booted_vm: BootedVM) -> None:
+    driver, name, _ = booted_vm
+    await driver.pause(name)
+    assert await driver.state(name) is VMState.PAUSED
+    with pytest.raises(VMStateError):
+        await driver.pause(name)
+    await driver.resume(name)
+    assert await driver.state(name) is VMState.RUNNING
+    with pytest.raises(VMStateError):
+        await driver.resume(name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reset(booted_vm: BootedVM) -> None:
+    driver, name, _ = booted_vm
+    await driver.reset(name)
+    assert await driver.state(name) is VMState.RUNNING
+    # The guest boots again from the start: its kernel prints its banner once more.
+    await wait_for_console(driver, name, "Reached target")
+
+
+@pytest_twisted.ensureDeferred
+async def test_snapshots_of_a_running_vm(booted_vm: BootedVM) -> None:
+    driver, name, _ = booted_vm
+    first = await driver.snapshot_create(name, "first", "taken while running")
+    assert isinstance(first, SnapshotInfo)
+    assert (first.name, first.description, first.state, first.has_memory) == (
+        "first",
+        "taken while running",
+        VMState.RUNNING,
+        True,
+    )
+    await driver.pause(name)
+    second = await driver.snapshot_create(name, "second")
+    assert second.state is VMState.PAUSED
+    assert second.parent == "first"
+
+    listed = await driver.snapshot_list(name)
+    assert [s.name for s in listed] == ["first", "second"]
+    assert [s.current for s in listed] == [False, True]
+
+    with pytest.raises(HypervisorError, match="already"):
+        await driver.snapshot_create(name, "first")
+
+    # Back to the running checkpoint: memory included, so the VM runs again.
+    await driver.snapshot_revert(name, "first")
+    assert await driver.state(name) is VMState.RUNNING
+    assert [s.name for s in await driver.snapshot_list(name) if s.current] == ["first"]
+    await driver.snapshot_revert(name, "second")
+    assert await driver.state(name) is VMState.PAUSED
+    await driver.resume(name)
+
+    with pytest.raises(SnapshotNotFound):
+        await driver.snapshot_revert(name, "no-such-snapshot")
+    with pytest.raises(SnapshotNotFound):
+        await driver.snapshot_delete(name, "no-such-snapshot")
+
+    await driver.snapshot_delete(name, "first")
+    assert [s.name for s in await driver.snapshot_list(name)] == ["second"]
+    await driver.snapshot_delete(name, "second")
+    assert await driver.snapshot_list(name) == []
+    assert await driver.state(name) is VMState.RUNNING
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_calls(booted_vm: BootedVM, own_vm: str) -> None:
+    """
+    Many read-only calls at once, interleaved with state-changing ones on two VMs: the driver
+    queues the state changes per VM, so none hits libvirt's job lock.
+    """
+    driver, name, _ = booted_vm
+    calls: list[Deferred[Any]] = []
+    for i in range(50):
+        calls.append(driver.state(name) if i % 2 else driver.snapshot_list(name))
+        if i % 10 == 0:
+            calls.append(driver.list_vms())
+            calls.append(driver.state(own_vm))
+    mixed: list[Deferred[Any]] = [
+        driver.pause(name),
+        driver.snapshot_create(name, "busy-1"),
+        driver.resume(name),
+        driver.snapshot_create(name, "busy-2"),
+        driver.snapshot_create(own_vm, "offline-1"),
+        driver.snapshot_delete(name, "busy-1"),
+        driver.snapshot_delete(own_vm, "offline-1"),
+        driver.snapshot_delete(name, "busy-2"),
+    ]
+    results = await gatherResults(calls + mixed, consumeErrors=True)
+    assert len(results) == len(calls) + len(mixed)
+    assert await driver.state(name) is VMState.RUNNING
+    assert await driver.snapshot_list(name) == []
+    assert await driver.snapshot_list(own_vm) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_lifecycle(hypervisor: LibvirtDriver, own_vm: str) -> None:
+    """On a VM of its own: start, ACPI shutdown, disk-only snapshot, power off, undefine."""
+    driver, name = hypervisor, own_vm
+    assert await driver.state(name) is VMState.SHUTOFF
+    with pytest.raises(VMStateError):
+        await driver.agent_socket_path(name)
+    with pytest.raises(VMStateError):
+        await driver.power_off(name)
+
+    await driver.start(name)
+    with pytest.raises(VMStateError):
+        await driver.start(name)
+    # The power button is handled by systemd-logind: wait until the guest is up to press it.
+    await wait_for_console(driver, name, "multi-user.target")
+    await driver.shutdown(name, wait=True, timeout=BOOT_TIMEOUT)
+    assert await driver.state(name) is VMState.SHUTOFF
+    assert b"Power down" in driver.console_log_path(name).read_bytes()
+
+    offline = await driver.snapshot_create(name, "offline", "disk only")
+    assert (offline.state, offline.has_memory) == (VMState.SHUTOFF, False)
+
+    await driver.start(name)
+    await driver.power_off(name)
+    assert await driver.state(name) is VMState.SHUTOFF
+    await driver.snapshot_revert(name, "offline")
+    assert await driver.state(name) is VMState.SHUTOFF
+
+    # undefine stops a running VM and deletes its snapshots and its overlay.
+    await driver.start(name)
+    vm_dir = Path(driver.state_dir) / name
+    assert (vm_dir / "disk.qcow2").exists()
+    await driver.undefine(name)
+    assert name not in await driver.list_vms()
+    assert not vm_dir.exists()
+    with pytest.raises(VMNotFound):
+        await driver.state(name)

@@ -1,0 +1,125 @@
+"""The image builder's pure parts and the agent installer, without building anything."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from guest_agent import install
+from vmcontroller import images
+
+
+def test_sources_from_deb822_and_list_files(tmp_path: Path) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list").write_text(
+        "deb [signed-by=/x.gpg] https://packages.example.com/apt cloud-sdk-bookworm main\n"
+        "# deb http://old.example.org/debian bookworm main\n"
+    )
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\n"
+        "# a comment\n"
+        "URIs: http://mirror.example.org/debian\n"
+        "Suites: bookworm bookworm-updates\n"
+        "Components: main contrib\n"
+        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        "\n"
+        "Types: deb\n"
+        "URIs: http://mirror.example.org/debian-security\n"
+        "Suites: bookworm-security\n"
+        "Components: main\n"
+        "\n"
+        "Types: deb\n"
+        "URIs: https://deb.nodesource.com/node_20.x\n"
+        "Suites: nodistro\n"
+        "Components: main\n"
+    )
+    assert images.debian_sources(tmp_path, environ={}) == [
+        "deb http://mirror.example.org/debian bookworm main contrib",
+        "deb http://mirror.example.org/debian bookworm-updates main contrib",
+        "deb http://mirror.example.org/debian-security bookworm-security main",
+    ]
+
+
+def test_sources_fallback_and_override(tmp_path: Path) -> None:
+    assert images.debian_sources(tmp_path, environ={}) == ["deb http://deb.debian.org/debian bookworm main"]
+    assert images.debian_sources(tmp_path, environ={"VMCONTROLLER_DEBIAN_MIRROR": "http://m/debian"}) == [
+        "deb http://m/debian bookworm main"
+    ]
+
+
+def test_recipe_hash_follows_the_agent_sources(tmp_path: Path) -> None:
+    agent = tmp_path / "guest_agent"
+    agent.mkdir()
+    (agent / "a.py").write_text("x = 1\n")
+    first = images.recipe_hash(agent)
+    (agent / "__pycache__").mkdir()
+    (agent / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"junk")
+    assert images.recipe_hash(agent) == first
+    (agent / "a.py").write_text("x = 2\n")
+    assert images.recipe_hash(agent) != first
+    assert len(first) == 16
+
+
+def test_cached_image_needs_every_file(tmp_path: Path) -> None:
+    entry = tmp_path / images.recipe_hash()
+    entry.mkdir()
+    assert images.cached_image(tmp_path) is None
+    for name in ("root.qcow2", "vmlinuz", "initrd.img"):
+        (entry / name).write_bytes(b"")
+    (entry / "manifest.json").write_text('{"image_id": "%s"}' % entry.name)
+    image = images.cached_image(tmp_path)
+    assert image is not None
+    assert image.root_disk == str(entry / "root.qcow2")
+    spec = image.vm_spec("vm1", memory_mib=256)
+    assert (spec.disk, spec.kernel, spec.initrd, spec.memory_mib) == (
+        image.root_disk,
+        image.kernel,
+        image.initrd,
+        256,
+    )
+    assert "root=/dev/vda" in spec.cmdline
+
+
+def fake_debian_root(root: Path) -> Path:
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/lib/python3.11").mkdir(parents=True)
+    os.symlink("python3.11", root / "usr/bin/python3")
+    return root
+
+
+def test_install_into_a_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = fake_debian_root(tmp_path / "root")
+    assert install.main(["install", "--root", str(root)]) == 0
+    site = root / "usr/local/lib/python3.11/dist-packages/guest_agent"
+    assert (site / "__init__.py").is_file()
+    assert (site / "install.py").is_file()
+    assert (site / "vmcontroller-agent.service").is_file()
+    assert not list(site.rglob("__pycache__"))
+    unit = root / "etc/systemd/system/vmcontroller-agent.service"
+    assert "ExecStart=/usr/bin/python3 -m guest_agent run --virtio-port org.vmcontroller.agent.0" in (
+        unit.read_text()
+    )
+    link = root / "etc/systemd/system/multi-user.target.wants/vmcontroller-agent.service"
+    assert os.readlink(link) == "/etc/systemd/system/vmcontroller-agent.service"
+    assert "enabled" in capsys.readouterr().out
+
+    # Again, over the first install: replaces it, keeps no leftovers.
+    shutil.rmtree(site / "protocol", ignore_errors=True)
+    assert install.main(["--root", str(root)]) == 0
+    assert (site / "protocol").is_dir()
+    assert sorted(p.name for p in site.parent.iterdir()) == ["guest_agent"]
+
+
+def test_install_python_version_from_lib_dir(tmp_path: Path) -> None:
+    (tmp_path / "usr/lib/python3.12").mkdir(parents=True)
+    (tmp_path / "usr/lib/python3.9").mkdir(parents=True)
+    assert install.guest_python_version(tmp_path) == "3.12"
+
+
+def test_install_without_python(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert install.main(["--root", str(tmp_path)]) == 1
+    assert "python3" in capsys.readouterr().err
+    assert install.main(["--root", str(tmp_path / "missing")]) == 2

@@ -1,0 +1,309 @@
+"""
+The libvirt driver's pure parts: domain XML, accelerator choice, error translation, snapshot
+and channel parsing; also driver loading and the not-started error. No reactor, no libvirtd.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from hypervisors import installed_drivers, load_driver
+from hypervisors.interface import IHypervisorDriver, VMSpec, VMState
+from hypervisors.libvirt_driver import (
+    METADATA_NS,
+    LibvirtDriver,
+    channel_socket_path,
+    domain_xml,
+    kvm_usable,
+    parse_snapshot_xml,
+    select_accel,
+    translate_error,
+)
+from vmcontroller.errors import (
+    DriverNotFound,
+    HypervisorError,
+    SnapshotNotFound,
+    VMNotFound,
+    VMStateError,
+)
+
+INTEL = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr pae mce vmx sse2\n"
+AMD = "processor\t: 0\nflags\t\t: fpu vme svm sse2\n"
+NO_VIRT = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr pae mce sse2 hypervisor\n"
+
+
+def spec(**overrides: Any) -> VMSpec:
+    fields: dict[str, Any] = {
+        "name": "vm1",
+        "disk": "/var/lib/vmcontroller/images/x/root.qcow2",
+        "kernel": "/var/lib/vmcontroller/images/x/vmlinuz",
+        "initrd": "/var/lib/vmcontroller/images/x/initrd.img",
+        "cmdline": "root=/dev/vda rw console=ttyS0",
+    }
+    fields.update(overrides)
+    return VMSpec(**fields)
+
+
+def render(s: VMSpec, accel: Any = "tcg") -> ET.Element:
+    return ET.fromstring(
+        domain_xml(
+            s,
+            accel=accel,
+            disk_path="/var/lib/vmcontroller/vms/vm1/disk.qcow2",
+            console_log="/var/lib/vmcontroller/vms/vm1/console.log",
+        )
+    )
+
+
+# -- domain XML -------------------------------------------------------------------------------
+
+
+def test_tcg_domain() -> None:
+    root = render(spec(memory_mib=768, vcpus=2))
+    assert root.get("type") == "qemu"
+    assert root.findtext("name") == "vm1"
+    assert (root.find("memory").get("unit"), root.findtext("memory")) == ("MiB", "768")  # type: ignore[union-attr]
+    assert root.findtext("vcpu") == "2"
+    assert root.find("cpu") is None
+    os_type = root.find("os/type")
+    assert os_type is not None
+    assert (os_type.get("arch"), os_type.get("machine"), os_type.text) == ("x86_64", "pc", "hvm")
+    assert root.findtext("os/kernel") == "/var/lib/vmcontroller/images/x/vmlinuz"
+    assert root.findtext("os/initrd") == "/var/lib/vmcontroller/images/x/initrd.img"
+    assert root.findtext("os/cmdline") == "root=/dev/vda rw console=ttyS0"
+    assert root.find("features/acpi") is not None
+    assert root.findtext("on_poweroff") == "destroy"
+
+
+def test_kvm_domain_passes_the_host_cpu() -> None:
+    root = render(spec(), accel="kvm")
+    assert root.get("type") == "kvm"
+    assert root.find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
+
+
+def test_devices() -> None:
+    root = render(spec(extra_channels=("org.example.extra",)))
+    disk = root.find("devices/disk")
+    assert disk is not None
+    assert disk.find("source").get("file") == "/var/lib/vmcontroller/vms/vm1/disk.qcow2"  # type: ignore[union-attr]
+    assert disk.find("target").attrib == {"dev": "vda", "bus": "virtio"}  # type: ignore[union-attr]
+    assert disk.find("driver").get("type") == "qcow2"  # type: ignore[union-attr]
+    assert root.find("devices/controller[@type='virtio-serial']") is not None
+    channels = root.findall("devices/channel")
+    assert [c.find("target").get("name") for c in channels] == [  # type: ignore[union-attr]
+        "org.vmcontroller.agent.0",
+        "org.example.extra",
+    ]
+    for channel in channels:
+        assert channel.get("type") == "unix"
+        # No path: libvirt picks one per running domain.
+        assert channel.find("source").attrib == {"mode": "bind"}  # type: ignore[union-attr]
+        assert channel.find("target").get("type") == "virtio"  # type: ignore[union-attr]
+    log = root.find("devices/serial/log")
+    assert log is not None and log.get("file") == "/var/lib/vmcontroller/vms/vm1/console.log"
+    assert root.find("devices/console/target").get("type") == "serial"  # type: ignore[union-attr]
+    assert root.find("devices/memballoon").get("model") == "none"  # type: ignore[union-attr]
+    assert root.find("devices/interface") is None
+    assert root.find(f"metadata/{{{METADATA_NS}}}vm/{{{METADATA_NS}}}agent-channel").text == (  # type: ignore[union-attr]
+        "org.vmcontroller.agent.0"
+    )
+
+
+def test_disk_boot_without_kernel() -> None:
+    root = render(spec(kernel=None, initrd=None, cmdline=""))
+    assert root.find("os/kernel") is None
+    assert root.find("os/boot").get("dev") == "hd"  # type: ignore[union-attr]
+
+
+def test_names_are_escaped() -> None:
+    root = render(spec(cmdline="a='<b>' & c"))
+    assert root.findtext("os/cmdline") == "a='<b>' & c"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"name": "bad name"},
+        {"name": ""},
+        {"name": ".hidden"},
+        {"memory_mib": 16},
+        {"vcpus": 0},
+        {"accel": "hax"},
+        {"kernel": None},
+    ],
+)
+def test_invalid_specs(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        spec(**fields)
+
+
+# -- accelerator ------------------------------------------------------------------------------
+
+
+def test_kvm_usable_needs_device_and_cpu_flag(tmp_path: Path) -> None:
+    dev = tmp_path / "kvm"
+    assert not kvm_usable(str(dev), INTEL)
+    dev.touch()
+    assert kvm_usable(str(dev), INTEL)
+    assert kvm_usable(str(dev), AMD)
+    # /dev/kvm without vmx/svm: a VM without nested virtualisation, where KVM guests hang.
+    assert not kvm_usable(str(dev), NO_VIRT)
+
+
+@pytest.mark.parametrize(
+    ("spec_accel", "driver_accel", "env", "kvm", "expected"),
+    [
+        ("auto", "auto", {}, True, "kvm"),
+        ("auto", "auto", {}, False, "tcg"),
+        ("auto", "auto", {"VMCONTROLLER_ACCEL": "tcg"}, True, "tcg"),
+        ("auto", "auto", {"VMCONTROLLER_ACCEL": "kvm"}, True, "kvm"),
+        ("auto", "auto", {"VMCONTROLLER_ACCEL": "auto"}, False, "tcg"),
+        ("auto", "tcg", {"VMCONTROLLER_ACCEL": "kvm"}, True, "tcg"),
+        ("tcg", "kvm", {}, True, "tcg"),
+        ("kvm", "tcg", {"VMCONTROLLER_ACCEL": "tcg"}, True, "kvm"),
+    ],
+)
+def test_select_accel(
+    spec_accel: Any, driver_accel: Any, env: dict[str, str], kvm: bool, expected: str
+) -> None:
+    assert select_accel(spec_accel, driver_accel, environ=env, kvm_available=kvm) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec_accel", "env"),
+    [("kvm", {}), ("auto", {"VMCONTROLLER_ACCEL": "kvm"})],
+)
+def test_kvm_asked_for_but_unusable(spec_accel: Any, env: dict[str, str]) -> None:
+    with pytest.raises(HypervisorError, match="tcg"):
+        select_accel(spec_accel, "auto", environ=env, kvm_available=False)
+
+
+def test_bad_accel_variable() -> None:
+    with pytest.raises(HypervisorError, match="VMCONTROLLER_ACCEL"):
+        select_accel("auto", "auto", environ={"VMCONTROLLER_ACCEL": "fast"}, kvm_available=True)
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def libvirt_error(code: int, message: str) -> libvirt.libvirtError:
+    error = libvirt.libvirtError(message)
+    # The tuple virGetLastError() gives: code, domain, message, level, str1..3, int1, int2.
+    error.err = (code, libvirt.VIR_FROM_QEMU, message, libvirt.VIR_ERR_ERROR, None, None, None, 0, 0)
+    return error
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        (libvirt.VIR_ERR_NO_DOMAIN, VMNotFound),
+        (libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT, SnapshotNotFound),
+        (libvirt.VIR_ERR_OPERATION_INVALID, VMStateError),
+        (libvirt.VIR_ERR_INTERNAL_ERROR, HypervisorError),
+    ],
+)
+def test_translate_error(code: int, cls: type[HypervisorError]) -> None:
+    error = translate_error(libvirt_error(code, "libvirt said this"), action="pause", vm="vm1", snapshot="s1")
+    assert type(error) is cls
+    assert "libvirt said this" in str(error)
+    assert "vm1" in str(error)
+
+
+def test_translated_snapshot_error_names_the_snapshot() -> None:
+    error = translate_error(
+        libvirt_error(libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT, "no snapshot"),
+        action="revert",
+        vm="vm1",
+        snapshot="s1",
+    )
+    assert "'s1'" in str(error) and "snapshot_list" in str(error)
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+
+SNAPSHOT_XML = """
+<domainsnapshot>
+  <name>s2</name>
+  <description>after setup</description>
+  <state>running</state>
+  <parent><name>s1</name></parent>
+  <creationTime>1700000000</creationTime>
+  <memory snapshot='internal'/>
+  <domain type='qemu'><name>vm1</name></domain>
+</domainsnapshot>
+"""
+
+
+def test_parse_snapshot() -> None:
+    info = parse_snapshot_xml(SNAPSHOT_XML, current=True)
+    assert info.name == "s2"
+    assert info.description == "after setup"
+    assert info.state is VMState.RUNNING and info.has_memory
+    assert info.parent == "s1"
+    assert info.created == datetime.fromtimestamp(1700000000, tz=UTC)
+    assert info.current
+
+
+def test_parse_offline_snapshot() -> None:
+    info = parse_snapshot_xml("<domainsnapshot><name>s</name><state>shutoff</state></domainsnapshot>")
+    assert (info.state, info.has_memory, info.parent, info.description) == (VMState.SHUTOFF, False, None, "")
+
+
+def test_channel_socket_path() -> None:
+    xml = """<domain><devices>
+      <channel type='unix'><source mode='bind' path='/run/x/other'/><target type='virtio' name='other'/></channel>
+      <channel type='unix'><source mode='bind' path='/run/x/agent'/>
+        <target type='virtio' name='org.vmcontroller.agent.0' state='connected'/></channel>
+    </devices></domain>"""
+    assert channel_socket_path(xml, "org.vmcontroller.agent.0") == "/run/x/agent"
+    assert channel_socket_path(xml, "missing") is None
+
+
+def test_state_mapping() -> None:
+    assert VMState.from_libvirt(libvirt.VIR_DOMAIN_RUNNING) is VMState.RUNNING
+    assert VMState.from_libvirt(libvirt.VIR_DOMAIN_PAUSED) is VMState.PAUSED
+    assert VMState.from_libvirt(libvirt.VIR_DOMAIN_SHUTOFF) is VMState.SHUTOFF
+    assert VMState.from_libvirt(libvirt.VIR_DOMAIN_CRASHED) is VMState.CRASHED
+    assert VMState.from_libvirt(libvirt.VIR_DOMAIN_PMSUSPENDED) is VMState.PMSUSPENDED
+    assert VMState.from_libvirt(99) is VMState.NOSTATE
+
+
+# -- the driver object ------------------------------------------------------------------------
+
+
+def test_driver_provides_the_interface() -> None:
+    driver = LibvirtDriver(Clock(), uri="test:///default")
+    assert verifyObject(IHypervisorDriver, driver)
+    assert driver.uri == "test:///default"
+
+
+def test_calls_before_start_fail_clearly() -> None:
+    driver = LibvirtDriver(Clock(), uri="test:///default")
+    failures: list[Failure] = []
+    driver.state("vm1").addErrback(failures.append)
+    driver.list_vms().addErrback(failures.append)
+    assert len(failures) == 2
+    for f in failures:
+        assert f.check(HypervisorError)
+        assert "startService" in str(f.value)
+
+
+def test_load_driver_by_entry_point() -> None:
+    assert "libvirt" in installed_drivers()
+    driver = load_driver("libvirt", Clock(), uri="test:///default")
+    assert isinstance(driver, LibvirtDriver)
+
+
+def test_load_unknown_driver_lists_the_installed_ones() -> None:
+    with pytest.raises(DriverNotFound, match="libvirt"):
+        load_driver("hyperv", Clock())

@@ -158,9 +158,9 @@ class GuestClient:
 
     def _fail_pending(self, error: BaseException) -> None:
         pending, self._pending = self._pending, {}
-        self._link.fail_all(error)
         for request in pending.values():
             request.result.errback(Failure(error))
+        self._link.fail_all(error)
 
     def _fire_ready(self, error: BaseException | None) -> None:
         waiters, self._ready_waiters = self._ready_waiters, []
@@ -185,12 +185,13 @@ class GuestClient:
         self._link.close_io(request_id)
         if pending is None:
             return
+        # The result first: a stream waiter woken by the failure may cancel the result.
         if isinstance(outcome, Failure):
-            pending.io.fail(outcome.value)
             pending.result.errback(outcome)
+            pending.io.fail(outcome.value)
         else:
-            pending.io.fail(ConnectionLost("the request already ended"))
             pending.result.callback(outcome)
+            pending.io.fail(ConnectionLost("the request already ended"))
 
     # ---- requests ------------------------------------------------------------------
 

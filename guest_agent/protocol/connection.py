@@ -202,6 +202,11 @@ class _Connection:
         return data
 
     def _send(self, frame_type: FrameType, request_id: int, payload: bytes = b"", flags: int = 0) -> None:
+        if len(payload) > self.peer_limits.max_frame:
+            raise FrameTooLarge(
+                f"a {frame_type.name} of {len(payload)} bytes exceeds the peer's frame limit of "
+                f"{self.peer_limits.max_frame} bytes: stream large data instead"
+            )
         self._outgoing += encode_frame(frame_type, request_id, payload, flags)
 
     def _reset_session(self) -> None:
@@ -480,9 +485,13 @@ class AgentConnection(_Connection):
         self._outgoing.clear()
 
     def send_response(self, request_id: int, result: Any = None) -> None:
+        """Send the result; one too large for a frame becomes a ``result-too-large`` error."""
         if request_id in self._requests:
             self._forget(request_id)
-            self._send(FrameType.RESPONSE, request_id, encode_json(result))
+            try:
+                self._send(FrameType.RESPONSE, request_id, encode_json(result))
+            except FrameTooLarge as e:
+                self._send(FrameType.ERROR, request_id, _error_payload(ErrorCode.RESULT_TOO_LARGE, str(e)))
 
     def send_error(self, request_id: int, error: OperationError) -> None:
         if request_id in self._requests:

@@ -38,6 +38,7 @@ class ErrorCode(str, enum.Enum):
     INTEGRITY = "integrity"
     INCOMPLETE = "incomplete"
     OS_ERROR = "os-error"
+    RESULT_TOO_LARGE = "result-too-large"
     INTERNAL = "internal"
 
 
@@ -162,6 +163,12 @@ class IncompleteTransfer(OperationError):
     code = ErrorCode.INCOMPLETE
 
 
+class ResultTooLarge(OperationError):
+    """The operation's result did not fit in one frame (e.g. listing a huge directory)."""
+
+    code = ErrorCode.RESULT_TOO_LARGE
+
+
 class AgentOSError(OperationError):
     """An operating-system error in the guest that has no more specific class."""
 
@@ -191,6 +198,7 @@ _BY_CODE: dict[str, type[OperationError]] = {
         OperationCancelled,
         IntegrityError,
         IncompleteTransfer,
+        ResultTooLarge,
         AgentOSError,
         InternalError,
     )

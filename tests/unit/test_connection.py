@@ -24,6 +24,7 @@ from guest_agent.protocol.errors import (
     FrameTooLarge,
     PathNotFound,
     ProtocolError,
+    ResultTooLarge,
     TooManyRequests,
     UnsupportedProtocolVersion,
 )
@@ -229,3 +230,19 @@ def test_bad_json_request_is_refused_not_fatal() -> None:
     assert agent.receive_data(encode_frame(FrameType.REQUEST, 5, b'["not", "an object"]')) == []
     assert b"bad-request" in agent.data_to_send()
     assert agent.is_open
+
+
+def test_result_too_large_for_a_frame_becomes_an_error() -> None:
+    host, agent = opened(host_limits=Limits(max_frame=4096))
+    rid = host.send_request("list", {"path": "/huge"})
+    agent.receive_data(host.data_to_send())
+    agent.send_response(rid, ["entry"] * 2000)
+    (event,) = host.receive_data(agent.data_to_send())
+    assert isinstance(event, ErrorReceived) and isinstance(event.error, ResultTooLarge)
+    assert "4096" in str(event.error)
+
+
+def test_request_too_large_for_a_frame_is_refused_locally() -> None:
+    host, agent = opened(agent_limits=Limits(max_frame=4096))
+    with pytest.raises(FrameTooLarge, match="stream large data"):
+        host.send_request("exec", {"argv": ["x" * 5000]})

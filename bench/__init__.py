@@ -1,0 +1,11 @@
+"""
+The vmcontroller benchmark: ``python -m bench`` (or ``bash scripts/bench.sh``) boots one
+guest and times the agent's ping, exec, push and pull against a bare echo through a
+virtio-serial port of the same VM, then prints them beside the project's targets.
+"""
+
+from __future__ import annotations
+
+from bench.run import Results, Settings, measure, run
+
+__all__ = ["Results", "Settings", "measure", "run"]

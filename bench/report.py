@@ -1,0 +1,94 @@
+"""The benchmark's results as a table for people."""
+
+from __future__ import annotations
+
+from bench.run import EXEC_MEDIAN_MAX, PING_RATIO_MAX, TRANSFER_RATIO_MIN, Results
+from bench.stats import Latency, Throughput
+
+__all__ = ["table"]
+
+_HEADER = ("measurement", "n", "median", "p99", "rate", "ratio", "target", "")
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3f} ms"
+
+
+def _size(size: int) -> str:
+    for unit, scale in (("MiB", 1024 * 1024), ("KiB", 1024)):
+        if size >= scale:
+            return f"{size / scale:g} {unit}"
+    return f"{size} B"
+
+
+def _latency(name: str, latency: Latency) -> list[str]:
+    return [name, str(latency.count), _ms(latency.median), _ms(latency.p99), "", "", "", ""]
+
+
+def _rate(name: str, throughput: Throughput) -> list[str]:
+    return [name, "1", "", "", f"{throughput.mb_per_s:.2f} MB/s", "", "", ""]
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+def table(results: Results) -> str:
+    s = results.settings
+    met = results.verdicts()
+    agent = results.agent
+    rows = [list(_HEADER)]
+
+    ping = _latency("agent ping (round trip)", results.ping)
+    ping[5:8] = [f"ping/echo {results.ping_ratio:.2f}", f"<= {PING_RATIO_MAX:g}", _verdict(met["ping_ratio"])]
+    rows.append(ping)
+    rows.append(_latency(f"raw echo {s.echo_message_size} B (round trip)", results.echo_rtt))
+
+    exec_true = _latency("exec /bin/true (start to exit)", results.exec_true)
+    exec_true[6:8] = [f"median <= {EXEC_MEDIAN_MAX * 1000:g} ms", _verdict(met["exec_median"])]
+    rows.append(exec_true)
+
+    push = _rate(f"push {_size(results.push.size)}", results.push)
+    push[5:8] = [
+        f"push/echo {results.push_ratio:.2f}",
+        f">= {TRANSFER_RATIO_MIN:.2f}",
+        _verdict(met["push_ratio"]),
+    ]
+    rows.append(push)
+    pull = _rate(f"pull {_size(results.pull.size)}", results.pull)
+    pull[5:8] = [
+        f"pull/echo {results.pull_ratio:.2f}",
+        f">= {TRANSFER_RATIO_MIN:.2f}",
+        _verdict(met["pull_ratio"]),
+    ]
+    rows.append(pull)
+    rows.append(_rate(f"raw echo {_size(results.echo_bulk.size)} (*)", results.echo_bulk))
+
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
+    right = {1, 2, 3, 4}
+    lines = []
+    for number, row in enumerate(rows):
+        cells = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+        if number == 0:
+            lines.append("-" * len(lines[0]))
+
+    head = [
+        f"vmcontroller benchmark: VM {results.vm}, guest on {results.virtualization}"
+        + (" (TCG emulation)" if results.virtualization == "qemu" else ""),
+        f"agent: {agent.get('software', '?')}, protocol v{agent.get('version', '?')}, "
+        f"max_frame {agent.get('max_frame', '?')} B, window {agent.get('window', '?')} B, "
+        f"max_inflight {agent.get('max_inflight', '?')}",
+        f"sequential; {s.warmup} untimed warm-up runs before each series; push/pull/echo verified "
+        f"(sha256 {results.sha256[:16]}..., CRC-32)",
+        "",
+    ]
+    foot = [
+        "",
+        "(*) raw echo rate = bytes echoed / time: each byte crosses the channel both ways but counts",
+        f"    once; {_size(s.echo_window)} in flight, written {_size(s.echo_chunk)} at a time,",
+        "    through the VM's second virtio-serial port (cat in the guest). MB = 10^6 bytes.",
+        "    push and pull are whole API calls: sha256 on both ends, fsync in the guest (push) and on",
+        "    the host (pull).",
+    ]
+    return "\n".join(head + lines + foot)

@@ -1,0 +1,349 @@
+"""
+One benchmark run: boot a guest with an extra virtio-serial port, reach its agent, time
+ping, exec, push and pull through the agent, then time a bare echo on the extra port as
+the reference the agent's figures are compared with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred, race
+
+from bench.echo import EchoClient, connect_echo, echo_rtt, echo_throughput, wait_until_echoing
+from bench.stats import Latency, Throughput
+from hypervisors import load_driver
+from hypervisors.interface import Accel, IHypervisorDriver, VMState
+from vmcontroller.client import ExecHandle, GuestClient
+from vmcontroller.errors import OperationCancelled, VMControllerError
+from vmcontroller.images import build_image
+from vmcontroller.machine import connect_vm_agent
+
+__all__ = [
+    "ECHO_CHANNEL",
+    "EXEC_MEDIAN_MAX",
+    "PING_RATIO_MAX",
+    "TRANSFER_RATIO_MIN",
+    "BenchError",
+    "Results",
+    "Settings",
+    "measure",
+    "run",
+]
+
+ECHO_CHANNEL = "org.vmcontroller.echo.0"
+#: A virtio-serial port admits one opener, so one read-write descriptor serves both ways.
+ECHO_COMMAND = ["sh", "-c", f"exec 3<>/dev/virtio-ports/{ECHO_CHANNEL}; exec cat <&3 >&3"]
+GUEST_FILE = "/root/bench.bin"
+MIB = 1024 * 1024
+#: Seconds the echo gets to exit by itself once its host end is closed.
+ECHO_EXIT_TIMEOUT = 10.0
+
+#: The project's targets.
+PING_RATIO_MAX = 3.0
+TRANSFER_RATIO_MIN = 0.60
+EXEC_MEDIAN_MAX = 0.030
+
+Say = Callable[[str], None]
+
+
+class BenchError(VMControllerError):
+    """The benchmark could not measure something (not: a target was missed)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    name: str = "vmc-bench"
+    driver: str = "libvirt"
+    uri: str | None = None
+    accel: Accel = "auto"
+    pings: int = 200
+    execs: int = 50
+    #: Untimed operations before each timed series (connection set-up, page cache, JIT-less
+    #: Python's first-call costs in the agent).
+    warmup: int = 5
+    transfer_size: int = 64 * MIB
+    echo_messages: int = 200
+    echo_message_size: int = 64
+    echo_size: int = 64 * MIB
+    echo_chunk: int = 256 * 1024
+    #: Bytes in flight for the echo: the protocol's default stream window, so the raw path
+    #: gets no more buffering than the agent's streams do.
+    echo_window: int = 4 * MIB
+    boot_timeout: float = 600.0
+    #: Per wait in the echo and per transfer; generous because TCG is slow.
+    step_timeout: float = 600.0
+    keep: bool = False
+    reuse: bool = False
+
+
+@dataclass(frozen=True)
+class Results:
+    vm: str
+    #: What the guest says it runs on (``systemd-detect-virt``): ``qemu`` is TCG.
+    virtualization: str
+    agent: dict[str, Any]
+    settings: Settings
+    ping: Latency
+    exec_true: Latency
+    push: Throughput
+    pull: Throughput
+    echo_rtt: Latency
+    echo_bulk: Throughput
+    sha256: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ping_ratio(self) -> float:
+        return self.ping.median / self.echo_rtt.median
+
+    @property
+    def push_ratio(self) -> float:
+        return self.push.mb_per_s / self.echo_bulk.mb_per_s
+
+    @property
+    def pull_ratio(self) -> float:
+        return self.pull.mb_per_s / self.echo_bulk.mb_per_s
+
+    def verdicts(self) -> dict[str, bool]:
+        return {
+            "ping_ratio": self.ping_ratio <= PING_RATIO_MAX,
+            "exec_median": self.exec_true.median <= EXEC_MEDIAN_MAX,
+            "push_ratio": self.push_ratio >= TRANSFER_RATIO_MIN,
+            "pull_ratio": self.pull_ratio >= TRANSFER_RATIO_MIN,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything, with times in seconds and rates in MB/s (10**6 bytes)."""
+        data = asdict(self)
+        for name in ("push", "pull", "echo_bulk"):
+            data[name]["mb_per_s"] = getattr(self, name).mb_per_s
+        data["echo_bulk"]["definition"] = "bytes echoed / time (each byte counted once)"
+        data["ratios"] = {
+            "ping_rtt_over_echo_rtt": self.ping_ratio,
+            "push_over_echo": self.push_ratio,
+            "pull_over_echo": self.pull_ratio,
+        }
+        data["targets"] = {
+            "ping_rtt_over_echo_rtt_max": PING_RATIO_MAX,
+            "transfer_over_echo_min": TRANSFER_RATIO_MIN,
+            "exec_median_max_s": EXEC_MEDIAN_MAX,
+        }
+        data["met"] = self.verdicts()
+        return data
+
+
+# ---- measurements -----------------------------------------------------------------------
+
+
+async def _series(count: int, warmup: int, once: Callable[[], Deferred[Any]]) -> Latency:
+    for _ in range(warmup):
+        await once()
+    samples = []
+    for _ in range(count):
+        began = time.perf_counter()
+        await once()
+        samples.append(time.perf_counter() - began)
+    return Latency.of(samples)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def _transfers(client: GuestClient, settings: Settings, say: Say) -> tuple[Throughput, Throughput, str]:
+    with tempfile.TemporaryDirectory(prefix="vmc-bench-") as scratch:
+        source = os.path.join(scratch, "bench.bin")
+        with open(source, "wb") as f:
+            for offset in range(0, settings.transfer_size, MIB):
+                f.write(os.urandom(min(MIB, settings.transfer_size - offset)))
+        local = _sha256(source)
+        say(f"push {settings.transfer_size / MIB:g} MiB to {GUEST_FILE}")
+        began = time.perf_counter()
+        pushed = await client.push(source, GUEST_FILE)
+        push = Throughput(pushed.size, time.perf_counter() - began)
+        say("pull it back")
+        back = os.path.join(scratch, "back.bin")
+        began = time.perf_counter()
+        pulled = await client.pull(GUEST_FILE, back)
+        pull = Throughput(pulled.size, time.perf_counter() - began)
+        returned = _sha256(back)
+        if not local == pushed.sha256 == pulled.sha256 == returned:
+            raise BenchError(
+                f"the file changed on its round trip: sha256 sent {local}, stored {pushed.sha256}, "
+                f"pulled {pulled.sha256}, received {returned}"
+            )
+        if pushed.size != settings.transfer_size or pulled.size != settings.transfer_size:
+            raise BenchError(f"moved {pushed.size} and {pulled.size} bytes, not {settings.transfer_size}")
+    await client.remove(GUEST_FILE)
+    return push, pull, local
+
+
+def _outcome(d: Deferred[Any]) -> Deferred[None]:
+    """
+    A Deferred that fires with None when ``d`` succeeds or fails and never fails itself,
+    for :func:`race`, which otherwise waits on for a success; ``d``'s result stays with it.
+    """
+    seen: Deferred[None] = Deferred()
+
+    def fire(outcome: Any) -> Any:
+        if not seen.called:
+            seen.callback(None)
+        return outcome
+
+    d.addBoth(fire)
+    return seen
+
+
+async def _stop_echo(reactor: Any, echo: EchoClient, handle: ExecHandle, say: Say) -> None:
+    """
+    Closing the host end makes the guest's read return end-of-file, so ``cat`` exits by
+    itself; if it has not within a few seconds, the timeout cancels the exec (cancelling
+    a Deferred of an :class:`ExecHandle` makes the agent kill the process group).
+    """
+    echo.close()
+    try:
+        await handle.exited.addTimeout(ECHO_EXIT_TIMEOUT, reactor)
+    except (defer.TimeoutError, CancelledError, OperationCancelled):
+        say("the echo did not end at end-of-file: cancelled it")
+    except VMControllerError as e:
+        raise BenchError(f"the guest echo {ECHO_COMMAND} failed: {e}") from e
+
+
+async def _start_echo(reactor: Any, client: GuestClient, echo: EchoClient, timeout: float) -> ExecHandle:
+    """Start the echo in the guest; return once a probe has come back through it."""
+    handle = client.exec(ECHO_COMMAND)
+    ready = Deferred.fromCoroutine(wait_until_echoing(echo, reactor, timeout))
+    ended = handle.exited
+    ended_early = _outcome(ended)
+    ended.addErrback(lambda failure: None)  # read again below, from a fresh Deferred
+    await race([_outcome(ready), ended_early])
+    if not ready.called:
+        ready.cancel()
+        ready.addErrback(lambda failure: None)
+        try:
+            result = await handle.exited
+        except VMControllerError as e:
+            raise BenchError(f"the guest echo {ECHO_COMMAND} failed: {e}") from e
+        raise BenchError(f"the guest echo {ECHO_COMMAND} ended before echoing anything: {result}")
+    try:
+        await ready
+    except BaseException:
+        await _stop_echo(reactor, echo, handle, lambda message: None)
+        raise
+    return handle
+
+
+async def _raw_echo(
+    reactor: Any, client: GuestClient, driver: IHypervisorDriver, settings: Settings, say: Say
+) -> tuple[Latency, Throughput]:
+    path = await driver.agent_socket_path(settings.name, channel=ECHO_CHANNEL)
+    # The host end first: a port whose host side is closed reads as end-of-file in the guest.
+    echo = await connect_echo(reactor, path)
+    say(f"start the echo on {ECHO_CHANNEL} in the guest (host end {path})")
+    handle = await _start_echo(reactor, client, echo, settings.step_timeout)
+    try:
+        say(f"echo {settings.echo_messages} x {settings.echo_message_size} B")
+        await echo_rtt(echo, reactor, settings.warmup, settings.echo_message_size, settings.step_timeout)
+        samples = await echo_rtt(
+            echo, reactor, settings.echo_messages, settings.echo_message_size, settings.step_timeout
+        )
+        say(f"echo {settings.echo_size / MIB:g} MiB")
+        bulk = await echo_throughput(
+            echo,
+            reactor,
+            settings.echo_size,
+            settings.echo_chunk,
+            settings.echo_window,
+            settings.step_timeout,
+        )
+    finally:
+        await _stop_echo(reactor, echo, handle, say)
+    return Latency.of(samples), bulk
+
+
+async def measure(
+    reactor: Any, client: GuestClient, driver: IHypervisorDriver, settings: Settings, say: Say
+) -> Results:
+    """Every measurement, on an agent that is connected and a VM that has the echo port."""
+    virt = await client.run(["systemd-detect-virt"])
+    virtualization = virt.stdout.decode(errors="replace").strip() or "unknown"
+    say(f"ping x {settings.pings}")
+    ping = await _series(settings.pings, settings.warmup, client.ping)
+    say(f"exec /bin/true x {settings.execs}")
+    exec_true = await _series(settings.execs, settings.warmup, lambda: client.run(["/bin/true"], check=True))
+    push, pull, digest = await _transfers(client, settings, say)
+    echo_rtt_, echo_bulk = await _raw_echo(reactor, client, driver, settings, say)
+    return Results(
+        vm=settings.name,
+        virtualization=virtualization,
+        agent=dict(client.agent_hello),
+        settings=settings,
+        ping=ping,
+        exec_true=exec_true,
+        push=push,
+        pull=pull,
+        echo_rtt=echo_rtt_,
+        echo_bulk=echo_bulk,
+        sha256=digest,
+    )
+
+
+# ---- the VM around it --------------------------------------------------------------------
+
+
+async def _prepare_vm(reactor: Any, driver: IHypervisorDriver, settings: Settings, say: Say) -> None:
+    name = settings.name
+    existing = name in await driver.list_vms()
+    if existing and settings.reuse and (await driver.state(name)) is VMState.RUNNING:
+        try:
+            await driver.agent_socket_path(name, channel=ECHO_CHANNEL)
+        except VMControllerError:
+            say(f"VM {name} runs but has no {ECHO_CHANNEL} port: redefining it")
+        else:
+            say(f"reuse the running VM {name}")
+            return
+    say("build or reuse the guest image")
+    image = await build_image(reactor)
+    if existing:
+        say(f"remove the VM {name} left by an earlier run")
+        await driver.undefine(name)
+    say(f"define {name} (accel={settings.accel}) with the extra port {ECHO_CHANNEL}")
+    await driver.define(image.vm_spec(name, accel=settings.accel, extra_channels=(ECHO_CHANNEL,)))
+    say("boot it")
+    await driver.start(name)
+
+
+async def run(reactor: Any, settings: Settings, say: Say) -> Results:
+    """Boot (or reuse) the VM, measure, and remove the VM unless ``settings.keep``."""
+    options = {"uri": settings.uri} if settings.uri else {}
+    driver = load_driver(settings.driver, reactor, **options)
+    driver.startService()  # type: ignore[attr-defined]
+    try:
+        await _prepare_vm(reactor, driver, settings, say)
+        try:
+            say("wait for the guest agent")
+            began = time.perf_counter()
+            client = await connect_vm_agent(reactor, driver, settings.name, timeout=settings.boot_timeout)
+            say(f"agent answered after {time.perf_counter() - began:.1f} s")
+            try:
+                return await measure(reactor, client, driver, settings, say)
+            finally:
+                client.close()
+        finally:
+            if not settings.keep:
+                say(f"remove the VM {settings.name}")
+                await driver.undefine(settings.name)
+    finally:
+        await driver.stopService()  # type: ignore[attr-defined]

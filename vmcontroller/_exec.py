@@ -120,13 +120,13 @@ class ExecHandle:
         :raises BadRequest: the process was not started with ``stdin=STREAM``, or stdin was closed.
         """
         self._require_stdin_stream()
-        return Deferred.fromCoroutine(self._locked_stdin(self._send_stdin, data))
+        return Deferred.fromCoroutine(self._write_stdin(data))
 
     def close_stdin(self) -> None:
         """End the process's stdin once every write before has gone out."""
         self._require_stdin_stream()
         self._stdin_closed = True
-        Deferred.fromCoroutine(self._locked_stdin(self._send_stdin_eof, b"")).addErrback(lambda _: None)
+        Deferred.fromCoroutine(self._write_stdin(None)).addErrback(lambda _: None)
 
     def cancel(self) -> None:
         """Kill the process group in the guest; the result fails with :class:`OperationCancelled`."""
@@ -151,35 +151,31 @@ class ExecHandle:
         self._io_waiters.append(waiter)
         return await waiter
 
-    async def _locked_stdin(self, send: Callable[[RequestIO, bytes], Any], data: bytes) -> None:
+    async def _write_stdin(self, data: bytes | None) -> None:
+        """Send ``data``, or EOF for None, after the writes before it."""
         # One writer at a time: the stream layer keeps a single credit waiter per channel.
         await self._stdin_lock.acquire()
         try:
             io = await self._wait_io()
-            await send(io, data)
+            if data is None:
+                io.send_eof(Channel.INPUT)
+            else:
+                await io.send(Channel.INPUT, data)
         finally:
             self._stdin_lock.release()
-
-    @staticmethod
-    async def _send_stdin(io: RequestIO, data: bytes) -> None:
-        await io.send(Channel.INPUT, data)
-
-    @staticmethod
-    async def _send_stdin_eof(io: RequestIO, data: bytes) -> None:
-        io.send_eof(Channel.INPUT)
 
     # ---- the request ---------------------------------------------------------------
 
     async def _run(self, client: GuestClient, args: dict[str, Any]) -> ExecResult:
-        io, reply = await client.open_request("exec", args)
-        self._io = io
-        waiters, self._io_waiters = self._io_waiters, []
-        for waiter in waiters:
-            waiter.callback(io)
-        readers = [Deferred.fromCoroutine(self._read(io, channel)) for channel in self._collected]
-        if isinstance(self._stdin, bytes):
-            Deferred.fromCoroutine(self._feed(io, self._stdin)).addErrback(lambda _: None)
         try:
+            io, reply = await client.open_request("exec", args)
+            self._io = io
+            waiters, self._io_waiters = self._io_waiters, []
+            for waiter in waiters:
+                waiter.callback(io)
+            readers = [Deferred.fromCoroutine(self._read(io, channel)) for channel in self._collected]
+            if isinstance(self._stdin, bytes):
+                Deferred.fromCoroutine(self._feed(io, self._stdin)).addErrback(lambda _: None)
             status = await reply
             for reader in readers:
                 await reader

@@ -302,10 +302,30 @@ def test_cancel_kills_the_group(exec_: Exec) -> None:
 
 def test_cancelling_a_result_deferred_cancels_the_exec(exec_: Exec) -> None:
     handle = exec_.start(["sleep", "100"])
-    handle.result().cancel()
+    result = handle.result()
+    result.cancel()
     exec_.link.flush()
     assert exec_.process.signals == ["KILL"]
+    assert isinstance(outcome(result), OperationCancelled)
     assert isinstance(outcome(handle.exited), OperationCancelled)
+
+
+def test_cancel_while_waiting_for_a_request_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    reactor = FakeProcessReactor()
+    link = InMemoryLink(agent_exec.OPERATIONS, agent_reactor=reactor, agent_limits=Limits(max_inflight=1))
+    link.flush()
+    first = link.client.exec(["true"])
+    queued = link.client.exec(["sleep", "100"], stdin=STREAM)
+    write = queued.write_stdin(b"never sent")
+    link.flush()
+    assert len(reactor.processes) == 1
+    queued.cancel()
+    assert isinstance(outcome(queued.exited), OperationCancelled)
+    assert isinstance(outcome(write), OperationCancelled)
+    reactor.processes[0].end(ProcessDone(0))
+    link.flush()
+    assert outcome(first.exited).exit_code == 0
+    assert len(reactor.processes) == 1  # the cancelled exec never reached the agent
 
 
 def test_host_gone_kills_the_group(exec_: Exec) -> None:

@@ -66,7 +66,8 @@ class ExecHandle:
     """
     A process running in the guest.  Made by :meth:`GuestClient.exec`.
 
-    Cancelling any Deferred it hands out cancels the process, as :meth:`cancel` does.
+    Cancelling a Deferred from :attr:`exited` or :meth:`result` cancels the process, as
+    :meth:`cancel` does.
     """
 
     def __init__(self, client: GuestClient, argv: list[str], args: dict[str, Any],

@@ -11,7 +11,6 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Any
 
-from twisted.internet.interfaces import IReactorCore
 from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
@@ -45,11 +44,12 @@ def installed_drivers() -> list[str]:
     return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 
 
-def load_driver(name: str, reactor: IReactorCore, **options: Any) -> IHypervisorDriver:
+def load_driver(name: str, reactor: Any, **options: Any) -> IHypervisorDriver:
     """
     Create the driver registered as ``name``.
 
-    :param reactor: the reactor the driver schedules its work with.
+    :param reactor: the reactor the driver schedules its work with (each driver needs its own
+        set of reactor interfaces: threads, time, processes...).
     :param options: keyword arguments for the driver's constructor (e.g. ``uri`` for libvirt).
     :return: the driver, not started yet: call ``startService()`` or add it to a ``MultiService``.
     :raises DriverNotFound: no driver of that name is installed, or it does not provide
@@ -77,4 +77,4 @@ def load_driver(name: str, reactor: IReactorCore, **options: Any) -> IHypervisor
             f"{matches[0].value} registered as hypervisor driver {name!r} does not implement "
             f"IHypervisorDriver: {e}"
         ) from e
-    return driver  # type: ignore[no-any-return]
+    return driver

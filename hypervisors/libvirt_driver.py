@@ -54,8 +54,11 @@ __all__ = [
     "DEFAULT_STATE_DIR",
     "METADATA_NS",
     "LibvirtDriver",
+    "channel_socket_path",
+    "channel_state",
     "domain_xml",
     "kvm_usable",
+    "parse_snapshot_xml",
     "select_accel",
     "translate_error",
 ]
@@ -293,6 +296,18 @@ def parse_snapshot_xml(xml: str, *, current: bool = False) -> SnapshotInfo:
         parent=root.findtext("parent/name"),
         current=current,
     )
+
+
+def channel_state(xml: str, channel: str) -> str | None:
+    """
+    Whether the guest has the virtio-serial port ``channel`` open, from a live domain XML:
+    ``"connected"`` or ``"disconnected"`` (QEMU reports it), ``None`` when unknown.
+    """
+    root = ET.fromstring(xml)
+    for element in root.iterfind("devices/channel/target"):
+        if element.get("name") == channel:
+            return element.get("state")
+    return None
 
 
 def channel_socket_path(xml: str, channel: str) -> str | None:
@@ -721,6 +736,18 @@ class LibvirtDriver(Service):
             return found
 
         return self._run(self._domain_call(name, "find the agent socket of", path))
+
+    def guest_port_open(self, name: str, channel: str | None = None) -> Deferred[bool]:
+        """
+        Whether a program in the guest has the agent's port (or ``channel``) open, as QEMU
+        sees it: true once the agent runs, false while the guest boots or the agent restarts.
+        """
+
+        def is_open(d: libvirt.virDomain) -> bool:
+            xml = d.XMLDesc(0)
+            return channel_state(xml, channel or _agent_channel(xml)) == "connected"
+
+        return self._run(self._domain_call(name, "read the channel state of", is_open))
 
 
 def _agent_channel(xml: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -69,7 +70,7 @@ def test_cached_image_needs_every_file(tmp_path: Path) -> None:
     assert images.cached_image(tmp_path) is None
     for name in ("root.qcow2", "vmlinuz", "initrd.img"):
         (entry / name).write_bytes(b"")
-    (entry / "manifest.json").write_text('{"image_id": "%s"}' % entry.name)
+    (entry / "manifest.json").write_text(json.dumps({"image_id": entry.name}))
     image = images.cached_image(tmp_path)
     assert image is not None
     assert image.root_disk == str(entry / "root.qcow2")

@@ -22,6 +22,7 @@ from hypervisors.libvirt_driver import (
     METADATA_NS,
     LibvirtDriver,
     channel_socket_path,
+    channel_state,
     domain_xml,
     kvm_usable,
     parse_snapshot_xml,
@@ -261,12 +262,15 @@ def test_parse_offline_snapshot() -> None:
 
 def test_channel_socket_path() -> None:
     xml = """<domain><devices>
-      <channel type='unix'><source mode='bind' path='/run/x/other'/><target type='virtio' name='other'/></channel>
+      <channel type='unix'><source mode='bind' path='/run/x/other'/>
+        <target type='virtio' name='other'/></channel>
       <channel type='unix'><source mode='bind' path='/run/x/agent'/>
         <target type='virtio' name='org.vmcontroller.agent.0' state='connected'/></channel>
     </devices></domain>"""
     assert channel_socket_path(xml, "org.vmcontroller.agent.0") == "/run/x/agent"
     assert channel_socket_path(xml, "missing") is None
+    assert channel_state(xml, "org.vmcontroller.agent.0") == "connected"
+    assert channel_state(xml, "other") is None
 
 
 def test_state_mapping() -> None:

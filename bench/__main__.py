@@ -81,6 +81,13 @@ def _say(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     settings = _settings(args)
+    out = sys.stdout
+    if args.json:
+        # Image builds and child processes print to fd 1: send all of that to stderr and keep
+        # a private copy of the real stdout for the JSON alone.
+        sys.stdout.flush()
+        out = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
 
     async def go(reactor: Any) -> None:
         try:
@@ -89,9 +96,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"bench: error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
         if args.json:
-            print(json.dumps(results.as_dict(), indent=2))
+            print(json.dumps(results.as_dict(), indent=2), file=out, flush=True)
         else:
-            print(table(results))
+            print(table(results), file=out, flush=True)
 
     react(lambda reactor: Deferred.fromCoroutine(go(reactor)))
 

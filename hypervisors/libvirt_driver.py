@@ -209,6 +209,15 @@ def domain_xml(
     disk = ET.SubElement(devices, "disk", type="file", device="disk")
     ET.SubElement(disk, "driver", name="qemu", type="qcow2", cache=disk_cache, discard="unmap")
     ET.SubElement(disk, "source", file=disk_path)
+    # The base image, spelled out so that libvirt leaves its owner alone: by default its DAC
+    # driver chowns the whole backing chain to libvirt-qemu (and does not always give it back),
+    # which would let QEMU write to the shared, cached image. Read-only access as root:root
+    # 0644 is all QEMU needs for a backing file.
+    backing = ET.SubElement(disk, "backingStore", type="file")
+    ET.SubElement(backing, "format", type="qcow2")
+    backing_source = ET.SubElement(backing, "source", file=spec.disk)
+    ET.SubElement(backing_source, "seclabel", model="dac", relabel="no")
+    ET.SubElement(backing, "backingStore")
     ET.SubElement(disk, "target", dev="vda", bus="virtio")
 
     # No USB: libvirt adds a controller by default that only costs boot time.

@@ -9,7 +9,7 @@ source, the package list and the guest agent's source files) under
 cached image is never modified.
 
 Command line: ``python -m vmcontroller.images build [--force] [--cache-dir DIR]`` prints the
-image's paths.
+image's paths; ``... prune`` deletes the cached images that no VM uses any more.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ __all__ = [
     "build_image",
     "cached_image",
     "debian_sources",
+    "prune_images",
     "recipe_hash",
 ]
 
@@ -523,6 +524,63 @@ async def build_image(
     return image
 
 
+# -- pruning --------------------------------------------------------------------------------
+
+
+def _qcow2_backing_file(path: Path) -> str | None:
+    # The qcow2 header: magic "QFI\xfb", version, then the backing file name's offset (u64)
+    # and length (u32), big-endian.
+    with open(path, "rb") as f:
+        header = f.read(20)
+        if len(header) < 20 or header[:4] != b"QFI\xfb":
+            return None
+        offset = int.from_bytes(header[8:16], "big")
+        size = int.from_bytes(header[16:20], "big")
+        if offset == 0 or size == 0:
+            return None
+        f.seek(offset)
+        return f.read(size).decode("utf-8", "replace")
+
+
+def prune_images(
+    cache_dir: Path | str = DEFAULT_CACHE_DIR,
+    vms_dir: Path | str = "/var/lib/vmcontroller/vms",
+    *,
+    stale_build_seconds: float = 3600.0,
+) -> list[Path]:
+    """
+    Delete cached images that are neither the current recipe's nor the base of a VM's disk.
+
+    Every change to the guest agent makes a new image (about 700 MiB), so the cache grows while
+    the agent is being worked on. Images still backing an overlay under ``vms_dir`` are kept,
+    and so are builds in progress (``.build-*`` younger than ``stale_build_seconds``).
+    Blocking: for the command line and scripts, not for the reactor thread.
+
+    :return: the directories deleted.
+    """
+    cache = Path(cache_dir)
+    if not cache.is_dir():
+        return []
+    in_use = {str((cache / recipe_hash()).resolve())}
+    for overlay in Path(vms_dir).glob("*/*.qcow2"):
+        try:
+            backing = _qcow2_backing_file(overlay)
+        except OSError:
+            continue
+        if backing:
+            in_use.add(str(Path(backing).resolve().parent))
+    removed = []
+    now = time.time()
+    for entry in sorted(cache.iterdir()):
+        if not entry.is_dir() or str(entry.resolve()) in in_use:
+            continue
+        if entry.name.startswith(".build-") and now - entry.stat().st_mtime < stale_build_seconds:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
 # -- command line -----------------------------------------------------------------------------
 
 
@@ -535,9 +593,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
     build.add_argument("--json", action="store_true", help="print the paths as JSON")
     sub.add_parser("hash", help="print the recipe hash that names the image")
+    prune = sub.add_parser("prune", help="delete cached images no VM uses, except the current one")
+    prune.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
     args = parser.parse_args(argv)
     if args.command == "hash":
         print(recipe_hash())
+        return 0
+    if args.command == "prune":
+        for path in prune_images(args.cache_dir):
+            print(f"removed {path}")
         return 0
 
     from twisted.internet.defer import Deferred

@@ -124,3 +124,19 @@ def test_install_without_python(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert install.main(["--root", str(tmp_path)]) == 1
     assert "python3" in capsys.readouterr().err
     assert install.main(["--root", str(tmp_path / "missing")]) == 2
+
+
+def test_prune_keeps_the_current_image_and_the_bases_of_vm_disks(tmp_path: Path) -> None:
+    cache, vms = tmp_path / "images", tmp_path / "vms"
+    current, used, unused = cache / images.recipe_hash(), cache / "used", cache / "unused"
+    stale_build, fresh_build = cache / ".build-old", cache / ".build-new"
+    for d in (current, used, unused, stale_build, fresh_build, vms / "vm1"):
+        d.mkdir(parents=True)
+    os.utime(stale_build, (0, 0))
+    backing = str(used / "root.qcow2").encode()
+    # A minimal qcow2 header naming its backing file.
+    header = b"QFI\xfb" + (3).to_bytes(4, "big") + (72).to_bytes(8, "big") + len(backing).to_bytes(4, "big")
+    (vms / "vm1" / "disk.qcow2").write_bytes(header.ljust(72, b"\0") + backing)
+    removed = images.prune_images(cache, vms)
+    assert sorted(p.name for p in removed) == [".build-old", "unused"]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([".build-new", current.name, "used"])

@@ -98,6 +98,10 @@ def test_devices() -> None:
     assert disk.find("source").get("file") == "/var/lib/vmcontroller/vms/vm1/disk.qcow2"  # type: ignore[union-attr]
     assert disk.find("target").attrib == {"dev": "vda", "bus": "virtio"}  # type: ignore[union-attr]
     assert disk.find("driver").get("type") == "qcow2"  # type: ignore[union-attr]
+    # The shared base image is named, and libvirt must not chown it.
+    backing = disk.find("backingStore/source")
+    assert backing is not None and backing.get("file") == "/var/lib/vmcontroller/images/x/root.qcow2"
+    assert backing.find("seclabel").attrib == {"model": "dac", "relabel": "no"}  # type: ignore[union-attr]
     assert root.find("devices/controller[@type='virtio-serial']") is not None
     channels = root.findall("devices/channel")
     assert [c.find("target").get("name") for c in channels] == [  # type: ignore[union-attr]

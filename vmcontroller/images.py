@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 DEFAULT_CACHE_DIR = Path("/var/lib/vmcontroller/images")
+#: Where the libvirt driver keeps each VM's overlay disk (see hypervisors.libvirt_driver).
+DEFAULT_VMS_DIR = Path("/var/lib/vmcontroller/vms")
 SUITE = "bookworm"
 
 #: What the guest is made of. ``dbus`` is there because systemd-logind, which turns the ACPI
@@ -471,12 +473,12 @@ async def build_image(
 
     A build goes to a temporary directory beside the cache entry and is renamed into place
     when complete, so an interrupted build never looks finished. Needs root (mmdebstrap's root
-    mode, chroot) and about a minute and a half.
+    mode, chroot) and takes about a minute, most of it mmdebstrap.
 
     :param reactor: runs the external tools.
     :param cache_dir: where images are kept; the parent directories must be readable by the
         ``libvirt-qemu`` user, which is why the default is under ``/var/lib``.
-    :param force: rebuild even if the image is cached.
+    :param force: rebuild even if the image is cached; refused while VM disks are overlays on it.
     :param disk_size_mib: size of the guest's root filesystem.
     :param log: called with one line per build step.
     :raises ImageBuildError: a tool failed; the message has its last output lines.
@@ -495,8 +497,18 @@ async def build_image(
             "run as root, or build once with `sudo python -m vmcontroller.images build`"
         )
     for d in (cache.parent, cache):
-        d.mkdir(parents=True, exist_ok=True)
-        d.chmod(0o755)
+        if not d.exists():
+            # Explicit mode: a umask of 077 would hide the images from libvirt-qemu. Existing
+            # directories are left alone (the cache could be under /tmp).
+            d.mkdir(parents=True)
+            d.chmod(0o755)
+    if force and final.exists():
+        users = _overlays_on(final, DEFAULT_VMS_DIR)
+        if users:
+            raise ImageBuildError(
+                f"cannot rebuild {final} in place: the disks {', '.join(map(str, users))} are overlays on "
+                "it and would be corrupted; undefine those VMs first"
+            )
     work = cache / f".build-{image_id}-{uuid.uuid4().hex[:8]}"
     work.mkdir(mode=0o755)
     log(f"building guest image {image_id} in {work}")
@@ -542,9 +554,21 @@ def _qcow2_backing_file(path: Path) -> str | None:
         return f.read(size).decode("utf-8", "replace")
 
 
+def _overlays_on(image_dir: Path, vms_dir: Path | str) -> list[Path]:
+    users = []
+    for overlay in sorted(Path(vms_dir).glob("*/*.qcow2")):
+        try:
+            backing = _qcow2_backing_file(overlay)
+        except OSError:
+            continue
+        if backing and Path(backing).resolve().parent == image_dir.resolve():
+            users.append(overlay)
+    return users
+
+
 def prune_images(
     cache_dir: Path | str = DEFAULT_CACHE_DIR,
-    vms_dir: Path | str = "/var/lib/vmcontroller/vms",
+    vms_dir: Path | str = DEFAULT_VMS_DIR,
     *,
     stale_build_seconds: float = 3600.0,
 ) -> list[Path]:

@@ -21,21 +21,39 @@ HELLO = {"software": f"vmcontroller-agent {guest_agent.__version__}"}
 def build_service(reactor: object, args: argparse.Namespace) -> MultiService:
     top = MultiService()
     for name in args.virtio_port:
-        CharacterDeviceTransport(reactor, virtio_port_path(name), OPERATIONS, hello=HELLO).setServiceParent(top)
+        CharacterDeviceTransport(reactor, virtio_port_path(name), OPERATIONS, hello=HELLO).setServiceParent(
+            top
+        )
     for device in args.serial:
         CharacterDeviceTransport(reactor, device, OPERATIONS, serial=True, hello=HELLO).setServiceParent(top)
     return top
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m guest_agent run",
-                                     description="Serve the vmcontroller host on the given channels.")
-    parser.add_argument("--virtio-port", action="append", default=[], metavar="NAME",
-                        help="a virtio-serial port name, e.g. org.vmcontroller.agent.0 (waited for)")
-    parser.add_argument("--serial", action="append", default=[], metavar="DEVICE",
-                        help="a serial tty, e.g. /dev/ttyS1, used in raw mode")
-    parser.add_argument("--listen", action="append", default=[], metavar="ENDPOINT",
-                        help="a Twisted server endpoint, e.g. tcp:9000:interface=127.0.0.1")
+    parser = argparse.ArgumentParser(
+        prog="python -m guest_agent run", description="Serve the vmcontroller host on the given channels."
+    )
+    parser.add_argument(
+        "--virtio-port",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a virtio-serial port name, e.g. org.vmcontroller.agent.0 (waited for)",
+    )
+    parser.add_argument(
+        "--serial",
+        action="append",
+        default=[],
+        metavar="DEVICE",
+        help="a serial tty, e.g. /dev/ttyS1, used in raw mode",
+    )
+    parser.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="ENDPOINT",
+        help="a Twisted server endpoint, e.g. tcp:9000:interface=127.0.0.1",
+    )
     args = parser.parse_args(argv)
     if not (args.virtio_port or args.serial or args.listen):
         parser.error("name at least one channel: --virtio-port, --serial or --listen")
@@ -43,12 +61,15 @@ def main(argv: list[str]) -> int:
     from twisted.internet import reactor
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    log.info("vmcontroller agent {version}, protocol versions {versions}",
-             version=guest_agent.__version__, versions=list(SUPPORTED_VERSIONS))
+    log.info(
+        "vmcontroller agent {version}, protocol versions {versions}",
+        version=guest_agent.__version__,
+        versions=list(SUPPORTED_VERSIONS),
+    )
     top = build_service(reactor, args)
     for description in args.listen:
         serverFromString(reactor, description).listen(AgentFactory(reactor, OPERATIONS, hello=HELLO))
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     return 0

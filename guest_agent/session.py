@@ -33,8 +33,15 @@ class OperationContext:
     learn that the host cancelled it or went away.
     """
 
-    def __init__(self, reactor: IReactorTime, request_id: int, op: str, args: dict[str, Any],
-                 io: RequestIO, notify: Callable[[str, dict[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        request_id: int,
+        op: str,
+        args: dict[str, Any],
+        io: RequestIO,
+        notify: Callable[[str, dict[str, Any]], None],
+    ) -> None:
         self.reactor = reactor
         self.request_id = request_id
         self.op = op
@@ -70,9 +77,14 @@ class AgentSession:
 
     log = Logger()
 
-    def __init__(self, reactor: IReactorTime, operations: Mapping[str, Operation],
-                 write: Callable[[bytes], None], limits: Limits | None = None,
-                 hello: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        operations: Mapping[str, Operation],
+        write: Callable[[bytes], None],
+        limits: Limits | None = None,
+        hello: dict[str, Any] | None = None,
+    ) -> None:
         self._reactor = reactor
         self._operations = operations
         self.link = Link(AgentConnection(limits, hello_extra=hello), write)
@@ -119,8 +131,12 @@ class AgentSession:
     def _start(self, event: RequestReceived) -> None:
         operation = self._operations.get(event.op)
         if operation is None:
-            self.connection.send_error(event.request_id, UnknownOperation(
-                f"the agent has no operation {event.op!r}; it knows {sorted(self._operations)}"))
+            self.connection.send_error(
+                event.request_id,
+                UnknownOperation(
+                    f"the agent has no operation {event.op!r}; it knows {sorted(self._operations)}"
+                ),
+            )
             return
         io = self.link.open_io(event.request_id)
         context = OperationContext(self._reactor, event.request_id, event.op, event.args, io, self._notify)
@@ -128,26 +144,34 @@ class AgentSession:
         Deferred.fromCoroutine(self._run(operation, context))
 
     async def _run(self, operation: Operation, context: OperationContext) -> None:
+        outcome: Any
         try:
-            result = await operation(context)
+            outcome = await operation(context)
         except OperationError as e:
-            self._finish(context, lambda: self.connection.send_error(context.request_id, e))
+            outcome = e
         except ConnectionLost:
-            self._finish(context, lambda: None)
+            # The session that asked is gone: there is nobody to answer.
+            self._finish(context, answer=False, outcome=None)
+            return
         except Exception:
             self.log.failure("Operation {op} failed", op=context.op)
-            error = InternalError(f"the agent failed running {context.op!r}; see the agent's journal in the guest")
-            self._finish(context, lambda: self.connection.send_error(context.request_id, error))
-        else:
-            self._finish(context, lambda: self.connection.send_response(context.request_id, result))
+            outcome = InternalError(
+                f"the agent failed running {context.op!r}; see the agent's journal in the guest"
+            )
+        self._finish(context, answer=True, outcome=outcome)
 
-    def _finish(self, context: OperationContext, reply: Callable[[], None]) -> None:
+    def _finish(self, context: OperationContext, *, answer: bool, outcome: Any) -> None:
         # A context from an ended session must not answer a new request that reuses its id.
         if self._running.get(context.request_id) is not context:
             return
         del self._running[context.request_id]
         self.link.close_io(context.request_id)
-        reply()
+        if not answer:
+            return
+        if isinstance(outcome, OperationError):
+            self.connection.send_error(context.request_id, outcome)
+        else:
+            self.connection.send_response(context.request_id, outcome)
         self.link.flush()
 
     def _notify(self, name: str, body: dict[str, Any]) -> None:

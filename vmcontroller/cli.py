@@ -73,7 +73,9 @@ async def demo(reactor: Any, args: argparse.Namespace) -> None:
     spec = image.vm_spec(name, accel=args.accel)
     await steps.run(f"define VM {name} (accel={args.accel})", lambda: driver.define(spec))
     await steps.run("boot it", lambda: driver.start(name))
-    client: GuestClient = await steps.run("wait for the guest agent", lambda: connect_vm_agent(reactor, driver, name))
+    client: GuestClient = await steps.run(
+        "wait for the guest agent", lambda: connect_vm_agent(reactor, driver, name)
+    )
     try:
         info = await client.info()
         print(f"    agent {info.get('agent_version')} on {info.get('hostname')}, kernel {info.get('kernel')}")
@@ -87,7 +89,9 @@ async def demo(reactor: Any, args: argparse.Namespace) -> None:
             back = os.path.join(scratch, "output.bin")
             await steps.run("pull it back", lambda: client.pull("/root/input.bin", back))
             local, returned = _sha256(source), _sha256(back)
-            print(f"    sha256 sent     {local}\n    sha256 in guest {pushed.sha256}\n    sha256 pulled   {returned}")
+            print(f"    sha256 sent     {local}")
+            print(f"    sha256 in guest {pushed.sha256}")
+            print(f"    sha256 pulled   {returned}")
             if not local == pushed.sha256 == returned:
                 raise VMControllerError("the file changed on its round trip through the guest")
         await steps.run("take snapshot 'demo'", lambda: driver.snapshot_create(name, "demo"))
@@ -109,7 +113,9 @@ async def demo(reactor: Any, args: argparse.Namespace) -> None:
     steps.total()
 
 
-async def _with_agent(reactor: Any, args: argparse.Namespace, action: Callable[[GuestClient], Awaitable[Any]]) -> Any:
+async def _with_agent(
+    reactor: Any, args: argparse.Namespace, action: Callable[[GuestClient], Awaitable[Any]]
+) -> Any:
     driver = await _driver(reactor, args)
     client = await connect_vm_agent(reactor, driver, args.name, timeout=args.timeout)
     try:
@@ -145,27 +151,48 @@ async def command(reactor: Any, args: argparse.Namespace) -> int:
         if args.action in ("snapshot", "revert", "delete-snapshot"):
             if not args.snapshot:
                 raise VMControllerError(f"'vm {args.action}' needs --snapshot NAME")
-            method = {"snapshot": driver.snapshot_create, "revert": driver.snapshot_revert,
-                      "delete-snapshot": driver.snapshot_delete}[args.action]
-            await method(args.name, args.snapshot)
+            if args.action == "snapshot":
+                await driver.snapshot_create(args.name, args.snapshot)
+            elif args.action == "revert":
+                await driver.snapshot_revert(args.name, args.snapshot)
+            else:
+                await driver.snapshot_delete(args.name, args.snapshot)
             return 0
         if args.action == "snapshots":
             _print([s.__dict__ for s in await driver.snapshot_list(args.name)])
             return 0
-        method = {"start": driver.start, "shutdown": driver.shutdown, "poweroff": driver.power_off,
-                  "pause": driver.pause, "resume": driver.resume, "reset": driver.reset,
-                  "undefine": driver.undefine}[args.action]
-        await method(args.name)
+        action: Callable[[str], Deferred[Any]] = {
+            "start": driver.start,
+            "shutdown": driver.shutdown,
+            "poweroff": driver.power_off,
+            "pause": driver.pause,
+            "resume": driver.resume,
+            "reset": driver.reset,
+            "undefine": driver.undefine,
+        }[args.action]
+        await action(args.name)
         return 0
     if args.command in ("ping", "info"):
         _print(await _with_agent(reactor, args, lambda c: getattr(c, args.command)()))
         return 0
     if args.command == "exec":
-        def out(stream: Any) -> Callable[[bytes], None]:
-            return lambda data: (stream.buffer.write(data), stream.buffer.flush()) and None
 
-        result = await _with_agent(reactor, args, lambda c: c.exec(
-            args.argv, timeout=args.exec_timeout, on_stdout=out(sys.stdout), on_stderr=out(sys.stderr)).exited)
+        def out(stream: Any) -> Callable[[bytes], None]:
+            def write(data: bytes) -> None:
+                stream.buffer.write(data)
+                stream.buffer.flush()
+
+            return write
+
+        result = await _with_agent(
+            reactor,
+            args,
+            lambda c: (
+                c.exec(
+                    args.argv, timeout=args.exec_timeout, on_stdout=out(sys.stdout), on_stderr=out(sys.stderr)
+                ).exited
+            ),
+        )
         return result.exit_code if result.exit_code is not None else 128
     if args.command == "push":
         _print((await _with_agent(reactor, args, lambda c: c.push(args.source, args.destination))).__dict__)
@@ -180,7 +207,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmcontroller", description=__doc__.strip().splitlines()[0])
     p.add_argument("--driver", default="libvirt", help="hypervisor driver (entry point name)")
     p.add_argument("--uri", help="libvirt URI (default qemu:///system as root, else qemu:///session)")
-    p.add_argument("--accel", default=os.environ.get("VMCONTROLLER_ACCEL", "auto"), choices=["auto", "kvm", "tcg"])
+    p.add_argument(
+        "--accel", default=os.environ.get("VMCONTROLLER_ACCEL", "auto"), choices=["auto", "kvm", "tcg"]
+    )
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the agent")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="the main job: boot, exec, push, pull, snapshot, revert, shut down")
@@ -189,8 +218,25 @@ def parser() -> argparse.ArgumentParser:
     i = sub.add_parser("image", help="build (or find in the cache) the default guest image")
     i.add_argument("--force", action="store_true")
     v = sub.add_parser("vm", help="VM lifecycle")
-    v.add_argument("action", choices=["list", "define", "start", "shutdown", "poweroff", "pause", "resume", "reset",
-                                      "state", "snapshot", "snapshots", "revert", "delete-snapshot", "undefine"])
+    v.add_argument(
+        "action",
+        choices=[
+            "list",
+            "define",
+            "start",
+            "shutdown",
+            "poweroff",
+            "pause",
+            "resume",
+            "reset",
+            "state",
+            "snapshot",
+            "snapshots",
+            "revert",
+            "delete-snapshot",
+            "undefine",
+        ],
+    )
     v.add_argument("name", nargs="?", default=DEMO_VM)
     v.add_argument("--snapshot")
     for name in ("ping", "info"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import IO, Any
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
@@ -58,8 +59,12 @@ class GuestClient:
 
     log = Logger()
 
-    def __init__(self, reactor: IReactorTime, limits: Limits | None = None,
-                 versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        limits: Limits | None = None,
+        versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+    ) -> None:
         self.reactor = reactor
         self._connection = HostConnection(limits, versions, {"software": "vmcontroller"})
         self._link = Link(self._connection, self._write)
@@ -115,9 +120,12 @@ class GuestClient:
             elif isinstance(event, HandshakeFailed):
                 self._handshake_failed(event.error)
             elif isinstance(event, SessionReset):
-                self._session_failed(ConnectionLost(
-                    f"{event.reason}: operations in flight were abandoned and their outcome "
-                    "in the guest is unknown; retry them"))
+                self._session_failed(
+                    ConnectionLost(
+                        f"{event.reason}: operations in flight were abandoned and their outcome "
+                        "in the guest is unknown; retry them"
+                    )
+                )
             elif isinstance(event, NotificationReceived):
                 for observer in list(self.notifications):
                     observer(event.name, event.body)
@@ -188,14 +196,16 @@ class GuestClient:
         # The result first: a stream waiter woken by the failure may cancel the result.
         if isinstance(outcome, Failure):
             pending.result.errback(outcome)
-            pending.io.fail(outcome.value)
+            pending.io.fail(outcome.value or ConnectionLost("the request failed"))
         else:
             pending.result.callback(outcome)
             pending.io.fail(ConnectionLost("the request already ended"))
 
     # ---- requests ------------------------------------------------------------------
 
-    async def open_request(self, op: str, args: dict[str, Any] | None = None) -> tuple[RequestIO, Deferred[Any]]:
+    async def open_request(
+        self, op: str, args: dict[str, Any] | None = None
+    ) -> tuple[RequestIO, Deferred[Any]]:
         """
         Send a request and return its streams and a Deferred of its result.  Waits for a
         session and for a free slot under the agent's in-flight limit.
@@ -246,10 +256,17 @@ class GuestClient:
         """Hostname, kernel, OS release, uptime, load, memory, disk and agent version."""
         return Deferred.fromCoroutine(self.call("info"))
 
-    def exec(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
-             stdin: bytes | None | type[_exec.STREAM] = None, timeout: float | None = None,
-             on_stdout: _exec.OutputCallback | None = None,
-             on_stderr: _exec.OutputCallback | None = None) -> ExecHandle:
+    def exec(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | type[_exec.STREAM] | None = None,
+        timeout: float | None = None,
+        on_stdout: _exec.OutputCallback | None = None,
+        on_stderr: _exec.OutputCallback | None = None,
+    ) -> ExecHandle:
         """
         Start ``argv`` in the guest.  Output goes to ``on_stdout``/``on_stderr`` as it is
         produced (a callback that returns a Deferred holds the output back until it fires)
@@ -257,21 +274,44 @@ class GuestClient:
         ``stdin`` is bytes to feed, None for none, or :data:`STREAM` to write it through
         the handle.  ``timeout`` kills the process group in the guest.
         """
-        return _exec.start(self, argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
-                           on_stdout=on_stdout, on_stderr=on_stderr)
+        return _exec.start(
+            self,
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=stdin,
+            timeout=timeout,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
 
-    def run(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
-            stdin: bytes | None = None, timeout: float | None = None, check: bool = False) -> Deferred[ExecResult]:
+    def run(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+    ) -> Deferred[ExecResult]:
         """Run ``argv`` to completion and fire with its whole output and exit status."""
         return self.exec(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout).result(check=check)
 
-    def push(self, source: str | IO[bytes], destination: str, *, mode: int | None = None,
-             progress: Progress | None = None) -> Deferred[TransferResult]:
+    def push(
+        self,
+        source: str | IO[bytes],
+        destination: str,
+        *,
+        mode: int | None = None,
+        progress: Progress | None = None,
+    ) -> Deferred[TransferResult]:
         """Copy a host file (path or binary file object) to ``destination`` in the guest."""
         return Deferred.fromCoroutine(_files.push(self, source, destination, mode=mode, progress=progress))
 
-    def pull(self, source: str, destination: str | IO[bytes], *,
-             progress: Progress | None = None) -> Deferred[TransferResult]:
+    def pull(
+        self, source: str, destination: str | IO[bytes], *, progress: Progress | None = None
+    ) -> Deferred[TransferResult]:
         """Copy the guest file ``source`` to a host path or binary file object."""
         return Deferred.fromCoroutine(_files.pull(self, source, destination, progress=progress))
 
@@ -315,20 +355,26 @@ class _AgentProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.client._data_received(data)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionLost())) -> None:
-        self.client._transport_lost(reason)
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.client._transport_lost(reason or Failure(ConnectionLost("closed")))
 
 
-async def _connect(reactor: IReactorTime, endpoint: IStreamClientEndpoint, timeout: float,
-                   limits: Limits | None, versions: tuple[int, ...]) -> GuestClient:
+async def _connect(
+    reactor: IReactorTime,
+    endpoint: IStreamClientEndpoint,
+    timeout: float,
+    limits: Limits | None,
+    versions: tuple[int, ...],
+) -> GuestClient:
     deadline = reactor.seconds() + timeout
     last_error: Exception | None = None
     # A VM's channel socket appears only once the VM runs: retry until the deadline.
     while reactor.seconds() < deadline:
         client = GuestClient(reactor, limits, versions)
         try:
-            await endpoint.connect(Factory.forProtocol(lambda: _AgentProtocol(client))).addTimeout(
-                max(deadline - reactor.seconds(), 0.01), reactor)
+            await endpoint.connect(Factory.forProtocol(partial(_AgentProtocol, client))).addTimeout(
+                max(deadline - reactor.seconds(), 0.01), reactor
+            )
         except ConnectError as e:
             last_error = e
             await deferLater(reactor, CONNECT_RETRY_INTERVAL, lambda: None)
@@ -349,8 +395,14 @@ async def _connect(reactor: IReactorTime, endpoint: IStreamClientEndpoint, timeo
     )
 
 
-def connect(reactor: IReactorTime, endpoint: IStreamClientEndpoint, *, timeout: float = 60.0,
-            limits: Limits | None = None, versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> Deferred[GuestClient]:
+def connect(
+    reactor: IReactorTime,
+    endpoint: IStreamClientEndpoint,
+    *,
+    timeout: float = 60.0,
+    limits: Limits | None = None,
+    versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+) -> Deferred[GuestClient]:
     """
     Connect to an agent through ``endpoint`` (e.g. the unix socket of a VM's virtio-serial
     channel, or TCP) and complete the handshake.

@@ -23,16 +23,27 @@ from vmcontroller.client import GuestClient, _AgentProtocol
 class InMemoryLink:
     """A client and an agent session joined by in-memory transports."""
 
-    def __init__(self, operations: Mapping[str, Operation], *, clock: Clock | None = None,
-                 client_limits: Limits | None = None, agent_limits: Limits | None = None,
-                 versions: tuple[int, ...] = SUPPORTED_VERSIONS, agent_reactor: Any = None) -> None:
+    def __init__(
+        self,
+        operations: Mapping[str, Operation],
+        *,
+        clock: Clock | None = None,
+        client_limits: Limits | None = None,
+        agent_limits: Limits | None = None,
+        versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+        agent_reactor: Any = None,
+    ) -> None:
         self.clock = clock or Clock()
         self.client = GuestClient(self.clock, client_limits, versions)
-        self.agent = AgentProtocol(agent_reactor or self.clock, operations, agent_limits, {"software": "in-memory"})
+        self.agent = AgentProtocol(
+            agent_reactor or self.clock, operations, agent_limits, {"software": "in-memory"}
+        )
         client_protocol = _AgentProtocol(self.client)
         self.pump = iosim.connect(
-            self.agent, iosim.makeFakeServer(self.agent),
-            client_protocol, iosim.makeFakeClient(client_protocol),
+            self.agent,
+            iosim.makeFakeServer(self.agent),
+            client_protocol,
+            iosim.makeFakeClient(client_protocol),
             greet=True,
         )
 

@@ -100,7 +100,7 @@ def _int_arg(args: dict[str, Any], name: str, default: int | None) -> int | None
     value = args.get(name, default)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise BadRequest(f"{name!r} must be a non-negative integer or null, got {value!r}")
-    return cast(int | None, value)
+    return value
 
 
 def _bool_arg(args: dict[str, Any], name: str) -> bool:

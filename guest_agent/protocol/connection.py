@@ -26,9 +26,9 @@ from guest_agent.protocol.errors import (
 from guest_agent.protocol.frames import (
     ACK_MAGIC,
     NONCE_SIZE,
-    Channel,
     RESET_MARKER,
     SYNC_MAGIC,
+    Channel,
     Frame,
     FrameDecoder,
     FrameType,
@@ -331,13 +331,15 @@ class _Connection:
             peer = Limits(int(hello["max_frame"]), int(hello["window"]), int(hello["max_inflight"]))
         except (KeyError, TypeError, ValueError):
             raise ProtocolError("HELLO lacks max_frame, window or max_inflight") from None
-        if not (1024 <= peer.max_frame and 1024 <= peer.window <= MAX_WINDOW and 1 <= peer.max_inflight):
+        if not (peer.max_frame >= 1024 and 1024 <= peer.window <= MAX_WINDOW and peer.max_inflight >= 1):
             raise ProtocolError(f"HELLO announces unusable limits {peer.to_wire()}")
         self.peer_limits = peer
 
 
 def _error_payload(code: ErrorCode | str, message: str, details: dict[str, Any] | None = None) -> bytes:
-    return encode_json({"code": str(getattr(code, "value", code)), "message": message, "details": details or {}})
+    return encode_json(
+        {"code": str(code), "message": message, "details": details or {}}
+    )
 
 
 def _decode_error(frame: Frame) -> VMControllerError:
@@ -345,7 +347,9 @@ def _decode_error(frame: Frame) -> VMControllerError:
     if not isinstance(body, dict) or not isinstance(body.get("code"), str):
         raise ProtocolError("ERROR frame must carry a JSON object with a code")
     details = body.get("details")
-    return error_from_wire(body["code"], str(body.get("message", "")), details if isinstance(details, dict) else {})
+    return error_from_wire(
+        body["code"], str(body.get("message", "")), details if isinstance(details, dict) else {}
+    )
 
 
 class HostConnection(_Connection):
@@ -356,8 +360,12 @@ class HostConnection(_Connection):
     :param versions: protocol versions to offer (tests offer unsupported ones).
     """
 
-    def __init__(self, limits: Limits | None = None, versions: tuple[int, ...] = SUPPORTED_VERSIONS,
-                 hello_extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+        hello_extra: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(limits)
         self._versions = versions
         self._hello_extra = hello_extra or {}
@@ -466,8 +474,12 @@ class AgentConnection(_Connection):
     A broken stream never ends it: it reports the error to the host and hunts again.
     """
 
-    def __init__(self, limits: Limits | None = None, versions: tuple[int, ...] = SUPPORTED_VERSIONS,
-                 hello_extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+        hello_extra: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(limits)
         self._versions = versions
         self._hello_extra = hello_extra or {}
@@ -551,8 +563,13 @@ class AgentConnection(_Connection):
                     f"the host speaks protocol versions {sorted(offered)} and this agent speaks "
                     f"{list(self._versions)}: install a matching vmcontroller agent in the guest"
                 )
-                self._send(FrameType.ERROR, 0, _error_payload(
-                    ErrorCode.UNSUPPORTED_VERSION, message, {"supported": list(self._versions)}))
+                self._send(
+                    FrameType.ERROR,
+                    0,
+                    _error_payload(
+                        ErrorCode.UNSUPPORTED_VERSION, message, {"supported": list(self._versions)}
+                    ),
+                )
                 self._synced = False  # the host must SYNC again to retry
                 return
             self._accept_peer_limits(hello)
@@ -577,17 +594,27 @@ class AgentConnection(_Connection):
         if frame.request_id == 0 or frame.request_id in self._requests:
             raise ProtocolError(f"request id {frame.request_id} is zero or already in flight")
         body = frame.json()
-        if not isinstance(body, dict) or not isinstance(body.get("op"), str) or not isinstance(
-            body.get("args", {}), dict
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("op"), str)
+            or not isinstance(body.get("args", {}), dict)
         ):
-            self._send(FrameType.ERROR, frame.request_id, _error_payload(
-                ErrorCode.BAD_REQUEST, "a request must be a JSON object with 'op' and 'args'"))
+            self._send(
+                FrameType.ERROR,
+                frame.request_id,
+                _error_payload(ErrorCode.BAD_REQUEST, "a request must be a JSON object with 'op' and 'args'"),
+            )
             return
         if len(self._requests) >= self.limits.max_inflight:
-            self._send(FrameType.ERROR, frame.request_id, _error_payload(
-                ErrorCode.TOO_MANY_REQUESTS,
-                f"{len(self._requests)} operations are in flight, the agent's limit is "
-                f"{self.limits.max_inflight}: wait for some to finish"))
+            self._send(
+                FrameType.ERROR,
+                frame.request_id,
+                _error_payload(
+                    ErrorCode.TOO_MANY_REQUESTS,
+                    f"{len(self._requests)} operations are in flight, the agent's limit is "
+                    f"{self.limits.max_inflight}: wait for some to finish",
+                ),
+            )
             return
         self._requests[frame.request_id] = _Request()
         events.append(RequestReceived(frame.request_id, body["op"], body.get("args", {})))

@@ -17,7 +17,7 @@ class VMControllerError(Exception):
     """Base class of every error raised by vmcontroller, its drivers and its agent."""
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     """The codes carried by ERROR frames."""
 
     BAD_REQUEST = "bad-request"

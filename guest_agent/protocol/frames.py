@@ -137,9 +137,7 @@ class FrameDecoder:
         if magic != FRAME_MAGIC or crc != zlib.crc32(bytes(buf[: _HEADER.size])):
             raise ProtocolError("corrupt frame header: the stream is out of step")
         if length > self.max_payload:
-            raise FrameTooLarge(
-                f"frame of {length} bytes exceeds the limit of {self.max_payload} bytes"
-            )
+            raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {self.max_payload} bytes")
         try:
             kind = FrameType(frame_type)
         except ValueError:

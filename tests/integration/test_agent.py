@@ -76,8 +76,12 @@ async def test_exec_streams_10_mib_while_another_exec_runs(agent: GuestClient) -
 
 @pytest_twisted.ensureDeferred
 async def test_exec_stdin_env_cwd_exit_code(agent: GuestClient) -> None:
-    result = await agent.run(["sh", "-c", 'cat; echo "$GREETING"; pwd; exit 3'],
-                             stdin=b"from stdin\n", env={"GREETING": "hello"}, cwd="/tmp")
+    result = await agent.run(
+        ["sh", "-c", 'cat; echo "$GREETING"; pwd; exit 3'],
+        stdin=b"from stdin\n",
+        env={"GREETING": "hello"},
+        cwd="/tmp",
+    )
     assert result.stdout == b"from stdin\nhello\n/tmp\n"
     assert result.exit_code == 3
 
@@ -93,7 +97,9 @@ async def test_nonexistent_command(agent: GuestClient) -> None:
 async def test_timeout_kills_the_process_group(agent: GuestClient) -> None:
     with pytest.raises(OperationTimeout):
         await agent.run(["sh", "-c", "sleep 300 & echo $! > /tmp/child.pid; sleep 300"], timeout=1)
-    check = await agent.run(["sh", "-c", "kill -0 $(cat /tmp/child.pid) 2>/dev/null && echo alive || echo dead"])
+    check = await agent.run(
+        ["sh", "-c", "kill -0 $(cat /tmp/child.pid) 2>/dev/null && echo alive || echo dead"]
+    )
     assert check.stdout == b"dead\n"
 
 
@@ -175,7 +181,9 @@ async def test_push_interrupted_by_killing_the_agent(agent: GuestClient, tmp_pat
 
     def progress(done: int, total: int | None) -> None:
         if done >= 4 * 1024 * 1024 and not killed:
-            killed.append(agent.run(["sh", "-c", "kill -9 $(systemctl show -p MainPID --value vmcontroller-agent)"]))
+            killed.append(
+                agent.run(["sh", "-c", "kill -9 $(systemctl show -p MainPID --value vmcontroller-agent)"])
+            )
 
     with pytest.raises(ConnectionLost):
         await agent.push(str(source), "/root/upload/big.bin", progress=progress)

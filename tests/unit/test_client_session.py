@@ -7,6 +7,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from guest_agent.protocol.connection import Limits
 from guest_agent.protocol.errors import (
@@ -45,6 +46,24 @@ class Gate:
         return "opened"
 
 
+def result_of(d: Deferred[Any]) -> Any:
+    """The result of a Deferred that has fired successfully."""
+    results: list[Any] = []
+    d.addCallback(results.append)
+    assert results, f"{d!r} has not fired"
+    return results[0]
+
+
+def error_of(d: Deferred[Any]) -> BaseException:
+    """The exception of a Deferred that has failed (the failure is handled)."""
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert failures, f"{d!r} has not failed"
+    error = failures[0].value
+    assert error is not None
+    return error
+
+
 def call(link: InMemoryLink, op: str, args: dict[str, Any] | None = None) -> Deferred[Any]:
     d = Deferred.fromCoroutine(link.client.call(op, args))
     link.flush()
@@ -64,22 +83,20 @@ def test_sync_repeats_until_answered() -> None:
 
 def test_call_and_errors() -> None:
     link = InMemoryLink({"echo": echo, "broken": broken})
-    assert call(link, "echo", {"x": [1, 2]}).result == {"x": [1, 2]}
-    failure = call(link, "nope").result
-    assert isinstance(failure.value, UnknownOperation) and "'echo'" in str(failure.value)
-    failure.cleanFailure()
+    assert result_of(call(link, "echo", {"x": [1, 2]})) == {"x": [1, 2]}
+    unknown = error_of(call(link, "nope"))
+    assert isinstance(unknown, UnknownOperation) and "'echo'" in str(unknown)
     d = call(link, "broken")
-    assert isinstance(d.result.value, InternalError) and "journal" in str(d.result.value)
-    d.addErrback(lambda f: None)
-    assert call(link, "echo", {}).result == {}  # the agent still serves
+    bug = error_of(d)
+    assert isinstance(bug, InternalError) and "journal" in str(bug)
+    assert result_of(call(link, "echo", {})) == {}  # the agent still serves
 
 
 def test_unsupported_version_fails_the_connection() -> None:
     link = InMemoryLink({"echo": echo}, versions=(99,))
     d = Deferred.fromCoroutine(link.client.wait_ready())
     link.flush()
-    assert isinstance(d.result.value, UnsupportedProtocolVersion)
-    d.addErrback(lambda f: None)
+    assert isinstance(error_of(d), UnsupportedProtocolVersion)
 
 
 def test_agent_restart_fails_in_flight_and_resyncs() -> None:
@@ -90,11 +107,10 @@ def test_agent_restart_fails_in_flight_and_resyncs() -> None:
     # A new agent process announces itself on the same channel.
     link.client._data_received(b"\xffVMC-RESET")
     link.flush()
-    assert isinstance(pending.result.value, ConnectionLost)
-    assert "retry" in str(pending.result.value)
-    pending.addErrback(lambda f: None)
+    lost = error_of(pending)
+    assert isinstance(lost, ConnectionLost) and "retry" in str(lost)
     assert gate.cancelled  # the agent's session was reset by the new SYNC too
-    assert call(link, "echo", {"after": True}).result == {"after": True}
+    assert result_of(call(link, "echo", {"after": True})) == {"after": True}
 
 
 def test_oversized_frame_from_agent_fails_pending_and_recovers() -> None:
@@ -102,10 +118,9 @@ def test_oversized_frame_from_agent_fails_pending_and_recovers() -> None:
     link = InMemoryLink({"wait": gate, "echo": echo}, client_limits=Limits(max_frame=4096))
     pending = call(link, "wait")
     link.client._data_received(encode_frame(FrameType.NOTIFY, 0, b"x" * 5000))
-    assert isinstance(pending.result.value, FrameTooLarge)
-    pending.addErrback(lambda f: None)
+    assert isinstance(error_of(pending), FrameTooLarge)
     link.flush()
-    assert call(link, "echo", {"ok": 1}).result == {"ok": 1}
+    assert result_of(call(link, "echo", {"ok": 1})) == {"ok": 1}
 
 
 def test_cancel_reaches_the_operation() -> None:
@@ -115,7 +130,6 @@ def test_cancel_reaches_the_operation() -> None:
     pending.cancel()
     link.flush()
     assert gate.cancelled == [{"reason": "cancelled by the host"}]
-    pending.addErrback(lambda f: None)
 
 
 def test_requests_queue_under_the_agents_limit() -> None:
@@ -126,7 +140,7 @@ def test_requests_queue_under_the_agents_limit() -> None:
     while gate.waiting:
         gate.waiting.pop(0).callback(None)
         link.flush()
-    assert [d.result for d in calls] == ["opened"] * 5
+    assert [result_of(d) for d in calls] == ["opened"] * 5
 
 
 def test_transport_loss_fails_everything_clearly() -> None:
@@ -135,9 +149,7 @@ def test_transport_loss_fails_everything_clearly() -> None:
     pending = call(link, "wait")
     link.client.close()
     link.flush()
-    assert isinstance(pending.result.value, ConnectionLost)
-    pending.addErrback(lambda f: None)
+    assert isinstance(error_of(pending), ConnectionLost)
     assert gate.cancelled == [{"reason": "the host disconnected"}]
     later = Deferred.fromCoroutine(link.client.call("wait"))
-    assert isinstance(later.result.value, ConnectionLost)
-    later.addErrback(lambda f: None)
+    assert isinstance(error_of(later), ConnectionLost)

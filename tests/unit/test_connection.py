@@ -31,7 +31,9 @@ from guest_agent.protocol.errors import (
 from guest_agent.protocol.frames import Channel, FrameType, encode_frame
 
 
-def opened(host_limits: Limits | None = None, agent_limits: Limits | None = None) -> tuple[HostConnection, AgentConnection]:
+def opened(
+    host_limits: Limits | None = None, agent_limits: Limits | None = None
+) -> tuple[HostConnection, AgentConnection]:
     host, agent = HostConnection(host_limits), AgentConnection(agent_limits)
     host.start()
     agent.receive_data(host.data_to_send())
@@ -152,7 +154,7 @@ def test_oversized_frame_from_host_gets_a_clear_error_and_agent_recovers() -> No
     (event,) = agent.receive_data(encode_frame(FrameType.REQUEST, 1, b"x" * 5000))
     assert isinstance(event, ProtocolFailure) and isinstance(event.error, FrameTooLarge)
     (told,) = host.receive_data(agent.data_to_send())
-    assert isinstance(told.error, FrameTooLarge)
+    assert isinstance(told, ErrorReceived) and isinstance(told.error, FrameTooLarge)
     # Resynchronising gives a working session again: nothing is wedged.
     host.start()
     agent.receive_data(host.data_to_send())
@@ -162,7 +164,7 @@ def test_oversized_frame_from_host_gets_a_clear_error_and_agent_recovers() -> No
 
 
 def test_oversized_frame_from_agent_raises_on_host() -> None:
-    host, agent = opened(host_limits=Limits(max_frame=4096))
+    host, _agent = opened(host_limits=Limits(max_frame=4096))
     with pytest.raises(FrameTooLarge):
         host.receive_data(encode_frame(FrameType.NOTIFY, 0, b"x" * 5000))
 
@@ -197,7 +199,7 @@ def test_late_data_for_a_finished_request_is_dropped() -> None:
 
 
 def test_agent_restart_resets_host_session() -> None:
-    host, agent = opened()
+    host, _agent = opened()
     host.send_request("exec")
     restarted = AgentConnection()
     restarted.announce_restart()
@@ -226,7 +228,7 @@ def test_cancel_reaches_agent() -> None:
 
 
 def test_bad_json_request_is_refused_not_fatal() -> None:
-    host, agent = opened()
+    _host, agent = opened()
     assert agent.receive_data(encode_frame(FrameType.REQUEST, 5, b'["not", "an object"]')) == []
     assert b"bad-request" in agent.data_to_send()
     assert agent.is_open
@@ -243,6 +245,6 @@ def test_result_too_large_for_a_frame_becomes_an_error() -> None:
 
 
 def test_request_too_large_for_a_frame_is_refused_locally() -> None:
-    host, agent = opened(agent_limits=Limits(max_frame=4096))
+    host, _agent = opened(agent_limits=Limits(max_frame=4096))
     with pytest.raises(FrameTooLarge, match="stream large data"):
         host.send_request("exec", {"argv": ["x" * 5000]})

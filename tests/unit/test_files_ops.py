@@ -62,7 +62,7 @@ def result_of(d: Deferred[_T]) -> _T:
     assert outcomes, "the operation is still running"
     if isinstance(outcomes[0], Failure):
         outcomes[0].raiseException()
-    return outcomes[0]  # type: ignore[no-any-return]
+    return outcomes[0]
 
 
 def sha(data: bytes) -> str:

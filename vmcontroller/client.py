@@ -160,9 +160,11 @@ class GuestClient:
 
     def _session_failed(self, error: VMControllerError) -> None:
         """Fail what was in flight with ``error`` and start a fresh session."""
-        self._fail_pending(error)
+        # The new session first: a caller that retries from an errback below must wait
+        # for it, not write into the session being torn down.
         if self._transport is not None:
             self._resync()
+        self._fail_pending(error)
 
     def _fail_pending(self, error: BaseException) -> None:
         pending, self._pending = self._pending, {}

@@ -153,3 +153,17 @@ def test_transport_loss_fails_everything_clearly() -> None:
     assert gate.cancelled == [{"reason": "the host disconnected"}]
     later = Deferred.fromCoroutine(link.client.call("wait"))
     assert isinstance(error_of(later), ConnectionLost)
+
+
+def test_retry_from_an_errback_waits_for_the_new_session() -> None:
+    """A caller that retries as soon as its request fails must not be lost in the reset."""
+    gate = Gate()
+    link = InMemoryLink({"wait": gate, "echo": echo})
+    retried: list[Deferred[Any]] = []
+    pending = call(link, "wait")
+    pending.addErrback(
+        lambda _: retried.append(Deferred.fromCoroutine(link.client.call("echo", {"again": 1})))
+    )
+    link.client._write(encode_frame(FrameType.REQUEST, 4242, b"x" * (16 * 1024 * 1024))[:16])
+    link.flush()
+    assert result_of(retried[0]) == {"again": 1}

@@ -1,14 +1,19 @@
 """
 The ``exec`` operation: run a program in the guest and stream its output to the host.
 
-The program leads a process group of its own, so a timeout, a cancel or a lost host kills
-it together with everything it started.  Twisted's ``spawnProcess`` has no pre-exec hook,
-and its fast ``posix_spawn`` path (taken whenever no ``cwd`` is given) cannot call
-``setsid()``; so the program is started through ``setsid(1)`` (util-linux or busybox),
-which calls ``setsid()`` and execs it.  That costs one extra exec (about 0.5 ms natively,
-against about 10 ms for a Python shim); the program keeps the pid of the process we
-spawned, so that pid is its process group's id and the exit status we reap is its own.
-A guest without ``setsid(1)`` gets the Python shim.
+The program leads a session and process group of its own, so a timeout, a cancel or a
+lost host kills it together with everything it started.  Twisted's ``spawnProcess`` has
+no pre-exec hook (and, before Twisted 23.8, always forks), so :class:`_SessionProcess`
+keeps Twisted's ``Process`` for the pipes and the reaping but replaces its fork with one
+``os.posix_spawn(..., setsid=True)``: a single exec, no fork of the agent's memory (which
+dominates under emulation).  The program's pid is its process group's id and the exit
+status we reap is its own.
+
+``posix_spawn`` cannot change directory (Python 3.11), so a request with a ``cwd`` goes
+through ``reactor.spawnProcess`` and ``setsid(1)`` (util-linux or busybox), which calls
+``setsid()`` and execs the program (a Python shim where ``setsid(1)`` is missing); so does
+a program the kernel cannot exec itself (``ENOEXEC``: a script without ``#!``, which
+``execvp`` hands to ``/bin/sh``).
 
 Output flows under the protocol's flow control: while the host withholds credit the
 pipes are not read, so the program blocks on a full pipe, nothing is cut and the agent
@@ -18,7 +23,9 @@ buffers at most :data:`HIGH_WATER` bytes per stream.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import itertools
 import os
 import shutil
 import signal
@@ -33,6 +40,7 @@ from twisted.internet.interfaces import (
     IPushProducer,
     IReactorProcess,
 )
+from twisted.internet.process import Process, _listOpenFDs
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -47,6 +55,7 @@ from guest_agent.protocol.errors import (
     OperationCancelled,
     OperationTimeout,
     PathNotFound,
+    PermissionDenied,
     VMControllerError,
 )
 from guest_agent.protocol.frames import Channel
@@ -112,11 +121,12 @@ class ExecRequest:
             return dict(os.environ)
         return {"PATH": DEFAULT_PATH, **self.env}
 
-    def check_runnable(self, environment: dict[str, str]) -> None:
+    def check_runnable(self, environment: dict[str, str]) -> str:
         """
         Fail before spawning, with the path at fault, when the program or the working
         directory is missing: once spawned, the failure would only be an exit status.
 
+        :return: the program's path, absolute.
         :raises PathNotFound: ``cwd`` does not exist.
         :raises NotADirectory: ``cwd`` is not a directory.
         :raises CommandNotFound: the program is not an executable file.
@@ -135,11 +145,76 @@ class ExecRequest:
                 where = f" (relative to {self.cwd!r})" if self.cwd and not os.path.isabs(program) else ""
                 raise CommandNotFound(f"{program!r} is not an executable file in the guest{where}",
                                       {"path": path})
-        else:
-            search = environment.get("PATH", os.defpath)
-            if shutil.which(program, path=search) is None:
-                raise CommandNotFound(f"no executable {program!r} in the guest's PATH {search!r}: "
-                                      "give its full path or set PATH in env", {"path": program})
+            return os.path.abspath(path)
+        search = environment.get("PATH", os.defpath)
+        found = shutil.which(program, path=search)
+        if found is None:
+            raise CommandNotFound(f"no executable {program!r} in the guest's PATH {search!r}: "
+                                  "give its full path or set PATH in env", {"path": program})
+        return os.path.abspath(found)
+
+
+def _file_actions(fdmap: dict[int, int], open_fds: dict[int, bool]) -> list[tuple[int, ...]]:
+    """
+    The ``posix_spawn`` file actions that give the child what Twisted's ``_setupChild``
+    gives a forked one: child fd ``c`` open on the parent's ``fdmap[c]``, inheritable,
+    and no other descriptor inherited.
+
+    Each action runs in order in the child, so a ``dup2`` onto a child fd must not clobber
+    a parent fd a later action still reads: every parent fd that is also a child fd (its
+    own or another mapping's) is first copied to a spare fd, open neither in the parent
+    nor in the child's map, and the mappings read the copy.  That copy also clears
+    close-on-exec on a parent fd mapped to itself (``dup2(fd, fd)`` would leave the flag).
+
+    :param fdmap: child fd to parent fd, as Twisted's ``Process`` builds it.
+    :param open_fds: the parent's open fds, to whether each is inheritable.
+    """
+    taken = set(open_fds) | set(fdmap) | set(fdmap.values())
+    spares = (fd for fd in itertools.count() if fd not in taken)
+    copies = {parent: next(spares) for parent in sorted(set(fdmap.values()) & set(fdmap))}
+    actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, parent, copy) for parent, copy in copies.items()]
+    actions += [(os.POSIX_SPAWN_DUP2, copies.get(parent, parent), child)
+                for child, parent in sorted(fdmap.items())]
+    actions += [(os.POSIX_SPAWN_CLOSE, copy) for copy in copies.values()]
+    # Close-on-exec fds go by themselves; an inheritable one the child is not given is closed.
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd, inheritable in sorted(open_fds.items())
+                if inheritable and fd not in fdmap]
+    return actions
+
+
+def _open_fds() -> dict[int, bool]:
+    """The agent's open fds, to whether each is inheritable."""
+    fds: dict[int, bool] = {}
+    for fd in _listOpenFDs():  # /proc/self/fd or /dev/fd where they are right (also in Twisted 22.4)
+        with contextlib.suppress(OSError):  # the fd that listed the directory, closed since
+            fds[fd] = os.get_inheritable(fd)
+    return fds
+
+
+class _SessionProcess(Process):
+    """
+    Twisted's ``Process`` (pipes, reaping, signals) around one ``os.posix_spawn`` of the
+    program in a new session, instead of a fork (Twisted 22.4) or a ``posix_spawnp``
+    without ``setsid`` (later Twisted).
+
+    Construct it as ``reactor.spawnProcess`` constructs a ``Process``:
+    ``_SessionProcess(reactor, executable, args, environment, None, protocol)``, with
+    ``executable`` an absolute path.  ``__init__`` calls :meth:`_fork`, then connects the
+    protocol and registers the pid for reaping; an ``OSError`` from the spawn (the exec
+    failed) comes out of the constructor with the pipes already closed.
+    """
+
+    def _fork(self, path: str | None, uid: int | None, gid: int | None, executable: str,
+              args: list[str], environment: dict[str, str], **kwargs: Any) -> None:
+        # Overrides both Process._fork and what newer Twisted tries first from it,
+        # _trySpawnInsteadOfFork (same signature in Twisted 22.4 and 26.x).
+        assert path is None and uid is None and gid is None, "no cwd or credentials here"
+        ignored = [number for number in range(1, signal.NSIG)
+                   if signal.getsignal(number) == signal.SIG_IGN]  # SIGPIPE, for one
+        self.pid = os.posix_spawn(executable, args, environment,
+                                  file_actions=_file_actions(kwargs["fdmap"], _open_fds()),
+                                  setsigdef=ignored, setsid=True)
+        self.status = -1
 
 
 def _status(reason: Failure) -> dict[str, Any]:
@@ -333,6 +408,44 @@ class _ExecProcess(ProcessProtocol):
         self._settle()
 
 
+def _spawn_in_session(reactor: IReactorProcess, protocol: ProcessProtocol, executable: str,
+                      argv: list[str], environment: dict[str, str]) -> IProcessTransport:
+    """Start ``executable`` as the leader of a new session, in the agent's directory."""
+    return _SessionProcess(reactor, executable, argv, environment, None, protocol)
+
+
+def _spawn(reactor: IReactorProcess, protocol: ProcessProtocol, executable: str,
+           request: ExecRequest, environment: dict[str, str]) -> IProcessTransport:
+    """
+    Start the program as the leader of a new session: by ``posix_spawn`` without a
+    ``cwd``, else (or for a file the kernel cannot exec) through :func:`_launcher`.
+
+    :raises CommandNotFound: the exec found no file (its ``#!`` interpreter, say).
+    :raises PermissionDenied: the exec was refused.
+    :raises AgentOSError: the spawn failed otherwise (e.g. out of processes).
+    """
+    argv = request.argv
+    try:
+        if request.cwd is None and hasattr(os, "posix_spawn"):
+            try:
+                return _spawn_in_session(reactor, protocol, executable, argv, environment)
+            except OSError as e:
+                if e.errno != errno.ENOEXEC:
+                    raise
+                # No #! line: setsid(1) execs it with execvp, which runs such a file with /bin/sh.
+        launcher = _launcher()
+        return reactor.spawnProcess(protocol, launcher[0], [*launcher, *argv], environment, request.cwd)
+    except OSError as e:
+        details = {"path": executable, "errno": e.errno}
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise CommandNotFound(f"the guest could not run {executable!r}: {e.strerror} "
+                                  "(a missing #! interpreter or ELF loader?)", details) from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise PermissionDenied(f"the guest may not run {executable!r}: {e.strerror}",
+                                   details) from None
+        raise AgentOSError(f"the guest could not start {argv[0]!r}: {e}", {"errno": e.errno}) from None
+
+
 def _kill_group(group: int) -> None:
     with contextlib.suppress(ProcessLookupError):  # every member has exited already
         os.killpg(group, signal.SIGKILL)
@@ -344,21 +457,16 @@ async def run_exec(ctx: OperationContext) -> dict[str, Any]:
     return ``{"exit_code", "signal", "timed_out"}`` once it has exited and both streams
     have been sent and ended with EOF.
 
+    :raises CommandNotFound, PermissionDenied, PathNotFound, NotADirectory: see :func:`_spawn`
+        and :meth:`ExecRequest.check_runnable`.
     :raises OperationTimeout: ``timeout`` passed; the process group was killed.
     :raises OperationCancelled: the host cancelled; the process group was killed.
     """
     request = ExecRequest.from_wire(ctx.args)
     environment = request.environment()
-    request.check_runnable(environment)
-    reactor = IReactorProcess(ctx.reactor)
+    executable = request.check_runnable(environment)
     process = _ExecProcess(ctx.io)
-    launcher = _launcher()
-    try:
-        transport = reactor.spawnProcess(process, launcher[0], [*launcher, *request.argv], environment,
-                                         request.cwd)
-    except OSError as e:
-        raise AgentOSError(f"the guest could not start {request.argv[0]!r}: {e}",
-                           {"errno": e.errno}) from None
+    transport = _spawn(IReactorProcess(ctx.reactor), process, executable, request, environment)
     stdin: Deferred[None] | None = None
     if request.stream_stdin:
         stdin = Deferred.fromCoroutine(_feed_stdin(ctx.io, transport))

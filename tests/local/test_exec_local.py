@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 
@@ -27,6 +28,7 @@ from vmcontroller.errors import (
     OperationCancelled,
     OperationTimeout,
     PathNotFound,
+    PermissionDenied,
     ProcessFailed,
 )
 
@@ -222,6 +224,55 @@ async def test_host_gone_kills_the_process_group(client: GuestClient, tmp_path: 
     with pytest.raises(Exception, match="closed"):
         await handle.result()
     await wait_for(lambda: not alive(grandchild), "the grandchild's death")
+
+
+@pytest.mark.parametrize("in_tmp", [False, True], ids=["posix_spawn", "setsid(1) with cwd"])
+@pytest_twisted.ensureDeferred
+async def test_the_program_leads_a_session_and_inherits_nothing_else(
+        client: GuestClient, tmp_path: object, in_tmp: bool) -> None:
+    """Its own session and group, only fds 0-2, default signal handling: as a forked child had."""
+    leaked = os.open("/dev/null", os.O_RDONLY)
+    os.set_inheritable(leaked, True)
+    ignored = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # and Python ignores SIGPIPE itself
+    try:
+        cwd = str(tmp_path) if in_tmp else None
+        stat = await client.run(["cat", "/proc/self/stat", "/proc/self/status"], cwd=cwd, check=True)
+        fds = await client.run(["ls", "/proc/self/fd"], cwd=cwd, check=True)
+    finally:
+        signal.signal(signal.SIGUSR1, ignored)
+        os.close(leaked)
+    fields = stat.stdout.split(b")", 1)[1].split()
+    pid, pgrp, session = stat.stdout.split()[0], fields[2], fields[3]
+    assert pid == pgrp == session
+    ignored_mask = int(stat.stdout.split(b"SigIgn:")[1].split()[0], 16)
+    # glibc's posix_spawn leaves its internal signals 32 and 33 ignored (below SIGRTMIN, unusable).
+    assert ignored_mask & ~(1 << 31 | 1 << 32) == 0, f"signals ignored: {ignored_mask:#x}"
+    assert set(fds.stdout.split()) == {b"0", b"1", b"2", b"3"}  # 3: the directory ls reads
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_script_without_an_interpreter_line_runs_with_sh(client: GuestClient,
+                                                                tmp_path: object) -> None:
+    script = f"{tmp_path}/script"
+    with open(script, "w") as f:
+        f.write('echo "from sh: $1"\n')
+    os.chmod(script, 0o755)
+    result = await client.run([script, "arg"], check=True)
+    assert result.stdout == b"from sh: arg\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_interpreter_missing_or_not_executable(client: GuestClient, tmp_path: object) -> None:
+    """The file is there and executable, the exec fails: an error naming it, not an exit status."""
+    for name, interpreter in (("missing", "/no/such/interpreter"), ("denied", "/etc/passwd")):
+        with open(f"{tmp_path}/{name}", "w") as f:
+            f.write(f"#!{interpreter}\n")
+        os.chmod(f"{tmp_path}/{name}", 0o755)
+    with pytest.raises(CommandNotFound, match="missing"):
+        await client.run([f"{tmp_path}/missing"])
+    with pytest.raises(PermissionDenied, match="denied"):
+        await client.run([f"{tmp_path}/denied"])
+    assert (await client.run(["true"])).exit_code == 0
 
 
 @pytest_twisted.ensureDeferred

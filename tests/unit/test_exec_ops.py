@@ -5,6 +5,9 @@ process reactor, the host's :class:`ExecHandle` talks to it through :class:`InMe
 
 from __future__ import annotations
 
+import errno
+import os
+import random
 from typing import Any
 
 import pytest
@@ -20,12 +23,14 @@ from guest_agent.ops import exec as agent_exec
 from guest_agent.protocol.connection import Limits
 from vmcontroller._exec import STREAM, ExecHandle, ExecResult
 from vmcontroller.errors import (
+    AgentOSError,
     BadRequest,
     CommandNotFound,
     NotADirectory,
     OperationCancelled,
     OperationTimeout,
     PathNotFound,
+    PermissionDenied,
     ProcessFailed,
 )
 from vmcontroller.testing import InMemoryLink
@@ -38,12 +43,14 @@ class FakeProcess:
     """A spawned process the test plays: it records what the agent does to it."""
 
     def __init__(self, protocol: IProcessProtocol, executable: str, args: list[str], env: dict[str, str],
-                 path: str | None) -> None:
+                 path: str | None, session: bool) -> None:
         self.protocol = protocol
         self.executable = executable
         self.args = args
         self.env = env
         self.path = path
+        #: Spawned by posix_spawn in a new session, rather than by spawnProcess.
+        self.session = session
         self.pid: int | None = PID
         self.signals: list[str | int] = []
         self.stdin = bytearray()
@@ -119,14 +126,32 @@ class FakeProcessReactor(Clock):
     def __init__(self) -> None:
         super().__init__()
         self.processes: list[FakeProcess] = []
+        #: Raised by the next spawn in a session, as posix_spawn raises a failed exec.
+        self.spawn_error: OSError | None = None
 
     def spawnProcess(self, processProtocol: IProcessProtocol, executable: Any, args: Any, env: Any = None,
                      path: Any = None, uid: Any = None, gid: Any = None, usePTY: bool = False,
                      childFDs: Any = None) -> FakeProcess:
-        process = FakeProcess(processProtocol, executable, list(args), env, path)
+        return self._spawned(FakeProcess(processProtocol, executable, list(args), env, path, session=False))
+
+    def spawn_in_session(self, protocol: IProcessProtocol, executable: str, argv: list[str],
+                         env: dict[str, str]) -> FakeProcess:
+        """What the agent's ``_spawn_in_session`` does with a real reactor."""
+        if self.spawn_error is not None:
+            raise self.spawn_error
+        return self._spawned(FakeProcess(protocol, executable, list(argv), env, None, session=True))
+
+    def _spawned(self, process: FakeProcess) -> FakeProcess:
         self.processes.append(process)
-        processProtocol.makeConnection(process)
+        process.protocol.makeConnection(process)
         return process
+
+
+def fake_session_spawns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send the agent's posix_spawn path to the fake reactor too."""
+    monkeypatch.setattr(agent_exec, "_spawn_in_session",
+                        lambda reactor, protocol, executable, argv, env:
+                        reactor.spawn_in_session(protocol, executable, argv, env))
 
 
 class Exec:
@@ -134,6 +159,7 @@ class Exec:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, host_limits: Limits | None = None) -> None:
         self.reactor = FakeProcessReactor()
+        fake_session_spawns(monkeypatch)
         self.killed_groups: list[int] = []
         monkeypatch.setattr(agent_exec, "_kill_group", self.killed_groups.append)
         self.link = InMemoryLink(agent_exec.OPERATIONS, agent_reactor=self.reactor,
@@ -170,14 +196,57 @@ def test_fake_reactor_and_transport_provide_their_interfaces(exec_: Exec) -> Non
     verifyObject(IProcessTransport, exec_.process)
 
 
+def test_spawns_the_resolved_program_in_a_session_with_the_given_env(exec_: Exec) -> None:
+    exec_.start(["sh", "-c", "x"], env={"A": "1"})
+    process = exec_.process
+    assert process.session and process.path is None
+    assert process.args == ["sh", "-c", "x"]  # argv[0] as given; no launcher in between
+    assert os.path.isabs(process.executable) and os.path.basename(process.executable) == "sh"
+    assert process.env == {"PATH": agent_exec.DEFAULT_PATH, "A": "1"}
+    assert process.stdin_closed  # stdin "none": the program reads end-of-file
+
+
+def test_a_relative_program_is_spawned_by_its_absolute_path(exec_: Exec) -> None:
+    relative = os.path.relpath(agent_exec.shutil.which("true") or "/bin/true")
+    exec_.start([relative])
+    assert exec_.process.session and exec_.process.executable == os.path.abspath(relative)
+    assert exec_.process.args == [relative]
+
+
 def test_spawns_through_setsid_with_the_given_env_and_cwd(exec_: Exec, tmp_path: Any) -> None:
     exec_.start(["sh", "-c", "x"], env={"A": "1"}, cwd=str(tmp_path))
     process = exec_.process
+    assert not process.session  # posix_spawn cannot change directory
     assert process.args == [*agent_exec._launcher(), "sh", "-c", "x"]
     assert process.executable == process.args[0]
     assert process.env == {"PATH": agent_exec.DEFAULT_PATH, "A": "1"}
     assert process.path == str(tmp_path)
     assert process.stdin_closed  # stdin "none": the program reads end-of-file
+
+
+def test_a_file_the_kernel_cannot_exec_goes_through_setsid(exec_: Exec) -> None:
+    exec_.reactor.spawn_error = OSError(errno.ENOEXEC, "Exec format error")
+    exec_.start(["sh", "-c", "x"])
+    process = exec_.process
+    assert not process.session and process.path is None
+    assert process.args == [*agent_exec._launcher(), "sh", "-c", "x"]  # execvp runs it with /bin/sh
+
+
+@pytest.mark.parametrize(("number", "error", "message"), [
+    (errno.ENOENT, CommandNotFound, "could not run"),
+    (errno.EACCES, PermissionDenied, "may not run"),
+    (errno.EAGAIN, AgentOSError, "could not start"),
+])
+def test_a_failed_spawn_is_an_error_naming_the_program(
+        exec_: Exec, number: int, error: type[Exception], message: str) -> None:
+    exec_.reactor.spawn_error = OSError(number, os.strerror(number))
+    failure = outcome(exec_.start(["true"]).exited)
+    assert isinstance(failure, error) and message in str(failure)
+    assert failure.details["errno"] == number  # type: ignore[attr-defined]
+    assert exec_.reactor.processes == []
+    exec_.reactor.spawn_error = None
+    exec_.start(["true"])
+    assert len(exec_.reactor.processes) == 1  # the agent serves on
 
 
 def test_output_reaches_callbacks_before_exit_then_the_result(exec_: Exec) -> None:
@@ -312,6 +381,7 @@ def test_cancelling_a_result_deferred_cancels_the_exec(exec_: Exec) -> None:
 
 def test_cancel_while_waiting_for_a_request_slot(monkeypatch: pytest.MonkeyPatch) -> None:
     reactor = FakeProcessReactor()
+    fake_session_spawns(monkeypatch)
     link = InMemoryLink(agent_exec.OPERATIONS, agent_reactor=reactor, agent_limits=Limits(max_inflight=1))
     link.flush()
     first = link.client.exec(["true"])
@@ -445,3 +515,45 @@ def test_launcher_without_setsid_is_the_python_shim(monkeypatch: pytest.MonkeyPa
         agent_exec._launcher.cache_clear()
     assert launcher[-2:] == ("-c", agent_exec._SETSID_SHIM)
 
+
+
+def _child_fds(actions: list[tuple[int, ...]], open_fds: dict[int, bool]) -> dict[int, int]:
+    """
+    Play ``posix_spawn``'s file actions on the parent's fd table, then the exec's closing of
+    close-on-exec fds: the child's fds, each to the parent fd whose file it holds.
+    """
+    table = {fd: (fd, not inheritable) for fd, inheritable in open_fds.items()}  # fd: (file, cloexec)
+    for action in actions:
+        if action[0] == os.POSIX_SPAWN_DUP2:
+            _, source, target = action
+            assert source in table, f"dup2 from {source}, which is not open"
+            assert source != target, "dup2(fd, fd) leaves close-on-exec as it is"
+            table[target] = (table[source][0], False)
+        else:
+            assert action[0] == os.POSIX_SPAWN_CLOSE
+            assert action[1] in table, f"close of {action[1]}, which is not open"
+            del table[action[1]]
+    return {fd: file for fd, (file, cloexec) in table.items() if not cloexec}
+
+
+@pytest.mark.parametrize(("fdmap", "open_fds"), [
+    # Twisted's usual case: three close-on-exec pipe ends onto 0, 1, 2, which are open.
+    ({0: 5, 1: 6, 2: 8}, {0: True, 1: True, 2: True, 5: False, 6: False, 8: False, 7: False}),
+    # An agent started with 0-2 closed: its pipes got those numbers.
+    ({0: 1, 1: 2, 2: 0}, {0: False, 1: False, 2: False, 3: False, 4: False, 5: False}),
+    ({0: 0, 1: 1, 2: 2}, {0: False, 1: True, 2: False}),  # in place, close-on-exec or not
+    ({0: 1, 1: 0}, {0: False, 1: False}),  # a swap
+    ({1: 4, 2: 4, 3: 1}, {1: True, 4: False, 9: True}),  # 2>&1 and a later fd
+])
+def test_file_actions_give_the_child_exactly_its_fds(fdmap: dict[int, int],
+                                                     open_fds: dict[int, bool]) -> None:
+    assert _child_fds(agent_exec._file_actions(fdmap, open_fds), open_fds) == fdmap
+
+
+def test_file_actions_on_random_maps() -> None:
+    rng = random.Random(1234)
+    for _ in range(2000):
+        fdmap = {child: rng.randrange(8) for child in rng.sample(range(8), rng.randint(1, 5))}
+        open_fds = {fd: rng.random() < 0.5 for fd in rng.sample(range(12), rng.randint(0, 10))}
+        open_fds.update({parent: rng.random() < 0.3 for parent in fdmap.values()})
+        assert _child_fds(agent_exec._file_actions(fdmap, open_fds), open_fds) == fdmap, (fdmap, open_fds)

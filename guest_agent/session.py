@@ -5,6 +5,7 @@ operation as a coroutine and turns its outcome into a RESPONSE or an ERROR frame
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -24,7 +25,12 @@ from guest_agent.protocol.connection import (
 )
 from guest_agent.protocol.errors import ConnectionLost, InternalError, OperationError, UnknownOperation
 
-Operation = Callable[["OperationContext"], Awaitable[Any]]
+#: An operation returns its JSON-able result, or an awaitable of it; it raises
+#: OperationError to fail.  Plain functions answer without a coroutine's overhead.
+Operation = Callable[["OperationContext"], Awaitable[Any] | Any]
+
+#: What an operation whose session ended answers: nothing.
+_NO_ANSWER = object()
 
 
 class OperationContext:
@@ -141,32 +147,37 @@ class AgentSession:
         io = self.link.open_io(event.request_id)
         context = OperationContext(self._reactor, event.request_id, event.op, event.args, io, self._notify)
         self._running[event.request_id] = context
-        Deferred.fromCoroutine(self._run(operation, context))
-
-    async def _run(self, operation: Operation, context: OperationContext) -> None:
-        outcome: Any
         try:
-            outcome = await operation(context)
-        except OperationError as e:
-            outcome = e
-        except ConnectionLost:
-            # The session that asked is gone: there is nobody to answer.
-            self._finish(context, answer=False, outcome=None)
-            return
-        except Exception:
-            self.log.failure("Operation {op} failed", op=context.op)
-            outcome = InternalError(
-                f"the agent failed running {context.op!r}; see the agent's journal in the guest"
-            )
-        self._finish(context, answer=True, outcome=outcome)
+            outcome = operation(context)
+        except Exception as e:
+            outcome = self._outcome_of_error(context, e)
+        if inspect.isawaitable(outcome):
+            Deferred.fromCoroutine(self._await(context, outcome))
+        else:
+            self._finish(context, outcome)
 
-    def _finish(self, context: OperationContext, *, answer: bool, outcome: Any) -> None:
+    async def _await(self, context: OperationContext, pending: Awaitable[Any]) -> None:
+        try:
+            outcome = await pending
+        except Exception as e:
+            outcome = self._outcome_of_error(context, e)
+        self._finish(context, outcome)
+
+    def _outcome_of_error(self, context: OperationContext, error: Exception) -> Any:
+        if isinstance(error, OperationError):
+            return error
+        if isinstance(error, ConnectionLost):
+            return _NO_ANSWER  # the session that asked is gone
+        self.log.failure("Operation {op} failed", op=context.op)
+        return InternalError(f"the agent failed running {context.op!r}; see the agent's journal in the guest")
+
+    def _finish(self, context: OperationContext, outcome: Any) -> None:
         # A context from an ended session must not answer a new request that reuses its id.
         if self._running.get(context.request_id) is not context:
             return
         del self._running[context.request_id]
         self.link.close_io(context.request_id)
-        if not answer:
+        if outcome is _NO_ANSWER:
             return
         if isinstance(outcome, OperationError):
             self.connection.send_error(context.request_id, outcome)

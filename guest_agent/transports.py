@@ -113,6 +113,8 @@ class _DeviceReader(abstract.FileDescriptor):
                 why = "end of file"
                 break
             chunks.append(data)
+            if len(data) < _READ_SIZE:
+                break  # most likely drained: spare the emulated guest a read that says EAGAIN
         if chunks:
             self._device.session.data_received(b"".join(chunks))
         if why:

@@ -31,8 +31,8 @@ _T = TypeVar("_T")
 log = Logger()
 
 
-async def ping(ctx: OperationContext) -> dict[str, Any]:
-    """The agent's clock (to estimate skew) and version."""
+def ping(ctx: OperationContext) -> dict[str, Any]:
+    """The agent's clock (to estimate skew) and version; synchronous, as it is the latency probe."""
     return {"time": ctx.reactor.seconds(), "version": __version__}
 
 

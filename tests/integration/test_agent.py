@@ -194,6 +194,28 @@ async def test_push_interrupted_by_killing_the_agent(agent: GuestClient, tmp_pat
     assert await agent.list("/root/upload") == []
 
 
+async def _agent_cpu_ticks(client: GuestClient) -> int:
+    script = "cut -d' ' -f14,15 /proc/$(systemctl show -p MainPID --value vmcontroller-agent)/stat"
+    utime, stime = (await client.run(["sh", "-c", script], check=True)).stdout.split()
+    return int(utime) + int(stime)
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_waits_for_the_host_without_spinning(agent: GuestClient, booted_vm: Any) -> None:
+    """With no host on the port (which then polls as hang-up), the agent must sleep, not spin."""
+    before = await _agent_cpu_ticks(agent)
+    agent.close()
+    await deferLater(reactor, 10, lambda: None)
+    again = await connect_vm_agent(reactor, booted_vm.driver, booted_vm.name, timeout=60)
+    try:
+        used = await _agent_cpu_ticks(again) - before
+        ticks_per_second = int((await again.run(["getconf", "CLK_TCK"], check=True)).stdout)
+    finally:
+        again.close()
+    # Spinning would burn about the whole 10 s; reconnecting and two execs cost a little.
+    assert used < 2 * ticks_per_second
+
+
 @pytest_twisted.ensureDeferred
 async def test_snapshot_revert_restores_disk_state(agent: GuestClient, booted_vm: Any) -> None:
     driver, name = booted_vm.driver, booted_vm.name

@@ -8,7 +8,7 @@ receives chunk by chunk.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -116,17 +116,30 @@ class Link:
     A session's engine plus the function that writes to the transport.
 
     :param write: writes bytes to the transport; replaced when the transport changes.
+    :param write_sequence: writes a sequence of byte strings in order (a vectored write,
+        e.g. a transport's ``writeSequence``), so that frame headers and payloads need
+        not be joined first; without it they are joined and given to ``write``.
     """
 
-    def __init__(self, connection: _Connection, write: Callable[[bytes], None]) -> None:
+    def __init__(
+        self,
+        connection: _Connection,
+        write: Callable[[bytes], None],
+        write_sequence: Callable[[Sequence[bytes | memoryview]], None] | None = None,
+    ) -> None:
         self.connection = connection
         self.write = write
+        self.write_sequence = write_sequence
         self._io: dict[int, RequestIO] = {}
 
     def flush(self) -> None:
-        data = self.connection.data_to_send()
-        if data:
-            self.write(data)
+        pieces = self.connection.pieces_to_send()
+        if not pieces:
+            return
+        if self.write_sequence is not None:
+            self.write_sequence(pieces)
+        else:
+            self.write(b"".join(pieces))
 
     def open_io(self, request_id: int) -> RequestIO:
         io = self._io[request_id] = RequestIO(self, request_id)

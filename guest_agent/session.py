@@ -6,7 +6,7 @@ operation as a coroutine and turns its outcome into a RESPONSE or an ERROR frame
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -79,6 +79,7 @@ class AgentSession:
 
     :param write: writes to the transport.
     :param operations: handlers by operation name.
+    :param write_sequence: writes a sequence of byte strings (see :class:`Link`).
     """
 
     log = Logger()
@@ -90,10 +91,11 @@ class AgentSession:
         write: Callable[[bytes], None],
         limits: Limits | None = None,
         hello: dict[str, Any] | None = None,
+        write_sequence: Callable[[Sequence[bytes | memoryview]], None] | None = None,
     ) -> None:
         self._reactor = reactor
         self._operations = operations
-        self.link = Link(AgentConnection(limits, hello_extra=hello), write)
+        self.link = Link(AgentConnection(limits, hello_extra=hello), write, write_sequence)
         self._running: dict[int, OperationContext] = {}
 
     @property
@@ -106,7 +108,7 @@ class AgentSession:
         self.connection.announce_restart()
         self.link.flush()
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         for event in self.connection.receive_data(data):
             if self.link.route_stream_event(event):
                 continue

@@ -6,12 +6,14 @@ How the agent reaches the host: TCP (a session per connection) and character dev
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import select
 import signal
 import termios
 import tty
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -25,8 +27,16 @@ from twisted.python.failure import Failure
 from guest_agent.protocol.connection import Limits
 from guest_agent.session import AgentSession, Operation
 
+#: A virtio-serial read returns at most one of the port's 4 KiB buffers ...
 _READ_SIZE = 4096
-_READS_PER_WAKEUP = 64
+#: ... so one readv(2) asks for this many of them: the kernel loops over the pieces and
+#: stops at the first short one, one system call for what took one each.  QEMU gives the
+#: port 128 buffers, so this drains a full queue.
+_READ_PIECES = 128
+#: A virtio-serial write takes at most 32 KiB; a writev(2) of pieces that size moves many
+#: of them in one system call (the kernel stops at the first one the port cannot take).
+_WRITE_PIECE = 32 * 1024
+_WRITE_PIECES = 64
 
 
 class AgentProtocol(Protocol):
@@ -83,6 +93,10 @@ class _DeviceReader(abstract.FileDescriptor):
     """
     The device while one host is connected.  A fresh reader per host connection means
     output queued for a host that left is dropped with its reader.
+
+    It does its own buffering of writes: a queue of pieces no larger than one
+    virtio-serial write, written with writev(2) at once when possible and otherwise when
+    the port has room, so that nothing is copied to be joined or sliced.
     """
 
     def __init__(self, reactor: Any, fd: int, device: CharacterDeviceTransport) -> None:
@@ -90,69 +104,107 @@ class _DeviceReader(abstract.FileDescriptor):
         self._fd = fd
         self._device = device
         self.connected = 1
+        self._read_buffer = memoryview(bytearray(_READ_SIZE * _READ_PIECES))
+        self._read_pieces = [
+            self._read_buffer[start : start + _READ_SIZE]
+            for start in range(0, len(self._read_buffer), _READ_SIZE)
+        ]
+        self._pending: deque[memoryview] = deque()
+        self._waiting_to_write = False
 
     def fileno(self) -> int:
         return self._fd
 
     def doRead(self) -> None:
-        # A virtio-serial read returns at most one 4 KiB buffer, and asking for more costs
-        # an allocation of the full size each time: read page-sized pieces until the port
-        # is empty and hand them to the protocol in one go.
-        chunks: list[bytes] = []
+        # One piece first: a small message (most requests) costs a plain read; only a
+        # full piece means more may wait, and a readv of the rest drains it.
         why = ""
-        for _ in range(_READS_PER_WAKEUP):
+        try:
+            count = os.readv(self._fd, self._read_pieces[:1])
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._device.host_gone(self, f"read failed: {e}")
+            return
+        if count == _READ_SIZE:
             try:
-                data = os.read(self._fd, _READ_SIZE)
+                count += os.readv(self._fd, self._read_pieces[1:])
             except BlockingIOError:
-                break
+                pass
             except OSError as e:
                 why = f"read failed: {e}"
-                break
-            if not data:
-                # virtio-serial reads end-of-file while no host has the port open.
-                why = "end of file"
-                break
-            chunks.append(data)
-            if len(data) < _READ_SIZE:
-                break  # most likely drained: spare the emulated guest a read that says EAGAIN
-        if chunks:
-            self._device.session.data_received(b"".join(chunks))
+        if not count:
+            # virtio-serial reads end-of-file while no host has the port open.
+            why = "end of file"
+        else:
+            # The engine copies what it keeps: the buffer is reused for the next read.
+            self._device.session.data_received(self._read_buffer[:count])
         if why:
             self._device.host_gone(self, why)
 
     def write(self, data: bytes) -> None:
+        self.write_sequence((data,))
+
+    def write_sequence(self, pieces: Sequence[bytes | memoryview]) -> None:
         # Write at once when nothing is queued: a reply then leaves in this reactor pass
         # instead of the next one, which is most of a small request's latency.
         if not self.connected or self.disconnecting:
             return
-        if not (self._tempDataLen or len(self.dataBuffer) > self.offset):
+        queued = bool(self._pending)
+        for piece in pieces:
+            view = memoryview(piece)
+            if len(view) <= _WRITE_PIECE:
+                if view:
+                    self._pending.append(view)
+            else:
+                self._pending.extend(view[start : start + _WRITE_PIECE]
+                                     for start in range(0, len(view), _WRITE_PIECE))
+        if not queued:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        pending = self._pending
+        while pending:
+            batch = list(itertools.islice(pending, _WRITE_PIECES))
             try:
-                written = os.write(self._fd, data)
+                written = os.writev(self._fd, batch)
             except BlockingIOError:
                 written = 0
             except OSError as e:
+                pending.clear()
                 self._device.host_gone(self, f"write failed: {e}")
                 return
-            data = data[written:]
-            if not data:
-                return
-        super().write(data)
+            full = True
+            for view in batch:
+                if written >= len(view):
+                    written -= len(view)
+                    pending.popleft()
+                else:
+                    if written:
+                        pending[0] = view[written:]
+                    full = False
+                    break
+            if not full:
+                break  # the port is full: wait until it has room
+        if bool(pending) != self._waiting_to_write:
+            self._waiting_to_write = bool(pending)
+            if pending:
+                self.startWriting()
+            else:
+                self.stopWriting()
 
-    def writeSomeData(self, data: bytes) -> int:
-        try:
-            return os.write(self._fd, data)
-        except BlockingIOError:
-            return 0
-        except OSError as e:
-            self._device.host_gone(self, f"write failed: {e}")
-            return len(data)  # the reader is done; let the buffer go
+    def doWrite(self) -> None:
+        self._write_pending()
 
     def connectionLost(self, reason: Failure) -> None:
         # The reactor saw POLLHUP: the host side of the port closed.
+        self._pending.clear()
         super().connectionLost(reason)
         self._device.host_gone(self, "hang-up")
 
     def detach(self) -> None:
+        self._pending.clear()
+        self._waiting_to_write = False
         self.stopReading()
         self.stopWriting()
         self.disconnected = 1
@@ -192,11 +244,15 @@ class CharacterDeviceTransport(Service):
         self._fd: int | None = None
         self._reader: _DeviceReader | None = None
         self._waiting: LoopingCall | None = None
-        self.session = AgentSession(reactor, operations, self._write, limits, hello)
+        self.session = AgentSession(reactor, operations, self._write, limits, hello, self._write_sequence)
 
     def _write(self, data: bytes) -> None:
         if self._reader is not None:
             self._reader.write(data)
+
+    def _write_sequence(self, pieces: Sequence[bytes | memoryview]) -> None:
+        if self._reader is not None:
+            self._reader.write_sequence(pieces)
 
     def startService(self) -> None:
         super().startService()

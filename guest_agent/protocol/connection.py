@@ -33,7 +33,7 @@ from guest_agent.protocol.frames import (
     FrameDecoder,
     FrameType,
     Marker,
-    encode_frame,
+    encode_header,
     encode_json,
 )
 
@@ -180,7 +180,9 @@ class _Connection:
     def __init__(self, limits: Limits | None) -> None:
         self.limits = limits or Limits()
         self._decoder = FrameDecoder(self.limits.max_frame)
-        self._outgoing = bytearray()
+        # What to write, in order: frame headers and payloads as separate pieces, so that
+        # a DATA payload is never copied into a frame (the transport writes the pieces).
+        self._outgoing: list[bytes | memoryview] = []
         self._requests: dict[int, _Request] = {}
         self._open = False
         # Learnt from the peer's HELLO.
@@ -197,17 +199,28 @@ class _Connection:
 
     def data_to_send(self) -> bytes:
         """Bytes the transport must write, in order; the buffer is emptied."""
-        data = bytes(self._outgoing)
-        self._outgoing.clear()
-        return data
+        return b"".join(self.pieces_to_send())
 
-    def _send(self, frame_type: FrameType, request_id: int, payload: bytes = b"", flags: int = 0) -> None:
-        if len(payload) > self.peer_limits.max_frame:
+    def pieces_to_send(self) -> list[bytes | memoryview]:
+        """
+        What :meth:`data_to_send` returns, as the pieces it is made of (for a vectored
+        write that spares joining them); the buffer is emptied.
+        """
+        pieces, self._outgoing = self._outgoing, []
+        return pieces
+
+    def _send(
+        self, frame_type: FrameType, request_id: int, payload: bytes | memoryview = b"", flags: int = 0
+    ) -> None:
+        length = len(payload)
+        if length > self.peer_limits.max_frame:
             raise FrameTooLarge(
-                f"a {frame_type.name} of {len(payload)} bytes exceeds the peer's frame limit of "
+                f"a {frame_type.name} of {length} bytes exceeds the peer's frame limit of "
                 f"{self.peer_limits.max_frame} bytes: stream large data instead"
             )
-        self._outgoing += encode_frame(frame_type, request_id, payload, flags)
+        self._outgoing.append(encode_header(frame_type, request_id, length, flags))
+        if length:
+            self._outgoing.append(payload)
 
     def _reset_session(self) -> None:
         self._requests.clear()
@@ -236,9 +249,13 @@ class _Connection:
             stream = request.sending[channel] = _Stream(self.peer_limits.window)
         taken = min(len(data), stream.credit)
         view = memoryview(data)[:taken]
+        # Slices of immutable bytes are queued as they are; anything else (a bytearray the
+        # caller may reuse) is copied once.
+        keep = isinstance(view.obj, bytes)
         step = self.peer_limits.max_frame
         for start in range(0, taken, step):
-            self._send(FrameType.DATA, request_id, bytes(view[start : start + step]), channel)
+            piece = view[start : start + step]
+            self._send(FrameType.DATA, request_id, piece if keep else bytes(piece), channel)
         stream.credit -= taken
         return taken
 
@@ -278,7 +295,7 @@ class _Connection:
 
     # -- receiving ----------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | memoryview) -> list[Event]:
         self._decoder.feed(data)
         events: list[Event] = []
         self._process(events)
@@ -380,7 +397,7 @@ class HostConnection(_Connection):
         self._outgoing.clear()
         self._nonce = os.urandom(NONCE_SIZE)
         self._awaiting_hello = False
-        self._outgoing += SYNC_MAGIC + self._nonce
+        self._outgoing.append(SYNC_MAGIC + self._nonce)
 
     def send_request(self, op: str, args: dict[str, Any] | None = None) -> int:
         """Send a request and return its id, which every later event about it carries."""
@@ -487,7 +504,7 @@ class AgentConnection(_Connection):
 
     def announce_restart(self) -> None:
         """Tell a host that may still hold a session with an earlier agent that it is gone."""
-        self._outgoing += RESET_MARKER
+        self._outgoing.append(RESET_MARKER)
 
     def host_disconnected(self) -> None:
         """The transport says the host went away: drop the session, keep nothing buffered."""
@@ -545,7 +562,7 @@ class AgentConnection(_Connection):
         had_session = self._open or bool(self._requests)
         self._reset_session()
         self._synced = True
-        self._outgoing += ACK_MAGIC + nonce
+        self._outgoing.append(ACK_MAGIC + nonce)
         if had_session:
             events.append(SessionReset("the host started a new session"))
 

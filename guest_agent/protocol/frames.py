@@ -81,13 +81,22 @@ class Frame:
             raise ProtocolError(f"{self.type.name} frame carries malformed JSON: {e}") from None
 
 
+def encode_header(frame_type: FrameType, request_id: int, length: int, flags: int = 0) -> bytes:
+    """The 16-byte header of a frame whose payload is ``length`` bytes (sent after it)."""
+    header = _HEADER.pack(FRAME_MAGIC, frame_type, flags, request_id, length)
+    return header + _CRC.pack(zlib.crc32(header))
+
+
 def encode_frame(frame_type: FrameType, request_id: int, payload: bytes = b"", flags: int = 0) -> bytes:
-    header = _HEADER.pack(FRAME_MAGIC, frame_type, flags, request_id, len(payload))
-    return header + _CRC.pack(zlib.crc32(header)) + payload
+    return encode_header(frame_type, request_id, len(payload), flags) + payload
+
+
+#: One encoder for every message: ``json.dumps`` with options builds a new one per call.
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def encode_json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
+    return _JSON_ENCODER.encode(value).encode()
 
 
 @dataclass(frozen=True)
@@ -110,7 +119,7 @@ class FrameDecoder:
         self.max_payload = max_payload
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self._buffer += data
 
     def clear(self) -> None:
@@ -134,7 +143,9 @@ class FrameDecoder:
             return None
         magic, frame_type, flags, request_id, length = _HEADER.unpack_from(buf)
         (crc,) = _CRC.unpack_from(buf, _HEADER.size)
-        if magic != FRAME_MAGIC or crc != zlib.crc32(bytes(buf[: _HEADER.size])):
+        with memoryview(buf) as view:
+            header_crc = zlib.crc32(view[: _HEADER.size])
+        if magic != FRAME_MAGIC or crc != header_crc:
             raise ProtocolError("corrupt frame header: the stream is out of step")
         if length > self.max_payload:
             raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {self.max_payload} bytes")
@@ -145,7 +156,10 @@ class FrameDecoder:
         end = HEADER_SIZE + length
         if len(buf) < end:
             return None
-        payload = bytes(buf[HEADER_SIZE:end])
+        # One copy, straight out of the buffer (slicing the bytearray first would copy twice);
+        # deleting the head of a bytearray only moves its start, it does not shift the rest.
+        with memoryview(buf) as view:
+            payload = bytes(view[HEADER_SIZE:end])
         del buf[:end]
         return Frame(kind, request_id, payload, flags)
 

@@ -248,3 +248,24 @@ def test_request_too_large_for_a_frame_is_refused_locally() -> None:
     host, _agent = opened(agent_limits=Limits(max_frame=4096))
     with pytest.raises(FrameTooLarge, match="stream large data"):
         host.send_request("exec", {"argv": ["x" * 5000]})
+
+
+def test_queued_data_is_what_was_sent_even_if_the_caller_reuses_its_buffer() -> None:
+    host, agent = opened(agent_limits=Limits(max_frame=1024))
+    rid = host.send_request("push", {})
+    agent.receive_data(host.data_to_send())
+    buffer = bytearray(b"x" * 3000)
+    assert host.send_data(rid, Channel.INPUT, memoryview(buffer)) == 3000
+    immutable = b"y" * 2000
+    assert host.send_data(rid, Channel.INPUT, memoryview(immutable)[500:]) == 1500
+    buffer[:] = b"z" * 3000  # reused before the transport wrote it
+    pieces = host.pieces_to_send()
+    assert host.pieces_to_send() == []
+    # Fed in small, unaligned pieces (as memoryviews, like the device reader hands them).
+    wire = memoryview(b"".join(pieces))
+    events = []
+    for start in range(0, len(wire), 700):
+        events += agent.receive_data(wire[start : start + 700])
+    data = b"".join(e.data for e in events if isinstance(e, DataReceived))
+    assert data == b"x" * 3000 + b"y" * 1500
+    assert all(len(e.data) <= 1024 for e in events if isinstance(e, DataReceived))

@@ -1,0 +1,137 @@
+"""
+The device transport's reader: vectored reads and writes on a non-blocking descriptor
+(a socket pair stands in for the virtio-serial port), with writes the descriptor cannot
+take at once queued in order until it has room.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from guest_agent import transports
+from guest_agent.transports import _DeviceReader
+
+
+class _Reactor:
+    """Just the reactor calls a FileDescriptor makes to be watched."""
+
+    def __init__(self) -> None:
+        self.readers: set[Any] = set()
+        self.writers: set[Any] = set()
+
+    def addReader(self, reader: Any) -> None:
+        self.readers.add(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        self.readers.discard(reader)
+
+    def addWriter(self, writer: Any) -> None:
+        self.writers.add(writer)
+
+    def removeWriter(self, writer: Any) -> None:
+        self.writers.discard(writer)
+
+
+class _Session:
+    def __init__(self) -> None:
+        self.received = bytearray()
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        self.received += data
+
+
+class _Device:
+    def __init__(self) -> None:
+        self.session = _Session()
+        self.gone: list[str] = []
+
+    def host_gone(self, reader: Any, why: str) -> None:
+        self.gone.append(why)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def _drain(sock: socket.socket) -> bytes:
+    out = bytearray()
+    while True:
+        try:
+            data = sock.recv(1 << 20)
+        except BlockingIOError:
+            return bytes(out)
+        if not data:
+            return bytes(out)
+        out += data
+
+
+def test_writes_what_does_not_fit_later_in_order(pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    reactor, device = _Reactor(), _Device()
+    reader = _DeviceReader(reactor, ours.fileno(), device)  # type: ignore[arg-type]
+    header = b"H" * 16
+    payload = os.urandom(3 * transports._WRITE_PIECE + 123)
+    mutable = bytearray(b"tail")
+    reader.write_sequence([header, memoryview(payload), b"", bytes(mutable)])
+    assert reader in reactor.writers  # the socket could not take it all
+    reader.write(b"more")
+    received = bytearray()
+    for _ in range(10_000):
+        received += _drain(theirs)
+        if reader not in reactor.writers:
+            break
+        reader.doWrite()
+    received += _drain(theirs)
+    assert bytes(received) == header + payload + b"tail" + b"more"
+    assert reader not in reactor.writers
+    assert device.gone == []
+
+
+def test_small_write_goes_out_at_once(pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    reactor, device = _Reactor(), _Device()
+    reader = _DeviceReader(reactor, ours.fileno(), device)  # type: ignore[arg-type]
+    reader.write_sequence([b"header", b"payload"])
+    assert reactor.writers == set()
+    assert _drain(theirs) == b"headerpayload"
+
+
+def test_reads_everything_available_then_end_of_file(pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    reactor, device = _Reactor(), _Device()
+    reader = _DeviceReader(reactor, ours.fileno(), device)  # type: ignore[arg-type]
+    sent = os.urandom(10_000)
+    theirs.sendall(sent)
+    reader.doRead()
+    assert bytes(device.session.received) == sent
+    reader.doRead()  # nothing there: EAGAIN is not an end
+    assert device.gone == []
+    theirs.shutdown(socket.SHUT_WR)
+    reader.doRead()
+    assert device.gone == ["end of file"]
+
+
+def test_a_failed_write_drops_the_queue(pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    reactor, device = _Reactor(), _Device()
+    reader = _DeviceReader(reactor, ours.fileno(), device)  # type: ignore[arg-type]
+    reader.write_sequence([os.urandom(1 << 20)])
+    assert reader in reactor.writers
+    theirs.close()
+    for _ in range(100):
+        if device.gone:
+            break
+        reader.doWrite()
+    assert device.gone and device.gone[0].startswith("write failed")

@@ -7,7 +7,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 URI="qemu:///system"
 PACKAGES=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils mmdebstrap
-          libvirt-dev pkg-config python3-venv e2fsprogs gcc)
+          libvirt-dev pkg-config python3-dev python3-venv e2fsprogs gcc)
 
 step() { echo "setup-host: $*"; }
 die() { echo "setup-host: error: $*" >&2; exit 1; }

@@ -303,7 +303,14 @@ class CharacterDeviceTransport(Service):
         reader.detach()
         self._reader = None
         self.session.host_disconnected()
-        if not self._serial:
+        if self._serial:
+            # A tty reads end-of-file (and fails writes) only once it was hung up, e.g. when a
+            # session leader that opened it as its controlling terminal exits; the hung-up
+            # file stays dead, so open the device again.
+            os.close(self._fd)
+            self._fd = None
+            self._start_loop(self._open_when_present, self.APPEAR_INTERVAL)
+        else:
             self._wait_for_host()
 
     def _wait_for_host(self) -> None:

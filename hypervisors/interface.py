@@ -17,6 +17,7 @@ from zope.interface import Interface
 
 __all__ = [
     "DEFAULT_AGENT_CHANNEL",
+    "MAX_SERIAL_PORTS",
     "Accel",
     "IHypervisorDriver",
     "SnapshotInfo",
@@ -26,6 +27,10 @@ __all__ = [
 
 #: The virtio-serial port name the guest agent listens on (``/dev/virtio-ports/<name>``).
 DEFAULT_AGENT_CHANNEL = "org.vmcontroller.agent.0"
+
+#: How many extra serial ports a VM can have (``VMSpec.serial_ports``): a PC has four UARTs,
+#: ttyS0 to ttyS3, and ttyS0 is the console.
+MAX_SERIAL_PORTS = 3
 
 #: CPU acceleration: hardware virtualisation, pure emulation, or decided by the driver.
 Accel = Literal["auto", "kvm", "tcg"]
@@ -93,6 +98,12 @@ class VMSpec:
     :ivar cmdline: the kernel command line (direct kernel boot only).
     :ivar accel: ``"kvm"``, ``"tcg"``, or ``"auto"`` to let the driver decide (see the driver).
     :ivar agent_channel: name of the virtio-serial port the guest agent uses.
+    :ivar extra_channels: more virtio-serial port names, next to the agent channel.
+    :ivar serial_ports: names of extra serial ports (UARTs): the first is the guest's
+        ``/dev/ttyS1``, the next ``/dev/ttyS2`` and so on (ttyS0 is the console), at most
+        :data:`MAX_SERIAL_PORTS`. The host side of each is a unix socket, found by its name
+        (``IHypervisorDriver.serial_socket_path``); see :meth:`serial_device` for the guest side.
+        Names: letters, digits, ``-``, ``_`` and ``.``.
     """
 
     name: str
@@ -106,6 +117,7 @@ class VMSpec:
     agent_channel: str = DEFAULT_AGENT_CHANNEL
     #: Extra virtio-serial port names to create next to the agent channel (host side: unix sockets).
     extra_channels: tuple[str, ...] = field(default_factory=tuple)
+    serial_ports: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or self.name[0] == ".":
@@ -120,6 +132,35 @@ class VMSpec:
             raise ValueError(f"accel={self.accel!r}: use 'auto', 'kvm' or 'tcg'")
         if self.initrd is not None and self.kernel is None:
             raise ValueError("initrd given without kernel: direct kernel boot needs both")
+        if isinstance(self.serial_ports, str):
+            raise ValueError(f"serial_ports={self.serial_ports!r}: give a tuple of names, e.g. ('agent',)")
+        if len(self.serial_ports) > MAX_SERIAL_PORTS:
+            raise ValueError(
+                f"serial_ports has {len(self.serial_ports)} names: a VM has at most {MAX_SERIAL_PORTS} "
+                "serial ports besides the console (ttyS1 to ttyS3)"
+            )
+        if len(set(self.serial_ports)) != len(self.serial_ports):
+            raise ValueError(f"serial_ports={self.serial_ports!r} names a port twice")
+        for port in self.serial_ports:
+            if not port or not all(c.isalnum() or c in "-_." for c in port) or port[0] == ".":
+                raise ValueError(
+                    f"invalid serial port name {port!r}: use letters, digits, '-', '_' and '.', not "
+                    "starting with '.'"
+                )
+
+    def serial_device(self, port: str) -> str:
+        """
+        The guest's device node of serial port ``port`` (one of :attr:`serial_ports`),
+        e.g. ``/dev/ttyS1`` for the first.
+
+        :raises KeyError: the spec has no serial port of that name.
+        """
+        try:
+            return f"/dev/ttyS{self.serial_ports.index(port) + 1}"
+        except ValueError:
+            raise KeyError(
+                f"VM {self.name!r} has no serial port {port!r} (it has {self.serial_ports!r})"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -233,4 +274,15 @@ class IHypervisorDriver(Interface):
 
         Only a running (or paused) VM has one; otherwise fail with
         :class:`~vmcontroller.errors.VMStateError`.
+        """
+
+    def serial_socket_path(name: str, port: str) -> Deferred[str]:
+        """
+        The host end of the VM's serial port ``port`` (one of ``VMSpec.serial_ports``): a unix
+        socket path to connect to. One host connection at a time; a serial port never tells
+        the guest when the host connects or leaves.
+
+        Only a running (or paused) VM has one; otherwise fail with
+        :class:`~vmcontroller.errors.VMStateError`. A VM without that port fails with
+        :class:`~vmcontroller.errors.HypervisorError`.
         """

@@ -6,8 +6,9 @@ reactor thread, never the reactor's shared pool) and ``libvirtError`` becomes on
 exceptions inside the worker thread, where libvirt keeps the per-thread error details.
 
 Each VM gets a directory ``/var/lib/vmcontroller/vms/<name>/`` with its qcow2 overlay of the
-base image (``disk.qcow2``) and its serial console log (``console.log``, written by virtlogd),
-so the base image is never modified and several VMs can share it.
+base image (``disk.qcow2``), its serial console log (``console.log``, written by virtlogd) and
+the host sockets of its extra serial ports (``serial-<port>.sock``), so the base image is never
+modified and several VMs can share it.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ __all__ = [
     "kvm_usable",
     "parse_snapshot_xml",
     "select_accel",
+    "serial_port_socket_path",
+    "serial_socket_name",
     "translate_error",
 ]
 
@@ -153,6 +156,15 @@ def select_accel(
     return "kvm" if kvm_available else "tcg"
 
 
+#: The longest unix socket path the kernel takes (``sun_path`` holds 108 bytes with the NUL).
+_MAX_SOCKET_PATH = 107
+
+
+def serial_socket_name(port: str) -> str:
+    """The file name of the host socket of serial port ``port`` in the VM's directory."""
+    return f"serial-{port}.sock"
+
+
 def domain_xml(
     spec: VMSpec,
     *,
@@ -160,6 +172,7 @@ def domain_xml(
     disk_path: str,
     console_log: str,
     disk_cache: str = "unsafe",
+    serial_dir: str | None = None,
 ) -> str:
     """
     The libvirt domain XML for ``spec``.
@@ -172,6 +185,9 @@ def domain_xml(
         guest's flushes: the overlay is a throwaway copy-on-write layer, so a host crash costs
         only the VM, while fsync-heavy guest work (dpkg, databases) runs much faster,
         especially under TCG. Use ``writeback`` for VMs whose disks must survive host crashes.
+    :param serial_dir: where the host sockets of ``spec.serial_ports`` go (named by
+        :func:`serial_socket_name`); by default the console log's directory.
+    :raises HypervisorError: a serial socket path is too long for a unix socket.
     """
     domain = ET.Element("domain", type="kvm" if accel == "kvm" else "qemu")
     ET.SubElement(domain, "name").text = spec.name
@@ -180,6 +196,8 @@ def domain_xml(
     ET.SubElement(ours, f"{{{METADATA_NS}}}base-disk").text = spec.disk
     ET.SubElement(ours, f"{{{METADATA_NS}}}agent-channel").text = spec.agent_channel
     ET.SubElement(ours, f"{{{METADATA_NS}}}accel").text = accel
+    for index, port in enumerate(spec.serial_ports, start=1):
+        ET.SubElement(ours, f"{{{METADATA_NS}}}serial-port", name=port, port=str(index))
     ET.SubElement(domain, "memory", unit="MiB").text = str(spec.memory_mib)
     ET.SubElement(domain, "vcpu").text = str(spec.vcpus)
 
@@ -235,6 +253,21 @@ def domain_xml(
     ET.SubElement(serial, "target", port="0")
     console = ET.SubElement(devices, "console", type="pty")
     ET.SubElement(console, "target", type="serial", port="0")
+    # The extra serial ports: ttyS1, ttyS2, ... in the guest (port 0, ttyS0, is the console
+    # above, which libvirt aliases to serial0), each a listening unix socket on the host that
+    # libvirtd creates and hands to QEMU; their names are in the metadata.
+    directory = serial_dir if serial_dir is not None else os.path.dirname(console_log)
+    for index, port in enumerate(spec.serial_ports, start=1):
+        path = os.path.join(directory, serial_socket_name(port))
+        if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+            raise HypervisorError(
+                f"cannot define VM {spec.name!r}: the socket of its serial port {port!r} would be "
+                f"{path}, longer than a unix socket path may be ({_MAX_SOCKET_PATH} bytes); use a "
+                "shorter VM name, port name or state directory"
+            )
+        extra = ET.SubElement(devices, "serial", type="unix")
+        ET.SubElement(extra, "source", mode="bind", path=path)
+        ET.SubElement(extra, "target", port=str(index))
 
     # Seeds the guest's entropy pool at once, so nothing in early boot waits for randomness.
     rng = ET.SubElement(devices, "rng", model="virtio")
@@ -316,6 +349,26 @@ def channel_state(xml: str, channel: str) -> str | None:
     for element in root.iterfind("devices/channel/target"):
         if element.get("name") == channel:
             return element.get("state")
+    return None
+
+
+def serial_port_socket_path(xml: str, port: str) -> str | None:
+    """
+    The host socket path of the serial port named ``port`` (see ``VMSpec.serial_ports``) in a
+    domain XML, or ``None`` when the domain has no such port.
+    """
+    root = ET.fromstring(xml)
+    number = None
+    for element in root.iterfind(f"metadata/{{{METADATA_NS}}}vm/{{{METADATA_NS}}}serial-port"):
+        if element.get("name") == port:
+            number = element.get("port")
+    if number is None:
+        return None
+    for element in root.iterfind("devices/serial"):
+        target = element.find("target")
+        source = element.find("source")
+        if element.get("type") == "unix" and target is not None and target.get("port") == number:
+            return source.get("path") if source is not None else None
     return None
 
 
@@ -532,14 +585,15 @@ class LibvirtDriver(Service):
             return accel
 
         accel = await self._in_pool(prepare, action="define VM", vm=spec.name)
-        xml = domain_xml(
-            spec,
-            accel=accel,
-            disk_path=str(overlay),
-            console_log=str(vm_dir / "console.log"),
-            disk_cache=self.disk_cache,
-        )
         try:
+            xml = domain_xml(
+                spec,
+                accel=accel,
+                disk_path=str(overlay),
+                console_log=str(vm_dir / "console.log"),
+                disk_cache=self.disk_cache,
+                serial_dir=str(vm_dir),
+            )
             await self._create_overlay(spec, overlay)
             await self._in_pool(lambda conn: conn.defineXML(xml), action="define VM", vm=spec.name)
         except BaseException:
@@ -745,6 +799,23 @@ class LibvirtDriver(Service):
             return found
 
         return self._run(self._domain_call(name, "find the agent socket of", path))
+
+    def serial_socket_path(self, name: str, port: str) -> Deferred[str]:
+        def path(d: libvirt.virDomain) -> str:
+            xml = d.XMLDesc(0)
+            found = serial_port_socket_path(xml, port)
+            if found is None:
+                raise HypervisorError(
+                    f"VM {name!r} has no serial port named {port!r}; it was defined without it "
+                    "(see VMSpec.serial_ports)"
+                )
+            if not d.isActive():
+                raise VMStateError(
+                    f"VM {name!r} is not running, so its serial port {port!r} has no socket; start it first"
+                )
+            return found
+
+        return self._run(self._domain_call(name, "find the serial port socket of", path))
 
     def guest_port_open(self, name: str, channel: str | None = None) -> Deferred[bool]:
         """

@@ -27,6 +27,7 @@ from hypervisors.libvirt_driver import (
     kvm_usable,
     parse_snapshot_xml,
     select_accel,
+    serial_port_socket_path,
     translate_error,
 )
 from vmcontroller.errors import (
@@ -123,6 +124,72 @@ def test_devices() -> None:
     )
 
 
+def test_serial_ports() -> None:
+    xml = domain_xml(
+        spec(serial_ports=("agent-serial", "other")),
+        accel="tcg",
+        disk_path="/var/lib/vmcontroller/vms/vm1/disk.qcow2",
+        console_log="/var/lib/vmcontroller/vms/vm1/console.log",
+    )
+    root = ET.fromstring(xml)
+    serials = root.findall("devices/serial")
+    # ttyS0 stays the logged console; the named ports follow as ttyS1, ttyS2.
+    assert [(s.get("type"), s.find("target").get("port")) for s in serials] == [  # type: ignore[union-attr]
+        ("pty", "0"),
+        ("unix", "1"),
+        ("unix", "2"),
+    ]
+    assert serials[0].find("log") is not None
+    assert serials[1].find("source").attrib == {  # type: ignore[union-attr]
+        "mode": "bind",
+        "path": "/var/lib/vmcontroller/vms/vm1/serial-agent-serial.sock",
+    }
+    assert root.find("devices/console/target").attrib == {"type": "serial", "port": "0"}  # type: ignore[union-attr]
+    ports = root.findall(f"metadata/{{{METADATA_NS}}}vm/{{{METADATA_NS}}}serial-port")
+    assert [p.attrib for p in ports] == [
+        {"name": "agent-serial", "port": "1"},
+        {"name": "other", "port": "2"},
+    ]
+    # Read back by name, as from the live XML.
+    assert serial_port_socket_path(xml, "other") == "/var/lib/vmcontroller/vms/vm1/serial-other.sock"
+    assert serial_port_socket_path(xml, "missing") is None
+    assert serial_port_socket_path(ET.tostring(render(spec()), encoding="unicode"), "agent-serial") is None
+
+
+def test_serial_ports_in_another_directory() -> None:
+    xml = domain_xml(
+        spec(serial_ports=("a",)),
+        accel="tcg",
+        disk_path="/d/disk.qcow2",
+        console_log="/d/console.log",
+        serial_dir="/run/vmc/vm1",
+    )
+    assert serial_port_socket_path(xml, "a") == "/run/vmc/vm1/serial-a.sock"
+
+
+def test_no_serial_ports_by_default() -> None:
+    root = render(spec())
+    assert len(root.findall("devices/serial")) == 1
+    assert root.find(f"metadata/{{{METADATA_NS}}}vm/{{{METADATA_NS}}}serial-port") is None
+
+
+def test_serial_socket_path_too_long() -> None:
+    with pytest.raises(HypervisorError, match="longer than a unix socket path"):
+        domain_xml(
+            spec(serial_ports=("p" * 80,)),
+            accel="tcg",
+            disk_path="/var/lib/vmcontroller/vms/vm1/disk.qcow2",
+            console_log="/var/lib/vmcontroller/vms/vm1/console.log",
+        )
+
+
+def test_serial_device() -> None:
+    s = spec(serial_ports=("agent-serial", "b", "c"))
+    assert [s.serial_device(p) for p in s.serial_ports] == ["/dev/ttyS1", "/dev/ttyS2", "/dev/ttyS3"]
+    with pytest.raises(KeyError, match="no serial port 'd'"):
+        s.serial_device("d")
+
+
 def test_disk_boot_without_kernel() -> None:
     root = render(spec(kernel=None, initrd=None, cmdline=""))
     assert root.find("os/kernel") is None
@@ -144,6 +211,12 @@ def test_names_are_escaped() -> None:
         {"vcpus": 0},
         {"accel": "hax"},
         {"kernel": None},
+        {"serial_ports": ("a", "b", "c", "d")},
+        {"serial_ports": ("a", "a")},
+        {"serial_ports": ("bad name",)},
+        {"serial_ports": ("",)},
+        {"serial_ports": (".hidden",)},
+        {"serial_ports": "agent"},
     ],
 )
 def test_invalid_specs(fields: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("VMCONTROLLER_ACCEL", defaults.accel),
         choices=["auto", "kvm", "tcg"],
     )
+    p.add_argument("--vcpus", type=int, default=None, help="the guest's virtual CPUs (default: VMSpec's)")
     p.add_argument("--pings", type=int, default=defaults.pings)
     p.add_argument("--execs", type=int, default=defaults.execs)
     p.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed runs before each series")
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    if args.vcpus is not None and args.vcpus < 1:
+        raise SystemExit("--vcpus must be at least 1")
     for name in ("pings", "execs", "size_mib", "echo_messages", "echo_message_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
@@ -60,6 +63,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         driver=args.driver,
         uri=args.uri,
         accel=args.accel,
+        vcpus=args.vcpus,
         pings=args.pings,
         execs=args.execs,
         warmup=max(args.warmup, 0),

@@ -79,7 +79,9 @@ def table(results: Results) -> str:
         f"agent: {agent.get('software', '?')}, protocol v{agent.get('version', '?')}, "
         f"max_frame {agent.get('max_frame', '?')} B, window {agent.get('window', '?')} B, "
         f"max_inflight {agent.get('max_inflight', '?')}",
-        f"sequential; {s.warmup} untimed warm-up runs before each series; push/pull/echo verified "
+        (f"vcpus {s.vcpus}; " if s.vcpus is not None else "")
+        + (f"boot to agent {results.boot_to_agent:.1f} s; " if results.boot_to_agent is not None else "")
+        + f"sequential; {s.warmup} untimed warm-up runs before each series; push/pull/echo verified "
         f"(sha256 {results.sha256[:16]}..., CRC-32)",
         "",
     ]

@@ -11,7 +11,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from twisted.internet import defer
@@ -64,6 +64,8 @@ class Settings:
     driver: str = "libvirt"
     uri: str | None = None
     accel: Accel = "auto"
+    #: Virtual CPUs of the guest; None: the VMSpec default.
+    vcpus: int | None = None
     pings: int = 200
     execs: int = 50
     #: Untimed operations before each timed series (connection set-up, page cache, JIT-less
@@ -99,6 +101,9 @@ class Results:
     echo_bulk: Throughput
     sha256: str
     notes: list[str] = field(default_factory=list)
+    #: Seconds from the start of the wait (right after the VM was started, or found running)
+    #: to the agent's answer; None when not measured.
+    boot_to_agent: float | None = None
 
     @property
     def ping_ratio(self) -> float:
@@ -319,8 +324,10 @@ async def _prepare_vm(reactor: Any, driver: IHypervisorDriver, settings: Setting
     if existing:
         say(f"remove the VM {name} left by an earlier run")
         await driver.undefine(name)
-    say(f"define {name} (accel={settings.accel}) with the extra port {ECHO_CHANNEL}")
-    await driver.define(image.vm_spec(name, accel=settings.accel, extra_channels=(ECHO_CHANNEL,)))
+    overrides: dict[str, Any] = {} if settings.vcpus is None else {"vcpus": settings.vcpus}
+    spec = image.vm_spec(name, accel=settings.accel, extra_channels=(ECHO_CHANNEL,), **overrides)
+    say(f"define {name} (accel={settings.accel}, vcpus={spec.vcpus}) with the extra port {ECHO_CHANNEL}")
+    await driver.define(spec)
     say("boot it")
     await driver.start(name)
 
@@ -336,9 +343,10 @@ async def run(reactor: Any, settings: Settings, say: Say) -> Results:
             say("wait for the guest agent")
             began = time.perf_counter()
             client = await connect_vm_agent(reactor, driver, settings.name, timeout=settings.boot_timeout)
-            say(f"agent answered after {time.perf_counter() - began:.1f} s")
+            boot = time.perf_counter() - began
+            say(f"agent answered after {boot:.1f} s")
             try:
-                return await measure(reactor, client, driver, settings, say)
+                return replace(await measure(reactor, client, driver, settings, say), boot_to_agent=boot)
             finally:
                 client.close()
         finally:

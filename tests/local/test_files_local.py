@@ -5,6 +5,7 @@ operations run in this process against pytest's tmp_path.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -23,6 +24,7 @@ from twisted.internet.task import deferLater
 from guest_agent import __version__
 from guest_agent.ops import files, system
 from guest_agent.protocol.errors import (
+    AgentOSError,
     ConnectionLost,
     DirectoryNotEmpty,
     IntegrityError,
@@ -145,6 +147,25 @@ async def test_disconnect_mid_push_leaves_nothing(tmp_path: Path) -> None:
     [(listed, unnamed)] = seen_mid_transfer
     assert listed == [] and len(unnamed) == 1  # written into an O_TMPFILE, never named
     assert isinstance(outcomes[0], OperationCancelled)
+    assert os.listdir(tmp_path) == [] and unnamed_files_in(tmp_path) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_error_in_the_file_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written: list[int] = []
+    real_write_all = files._write_all
+
+    def filling_up(fd: int, data: bytes) -> None:
+        if sum(written) >= 2 * 1024 * 1024:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, data)
+        written.append(len(data))
+
+    monkeypatch.setattr(files, "_write_all", filling_up)
+    async with agent() as client:
+        with pytest.raises(AgentOSError, match=r"cannot write .*ENOSPC"):
+            await client.push(io.BytesIO(os.urandom(8 * 1024 * 1024)), str(tmp_path / "f"))
+        assert await client.ping()  # the session survived
     assert os.listdir(tmp_path) == [] and unnamed_files_in(tmp_path) == []
 
 

@@ -14,6 +14,7 @@ from functools import partial
 from typing import IO, Any
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint, ITransport
 from twisted.internet.protocol import Factory, Protocol
@@ -381,12 +382,12 @@ async def _connect(
             last_error = e
             await deferLater(reactor, CONNECT_RETRY_INTERVAL, lambda: None)
             continue
-        except CancelledError:
+        except (CancelledError, DeferredTimeoutError):
             break
         try:
             ready = Deferred.fromCoroutine(client.wait_ready())
             await ready.addTimeout(max(deadline - reactor.seconds(), 0.01), reactor)
-        except CancelledError:
+        except (CancelledError, DeferredTimeoutError):
             client.close()
             break
         return client

@@ -37,6 +37,8 @@ _READ_PIECES = 128
 #: of them in one system call (the kernel stops at the first one the port cannot take).
 _WRITE_PIECE = 32 * 1024
 _WRITE_PIECES = 64
+#: Pieces smaller than this are joined with their neighbours before they are written.
+_JOIN_BELOW = 4096
 
 
 class AgentProtocol(Protocol):
@@ -151,16 +153,32 @@ class _DeviceReader(abstract.FileDescriptor):
         if not self.connected or self.disconnecting:
             return
         queued = bool(self._pending)
+        # Each piece of a writev(2) is a write of its own to the port: a buffer the host is
+        # told about (a costly exit to QEMU under emulation) and often a read of its own on
+        # the host.  So runs of small pieces (frame headers, JSON) are joined into one.
+        small: list[bytes | memoryview] = []
         for piece in pieces:
-            view = memoryview(piece)
-            if len(view) <= _WRITE_PIECE:
-                if view:
-                    self._pending.append(view)
-            else:
-                self._pending.extend(view[start : start + _WRITE_PIECE]
-                                     for start in range(0, len(view), _WRITE_PIECE))
+            if len(piece) < _JOIN_BELOW:
+                small.append(piece)
+                continue
+            if small:
+                self._queue(b"".join(small))
+                small = []
+            self._queue(piece)
+        if small:
+            self._queue(b"".join(small))
         if not queued:
             self._write_pending()
+
+    def _queue(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        if len(view) <= _WRITE_PIECE:
+            if view:
+                self._pending.append(view)
+        else:
+            self._pending.extend(
+                view[start : start + _WRITE_PIECE] for start in range(0, len(view), _WRITE_PIECE)
+            )
 
     def _write_pending(self) -> None:
         pending = self._pending
@@ -320,6 +338,13 @@ class CharacterDeviceTransport(Service):
         signal.signal(signal.SIGIO, lambda signum, frame: self._reactor.callFromThread(self._check_host))
         self._start_loop(self._check_host, self.HOST_CHECK_INTERVAL)
 
+    def _stop_host_signal(self) -> None:
+        # Left on, the port would raise SIGIO on every byte the host sends: a signal, a
+        # wake-up of the reactor and a wasted pass of its loop per request.
+        assert self._fd is not None
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_ASYNC)
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
+
     def _check_host(self) -> None:
         if self._fd is None or self._reader is not None:
             return
@@ -328,6 +353,7 @@ class CharacterDeviceTransport(Service):
         if any(mask & select.POLLHUP for _, mask in poller.poll(0)):
             return
         self._stop_loop()
+        self._stop_host_signal()
         self.log.info("Host connected on {path}", path=self.path)
         self._attach()
 

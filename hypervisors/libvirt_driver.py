@@ -207,8 +207,9 @@ def domain_xml(
         ET.SubElement(os_, "kernel").text = spec.kernel
         if spec.initrd:
             ET.SubElement(os_, "initrd").text = spec.initrd
-        if spec.cmdline:
-            ET.SubElement(os_, "cmdline").text = spec.cmdline
+        cmdline = f"{spec.cmdline} {spec.tcg_cmdline}" if accel == "tcg" else spec.cmdline
+        if cmdline.strip():
+            ET.SubElement(os_, "cmdline").text = cmdline.strip()
     else:
         ET.SubElement(os_, "boot", dev="hd")
 

@@ -6,21 +6,26 @@ take at once queued in order until it has room.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import signal
 import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from twisted.internet.task import Clock
 
 from guest_agent import transports
-from guest_agent.transports import _DeviceReader
+from guest_agent.transports import CharacterDeviceTransport, _DeviceReader
 
 
-class _Reactor:
-    """Just the reactor calls a FileDescriptor makes to be watched."""
+class _Reactor(Clock):
+    """A clock plus the reactor calls a FileDescriptor makes to be watched."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.readers: set[Any] = set()
         self.writers: set[Any] = set()
 
@@ -35,6 +40,9 @@ class _Reactor:
 
     def removeWriter(self, writer: Any) -> None:
         self.writers.discard(writer)
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        self.callLater(0, f, *args)
 
 
 class _Session:
@@ -135,3 +143,60 @@ def test_a_failed_write_drops_the_queue(pair: tuple[socket.socket, socket.socket
             break
         reader.doWrite()
     assert device.gone and device.gone[0].startswith("write failed")
+
+
+def test_small_pieces_are_joined_into_one_write(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ours, theirs = pair
+    writes: list[list[int]] = []
+    writev = os.writev
+
+    def recording_writev(fd: int, buffers: list[Any]) -> int:
+        writes.append([len(b) for b in buffers])
+        return writev(fd, buffers)
+
+    monkeypatch.setattr(transports.os, "writev", recording_writev)
+    reader = _DeviceReader(_Reactor(), ours.fileno(), _Device())  # type: ignore[arg-type]
+    reader.write_sequence([b"H" * 16, b'{"time":1}', b"H" * 16, b""])
+    assert writes == [[42]]
+    assert _drain(theirs) == b"H" * 16 + b'{"time":1}' + b"H" * 16
+
+    # A large payload is written as it is, not copied to be joined with its header.
+    writes.clear()
+    payload = os.urandom(transports._WRITE_PIECE + 10)
+    reader.write_sequence([b"H" * 16, payload, b"T" * 16])
+    received = bytearray()
+    for _ in range(10_000):
+        received += _drain(theirs)
+        if not reader._pending:
+            break
+        reader.doWrite()
+    assert bytes(received) == b"H" * 16 + payload + b"T" * 16
+    assert [size for batch in writes for size in batch][:3] == [16, transports._WRITE_PIECE, 10]
+
+
+def test_a_connected_host_gets_no_sigio() -> None:
+    """
+    Between hosts the port raises SIGIO to say one came; once one is there it must not,
+    or every byte it sends costs a signal and a pass of the reactor loop.
+    """
+    master, follower = pty.openpty()
+    previous = signal.getsignal(signal.SIGIO)
+    reactor = _Reactor()
+    device = CharacterDeviceTransport(reactor, os.ttyname(follower), {})
+    try:
+        device.startService()
+        reader = device._reader
+        assert reader is not None and device._fd is not None
+        # The agent waits for the next host with SIGIO on; a pty never polls as hung up,
+        # so its first check finds the "host" already back.
+        device.host_gone(reader, "end of file")
+        assert device._reader not in (None, reader)
+        assert not fcntl.fcntl(device._fd, fcntl.F_GETFL) & os.O_ASYNC
+        assert signal.getsignal(signal.SIGIO) == signal.SIG_IGN
+    finally:
+        device.stopService()
+        signal.signal(signal.SIGIO, previous)
+        os.close(master)
+        os.close(follower)

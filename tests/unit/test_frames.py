@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from guest_agent.protocol.errors import FrameTooLarge, ProtocolError
@@ -14,7 +16,9 @@ from guest_agent.protocol.frames import (
     FrameDecoder,
     FrameType,
     Marker,
+    decode_json,
     encode_frame,
+    encode_json,
 )
 
 
@@ -91,3 +95,37 @@ def test_hunt_keeps_memory_bounded() -> None:
         decoder.feed(b"z" * 10000)
         assert decoder.hunt(SYNC_MAGIC) is None
     assert len(decoder._buffer) < 64
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["text", "\u00e9t\u00e9 \U0001f600", 0, -7, 2.5, None, True, [], {},
+     {"op": "ping", "args": {"a": [1, None, "x"]}}],
+)
+def test_json_round_trip(value: object) -> None:
+    encoded = encode_json(value)
+    assert encoded == json.dumps(value, separators=(",", ":")).encode()
+    assert decode_json(encoded) == value
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b' {"a": 1}\n', b'{"a":1}', '{"a":"\u00e9"}'.encode("utf-16")],
+    ids=["spaces", "bare", "utf-16"],
+)
+def test_json_decodes_what_json_loads_decodes(payload: bytes) -> None:
+    assert decode_json(payload) == json.loads(payload)
+
+
+@pytest.mark.parametrize("payload", [b'{"a":1}x', b"\xff", b"", b'{"a":', b"[1,]"])
+def test_json_refuses_what_json_loads_refuses(payload: bytes) -> None:
+    with pytest.raises(ValueError) as expected:
+        json.loads(payload)
+    with pytest.raises(ValueError) as got:
+        decode_json(payload)
+    assert str(got.value) == str(expected.value)
+
+
+def test_malformed_json_in_a_frame_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="REQUEST frame carries malformed JSON"):
+        Frame(FrameType.REQUEST, 1, b'{"op":').json()

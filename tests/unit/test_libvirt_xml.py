@@ -81,7 +81,7 @@ def test_tcg_domain() -> None:
     assert (os_type.get("arch"), os_type.get("machine"), os_type.text) == ("x86_64", "pc", "hvm")
     assert root.findtext("os/kernel") == "/var/lib/vmcontroller/images/x/vmlinuz"
     assert root.findtext("os/initrd") == "/var/lib/vmcontroller/images/x/initrd.img"
-    assert root.findtext("os/cmdline") == "root=/dev/vda rw console=ttyS0"
+    assert root.findtext("os/cmdline") == "root=/dev/vda rw console=ttyS0 norandmaps"
     assert root.find("features/acpi") is not None
     assert root.findtext("on_poweroff") == "destroy"
 
@@ -90,6 +90,12 @@ def test_kvm_domain_passes_the_host_cpu() -> None:
     root = render(spec(), accel="kvm")
     assert root.get("type") == "kvm"
     assert root.find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
+    assert root.findtext("os/cmdline") == "root=/dev/vda rw console=ttyS0"
+
+
+def test_tcg_cmdline_is_the_specs_choice() -> None:
+    assert render(spec(tcg_cmdline="")).findtext("os/cmdline") == "root=/dev/vda rw console=ttyS0"
+    assert render(spec(cmdline="", tcg_cmdline="quiet")).findtext("os/cmdline") == "quiet"
 
 
 def test_devices() -> None:
@@ -197,7 +203,7 @@ def test_disk_boot_without_kernel() -> None:
 
 
 def test_names_are_escaped() -> None:
-    root = render(spec(cmdline="a='<b>' & c"))
+    root = render(spec(cmdline="a='<b>' & c", tcg_cmdline=""))
     assert root.findtext("os/cmdline") == "a='<b>' & c"
 
 

@@ -168,6 +168,16 @@ async def test_killed_by_a_signal(client: GuestClient) -> None:
         await client.run(["sh", "-c", "kill -KILL $$"], check=True)
 
 
+async def _assert_timeout_kills_grandchild(client: GuestClient, tmp_path: object, script: str) -> None:
+    """Run ``script`` (which writes its background child's pid to $PID_FILE) into a timeout."""
+    pid_file = f"{tmp_path}/child.pid"
+    with pytest.raises(OperationTimeout, match=r"timeout of 0\.5 s"):
+        await client.run(["sh", "-c", script.replace("$PID_FILE", pid_file)], timeout=0.5)
+    with open(pid_file) as f:
+        grandchild = int(f.read())
+    await wait_for(lambda: not alive(grandchild), "the grandchild's death")
+
+
 @pytest.mark.parametrize("launcher", ["setsid", "python"])
 @pytest_twisted.ensureDeferred
 async def test_timeout_kills_the_process_group(client: GuestClient, tmp_path: object,
@@ -176,23 +186,13 @@ async def test_timeout_kills_the_process_group(client: GuestClient, tmp_path: ob
         # The shim a guest without setsid(1) gets.
         monkeypatch.setattr(agent_exec, "_launcher",
                             lambda: (sys.executable, "-I", "-S", "-c", agent_exec._SETSID_SHIM))
-    pid_file = f"{tmp_path}/child.pid"
-    with pytest.raises(OperationTimeout, match=r"timeout of 0\.5 s"):
-        await client.run(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; sleep 300"], timeout=0.5)
-    with open(pid_file) as f:
-        grandchild = int(f.read())
-    await wait_for(lambda: not alive(grandchild), "the grandchild's death")
+    await _assert_timeout_kills_grandchild(client, tmp_path, "sleep 300 & echo $! > $PID_FILE; sleep 300")
 
 
 @pytest_twisted.ensureDeferred
 async def test_timeout_when_a_background_child_keeps_the_pipes(client: GuestClient, tmp_path: object) -> None:
     """The shell exits at once; its child holds stdout open, so the exec runs until the timeout."""
-    pid_file = f"{tmp_path}/child.pid"
-    with pytest.raises(OperationTimeout):
-        await client.run(["sh", "-c", f"sleep 300 & echo $! > {pid_file}"], timeout=0.5)
-    with open(pid_file) as f:
-        grandchild = int(f.read())
-    await wait_for(lambda: not alive(grandchild), "the grandchild's death")
+    await _assert_timeout_kills_grandchild(client, tmp_path, "sleep 300 & echo $! > $PID_FILE")
 
 
 @pytest_twisted.ensureDeferred

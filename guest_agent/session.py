@@ -94,14 +94,9 @@ class AgentSession:
     ) -> None:
         self._reactor = reactor
         self._operations = operations
-        self.link = Link(AgentConnection(limits, hello_extra=hello), write, write_sequence)
+        self.connection = AgentConnection(limits, hello_extra=hello)
+        self.link = Link(self.connection, write, write_sequence)
         self._running: dict[int, OperationContext] = {}
-
-    @property
-    def connection(self) -> AgentConnection:
-        connection = self.link.connection
-        assert isinstance(connection, AgentConnection)
-        return connection
 
     def announce_restart(self) -> None:
         self.connection.announce_restart()

@@ -596,10 +596,10 @@ class AgentConnection(_Connection):
             self._send(FrameType.HELLO, 0, encode_json(reply))
             events.append(HandshakeComplete(self.version, hello))
             return
-        if self._handle_common(frame, events):
-            return
         if frame.type is FrameType.REQUEST:
             self._handle_request(frame, events)
+        elif self._handle_common(frame, events):
+            return
         elif frame.type is FrameType.CANCEL:
             if frame.request_id in self._requests:
                 body = frame.json()

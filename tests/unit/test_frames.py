@@ -91,3 +91,12 @@ def test_hunt_keeps_memory_bounded() -> None:
         decoder.feed(b"z" * 10000)
         assert decoder.hunt(SYNC_MAGIC) is None
     assert len(decoder._buffer) < 64
+
+
+def test_buffered_counts_what_is_not_yet_a_whole_frame() -> None:
+    wire = encode_frame(FrameType.DATA, 1, b"x" * 100)
+    decoder = FrameDecoder(1024)
+    decoder.feed(wire + wire[:50])
+    assert decoder.next() == Frame(FrameType.DATA, 1, b"x" * 100)
+    assert decoder.next() is None
+    assert decoder.buffered == 50

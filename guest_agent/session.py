@@ -16,6 +16,7 @@ from guest_agent.link import Link, RequestIO
 from guest_agent.protocol.connection import (
     AgentConnection,
     CancelRequested,
+    Event,
     HandshakeComplete,
     Limits,
     ProtocolFailure,
@@ -103,7 +104,14 @@ class AgentSession:
         self.link.flush()
 
     def data_received(self, data: bytes | memoryview) -> None:
-        for event in self.connection.receive_data(data):
+        self._handle(self.connection.receive_data(data))
+
+    def line_idle(self) -> None:
+        """No byte came for a while: a partial frame is dropped (see ``AgentConnection``)."""
+        self._handle(self.connection.line_idle())
+
+    def _handle(self, events: list[Event]) -> None:
+        for event in events:
             if self.link.route_stream_event(event):
                 continue
             if isinstance(event, RequestReceived):
@@ -113,8 +121,9 @@ class AgentSession:
                 if context is not None:
                     context.cancel(event.body)
             elif isinstance(event, SessionReset | ProtocolFailure):
-                self.log.warn("Session ended: {why}", why=getattr(event, "reason", None) or event)
-                self._end_session("the host started a new session")
+                why = event.reason if isinstance(event, SessionReset) else str(event.error)
+                self.log.warn("Session ended: {why}", why=why)
+                self._end_session(why)
             elif isinstance(event, HandshakeComplete):
                 self.log.info("Host connected, protocol version {v}", v=event.version)
         self.link.flush()

@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import abstract
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -140,7 +140,7 @@ class _DeviceReader(abstract.FileDescriptor):
             why = "end of file"
         else:
             # The engine copies what it keeps: the buffer is reused for the next read.
-            self._device.session.data_received(self._read_buffer[:count])
+            self._device.data_received(self._read_buffer[:count])
         if why:
             self._device.host_gone(self, why)
 
@@ -238,6 +238,10 @@ class CharacterDeviceTransport(Service):
     the device: it waits for the SIGIO the port sends when the host opens it, with a slow
     poll as the safety net for a lost signal.
 
+    On a tty, a host that left in the middle of a frame would leave the agent waiting for
+    the rest of it, so a partial frame is dropped once the line has been idle for
+    :attr:`SERIAL_IDLE_TIMEOUT`; the timer runs only while a partial frame is held.
+
     :param path: the device node; the agent waits for it to appear.
     :param serial: True for a tty, put in raw mode.
     """
@@ -245,6 +249,13 @@ class CharacterDeviceTransport(Service):
     log = Logger()
     APPEAR_INTERVAL = 0.5
     HOST_CHECK_INTERVAL = 2.0
+    #: On a tty, how long a frame may stay partly received with no byte arriving before the
+    #: agent drops it.  A host writes each frame whole, so its bytes follow one another at
+    #: line speed (a byte takes about 1 ms even at 9600 baud): a pause this long means the
+    #: writer is gone.  It must stay well under the host's SYNC retry interval (1 s), or the
+    #: SYNCs of the next host, each swallowed as payload of the dead frame, would keep the
+    #: line from ever looking idle.
+    SERIAL_IDLE_TIMEOUT = 0.5
 
     def __init__(
         self,
@@ -262,6 +273,7 @@ class CharacterDeviceTransport(Service):
         self._fd: int | None = None
         self._reader: _DeviceReader | None = None
         self._waiting: LoopingCall | None = None
+        self._idle_timer: IDelayedCall | None = None
         self.session = AgentSession(reactor, operations, self._write, limits, hello, self._write_sequence)
 
     def _write(self, data: bytes) -> None:
@@ -276,9 +288,40 @@ class CharacterDeviceTransport(Service):
         super().startService()
         self._start_loop(self._open_when_present, self.APPEAR_INTERVAL)
 
+    def data_received(self, data: memoryview) -> None:
+        self.session.data_received(data)
+        if self._serial:
+            self._time_partial_frame()
+
+    def _time_partial_frame(self) -> None:
+        """(Re)start the idle timer while the session holds a partial frame; else stop it."""
+        if self._reader is None or not self.session.connection.holds_partial_frame:
+            self._stop_idle_timer()
+        elif self._idle_timer is None:
+            self._idle_timer = self._reactor.callLater(self.SERIAL_IDLE_TIMEOUT, self._line_idle)
+        else:
+            self._idle_timer.reset(self.SERIAL_IDLE_TIMEOUT)
+
+    def _stop_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _line_idle(self) -> None:
+        self._idle_timer = None
+        assert self._fd is not None
+        # The reactor runs its timers before it reads: after the agent was not scheduled for
+        # a while, the rest of the frame may be waiting unread, and the line was not idle.
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        if not poller.poll(0):
+            self.session.line_idle()
+        self._time_partial_frame()
+
     def stopService(self) -> None:
         super().stopService()
         self._stop_loop()
+        self._stop_idle_timer()
         if self._reader is not None:
             self._reader.detach()
             self._reader = None
@@ -320,6 +363,7 @@ class CharacterDeviceTransport(Service):
         self.log.info("Host left {path} ({why}); waiting for it", path=self.path, why=why)
         reader.detach()
         self._reader = None
+        self._stop_idle_timer()
         self.session.host_disconnected()
         if self._serial:
             # A tty reads end-of-file (and fails writes) only once it was hung up, e.g. when a

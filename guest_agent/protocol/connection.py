@@ -124,7 +124,10 @@ class CancelRequested:
 
 @dataclass(frozen=True)
 class ProtocolFailure:
-    """The agent saw a broken stream, told the host why and went back to hunting for SYNC."""
+    """
+    The agent saw a broken stream (or one cut off in the middle of a frame), told the host
+    why and went back to hunting for SYNC.
+    """
 
     error: ProtocolError
 
@@ -513,6 +516,27 @@ class AgentConnection(_Connection):
         self._decoder.clear()
         self._outgoing.clear()
 
+    @property
+    def holds_partial_frame(self) -> bool:
+        """A frame (or marker) from the host has begun and not yet arrived whole."""
+        return self._synced and self._decoder.buffered > 0
+
+    def line_idle(self) -> list[Event]:
+        """
+        The transport says no byte has arrived for a while.  A host writes each frame
+        whole, so a frame begun and not finished means its writer is gone, which a serial
+        tty never reports: drop the partial frame, tell the host why and hunt for SYNC, as
+        after a broken stream.  Without a partial frame nothing happens.
+        """
+        events: list[Event] = []
+        if self.holds_partial_frame:
+            error = ProtocolError(
+                f"the host stopped sending in the middle of a frame ({self._decoder.buffered} "
+                "bytes of it arrived): dropped it"
+            )
+            self._resynchronise(error, events)
+        return events
+
     def send_response(self, request_id: int, result: Any = None) -> None:
         """Send the result; one too large for a frame becomes a ``result-too-large`` error."""
         if request_id in self._requests:
@@ -550,13 +574,15 @@ class AgentConnection(_Connection):
                     continue
                 self._handle_frame(item, events)
             except ProtocolError as e:
-                # Tell the host why, then drop the session and hunt for the next SYNC.
-                code = e.code
-                self._send(FrameType.ERROR, 0, _error_payload(code, str(e)))
-                self._reset_session()
-                self._synced = False
-                self._decoder.clear()
-                events.append(ProtocolFailure(e))
+                self._resynchronise(e, events)
+
+    def _resynchronise(self, error: ProtocolError, events: list[Event]) -> None:
+        """Tell the host why, then drop the session and hunt for the next SYNC."""
+        self._send(FrameType.ERROR, 0, _error_payload(error.code, str(error)))
+        self._reset_session()
+        self._synced = False
+        self._decoder.clear()
+        events.append(ProtocolFailure(error))
 
     def _synced_with(self, nonce: bytes, events: list[Event]) -> None:
         had_session = self._open or bool(self._requests)

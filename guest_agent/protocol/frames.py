@@ -167,6 +167,14 @@ class FrameDecoder:
     def clear(self) -> None:
         self._buffer.clear()
 
+    @property
+    def buffered(self) -> int:
+        """
+        How many bytes are held; once :meth:`next` returned None, those of a frame or
+        marker that has begun and not yet arrived whole.
+        """
+        return len(self._buffer)
+
     def next(self) -> Frame | Marker | None:
         """
         The next complete frame or marker, or None until more bytes arrive.

@@ -31,10 +31,7 @@ from guest_agent.protocol.errors import (
 from guest_agent.protocol.frames import Channel, FrameType, encode_frame
 
 
-def opened(
-    host_limits: Limits | None = None, agent_limits: Limits | None = None
-) -> tuple[HostConnection, AgentConnection]:
-    host, agent = HostConnection(host_limits), AgentConnection(agent_limits)
+def handshake(host: HostConnection, agent: AgentConnection) -> None:
     host.start()
     agent.receive_data(host.data_to_send())
     host.receive_data(agent.data_to_send())  # ACK -> HELLO
@@ -42,6 +39,13 @@ def opened(
     events = host.receive_data(agent.data_to_send())
     assert [type(e) for e in events] == [HandshakeComplete]
     assert host.is_open and agent.is_open
+
+
+def opened(
+    host_limits: Limits | None = None, agent_limits: Limits | None = None
+) -> tuple[HostConnection, AgentConnection]:
+    host, agent = HostConnection(host_limits), AgentConnection(agent_limits)
+    handshake(host, agent)
     return host, agent
 
 
@@ -269,3 +273,51 @@ def test_queued_data_is_what_was_sent_even_if_the_caller_reuses_its_buffer() -> 
     data = b"".join(e.data for e in events if isinstance(e, DataReceived))
     assert data == b"x" * 3000 + b"y" * 1500
     assert all(len(e.data) <= 1024 for e in events if isinstance(e, DataReceived))
+
+
+def test_partial_frame_is_dropped_when_the_line_goes_idle() -> None:
+    """A host left in the middle of a frame (a serial tty does not say so); the next one gets a session."""
+    old, agent = opened()
+    rid = old.send_request("push", {})
+    agent.receive_data(old.data_to_send())
+    old.send_data(rid, Channel.INPUT, b"x" * 1000)
+    agent.receive_data(old.data_to_send()[:300])
+    assert agent.holds_partial_frame
+    new = HostConnection()
+    new.start()
+    assert agent.receive_data(new.data_to_send()) == []  # the SYNC is taken for payload
+    assert agent.data_to_send() == b""
+    (event,) = agent.line_idle()
+    assert isinstance(event, ProtocolFailure) and "middle of a frame" in str(event.error)
+    assert not agent.is_open and agent.open_requests == 0 and not agent.holds_partial_frame
+    # The ERROR reaches a host still listening; a new host skips it as stale bytes.
+    (told,) = old.receive_data(agent.data_to_send())
+    assert isinstance(told, ErrorReceived) and told.request_id == 0 and isinstance(told.error, ProtocolError)
+    handshake(new, agent)  # the new host's next SYNC is found
+
+
+def test_idle_line_between_whole_frames_changes_nothing() -> None:
+    host, agent = opened()
+    rid = host.send_request("push", {})
+    host.send_data(rid, Channel.INPUT, b"x" * 1000)
+    agent.receive_data(host.data_to_send())
+    assert not agent.holds_partial_frame
+    assert agent.line_idle() == []
+    assert agent.data_to_send() == b""
+    assert agent.is_open and agent.open_requests == 1
+    agent.send_response(rid, {})
+    assert host.receive_data(agent.data_to_send()) == [ResponseReceived(rid, {})]
+
+
+def test_idle_line_while_hunting_changes_nothing() -> None:
+    host, agent = HostConnection(), AgentConnection()
+    host.start()
+    sync = host.data_to_send()
+    agent.receive_data(b"stale bytes" + sync[:5])  # junk and the start of a SYNC
+    assert not agent.holds_partial_frame
+    assert agent.line_idle() == []
+    assert agent.data_to_send() == b""
+    agent.receive_data(sync[5:])
+    host.receive_data(agent.data_to_send())  # the ACK: the SYNC was found
+    agent.receive_data(host.data_to_send())
+    assert isinstance(host.receive_data(agent.data_to_send())[0], HandshakeComplete)

@@ -45,18 +45,13 @@ class _Reactor(Clock):
         self.callLater(0, f, *args)
 
 
-class _Session:
-    def __init__(self) -> None:
-        self.received = bytearray()
-
-    def data_received(self, data: bytes | memoryview) -> None:
-        self.received += data
-
-
 class _Device:
     def __init__(self) -> None:
-        self.session = _Session()
+        self.received = bytearray()
         self.gone: list[str] = []
+
+    def data_received(self, data: memoryview) -> None:
+        self.received += data
 
     def host_gone(self, reader: Any, why: str) -> None:
         self.gone.append(why)
@@ -123,7 +118,7 @@ def test_reads_everything_available_then_end_of_file(pair: tuple[socket.socket, 
     sent = os.urandom(10_000)
     theirs.sendall(sent)
     reader.doRead()
-    assert bytes(device.session.received) == sent
+    assert bytes(device.received) == sent
     reader.doRead()  # nothing there: EAGAIN is not an end
     assert device.gone == []
     theirs.shutdown(socket.SHUT_WR)

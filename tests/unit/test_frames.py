@@ -129,3 +129,12 @@ def test_json_refuses_what_json_loads_refuses(payload: bytes) -> None:
 def test_malformed_json_in_a_frame_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError, match="REQUEST frame carries malformed JSON"):
         Frame(FrameType.REQUEST, 1, b'{"op":').json()
+
+
+def test_buffered_counts_what_is_not_yet_a_whole_frame() -> None:
+    wire = encode_frame(FrameType.DATA, 1, b"x" * 100)
+    decoder = FrameDecoder(1024)
+    decoder.feed(wire + wire[:50])
+    assert decoder.next() == Frame(FrameType.DATA, 1, b"x" * 100)
+    assert decoder.next() is None
+    assert decoder.buffered == 50

@@ -514,6 +514,13 @@ async def build_image(
     log(f"building guest image {image_id} in {work}")
     try:
         await _build(reactor, work, image_id=image_id, disk_size_mib=disk_size_mib, log=log)
+        if recipe_hash() != image_id:
+            # The image holds whatever the agent's files were when mmdebstrap copied them; it
+            # must not be cached under a name that says otherwise.
+            raise ImageBuildError(
+                f"the guest agent's files or the image recipe changed while image {image_id} was "
+                "being built, so it may hold a mix of both versions; it was discarded: build again"
+            )
         old = None
         if final.exists():
             old = cache / f".old-{image_id}-{uuid.uuid4().hex[:8]}"

@@ -6,8 +6,13 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import cast
 
 import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorProcess
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from guest_agent import install
 from vmcontroller import images
@@ -82,6 +87,33 @@ def test_cached_image_needs_every_file(tmp_path: Path) -> None:
         256,
     )
     assert "root=/dev/vda" in spec.cmdline
+
+
+def test_an_image_whose_recipe_changed_during_the_build_is_not_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashes = iter(["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"])
+    monkeypatch.setattr(images, "recipe_hash", lambda: next(hashes))
+
+    async def build(reactor: object, work: Path, **kwargs: object) -> None:
+        for name in ("root.qcow2", "vmlinuz", "initrd.img"):
+            (work / name).write_bytes(b"")
+        (work / "manifest.json").write_text(json.dumps({"image_id": "aaaaaaaaaaaaaaaa"}))
+
+    async def run(reactor: object, argv: list[str], **kwargs: object) -> bytes:
+        assert argv[:2] == ["rm", "-rf"]
+        shutil.rmtree(argv[-1])
+        return b""
+
+    monkeypatch.setattr(images, "_build", build)
+    monkeypatch.setattr(images, "_run", run)
+    cache = tmp_path / "images"
+    outcome = Deferred.fromCoroutine(images.build_image(cast(IReactorProcess, Clock()), cache_dir=cache, log=lambda line: None))
+    failures: list[Failure] = []
+    outcome.addErrback(failures.append)
+    assert failures and failures[0].check(images.ImageBuildError)
+    assert "changed while image aaaaaaaaaaaaaaaa was being built" in failures[0].getErrorMessage()
+    assert list(cache.iterdir()) == []  # neither a cache entry nor a leftover build
 
 
 def fake_debian_root(root: Path) -> Path:

@@ -108,7 +108,8 @@ def test_an_image_whose_recipe_changed_during_the_build_is_not_cached(
     monkeypatch.setattr(images, "_build", build)
     monkeypatch.setattr(images, "_run", run)
     cache = tmp_path / "images"
-    outcome = Deferred.fromCoroutine(images.build_image(cast(IReactorProcess, Clock()), cache_dir=cache, log=lambda line: None))
+    reactor = cast(IReactorProcess, Clock())
+    outcome = Deferred.fromCoroutine(images.build_image(reactor, cache_dir=cache, log=lambda line: None))
     failures: list[Failure] = []
     outcome.addErrback(failures.append)
     assert failures and failures[0].check(images.ImageBuildError)

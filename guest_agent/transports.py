@@ -347,6 +347,9 @@ class CharacterDeviceTransport(Service):
         self._fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY)
         if self._serial:
             tty.setraw(self._fd, termios.TCSANOW)
+            # What came before went through the line editing of cooked mode, which may have
+            # eaten or changed bytes: drop it, the host's SYNCs are sent again.
+            termios.tcflush(self._fd, termios.TCIFLUSH)
         self.log.info("Serving the host on {path}", path=self.path)
         self._attach()
         # A host that talked to an earlier agent on this device must learn it is gone.

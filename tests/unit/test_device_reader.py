@@ -15,34 +15,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 
 from guest_agent import transports
 from guest_agent.transports import CharacterDeviceTransport, _DeviceReader
-
-
-class _Reactor(Clock):
-    """A clock plus the reactor calls a FileDescriptor makes to be watched."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.readers: set[Any] = set()
-        self.writers: set[Any] = set()
-
-    def addReader(self, reader: Any) -> None:
-        self.readers.add(reader)
-
-    def removeReader(self, reader: Any) -> None:
-        self.readers.discard(reader)
-
-    def addWriter(self, writer: Any) -> None:
-        self.writers.add(writer)
-
-    def removeWriter(self, writer: Any) -> None:
-        self.writers.discard(writer)
-
-    def callFromThread(self, f: Any, *args: Any) -> None:
-        self.callLater(0, f, *args)
 
 
 class _Device:
@@ -82,7 +58,7 @@ def _drain(sock: socket.socket) -> bytes:
 
 def test_writes_what_does_not_fit_later_in_order(pair: tuple[socket.socket, socket.socket]) -> None:
     ours, theirs = pair
-    reactor, device = _Reactor(), _Device()
+    reactor, device = MemoryReactorClock(), _Device()
     reader = _DeviceReader(reactor, ours.fileno(), device)  # type: ignore[arg-type]
     header = b"H" * 16
     payload = os.urandom(3 * transports._WRITE_PIECE + 123)
@@ -104,7 +80,7 @@ def test_writes_what_does_not_fit_later_in_order(pair: tuple[socket.socket, sock
 
 def test_small_write_goes_out_at_once(pair: tuple[socket.socket, socket.socket]) -> None:
     ours, theirs = pair
-    reactor, device = _Reactor(), _Device()
+    reactor, device = MemoryReactorClock(), _Device()
     reader = _DeviceReader(reactor, ours.fileno(), device)  # type: ignore[arg-type]
     reader.write_sequence([b"header", b"payload"])
     assert reactor.writers == set()
@@ -113,7 +89,7 @@ def test_small_write_goes_out_at_once(pair: tuple[socket.socket, socket.socket])
 
 def test_reads_everything_available_then_end_of_file(pair: tuple[socket.socket, socket.socket]) -> None:
     ours, theirs = pair
-    reactor, device = _Reactor(), _Device()
+    reactor, device = MemoryReactorClock(), _Device()
     reader = _DeviceReader(reactor, ours.fileno(), device)  # type: ignore[arg-type]
     sent = os.urandom(10_000)
     theirs.sendall(sent)
@@ -128,7 +104,7 @@ def test_reads_everything_available_then_end_of_file(pair: tuple[socket.socket, 
 
 def test_a_failed_write_drops_the_queue(pair: tuple[socket.socket, socket.socket]) -> None:
     ours, theirs = pair
-    reactor, device = _Reactor(), _Device()
+    reactor, device = MemoryReactorClock(), _Device()
     reader = _DeviceReader(reactor, ours.fileno(), device)  # type: ignore[arg-type]
     reader.write_sequence([os.urandom(1 << 20)])
     assert reader in reactor.writers
@@ -152,7 +128,7 @@ def test_small_pieces_are_joined_into_one_write(
         return writev(fd, buffers)
 
     monkeypatch.setattr(transports.os, "writev", recording_writev)
-    reader = _DeviceReader(_Reactor(), ours.fileno(), _Device())  # type: ignore[arg-type]
+    reader = _DeviceReader(MemoryReactorClock(), ours.fileno(), _Device())  # type: ignore[arg-type]
     reader.write_sequence([b"H" * 16, b'{"time":1}', b"H" * 16, b""])
     assert writes == [[42]]
     assert _drain(theirs) == b"H" * 16 + b'{"time":1}' + b"H" * 16
@@ -178,7 +154,7 @@ def test_a_connected_host_gets_no_sigio() -> None:
     """
     master, follower = pty.openpty()
     previous = signal.getsignal(signal.SIGIO)
-    reactor = _Reactor()
+    reactor = MemoryReactorClock()
     device = CharacterDeviceTransport(reactor, os.ttyname(follower), {})
     try:
         device.startService()

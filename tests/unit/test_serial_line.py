@@ -7,12 +7,14 @@ to the pty's master.  A frame left half-received is dropped once the line is idl
 from __future__ import annotations
 
 import os
+import select
+import termios
 import tty
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 
 from guest_agent.protocol.connection import (
     ErrorReceived,
@@ -21,31 +23,11 @@ from guest_agent.protocol.connection import (
     ResponseReceived,
 )
 from guest_agent.protocol.errors import ProtocolError
-from guest_agent.protocol.frames import RESET_MARKER, Channel
+from guest_agent.protocol.frames import NONCE_SIZE, RESET_MARKER, SYNC_MAGIC, Channel
 from guest_agent.session import OperationContext
 from guest_agent.transports import CharacterDeviceTransport
 
 IDLE = CharacterDeviceTransport.SERIAL_IDLE_TIMEOUT
-
-
-class _Reactor(Clock):
-    """A Clock that also takes the calls a FileDescriptor makes to be watched."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.readers: set[Any] = set()
-
-    def addReader(self, reader: Any) -> None:
-        self.readers.add(reader)
-
-    def removeReader(self, reader: Any) -> None:
-        self.readers.discard(reader)
-
-    def addWriter(self, writer: Any) -> None:
-        pass
-
-    def removeWriter(self, writer: Any) -> None:
-        pass
 
 
 class Sink:
@@ -65,7 +47,7 @@ class Sink:
 class Line:
     """The host's end of the tty (the pty's master) and the agent serving the other end."""
 
-    def __init__(self, master: int, reactor: _Reactor, agent: CharacterDeviceTransport) -> None:
+    def __init__(self, master: int, reactor: MemoryReactorClock, agent: CharacterDeviceTransport) -> None:
         self.master = master
         self.reactor = reactor
         self.agent = agent
@@ -102,7 +84,7 @@ class Line:
 def serve(sink: Sink, *, serial: bool) -> Iterator[Line]:
     master, follower = os.openpty()
     os.set_blocking(master, False)
-    reactor = _Reactor()
+    reactor = MemoryReactorClock()
     if not serial:
         tty.setraw(follower)  # only a serial device is put in raw mode by the transport
     agent = CharacterDeviceTransport(reactor, os.ttyname(follower), {"sink": sink}, serial=serial)
@@ -196,3 +178,28 @@ def test_no_timer_on_a_device_that_reports_the_host_leaving(virtio_like: Line, s
     assert virtio_like.reactor.getDelayedCalls() == []
     assert virtio_like.agent.session.connection.holds_partial_frame
 
+
+
+def test_what_came_before_the_tty_was_raw_is_dropped() -> None:
+    """Cooked mode's line editing may have mangled it; a SYNC sent before is not answered."""
+    master, follower = os.openpty()
+    os.set_blocking(master, False)
+    cooked = termios.tcgetattr(follower)
+    cooked[3] &= ~termios.ECHO  # only what the agent writes comes back
+    termios.tcsetattr(follower, termios.TCSANOW, cooked)
+    # A whole line, so that the tty says when it has taken it in.
+    os.write(master, SYNC_MAGIC + b"n" * NONCE_SIZE + b"\n")
+    waiting = select.poll()
+    waiting.register(follower, select.POLLIN)
+    assert waiting.poll(10_000), "the pty did not take the line in"
+    reactor = MemoryReactorClock()
+    agent = CharacterDeviceTransport(reactor, os.ttyname(follower), {}, serial=True)
+    agent.startService()
+    line = Line(master, reactor, agent)
+    try:
+        line.deliver()
+        assert line.receive() == RESET_MARKER  # and no ACK
+    finally:
+        agent.stopService()
+        os.close(master)
+        os.close(follower)

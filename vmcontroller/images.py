@@ -473,7 +473,8 @@ async def build_image(
 
     A build goes to a temporary directory beside the cache entry and is renamed into place
     when complete, so an interrupted build never looks finished. Needs root (mmdebstrap's root
-    mode, chroot) and takes about a minute, most of it mmdebstrap.
+    mode, chroot) and takes about a minute, most of it mmdebstrap. After a build the cache is
+    pruned to the images VM disks use plus the :data:`KEEP_RECENT_IMAGES` most recently used.
 
     :param reactor: runs the external tools.
     :param cache_dir: where images are kept; the parent directories must be readable by the
@@ -490,6 +491,7 @@ async def build_image(
         image = _image_from_dir(final)
         if image is not None:
             log(f"using the cached guest image {final}")
+            os.utime(final / "manifest.json")  # most recently used: the last to be pruned
             return image
     if os.geteuid() != 0:
         raise ImageBuildError(
@@ -533,6 +535,9 @@ async def build_image(
                 raise
         if old is not None:
             await _run(reactor, ["rm", "-rf", str(old)], what="removing the old image", hint="")
+        for entry in _prunable(cache, DEFAULT_VMS_DIR, keep_recent=KEEP_RECENT_IMAGES):
+            log(f"removing the cached image {entry}, which no VM uses")
+            await _run(reactor, ["rm", "-rf", "--one-file-system", str(entry)], what="pruning", hint="")
     finally:
         if work.exists():
             await _run(reactor, ["rm", "-rf", "--one-file-system", str(work)], what="cleaning up", hint="")
@@ -573,23 +578,18 @@ def _overlays_on(image_dir: Path, vms_dir: Path | str) -> list[Path]:
     return users
 
 
-def prune_images(
-    cache_dir: Path | str = DEFAULT_CACHE_DIR,
-    vms_dir: Path | str = DEFAULT_VMS_DIR,
-    *,
-    stale_build_seconds: float = 3600.0,
+#: Finished images a build keeps besides the current one and those VM disks use, the most
+#: recently used first: going back to an earlier version of the agent costs no rebuild, and
+#: the cache stays a few images large instead of growing by one per agent change.
+KEEP_RECENT_IMAGES = 2
+#: A ``.build-*`` directory this old is a build that died, not one in progress.
+STALE_BUILD_SECONDS = 3600.0
+
+
+def _prunable(
+    cache: Path, vms_dir: Path | str, *, keep_recent: int, stale_build_seconds: float = STALE_BUILD_SECONDS
 ) -> list[Path]:
-    """
-    Delete cached images that are neither the current recipe's nor the base of a VM's disk.
-
-    Every change to the guest agent makes a new image (about 700 MiB), so the cache grows while
-    the agent is being worked on. Images still backing an overlay under ``vms_dir`` are kept,
-    and so are builds in progress (``.build-*`` younger than ``stale_build_seconds``).
-    Blocking: for the command line and scripts, not for the reactor thread.
-
-    :return: the directories deleted.
-    """
-    cache = Path(cache_dir)
+    """The cache entries :func:`prune_images` deletes (see there); reads a little, deletes nothing."""
     if not cache.is_dir():
         return []
     in_use = {str((cache / recipe_hash()).resolve())}
@@ -600,15 +600,47 @@ def prune_images(
             continue
         if backing:
             in_use.add(str(Path(backing).resolve().parent))
-    removed = []
+    doomed, finished = [], []
     now = time.time()
     for entry in sorted(cache.iterdir()):
         if not entry.is_dir() or str(entry.resolve()) in in_use:
             continue
-        if entry.name.startswith(".build-") and now - entry.stat().st_mtime < stale_build_seconds:
-            continue
+        if entry.name.startswith(".build-"):
+            if now - entry.stat().st_mtime >= stale_build_seconds:
+                doomed.append(entry)
+        elif entry.name.startswith(".old-"):
+            doomed.append(entry)
+        elif _image_from_dir(entry) is not None:
+            finished.append(entry)
+        # Anything else is not an image of ours: left alone.
+    finished.sort(key=lambda entry: (entry / "manifest.json").stat().st_mtime, reverse=True)
+    return doomed + finished[keep_recent:]
+
+
+def prune_images(
+    cache_dir: Path | str = DEFAULT_CACHE_DIR,
+    vms_dir: Path | str = DEFAULT_VMS_DIR,
+    *,
+    keep_recent: int = 0,
+    stale_build_seconds: float = STALE_BUILD_SECONDS,
+) -> list[Path]:
+    """
+    Delete cached images that are neither the current recipe's nor the base of a VM's disk,
+    but for the ``keep_recent`` most recently used ones.
+
+    Every change to the guest agent makes a new image (about 700 MiB); :func:`build_image`
+    prunes down to :data:`KEEP_RECENT_IMAGES` after each build. Images still backing an overlay
+    under ``vms_dir`` are kept, and so are builds in progress (``.build-*`` younger than
+    ``stale_build_seconds``); directories that are not images are left alone.
+    Blocking: for the command line and scripts, not for the reactor thread.
+
+    :return: the directories deleted.
+    """
+    removed = _prunable(
+        Path(cache_dir), vms_dir, keep_recent=keep_recent, stale_build_seconds=stale_build_seconds
+    )
+    for entry in removed:
         shutil.rmtree(entry, ignore_errors=True)
-        removed.append(entry)
     return removed
 
 
@@ -626,12 +658,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("hash", help="print the recipe hash that names the image")
     prune = sub.add_parser("prune", help="delete cached images no VM uses, except the current one")
     prune.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
+    prune.add_argument("--keep", type=int, default=0, metavar="N", help="also keep the N most recently used")
     args = parser.parse_args(argv)
     if args.command == "hash":
         print(recipe_hash())
         return 0
     if args.command == "prune":
-        for path in prune_images(args.cache_dir):
+        for path in prune_images(args.cache_dir, keep_recent=args.keep):
             print(f"removed {path}")
         return 0
 

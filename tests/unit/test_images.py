@@ -159,11 +159,22 @@ def test_install_without_python(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert install.main(["--root", str(tmp_path / "missing")]) == 2
 
 
+def fake_image(directory: Path, last_used: float) -> Path:
+    directory.mkdir(parents=True)
+    for name in ("root.qcow2", "vmlinuz", "initrd.img"):
+        (directory / name).write_bytes(b"")
+    (directory / "manifest.json").write_text(json.dumps({"image_id": directory.name}))
+    os.utime(directory / "manifest.json", (last_used, last_used))
+    return directory
+
+
 def test_prune_keeps_the_current_image_and_the_bases_of_vm_disks(tmp_path: Path) -> None:
     cache, vms = tmp_path / "images", tmp_path / "vms"
-    current, used, unused = cache / images.recipe_hash(), cache / "used", cache / "unused"
-    stale_build, fresh_build = cache / ".build-old", cache / ".build-new"
-    for d in (current, used, unused, stale_build, fresh_build, vms / "vm1"):
+    current = fake_image(cache / images.recipe_hash(), 1)
+    used = fake_image(cache / "used", 2)
+    fake_image(cache / "unused", 3)
+    stale_build, fresh_build, not_ours = cache / ".build-old", cache / ".build-new", cache / "lost+found"
+    for d in (stale_build, fresh_build, not_ours, vms / "vm1"):
         d.mkdir(parents=True)
     os.utime(stale_build, (0, 0))
     backing = str(used / "root.qcow2").encode()
@@ -172,4 +183,13 @@ def test_prune_keeps_the_current_image_and_the_bases_of_vm_disks(tmp_path: Path)
     (vms / "vm1" / "disk.qcow2").write_bytes(header.ljust(72, b"\0") + backing)
     removed = images.prune_images(cache, vms)
     assert sorted(p.name for p in removed) == [".build-old", "unused"]
-    assert sorted(p.name for p in cache.iterdir()) == sorted([".build-new", current.name, "used"])
+    kept = sorted([".build-new", current.name, "lost+found", "used"])
+    assert sorted(p.name for p in cache.iterdir()) == kept
+
+
+def test_prune_keeps_the_most_recently_used(tmp_path: Path) -> None:
+    cache = tmp_path / "images"
+    for name, last_used in (("a", 100), ("b", 300), ("c", 200), ("d", 50)):
+        fake_image(cache / name, last_used)
+    removed = images.prune_images(cache, tmp_path / "vms", keep_recent=2)
+    assert sorted(p.name for p in removed) == ["a", "d"]

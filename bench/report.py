@@ -76,6 +76,7 @@ def table(results: Results) -> str:
     head = [
         f"vmcontroller benchmark: VM {results.vm}, guest on {results.virtualization}"
         + (" (TCG emulation)" if results.virtualization == "qemu" else ""),
+        f"guest kernel command line: {results.guest_cmdline}",
         f"agent: {agent.get('software', '?')}, protocol v{agent.get('version', '?')}, "
         f"max_frame {agent.get('max_frame', '?')} B, window {agent.get('window', '?')} B, "
         f"max_inflight {agent.get('max_inflight', '?')}",

@@ -11,7 +11,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from twisted.internet import defer
@@ -100,7 +100,9 @@ class Results:
     echo_rtt: Latency
     echo_bulk: Throughput
     sha256: str
-    notes: list[str] = field(default_factory=list)
+    #: The guest kernel's command line: under TCG it shows ``norandmaps`` (see VMSpec.tcg_cmdline),
+    #: which the exec figure depends on.
+    guest_cmdline: str = ""
     #: Seconds from the start of the wait (right after the VM was started, or found running)
     #: to the agent's answer; None when not measured.
     boot_to_agent: float | None = None
@@ -284,6 +286,7 @@ async def measure(
     """Every measurement, on an agent that is connected and a VM that has the echo port."""
     virt = await client.run(["systemd-detect-virt"])
     virtualization = virt.stdout.decode(errors="replace").strip() or "unknown"
+    cmdline = (await client.run(["cat", "/proc/cmdline"], check=True)).stdout.decode(errors="replace").strip()
     say(f"ping x {settings.pings}")
     ping = await _series(settings.pings, settings.warmup, client.ping)
     say(f"exec /bin/true x {settings.execs}")
@@ -293,6 +296,7 @@ async def measure(
     return Results(
         vm=settings.name,
         virtualization=virtualization,
+        guest_cmdline=cmdline,
         agent=dict(client.agent_hello),
         settings=settings,
         ping=ping,

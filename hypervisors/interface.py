@@ -97,10 +97,11 @@ class VMSpec:
     :ivar initrd: path of the initial ramdisk that goes with ``kernel``.
     :ivar cmdline: the kernel command line (direct kernel boot only).
     :ivar tcg_cmdline: appended to ``cmdline`` when the VM runs under TCG (software
-        emulation); like ``cmdline``, only for direct kernel boot. The default, ``norandmaps``, turns off address-space randomisation in the
-        guest: measured under QEMU 7.2's TCG, an exec of ``/bin/true`` takes 29 ms with it and
-        5 ms without, as TCG finds the code it translated for the loader and the C library
-        again only where they were mapped before. Give ``""`` to keep randomisation.
+        emulation); like ``cmdline``, only for direct kernel boot. The default,
+        ``norandmaps``, turns off address-space randomisation in the guest: measured under
+        QEMU 7.2's TCG, an exec of ``/bin/true`` takes 29 ms with it and 5 ms without, as TCG
+        finds the code it translated for the loader and the C library again only where they
+        were mapped before. Give ``""`` to keep randomisation.
     :ivar accel: ``"kvm"``, ``"tcg"``, or ``"auto"`` to let the driver decide (see the driver).
     :ivar agent_channel: name of the virtio-serial port the guest agent uses.
     :ivar extra_channels: more virtio-serial port names, next to the agent channel.

@@ -18,6 +18,8 @@ from zope.interface import Interface
 __all__ = [
     "DEFAULT_AGENT_CHANNEL",
     "MAX_SERIAL_PORTS",
+    "NAT_GATEWAY",
+    "NAT_GUEST_ADDRESS",
     "Accel",
     "IHypervisorDriver",
     "SnapshotInfo",
@@ -31,6 +33,11 @@ DEFAULT_AGENT_CHANNEL = "org.vmcontroller.agent.0"
 #: How many extra serial ports a VM can have (``VMSpec.serial_ports``): a PC has four UARTs,
 #: ttyS0 to ttyS3, and ttyS0 is the console.
 MAX_SERIAL_PORTS = 3
+
+#: The guest's address and gateway on a NAT network card (``VMSpec.nat_network``): the
+#: defaults of both QEMU's user-mode network and VirtualBox's NAT, on 10.0.2.0/24.
+NAT_GUEST_ADDRESS = "10.0.2.15"
+NAT_GATEWAY = "10.0.2.2"
 
 #: CPU acceleration: hardware virtualisation, pure emulation, or decided by the driver.
 Accel = Literal["auto", "kvm", "tcg"]
@@ -110,6 +117,11 @@ class VMSpec:
         :data:`MAX_SERIAL_PORTS`. The host side of each is a unix socket, found by its name
         (``IHypervisorDriver.serial_socket_path``); see :meth:`serial_device` for the guest side.
         Names: letters, digits, ``-``, ``_`` and ``.``.
+    :ivar nat_network: give the VM a virtio network card on the hypervisor's NAT: the guest
+        (:data:`NAT_GUEST_ADDRESS`, gateway :data:`NAT_GATEWAY`) reaches out through the host,
+        and from outside only the ports forwarded with ``IHypervisorDriver.forward_port`` reach
+        in, on the host's loopback. The image must configure the card (the default image leaves
+        it down).
     """
 
     name: str
@@ -125,6 +137,7 @@ class VMSpec:
     #: Extra virtio-serial port names to create next to the agent channel (host side: unix sockets).
     extra_channels: tuple[str, ...] = field(default_factory=tuple)
     serial_ports: tuple[str, ...] = field(default_factory=tuple)
+    nat_network: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or self.name[0] == ".":
@@ -281,6 +294,17 @@ class IHypervisorDriver(Interface):
 
         Only a running (or paused) VM has one; otherwise fail with
         :class:`~vmcontroller.errors.VMStateError`.
+        """
+
+    def forward_port(name: str, guest_port: int, guest_address: str = NAT_GUEST_ADDRESS) -> Deferred[int]:
+        """
+        Forward a free TCP port on the host's loopback to ``guest_port`` of the VM's NAT
+        network card (``VMSpec.nat_network``) and return the host port; connect to
+        ``127.0.0.1`` on it. The forward lasts until the VM stops.
+
+        Only a running (or paused) VM has one; otherwise fail with
+        :class:`~vmcontroller.errors.VMStateError`. A VM without a NAT card fails with
+        :class:`~vmcontroller.errors.HypervisorError`.
         """
 
     def serial_socket_path(name: str, port: str) -> Deferred[str]:

@@ -14,8 +14,10 @@ modified and several VMs can share it.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import shutil
+import socket
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Coroutine, Mapping
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import libvirt
+import libvirt_qemu
 from twisted.application.service import Service
 from twisted.internet import utils
 from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
@@ -36,6 +39,7 @@ from zope.interface import implementer
 
 from hypervisors.interface import (
     DEFAULT_AGENT_CHANNEL,
+    NAT_GUEST_ADDRESS,
     Accel,
     IHypervisorDriver,
     SnapshotInfo,
@@ -59,6 +63,7 @@ __all__ = [
     "channel_state",
     "domain_xml",
     "kvm_usable",
+    "nat_netdev",
     "parse_snapshot_xml",
     "select_accel",
     "serial_port_socket_path",
@@ -158,6 +163,8 @@ def select_accel(
 
 #: The longest unix socket path the kernel takes (``sun_path`` holds 108 bytes with the NUL).
 _MAX_SOCKET_PATH = 107
+#: Free host ports forward_port() tries before it gives up.
+_FORWARD_ATTEMPTS = 3
 
 
 def serial_socket_name(port: str) -> str:
@@ -269,6 +276,12 @@ def domain_xml(
         extra = ET.SubElement(devices, "serial", type="unix")
         ET.SubElement(extra, "source", mode="bind", path=path)
         ET.SubElement(extra, "target", port=str(index))
+
+    if spec.nat_network:
+        # QEMU's user-mode network (slirp): NAT through the host's sockets, no bridge, no
+        # privileges; forward_port() adds ways in.
+        nic = ET.SubElement(devices, "interface", type="user")
+        ET.SubElement(nic, "model", type="virtio")
 
     # Seeds the guest's entropy pool at once, so nothing in early boot waits for randomness.
     rng = ET.SubElement(devices, "rng", model="virtio")
@@ -382,6 +395,23 @@ def channel_socket_path(xml: str, channel: str) -> str | None:
         if target is not None and target.get("name") == channel and source is not None:
             return source.get("path")
     return None
+
+
+def nat_netdev(xml: str) -> str | None:
+    """QEMU's id of the user-mode (NAT) network of a live domain XML, or None without one."""
+    root = ET.fromstring(xml)
+    for element in root.iterfind("devices/interface[@type='user']"):
+        alias = element.find("alias")
+        if alias is not None and alias.get("name"):
+            return f"host{alias.get('name')}"  # libvirt names a NIC's backend host<alias>
+    return None
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 # -- the driver -------------------------------------------------------------------------------
@@ -800,6 +830,53 @@ class LibvirtDriver(Service):
             return found
 
         return self._run(self._domain_call(name, "find the agent socket of", path))
+
+    def forward_port(
+        self, name: str, guest_port: int, guest_address: str = NAT_GUEST_ADDRESS
+    ) -> Deferred[int]:
+        """
+        See :meth:`IHypervisorDriver.forward_port`. Done with QEMU's ``hostfwd_add`` monitor
+        command, which libvirt passes through (and for which it marks the domain "tainted:
+        custom-monitor" in its log): libvirt's own port forwards need the passt backend.
+
+        :raises ValueError: ``guest_port`` is not a TCP port or ``guest_address`` not IPv4.
+        """
+        if isinstance(guest_port, bool) or not isinstance(guest_port, int) or not 0 < guest_port < 65536:
+            raise ValueError(f"guest_port={guest_port!r}: give a TCP port, 1 to 65535")
+        try:  # checked, as it goes into a monitor command line
+            address = ipaddress.IPv4Address(guest_address)
+        except ValueError:
+            raise ValueError(
+                f"guest_address={guest_address!r}: give an IPv4 address on the VM's NAT network, such as "
+                f"{NAT_GUEST_ADDRESS}"
+            ) from None
+
+        def forward(d: libvirt.virDomain) -> int:
+            if not d.isActive():
+                raise VMStateError(
+                    f"VM {name!r} is not running, so it has no network to forward a port to; start it first"
+                )
+            netdev = nat_netdev(d.XMLDesc(0))
+            if netdev is None:
+                raise HypervisorError(
+                    f"VM {name!r} has no NAT network card to forward a port to; define it with "
+                    "VMSpec(nat_network=True)"
+                )
+            for _ in range(_FORWARD_ATTEMPTS):
+                # Another program may take the free port before QEMU binds it: then try another.
+                host_port = _free_loopback_port()
+                reply = libvirt_qemu.qemuMonitorCommand(
+                    d,
+                    f"hostfwd_add {netdev} tcp:127.0.0.1:{host_port}-{address}:{guest_port}",
+                    libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP,
+                ).strip()
+                if not reply:
+                    return host_port
+            raise HypervisorError(
+                f"QEMU could not forward a host port to {address}:{guest_port} of VM {name!r}: {reply}"
+            )
+
+        return self._run(self._domain_call(name, f"forward a port to {address}:{guest_port} of", forward))
 
     def serial_socket_path(self, name: str, port: str) -> Deferred[str]:
         def path(d: libvirt.virDomain) -> str:

@@ -371,22 +371,21 @@ async def _connect(
 ) -> GuestClient:
     deadline = reactor.seconds() + timeout
     last_error: Exception | None = None
-    # A VM's channel socket appears only once the VM runs: retry until the deadline.
     while reactor.seconds() < deadline:
         client = GuestClient(reactor, limits, versions)
         try:
             await endpoint.connect(Factory.forProtocol(partial(_AgentProtocol, client))).addTimeout(
                 max(deadline - reactor.seconds(), 0.01), reactor
             )
-        except ConnectError as e:
+            ready = Deferred.fromCoroutine(client.wait_ready())
+            await ready.addTimeout(max(deadline - reactor.seconds(), 0.01), reactor)
+        except (ConnectError, ConnectionLost) as e:
+            # Retried until the deadline: a VM's channel socket appears only once the VM
+            # runs, and a NAT port forward accepts a connection and drops it while nothing
+            # listens behind it yet.
             last_error = e
             await deferLater(reactor, CONNECT_RETRY_INTERVAL, lambda: None)
             continue
-        except (CancelledError, DeferredTimeoutError):
-            break
-        try:
-            ready = Deferred.fromCoroutine(client.wait_ready())
-            await ready.addTimeout(max(deadline - reactor.seconds(), 0.01), reactor)
         except (CancelledError, DeferredTimeoutError):
             client.close()
             break

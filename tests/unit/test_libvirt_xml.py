@@ -25,6 +25,7 @@ from hypervisors.libvirt_driver import (
     channel_state,
     domain_xml,
     kvm_usable,
+    nat_netdev,
     parse_snapshot_xml,
     select_accel,
     serial_port_socket_path,
@@ -187,6 +188,24 @@ def test_serial_socket_path_too_long() -> None:
             disk_path="/var/lib/vmcontroller/vms/vm1/disk.qcow2",
             console_log="/var/lib/vmcontroller/vms/vm1/console.log",
         )
+
+
+def test_nat_network_card() -> None:
+    assert render(spec()).find("devices/interface") is None
+    nic = render(spec(nat_network=True)).find("devices/interface")
+    assert nic is not None and nic.get("type") == "user"
+    assert nic.find("model").get("type") == "virtio"  # type: ignore[union-attr]
+
+
+def test_nat_netdev_from_the_live_xml() -> None:
+    live = """<domain><devices>
+      <interface type='network'><alias name='net0'/></interface>
+      <interface type='user'>
+        <mac address='52:54:00:7e:0d:94'/><model type='virtio'/><alias name='net1'/>
+      </interface>
+    </devices></domain>"""
+    assert nat_netdev(live) == "hostnet1"
+    assert nat_netdev("<domain><devices/></domain>") is None
 
 
 def test_serial_device() -> None:
@@ -383,6 +402,22 @@ def test_calls_before_start_fail_clearly() -> None:
     for f in failures:
         assert f.check(HypervisorError)
         assert "startService" in str(f.value)
+
+
+@pytest.mark.parametrize(
+    ("port", "address", "message"),
+    [
+        (0, "10.0.2.15", "give a TCP port"),
+        (65536, "10.0.2.15", "give a TCP port"),
+        (True, "10.0.2.15", "give a TCP port"),
+        (22, "10.0.2.15 -x", "give an IPv4 address"),
+        (22, "::1", "give an IPv4 address"),
+    ],
+)
+def test_forward_port_checks_its_arguments_before_anything(port: Any, address: str, message: str) -> None:
+    driver = LibvirtDriver(Clock(), uri="test:///default")  # not started: nothing reaches libvirt
+    with pytest.raises(ValueError, match=message):
+        driver.forward_port("vm1", port, address)
 
 
 def test_load_driver_by_entry_point() -> None:

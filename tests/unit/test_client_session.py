@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -130,6 +130,9 @@ def test_cancel_reaches_the_operation() -> None:
     pending.cancel()
     link.flush()
     assert gate.cancelled == [{"reason": "cancelled by the host"}]
+    failures: list[Failure] = []
+    pending.addErrback(failures.append)
+    assert failures and failures[0].check(CancelledError)
 
 
 def test_requests_queue_under_the_agents_limit() -> None:

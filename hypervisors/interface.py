@@ -300,7 +300,8 @@ class IHypervisorDriver(Interface):
         """
         Forward a free TCP port on the host's loopback to ``guest_port`` of the VM's NAT
         network card (``VMSpec.nat_network``) and return the host port; connect to
-        ``127.0.0.1`` on it. The forward lasts until the VM stops.
+        ``127.0.0.1`` on it. The forward lasts as long as the VM's emulator process: after a
+        stop, or a snapshot revert that restarts the VM, forward again.
 
         Only a running (or paused) VM has one; otherwise fail with
         :class:`~vmcontroller.errors.VMStateError`. A VM without a NAT card fails with

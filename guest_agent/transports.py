@@ -312,9 +312,7 @@ class CharacterDeviceTransport(Service):
         assert self._fd is not None
         # The reactor runs its timers before it reads: after the agent was not scheduled for
         # a while, the rest of the frame may be waiting unread, and the line was not idle.
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
-        if not poller.poll(0):
+        if not _poll_now(self._fd):
             self.session.line_idle()
         self._time_partial_frame()
 
@@ -395,14 +393,19 @@ class CharacterDeviceTransport(Service):
     def _check_host(self) -> None:
         if self._fd is None or self._reader is not None:
             return
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
-        if any(mask & select.POLLHUP for _, mask in poller.poll(0)):
+        if _poll_now(self._fd) & select.POLLHUP:
             return
         self._stop_loop()
         self._stop_host_signal()
         self.log.info("Host connected on {path}", path=self.path)
         self._attach()
+
+
+def _poll_now(fd: int) -> int:
+    """The poll(2) events of ``fd`` asked for readability, without waiting (0: none)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return next((mask for _, mask in poller.poll(0)), 0)
 
 
 def virtio_port_path(name: str) -> str:

@@ -407,6 +407,12 @@ def nat_netdev(xml: str) -> str | None:
     return None
 
 
+def _require_running(d: libvirt.virDomain, name: str, consequence: str) -> None:
+    """:raises VMStateError: the domain is not running (or paused), so ``consequence``."""
+    if not d.isActive():
+        raise VMStateError(f"VM {name!r} is not running, so {consequence}; start it first")
+
+
 def _free_loopback_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -817,10 +823,7 @@ class LibvirtDriver(Service):
         def path(d: libvirt.virDomain) -> str:
             xml = d.XMLDesc(0)
             wanted = channel or _agent_channel(xml)
-            if not d.isActive():
-                raise VMStateError(
-                    f"VM {name!r} is not running, so its channel {wanted!r} has no socket; start it first"
-                )
+            _require_running(d, name, f"its channel {wanted!r} has no socket")
             found = channel_socket_path(xml, wanted)
             if found is None:
                 raise HypervisorError(
@@ -852,10 +855,7 @@ class LibvirtDriver(Service):
             ) from None
 
         def forward(d: libvirt.virDomain) -> int:
-            if not d.isActive():
-                raise VMStateError(
-                    f"VM {name!r} is not running, so it has no network to forward a port to; start it first"
-                )
+            _require_running(d, name, "it has no network to forward a port to")
             netdev = nat_netdev(d.XMLDesc(0))
             if netdev is None:
                 raise HypervisorError(
@@ -887,10 +887,7 @@ class LibvirtDriver(Service):
                     f"VM {name!r} has no serial port named {port!r}; it was defined without it "
                     "(see VMSpec.serial_ports)"
                 )
-            if not d.isActive():
-                raise VMStateError(
-                    f"VM {name!r} is not running, so its serial port {port!r} has no socket; start it first"
-                )
+            _require_running(d, name, f"its serial port {port!r} has no socket")
             return found
 
         return self._run(self._domain_call(name, "find the serial port socket of", path))

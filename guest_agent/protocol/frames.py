@@ -134,7 +134,7 @@ def decode_json(payload: bytes) -> Any:
         value, end = _scan(text, 0)
         if end == len(text):
             return value
-    except (UnicodeDecodeError, StopIteration, ValueError):
+    except (StopIteration, ValueError):  # UnicodeDecodeError is a ValueError
         pass
     return json.loads(payload)  # whitespace around the value, or an error for json.loads to explain
 

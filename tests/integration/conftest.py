@@ -8,6 +8,7 @@ bring it back; destructive lifecycle tests use VMs of their own.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -19,6 +20,7 @@ from twisted.internet.defer import Deferred
 
 from hypervisors.interface import VMState
 from hypervisors.libvirt_driver import LibvirtDriver
+from vmcontroller.client import GuestClient
 from vmcontroller.errors import VMControllerError
 from vmcontroller.images import GuestImage, build_image
 
@@ -32,6 +34,23 @@ class BootedVM(NamedTuple):
     driver: LibvirtDriver
     name: str
     image: GuestImage
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def start_second_agent(virtio: GuestClient, unit: str, *channel: str) -> None:
+    """Start another agent in the guest, as systemd unit ``unit``, on ``channel`` (its options)."""
+    await virtio.run(
+        ["systemd-run", "--unit", unit, "/usr/bin/python3", "-m", "guest_agent", "run", *channel], check=True
+    )
+
+
+def print_journal(virtio: GuestClient, unit: str) -> None:
+    """Show the journal of the guest's ``unit`` in the test output."""
+    journal = pytest_twisted.blockon(virtio.run(["journalctl", "--no-pager", "-o", "cat", "-u", unit]))
+    print(f"--- journal of {unit} ---\n{journal.stdout.decode(errors='replace')}")
 
 
 def _pid_alive(pid: int) -> bool:

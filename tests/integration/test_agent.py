@@ -8,7 +8,6 @@ it; tests that damage the guest revert it to the ``clean`` snapshot afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,6 +20,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.task import deferLater
 
 from guest_agent.protocol.frames import FrameType, encode_frame
+from tests.integration.conftest import sha256
 from vmcontroller.client import GuestClient, connect
 from vmcontroller.errors import (
     CommandNotFound,
@@ -41,10 +41,6 @@ async def agent(booted_vm: Any) -> AsyncIterator[GuestClient]:
     client = await connect_vm_agent(reactor, booted_vm.driver, booted_vm.name, timeout=180)
     yield client
     client.close()
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @pytest_twisted.ensureDeferred

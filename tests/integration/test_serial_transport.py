@@ -10,7 +10,6 @@ An emulated UART is slow, so the data sizes are small; the tests print the rates
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -25,7 +24,13 @@ from twisted.internet.task import deferLater
 
 from hypervisors.interface import VMSpec
 from hypervisors.libvirt_driver import LibvirtDriver
-from tests.integration.conftest import TEST_VM_PREFIX, teardown_vm
+from tests.integration.conftest import (
+    TEST_VM_PREFIX,
+    print_journal,
+    sha256,
+    start_second_agent,
+    teardown_vm,
+)
 from vmcontroller.client import GuestClient, connect
 from vmcontroller.errors import ConnectionLost, HypervisorError
 from vmcontroller.images import GuestImage
@@ -48,10 +53,6 @@ class SerialVM(NamedTuple):
     virtio: GuestClient
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def rate(size: int, seconds: float) -> str:
     return f"{size / 1024:.0f} KiB in {seconds:.1f} s = {size / 1024 / max(seconds, 1e-6):.1f} KiB/s"
 
@@ -63,20 +64,7 @@ async def _start_serial_agent(driver: LibvirtDriver, name: str, spec: VMSpec) ->
     # The guest kernel found the UART (an absent one reads "uart:unknown").
     uart = await virtio.run(["cat", "/proc/tty/driver/serial"], check=True)
     assert b"1: uart:16550A" in uart.stdout, uart.stdout
-    await virtio.run(
-        [
-            "systemd-run",
-            "--unit",
-            SERIAL_UNIT,
-            "/usr/bin/python3",
-            "-m",
-            "guest_agent",
-            "run",
-            "--serial",
-            device,
-        ],
-        check=True,
-    )
+    await start_second_agent(virtio, SERIAL_UNIT, "--serial", device)
     return await driver.serial_socket_path(name, SERIAL_PORT), virtio
 
 
@@ -93,10 +81,7 @@ def serial_vm(hypervisor: LibvirtDriver, guest_image: GuestImage) -> Iterator[Se
             Deferred.fromCoroutine(_start_serial_agent(hypervisor, name, spec))
         )
         yield SerialVM(hypervisor, name, spec, socket, virtio)
-        journal = pytest_twisted.blockon(
-            virtio.run(["journalctl", "--no-pager", "-o", "cat", "-u", SERIAL_UNIT])
-        )
-        print(f"--- journal of {SERIAL_UNIT} ---\n{journal.stdout.decode(errors='replace')}")
+        print_journal(virtio, SERIAL_UNIT)
     finally:
         if virtio is not None:
             virtio.close()

@@ -9,7 +9,6 @@ it while nothing listens behind it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, NamedTuple
@@ -22,7 +21,14 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from hypervisors.interface import NAT_GATEWAY, NAT_GUEST_ADDRESS
 from hypervisors.libvirt_driver import LibvirtDriver
-from tests.integration.conftest import TEST_VM_PREFIX, BootedVM, teardown_vm
+from tests.integration.conftest import (
+    TEST_VM_PREFIX,
+    BootedVM,
+    print_journal,
+    sha256,
+    start_second_agent,
+    teardown_vm,
+)
 from vmcontroller.client import GuestClient, connect
 from vmcontroller.errors import HypervisorError, VMStateError
 from vmcontroller.images import GuestImage
@@ -44,16 +50,8 @@ class NatVM(NamedTuple):
     virtio: GuestClient
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 async def start_tcp_agent(virtio: GuestClient, unit: str, port: int) -> None:
-    await virtio.run(
-        ["systemd-run", "--unit", unit, "/usr/bin/python3", "-m", "guest_agent", "run",
-         "--listen", f"tcp:{port}:interface={NAT_GUEST_ADDRESS}"],
-        check=True,
-    )
+    await start_second_agent(virtio, unit, "--listen", f"tcp:{port}:interface={NAT_GUEST_ADDRESS}")
 
 
 async def _bring_up(driver: LibvirtDriver, name: str) -> NatVM:
@@ -81,10 +79,7 @@ def nat_vm(hypervisor: LibvirtDriver, guest_image: GuestImage) -> Iterator[NatVM
         pytest_twisted.blockon(hypervisor.start(name))
         vm = pytest_twisted.blockon(Deferred.fromCoroutine(_bring_up(hypervisor, name)))
         yield vm
-        journal = pytest_twisted.blockon(
-            vm.virtio.run(["journalctl", "--no-pager", "-o", "cat", "-u", TCP_UNIT])
-        )
-        print(f"--- journal of {TCP_UNIT} ---\n{journal.stdout.decode(errors='replace')}")
+        print_journal(vm.virtio, TCP_UNIT)
     finally:
         if vm is not None:
             vm.virtio.close()

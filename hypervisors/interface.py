@@ -8,21 +8,29 @@ blocking library run it in a private thread pool, so callers never block the rea
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
 from twisted.internet.defer import Deferred
-from zope.interface import Interface
+from twisted.internet.interfaces import IStreamClientEndpoint
+from zope.interface import Attribute, Interface
 
 __all__ = [
     "DEFAULT_AGENT_CHANNEL",
+    "DEFAULT_AGENT_TCP_PORT",
     "MAX_SERIAL_PORTS",
     "NAT_GATEWAY",
     "NAT_GUEST_ADDRESS",
     "Accel",
+    "AgentTransport",
+    "Capability",
     "IHypervisorDriver",
+    "ISubscription",
     "SnapshotInfo",
+    "VMEvent",
+    "VMEventType",
     "VMSpec",
     "VMState",
 ]
@@ -39,8 +47,18 @@ MAX_SERIAL_PORTS = 3
 NAT_GUEST_ADDRESS = "10.0.2.15"
 NAT_GATEWAY = "10.0.2.2"
 
+#: The TCP port the guest agent listens on when its channel is a network card
+#: (``python3 -m guest_agent run --listen tcp:9000``); ``agent_endpoint(..., "tcp")`` forwards it.
+DEFAULT_AGENT_TCP_PORT = 9000
+
 #: CPU acceleration: hardware virtualisation, pure emulation, or decided by the driver.
 Accel = Literal["auto", "kvm", "tcg"]
+
+#: How the host reaches the guest agent: a virtio-serial port (``VMSpec.agent_channel``), a
+#: serial port (the first of ``VMSpec.serial_ports``), or a TCP port forwarded from the host's
+#: loopback to the VM's NAT card (``VMSpec.nat_network``). ``"auto"`` takes the first of
+#: those the VM has and the driver supports, in that order.
+AgentTransport = Literal["auto", "virtio-serial", "serial", "tcp"]
 
 
 class VMState(enum.Enum):
@@ -62,6 +80,9 @@ class VMState(enum.Enum):
     CRASHED = "crashed"
     #: Suspended by guest power management (S3/S4).
     PMSUSPENDED = "pmsuspended"
+    #: Checkpointed to disk by :meth:`IHypervisorDriver.save_state`: no emulator runs, and
+    #: :meth:`IHypervisorDriver.start` resumes the VM where it was (memory, processes).
+    SAVED = "saved"
 
     @classmethod
     def from_libvirt(cls, value: int) -> VMState:
@@ -75,7 +96,7 @@ class VMState(enum.Enum):
     @property
     def is_active(self) -> bool:
         """Whether the VM has a running emulator process (it may be paused)."""
-        return self not in (VMState.SHUTOFF, VMState.NOSTATE, VMState.CRASHED)
+        return self not in (VMState.SHUTOFF, VMState.NOSTATE, VMState.CRASHED, VMState.SAVED)
 
 
 # libvirt's numbering (VIR_DOMAIN_NOSTATE = 0 ... VIR_DOMAIN_PMSUSPENDED = 7); spelled out so this
@@ -90,6 +111,73 @@ _LIBVIRT_STATES: dict[int, VMState] = {
     6: VMState.CRASHED,
     7: VMState.PMSUSPENDED,
 }
+
+
+class VMEventType(enum.Enum):
+    """What happened to a VM (:class:`VMEvent`)."""
+
+    DEFINED = "defined"
+    UNDEFINED = "undefined"
+    STARTED = "started"
+    #: Started again from a saved state (:meth:`IHypervisorDriver.save_state`) or a snapshot.
+    RESTORED = "restored"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    #: Stopped by the host: powered off, or a completed shutdown the host asked for.
+    SHUTOFF = "shutoff"
+    #: The emulator process died or the guest crashed.
+    CRASHED = "crashed"
+    #: Checkpointed to disk (:attr:`VMState.SAVED`).
+    SAVED = "saved"
+    #: The guest powered itself off (``poweroff`` inside), not asked by the host.
+    GUEST_SHUTDOWN = "guest-shutdown"
+    #: The guest rebooted itself; the VM keeps running.
+    GUEST_REBOOT = "guest-reboot"
+    #: Hard reset by the host (:meth:`IHypervisorDriver.reset`).
+    RESET = "reset"
+
+
+@dataclass(frozen=True)
+class VMEvent:
+    """
+    A state change of a VM, as the hypervisor reported it.
+
+    :ivar vm: the VM's name.
+    :ivar type: what happened.
+    :ivar state: the VM's state right after it.
+    :ivar detail: the hypervisor's own words for it (for logs; not parsed).
+    """
+
+    vm: str
+    type: VMEventType
+    state: VMState
+    detail: str = ""
+
+
+class Capability(enum.Enum):
+    """
+    Optional abilities; a driver lists those it has in :attr:`IHypervisorDriver.capabilities`.
+    Calling an operation the driver lacks fails with
+    :class:`~vmcontroller.errors.CapabilityUnsupported`, which names the driver and the reason.
+    """
+
+    #: Snapshots of a shut-off VM (disk only).
+    SNAPSHOTS = "snapshots"
+    #: Snapshots of a running VM, with its memory.
+    LIVE_SNAPSHOTS = "live-snapshots"
+    #: :meth:`IHypervisorDriver.save_state`.
+    SAVE_STATE = "save-state"
+    #: The hypervisor pushes state changes: :meth:`IHypervisorDriver.subscribe` and
+    #: ``wait_for_state`` make no periodic hypervisor calls. Without it the driver polls.
+    PUSHED_EVENTS = "pushed-events"
+    #: A virtio-serial agent channel (``VMSpec.agent_channel``).
+    VIRTIO_SERIAL = "virtio-serial"
+    #: Serial ports for the agent (``VMSpec.serial_ports``).
+    SERIAL_PORTS = "serial-ports"
+    #: A NAT card with host-to-guest TCP forwards (``VMSpec.nat_network``, ``forward_port``).
+    PORT_FORWARD = "port-forward"
+    #: A cap on the VM's CPU use (``VMSpec.cpu_cap_percent`` below 100).
+    CPU_CAP = "cpu-cap"
 
 
 @dataclass(frozen=True)
@@ -122,6 +210,11 @@ class VMSpec:
         and from outside only the ports forwarded with ``IHypervisorDriver.forward_port`` reach
         in, on the host's loopback. The image must configure the card (the default image leaves
         it down).
+    :ivar cpu_cap_percent: the share of each host CPU the VM may use, 1 to 100 (VirtualBox's
+        CPU execution cap; BOINC's volunteers set it). Below 100 needs
+        :attr:`Capability.CPU_CAP`.
+    :ivar agent_transport: the channel :meth:`IHypervisorDriver.agent_endpoint` uses by
+        default (:data:`AgentTransport`); the guest's agent must listen there.
     """
 
     name: str
@@ -138,6 +231,8 @@ class VMSpec:
     extra_channels: tuple[str, ...] = field(default_factory=tuple)
     serial_ports: tuple[str, ...] = field(default_factory=tuple)
     nat_network: bool = False
+    cpu_cap_percent: int = 100
+    agent_transport: AgentTransport = "auto"
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or self.name[0] == ".":
@@ -150,6 +245,16 @@ class VMSpec:
             raise ValueError(f"vcpus={self.vcpus}: a VM needs at least one virtual CPU")
         if self.accel not in ("auto", "kvm", "tcg"):
             raise ValueError(f"accel={self.accel!r}: use 'auto', 'kvm' or 'tcg'")
+        if not 1 <= self.cpu_cap_percent <= 100:
+            raise ValueError(f"cpu_cap_percent={self.cpu_cap_percent}: give a percentage from 1 to 100")
+        if self.agent_transport not in ("auto", "virtio-serial", "serial", "tcp"):
+            raise ValueError(
+                f"agent_transport={self.agent_transport!r}: use 'auto', 'virtio-serial', 'serial' or 'tcp'"
+            )
+        if self.agent_transport == "serial" and not self.serial_ports:
+            raise ValueError("agent_transport='serial' needs a serial port: name one in serial_ports")
+        if self.agent_transport == "tcp" and not self.nat_network:
+            raise ValueError("agent_transport='tcp' needs a network card: set nat_network=True")
         if self.initrd is not None and self.kernel is None:
             raise ValueError("initrd given without kernel: direct kernel boot needs both")
         if isinstance(self.serial_ports, str):
@@ -210,16 +315,36 @@ class SnapshotInfo:
         return self.state.is_active
 
 
+class ISubscription(Interface):
+    """A registration for VM events (:meth:`IHypervisorDriver.subscribe`)."""
+
+    def cancel() -> None:
+        """Stop delivering events to this subscriber; calling it again does nothing."""
+
+
 class IHypervisorDriver(Interface):
     """
     Controls VMs on one hypervisor.
 
-    Every method returns a Deferred. Errors are :class:`vmcontroller.errors.HypervisorError`
-    subclasses: :class:`~vmcontroller.errors.VMNotFound` for an unknown VM,
+    A driver is also a :class:`twisted.application.service.IService`: start it before use and
+    stop it after. Every operation returns a Deferred. Errors are
+    :class:`vmcontroller.errors.HypervisorError` subclasses:
+    :class:`~vmcontroller.errors.VMNotFound` for an unknown VM,
     :class:`~vmcontroller.errors.VMStateError` when the VM's state forbids the operation,
-    :class:`~vmcontroller.errors.SnapshotNotFound` for an unknown snapshot. State-changing
-    operations on one VM run one at a time, in the order they were called.
+    :class:`~vmcontroller.errors.SnapshotNotFound` for an unknown snapshot,
+    :class:`~vmcontroller.errors.VMAlreadyExists` for a name taken,
+    :class:`~vmcontroller.errors.CapabilityUnsupported` for an operation the driver lacks
+    (see :attr:`capabilities`), :class:`~vmcontroller.errors.HypervisorUnavailable` when the
+    hypervisor is missing or not running, :class:`~vmcontroller.errors.VMLocked` when another
+    program holds the VM. State-changing operations on one VM run one at a time, in the order
+    they were called. A blocking hypervisor library or tool never runs on the reactor thread.
     """
+
+    name = Attribute("The driver's name, as registered in the ``vmcontroller.hypervisors`` entry points.")
+    capabilities = Attribute(
+        "The frozenset of :class:`Capability` this driver instance has (it may depend on the "
+        "installed product, e.g. VMware Player has no snapshots)."
+    )
 
     def define(spec: VMSpec) -> Deferred[str]:
         """
@@ -230,7 +355,9 @@ class IHypervisorDriver(Interface):
         """
 
     def start(name: str) -> Deferred[None]:
-        """Boot a defined, shut-off VM."""
+        """
+        Boot a defined, shut-off VM, or resume a saved one (:attr:`VMState.SAVED`) where it was.
+        """
 
     def shutdown(name: str, wait: bool = True, timeout: float = 120.0) -> Deferred[None]:
         """
@@ -253,19 +380,38 @@ class IHypervisorDriver(Interface):
     def reset(name: str) -> Deferred[None]:
         """Hard-reset the VM, like pressing the reset button (no clean guest shutdown)."""
 
+    def save_state(name: str) -> Deferred[None]:
+        """
+        Checkpoint a running or paused VM to disk and stop its emulator: the VM ends in
+        :attr:`VMState.SAVED`, and :meth:`start` resumes it with its memory and processes.
+        Needs :attr:`Capability.SAVE_STATE`.
+        """
+
     def state(name: str) -> Deferred[VMState]:
         """The VM's current state."""
 
+    def subscribe(callback: Callable[[VMEvent], object], name: str | None = None) -> ISubscription:
+        """
+        Call ``callback`` with each :class:`VMEvent` of VM ``name``, or of every VM of this
+        driver if ``name`` is ``None``, on the reactor thread, in the order they happened, from
+        now until the returned subscription is cancelled or the driver stops. An exception in
+        ``callback`` is logged and does not stop the others. With
+        :attr:`Capability.PUSHED_EVENTS` the hypervisor pushes them; otherwise the driver polls
+        while anyone subscribes.
+        """
+
     def wait_for_state(name: str, state: VMState, timeout: float = 60.0) -> Deferred[None]:
         """
-        Fire once the VM is in ``state``.
+        Fire once the VM is in ``state``: at once if it is, else at the event that brings it
+        there (built on :meth:`subscribe`).
 
         :param timeout: seconds; then fail with :class:`~vmcontroller.errors.VMTimeout`.
         """
 
     def snapshot_create(name: str, snapshot_name: str, description: str = "") -> Deferred[SnapshotInfo]:
         """
-        Take a snapshot: disk and memory if the VM runs, disk only if it is shut off.
+        Take a snapshot: disk and memory if the VM runs (:attr:`Capability.LIVE_SNAPSHOTS`),
+        disk only if it is shut off (:attr:`Capability.SNAPSHOTS`).
         """
 
     def snapshot_list(name: str) -> Deferred[list[SnapshotInfo]]:
@@ -285,15 +431,16 @@ class IHypervisorDriver(Interface):
     def list_vms() -> Deferred[list[str]]:
         """The names of the VMs this driver manages, sorted."""
 
-    def agent_socket_path(name: str, channel: str | None = None) -> Deferred[str]:
+    def agent_endpoint(name: str, transport: AgentTransport = "auto") -> Deferred[IStreamClientEndpoint]:
         """
-        The host end of the VM's agent channel: a unix socket path to connect to.
-
-        :param channel: another virtio-serial port of the VM (see ``VMSpec.extra_channels``);
-            by default the agent's.
+        A Twisted client endpoint that reaches the VM's guest agent over ``transport``
+        (by default the spec's ``agent_transport``): connect
+        :func:`vmcontroller.client.connect` to it. Callers need not know which channel it is.
 
         Only a running (or paused) VM has one; otherwise fail with
-        :class:`~vmcontroller.errors.VMStateError`.
+        :class:`~vmcontroller.errors.VMStateError`. A transport the VM lacks fails with
+        :class:`~vmcontroller.errors.HypervisorError`, one the driver lacks with
+        :class:`~vmcontroller.errors.CapabilityUnsupported`.
         """
 
     def forward_port(name: str, guest_port: int, guest_address: str = NAT_GUEST_ADDRESS) -> Deferred[int]:
@@ -305,16 +452,5 @@ class IHypervisorDriver(Interface):
 
         Only a running (or paused) VM has one; otherwise fail with
         :class:`~vmcontroller.errors.VMStateError`. A VM without a NAT card fails with
-        :class:`~vmcontroller.errors.HypervisorError`.
-        """
-
-    def serial_socket_path(name: str, port: str) -> Deferred[str]:
-        """
-        The host end of the VM's serial port ``port`` (one of ``VMSpec.serial_ports``): a unix
-        socket path to connect to. One host connection at a time; a serial port never tells
-        the guest when the host connects or leaves.
-
-        Only a running (or paused) VM has one; otherwise fail with
-        :class:`~vmcontroller.errors.VMStateError`. A VM without that port fails with
-        :class:`~vmcontroller.errors.HypervisorError`.
+        :class:`~vmcontroller.errors.HypervisorError`. Needs :attr:`Capability.PORT_FORWARD`.
         """

@@ -32,6 +32,14 @@ else
     step "host packages already installed"
 fi
 
+# Without udev the kernel leaves /dev/kvm root:root 0600: libvirtd (root) then finds KVM while
+# QEMU (user libvirt-qemu) cannot open it, and libvirt re-probes QEMU on every domain lookup (a
+# define takes about a minute instead of 0.03 s). Set what Debian's udev rule sets.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null; then
+    chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+    step "/dev/kvm is root:kvm 0660, as Debian's udev rule leaves it"
+fi
+
 # PID 1 may not be systemd (containers, CI): start the daemons ourselves when not running.
 for daemon in virtlogd libvirtd; do
     if pgrep -x "$daemon" >/dev/null; then

@@ -82,6 +82,28 @@ class SnapshotNotFound(HypervisorError):
     """The VM has no snapshot of that name."""
 
 
+class HypervisorUnavailable(HypervisorError):
+    """The hypervisor is not installed, or not running, or does not answer."""
+
+
+class VMLocked(HypervisorError):
+    """Another program holds the VM (e.g. a VirtualBox session lock): try again when it lets go."""
+
+
+class CapabilityUnsupported(HypervisorError):
+    """
+    The driver (or the installed hypervisor product) cannot do this operation.
+
+    :ivar driver: the driver's name.
+    :ivar capability: the :class:`hypervisors.interface.Capability` value it lacks.
+    """
+
+    def __init__(self, driver: str, capability: str, reason: str) -> None:
+        super().__init__(f"the {driver} driver cannot do {capability}: {reason}")
+        self.driver = driver
+        self.capability = capability
+
+
 class ImageBuildError(VMControllerError):
     """Building a guest image failed."""
 
@@ -91,6 +113,7 @@ __all__ = [
     "AgentUnreachable",
     "AlreadyExists",
     "BadRequest",
+    "CapabilityUnsupported",
     "CommandNotFound",
     "ConnectionLost",
     "DirectoryNotEmpty",
@@ -98,6 +121,7 @@ __all__ = [
     "ErrorCode",
     "FrameTooLarge",
     "HypervisorError",
+    "HypervisorUnavailable",
     "ImageBuildError",
     "IncompleteTransfer",
     "IntegrityError",
@@ -118,6 +142,7 @@ __all__ = [
     "UnsupportedProtocolVersion",
     "VMAlreadyExists",
     "VMControllerError",
+    "VMLocked",
     "VMNotFound",
     "VMStateError",
     "VMTimeout",

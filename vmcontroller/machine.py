@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.endpoints import UNIXClientEndpoint
-
-from hypervisors.interface import IHypervisorDriver
+from hypervisors.interface import AgentTransport, IHypervisorDriver
 from vmcontroller.client import GuestClient, connect
 
 
 async def connect_vm_agent(
-    reactor: Any, driver: IHypervisorDriver, name: str, *, timeout: float = 180.0
+    reactor: Any,
+    driver: IHypervisorDriver,
+    name: str,
+    *,
+    transport: AgentTransport = "auto",
+    timeout: float = 180.0,
 ) -> GuestClient:
     """
-    Connect to the agent of VM ``name`` through the host side of its virtio-serial channel,
-    waiting up to ``timeout`` seconds for the guest to boot and the agent to answer.
+    Connect to the agent of VM ``name`` through the driver's
+    :meth:`~hypervisors.interface.IHypervisorDriver.agent_endpoint`, waiting up to ``timeout``
+    seconds for the guest to boot and the agent to answer.
     """
-    path = await driver.agent_socket_path(name)
-    return await connect(reactor, UNIXClientEndpoint(reactor, path), timeout=timeout)
+    endpoint = await driver.agent_endpoint(name, transport)
+    return await connect(reactor, endpoint, timeout=timeout)

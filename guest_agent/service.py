@@ -4,28 +4,75 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.python.failure import Failure
 
 import guest_agent
+from guest_agent.credentials import load_credentials
 from guest_agent.ops import OPERATIONS
 from guest_agent.protocol.connection import SUPPORTED_VERSIONS
+from guest_agent.protocol.errors import AuthenticationFailed, CredentialsUnavailable
+from guest_agent.protocol.tls import Authenticator
 from guest_agent.transports import AgentFactory, CharacterDeviceTransport, virtio_port_path
 
 log = Logger()
 HELLO = {"software": f"vmcontroller-agent {guest_agent.__version__}"}
 
 
-def build_service(reactor: object, args: argparse.Namespace) -> MultiService:
+#: The exit status when the agent refuses to serve for want of credentials (EX_CONFIG); the
+#: unit does not restart the agent after it (RestartPreventExitStatus).
+EXIT_NO_CREDENTIALS = 78
+
+
+def build_service(
+    reactor: object, args: argparse.Namespace, authenticator: Authenticator | None
+) -> MultiService:
     top = MultiService()
     for name in args.virtio_port:
-        CharacterDeviceTransport(reactor, virtio_port_path(name), OPERATIONS, hello=HELLO).setServiceParent(
-            top
-        )
+        CharacterDeviceTransport(
+            reactor, virtio_port_path(name), OPERATIONS, hello=HELLO, authenticator=authenticator
+        ).setServiceParent(top)
     for device in args.serial:
-        CharacterDeviceTransport(reactor, device, OPERATIONS, serial=True, hello=HELLO).setServiceParent(top)
+        CharacterDeviceTransport(
+            reactor, device, OPERATIONS, serial=True, hello=HELLO, authenticator=authenticator
+        ).setServiceParent(top)
+    return top
+
+
+async def agent_authenticator(reactor: Any, development: bool) -> Authenticator | None:
+    """
+    The agent's TLS end from the VM's credentials; None in development mode, loudly.
+
+    :raises CredentialsUnavailable: no usable credentials (the agent then refuses to serve).
+    """
+    if development:
+        log.warn(
+            "DEVELOPMENT MODE: this agent authenticates nobody; anyone who reaches its channels "
+            "runs commands as root here. Never use it outside development"
+        )
+        return None
+    credentials = await load_credentials(reactor)
+    try:
+        return Authenticator.from_credentials(credentials, server_side=True)
+    except AuthenticationFailed as e:
+        raise CredentialsUnavailable(str(e)) from None
+
+
+async def serve(reactor: Any, args: argparse.Namespace) -> MultiService:
+    """Load the credentials, then start every channel; nothing listens before that."""
+    authenticator = await agent_authenticator(reactor, args.development)
+    top = build_service(reactor, args, authenticator)
+    for description in args.listen:
+        await serverFromString(reactor, description).listen(
+            AgentFactory(reactor, OPERATIONS, hello=HELLO, authenticator=authenticator)
+        )
+    top.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     return top
 
 
@@ -54,6 +101,12 @@ def main(argv: list[str]) -> int:
         metavar="ENDPOINT",
         help="a Twisted server endpoint, e.g. tcp:9000:interface=127.0.0.1",
     )
+    parser.add_argument(
+        "--development",
+        action="store_true",
+        help="serve without authentication or protection (the host must say development=True too); "
+        "for development only, never on a volunteer's machine",
+    )
     args = parser.parse_args(argv)
     if not (args.virtio_port or args.serial or args.listen):
         parser.error("name at least one channel: --virtio-port, --serial or --listen")
@@ -66,10 +119,17 @@ def main(argv: list[str]) -> int:
         version=guest_agent.__version__,
         versions=list(SUPPORTED_VERSIONS),
     )
-    top = build_service(reactor, args)
-    for description in args.listen:
-        serverFromString(reactor, description).listen(AgentFactory(reactor, OPERATIONS, hello=HELLO))
-    top.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    status = [0]
+
+    def refuse(failure: Failure) -> None:
+        if failure.check(CredentialsUnavailable):
+            log.critical("Refusing to serve: {why}", why=failure.getErrorMessage())
+            status[0] = EXIT_NO_CREDENTIALS
+        else:
+            log.failure("The agent could not start", failure)
+            status[0] = 1
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(serve(reactor, args)).addErrback(refuse))
     reactor.run()
-    return 0
+    return status[0]

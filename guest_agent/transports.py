@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from guest_agent.protocol.connection import Limits
+from guest_agent.protocol.tls import Authenticator
 from guest_agent.session import AgentSession, Operation
 
 #: A virtio-serial read returns at most one of the port's 4 KiB buffers ...
@@ -50,17 +51,24 @@ class AgentProtocol(Protocol):
         operations: Mapping[str, Operation],
         limits: Limits | None,
         hello: dict[str, Any],
+        authenticator: Authenticator | None,
     ) -> None:
         self._reactor = reactor
         self._operations = operations
         self._limits = limits
         self._hello = hello
+        self._authenticator = authenticator
         self.session: AgentSession | None = None
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.session = AgentSession(
-            self._reactor, self._operations, self.transport.write, self._limits, self._hello
+            self._reactor,
+            self._operations,
+            self.transport.write,
+            self._limits,
+            self._hello,
+            authenticator=self._authenticator,
         )
 
     def dataReceived(self, data: bytes) -> None:
@@ -73,7 +81,12 @@ class AgentProtocol(Protocol):
 
 
 class AgentFactory(Factory):
-    """Serves agent sessions on a listening endpoint (``tcp:PORT:interface=ADDR``)."""
+    """
+    Serves agent sessions on a listening endpoint (``tcp:PORT:interface=ADDR``).
+
+    :param authenticator: the agent's end of the VM's credentials; None only in
+        development mode.
+    """
 
     def __init__(
         self,
@@ -81,14 +94,17 @@ class AgentFactory(Factory):
         operations: Mapping[str, Operation],
         limits: Limits | None = None,
         hello: dict[str, Any] | None = None,
+        *,
+        authenticator: Authenticator | None,
     ) -> None:
         self.reactor = reactor
         self.operations = operations
         self.limits = limits
         self.hello = hello or {}
+        self.authenticator = authenticator
 
     def buildProtocol(self, addr: Any) -> AgentProtocol:
-        return AgentProtocol(self.reactor, self.operations, self.limits, self.hello)
+        return AgentProtocol(self.reactor, self.operations, self.limits, self.hello, self.authenticator)
 
 
 class _DeviceReader(abstract.FileDescriptor):
@@ -244,6 +260,8 @@ class CharacterDeviceTransport(Service):
 
     :param path: the device node; the agent waits for it to appear.
     :param serial: True for a tty, put in raw mode.
+    :param authenticator: the agent's end of the VM's credentials; None only in
+        development mode.
     """
 
     log = Logger()
@@ -266,6 +284,7 @@ class CharacterDeviceTransport(Service):
         serial: bool = False,
         limits: Limits | None = None,
         hello: dict[str, Any] | None = None,
+        authenticator: Authenticator | None,
     ) -> None:
         self._reactor = reactor
         self.path = path
@@ -274,7 +293,9 @@ class CharacterDeviceTransport(Service):
         self._reader: _DeviceReader | None = None
         self._waiting: LoopingCall | None = None
         self._idle_timer: IDelayedCall | None = None
-        self.session = AgentSession(reactor, operations, self._write, limits, hello, self._write_sequence)
+        self.session = AgentSession(
+            reactor, operations, self._write, limits, hello, self._write_sequence, authenticator=authenticator
+        )
 
     def _write(self, data: bytes) -> None:
         if self._reader is not None:

@@ -1,8 +1,9 @@
 """
 The host's client of a guest agent.
 
-``connect(reactor, endpoint)`` returns a Deferred that fires with a :class:`GuestClient`
-once the agent has answered the handshake.  Every operation returns a Deferred (use it
+``connect(reactor, endpoint, credentials=...)`` returns a Deferred that fires with a
+:class:`GuestClient` once the agent has proved it holds the VM's credentials and answered
+the handshake.  Every operation returns a Deferred (use it
 with ``await``); ``exec`` returns an :class:`ExecHandle` at once.
 """
 
@@ -34,15 +35,24 @@ from guest_agent.protocol.connection import (
     ResponseReceived,
     SessionReset,
 )
+from guest_agent.protocol.tls import Authenticator, Credentials
 from vmcontroller import _exec, _files
 from vmcontroller._exec import ExecHandle, ExecResult
 from vmcontroller._files import Progress, TransferResult
-from vmcontroller.errors import AgentUnreachable, ConnectionLost, ProtocolError, VMControllerError
+from vmcontroller.errors import (
+    AgentUnreachable,
+    ConnectionLost,
+    CredentialsUnavailable,
+    ProtocolError,
+    VMControllerError,
+)
 
 #: How often the handshake's SYNC is repeated until the agent answers: the agent may
 #: still be booting, or a stale partial frame may have swallowed the first one.
 SYNC_RETRY_INTERVAL = 1.0
 CONNECT_RETRY_INTERVAL = 0.5
+
+_log = Logger()
 
 
 @dataclass
@@ -56,6 +66,9 @@ class GuestClient:
     A session with one guest agent over one transport.
 
     Not made directly: use :func:`connect`.
+
+    :param authenticator: the host's end of the VM's credentials; None only in development
+        mode.
     """
 
     log = Logger()
@@ -65,9 +78,13 @@ class GuestClient:
         reactor: IReactorTime,
         limits: Limits | None = None,
         versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+        *,
+        authenticator: Authenticator | None,
     ) -> None:
         self.reactor = reactor
-        self._connection = HostConnection(limits, versions, {"software": "vmcontroller"})
+        self._connection = HostConnection(
+            limits, versions, {"software": "vmcontroller"}, authenticator=authenticator
+        )
         self._link = Link(self._connection, self._write)
         self._transport: ITransport | None = None
         self._pending: dict[int, _Pending] = {}
@@ -362,17 +379,42 @@ class _AgentProtocol(Protocol):
         self.client._transport_lost(reason or Failure(ConnectionLost("closed")))
 
 
+def host_authenticator(credentials: Credentials | None, development: bool) -> Authenticator | None:
+    """
+    The host's TLS configuration from ``credentials``; None in development mode, which must
+    be asked for and is logged as a warning.
+
+    :raises CredentialsUnavailable: no credentials and no development mode.
+    :raises AuthenticationFailed: the credentials do not load.
+    """
+    if development:
+        _log.warn(
+            "DEVELOPMENT MODE: the channel to the agent is neither authenticated nor protected; "
+            "anyone who can reach it runs commands as root in the guest. Never use it on a "
+            "volunteer's machine"
+        )
+        return None
+    if credentials is None:
+        raise CredentialsUnavailable(
+            "no credentials for the agent: pass the VM's (driver.agent_credentials(name), or "
+            "vmcontroller.machine.connect_vm_agent, which does), or development=True for an "
+            "unauthenticated development setup"
+        )
+    return Authenticator.from_credentials(credentials, server_side=False)
+
+
 async def _connect(
     reactor: IReactorTime,
     endpoint: IStreamClientEndpoint,
     timeout: float,
     limits: Limits | None,
     versions: tuple[int, ...],
+    authenticator: Authenticator | None,
 ) -> GuestClient:
     deadline = reactor.seconds() + timeout
     last_error: Exception | None = None
     while reactor.seconds() < deadline:
-        client = GuestClient(reactor, limits, versions)
+        client = GuestClient(reactor, limits, versions, authenticator=authenticator)
         try:
             await endpoint.connect(Factory.forProtocol(partial(_AgentProtocol, client))).addTimeout(
                 max(deadline - reactor.seconds(), 0.01), reactor
@@ -401,18 +443,33 @@ def connect(
     reactor: IReactorTime,
     endpoint: IStreamClientEndpoint,
     *,
+    credentials: Credentials | None = None,
+    development: bool = False,
     timeout: float = 60.0,
     limits: Limits | None = None,
     versions: tuple[int, ...] = SUPPORTED_VERSIONS,
 ) -> Deferred[GuestClient]:
     """
     Connect to an agent through ``endpoint`` (e.g. the unix socket of a VM's virtio-serial
-    channel, or TCP) and complete the handshake.
+    channel, or TCP), authenticate both ends and complete the handshake.
 
+    :param credentials: the host's end of the VM's credentials
+        (``driver.agent_credentials(name)``); required unless ``development``.
+    :param development: no authentication and no protection, for development only; the
+        agent must run in development mode too. Logged as a warning.
     :raises AgentUnreachable: nothing answered within ``timeout`` seconds.
-    :raises UnsupportedProtocolVersion: the agent speaks none of ``versions``.
+    :raises AuthenticationFailed: the agent is not the one these credentials pin, has no
+        credentials, or does not authenticate (e.g. runs in development mode).
+    :raises UnsupportedProtocolVersion: the agent speaks none of ``versions`` (an agent
+        older than authentication, say).
+    :raises CredentialsUnavailable: neither ``credentials`` nor ``development``.
     """
-    return Deferred.fromCoroutine(_connect(reactor, endpoint, timeout, limits, versions))
+
+    async def go() -> GuestClient:
+        authenticator = host_authenticator(credentials, development)
+        return await _connect(reactor, endpoint, timeout, limits, versions, authenticator)
+
+    return Deferred.fromCoroutine(go())
 
 
-__all__ = ["ExecHandle", "ExecResult", "GuestClient", "Progress", "TransferResult", "connect"]
+__all__ = ["Credentials", "ExecHandle", "ExecResult", "GuestClient", "Progress", "TransferResult", "connect"]

@@ -15,13 +15,36 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 
 from guest_agent.protocol.connection import SUPPORTED_VERSIONS, Limits
+from guest_agent.protocol.tls import Authenticator, Credentials
 from guest_agent.session import Operation
 from guest_agent.transports import AgentProtocol
 from vmcontroller.client import GuestClient, _AgentProtocol
+from vmcontroller.credentials import mint
+
+
+def minted() -> tuple[Credentials, Authenticator]:
+    """
+    Fresh credentials of one VM: the host's end, for ``connect(..., credentials=...)``, and
+    the agent's end ready for an agent (``AgentFactory(..., authenticator=...)``).
+    """
+    host, agent = mint()
+    return host, Authenticator.from_credentials(agent, server_side=True)
+
+
+def paired_authenticators() -> tuple[Authenticator, Authenticator]:
+    """The host's and the agent's TLS ends of freshly minted credentials of one VM."""
+    host, agent = mint()
+    return (
+        Authenticator.from_credentials(host, server_side=False),
+        Authenticator.from_credentials(agent, server_side=True),
+    )
 
 
 class InMemoryLink:
-    """A client and an agent session joined by in-memory transports."""
+    """
+    A client and an agent session joined by in-memory transports, authenticated with
+    freshly minted credentials (unless ``development``).
+    """
 
     def __init__(
         self,
@@ -32,11 +55,13 @@ class InMemoryLink:
         agent_limits: Limits | None = None,
         versions: tuple[int, ...] = SUPPORTED_VERSIONS,
         agent_reactor: Any = None,
+        development: bool = False,
     ) -> None:
         self.clock = clock or Clock()
-        self.client = GuestClient(self.clock, client_limits, versions)
+        host, agent = paired_authenticators() if not development else (None, None)
+        self.client = GuestClient(self.clock, client_limits, versions, authenticator=host)
         self.agent = AgentProtocol(
-            agent_reactor or self.clock, operations, agent_limits, {"software": "in-memory"}
+            agent_reactor or self.clock, operations, agent_limits, {"software": "in-memory"}, agent
         )
         client_protocol = _AgentProtocol(self.client)
         self.pump = iosim.connect(
@@ -52,4 +77,4 @@ class InMemoryLink:
         self.pump.flush()
 
 
-__all__ = ["InMemoryLink"]
+__all__ = ["InMemoryLink", "minted", "paired_authenticators"]

@@ -72,7 +72,7 @@ def call(link: InMemoryLink, op: str, args: dict[str, Any] | None = None) -> Def
 
 def test_sync_repeats_until_answered() -> None:
     clock = Clock()
-    client = GuestClient(clock)
+    client = GuestClient(clock, authenticator=None)
     transport = StringTransport()
     client._transport_connected(transport)
     assert transport.value().count(SYNC_MAGIC) == 1
@@ -115,7 +115,8 @@ def test_agent_restart_fails_in_flight_and_resyncs() -> None:
 
 def test_oversized_frame_from_agent_fails_pending_and_recovers() -> None:
     gate = Gate()
-    link = InMemoryLink({"wait": gate, "echo": echo}, client_limits=Limits(max_frame=4096))
+    # Hand-made plaintext frames: development mode (inside TLS, see test_authentication.py).
+    link = InMemoryLink({"wait": gate, "echo": echo}, client_limits=Limits(max_frame=4096), development=True)
     pending = call(link, "wait")
     link.client._data_received(encode_frame(FrameType.NOTIFY, 0, b"x" * 5000))
     assert isinstance(error_of(pending), FrameTooLarge)

@@ -73,7 +73,9 @@ async def _tool(reactor: Any, argv: Sequence[str]) -> tuple[bytes, int] | None:
     executable = shutil.which(argv[0])
     if executable is None:
         return None
-    out, _err, code = await getProcessOutputAndValue(executable, list(argv[1:]), env={}, reactor=reactor)
+    out, _err, code = await getProcessOutputAndValue(
+        executable, list(argv[1:]), env=dict(os.environ), reactor=reactor
+    )
     return out, code
 
 

@@ -37,6 +37,8 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from guest_agent.credentials import FW_CFG_NAME
+from guest_agent.protocol.tls import Credentials
 from hypervisors.interface import (
     DEFAULT_AGENT_CHANNEL,
     NAT_GUEST_ADDRESS,
@@ -46,6 +48,7 @@ from hypervisors.interface import (
     VMSpec,
     VMState,
 )
+from vmcontroller.credentials import CredentialStore
 from vmcontroller.errors import (
     HypervisorError,
     SnapshotNotFound,
@@ -180,6 +183,7 @@ def domain_xml(
     console_log: str,
     disk_cache: str = "unsafe",
     serial_dir: str | None = None,
+    credentials_file: str | None = None,
 ) -> str:
     """
     The libvirt domain XML for ``spec``.
@@ -194,6 +198,9 @@ def domain_xml(
         especially under TCG. Use ``writeback`` for VMs whose disks must survive host crashes.
     :param serial_dir: where the host sockets of ``spec.serial_ports`` go (named by
         :func:`serial_socket_name`); by default the console log's directory.
+    :param credentials_file: the agent's credentials, handed to the guest as the QEMU fw_cfg
+        entry ``opt/org.vmcontroller/credentials`` (QEMU reads the file when it starts, so the
+        secret is in neither the XML nor the kernel command line).
     :raises HypervisorError: a serial socket path is too long for a unix socket.
     """
     domain = ET.Element("domain", type="kvm" if accel == "kvm" else "qemu")
@@ -207,6 +214,9 @@ def domain_xml(
         ET.SubElement(ours, f"{{{METADATA_NS}}}serial-port", name=port, port=str(index))
     ET.SubElement(domain, "memory", unit="MiB").text = str(spec.memory_mib)
     ET.SubElement(domain, "vcpu").text = str(spec.vcpus)
+    if credentials_file is not None:
+        sysinfo = ET.SubElement(domain, "sysinfo", type="fwcfg")
+        ET.SubElement(sysinfo, "entry", name=FW_CFG_NAME, file=credentials_file)
 
     os_ = ET.SubElement(domain, "os")
     ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
@@ -407,6 +417,43 @@ def nat_netdev(xml: str) -> str | None:
     return None
 
 
+#: The file in a VM's directory that QEMU hands the guest as its fw_cfg credentials entry.
+FW_CFG_FILE = "agent-credentials.json"
+
+
+def qemu_owner(capabilities_xml: str, domain_type: str = "qemu") -> tuple[int, int] | None:
+    """
+    The uid and gid QEMU runs as, from libvirt's host capabilities (the DAC security model's
+    base label, ``+64055:+64055``); None when QEMU runs as root or libvirt does not say.
+    """
+    root = ET.fromstring(capabilities_xml)
+    for secmodel in root.iterfind("host/secmodel"):
+        if secmodel.findtext("model") != "dac":
+            continue
+        for label in secmodel.iterfind("baselabel"):
+            if label.get("type") == domain_type and label.text:
+                uid, _, gid = label.text.partition(":")
+                return int(uid.lstrip("+")), int(gid.lstrip("+"))
+    return None
+
+
+def write_qemu_credentials(path: Path, data: bytes, owner: tuple[int, int] | None) -> None:
+    """
+    The agent's credentials for QEMU to read at start: mode 0600, owned by the user QEMU
+    runs as (libvirt does not relabel fw_cfg files, and QEMU opens them itself).
+    """
+    temp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+
+
 def _require_running(d: libvirt.virDomain, name: str, consequence: str) -> None:
     """:raises VMStateError: the domain is not running (or paused), so ``consequence``."""
     if not d.isActive():
@@ -440,6 +487,9 @@ class LibvirtDriver(Service):
         parents must be searchable by the user QEMU runs as (``libvirt-qemu``).
     :param disk_cache: QEMU cache mode for the VMs' disks (see :func:`domain_xml`).
     :param max_threads: size of the thread pool, i.e. how many libvirt calls run at once.
+    :param credentials_dir: where each VM's credentials are kept (a
+        :class:`~vmcontroller.credentials.CredentialStore`, root only); by default
+        ``credentials`` beside ``state_dir``.
     """
 
     name = "libvirt"
@@ -454,6 +504,7 @@ class LibvirtDriver(Service):
         state_dir: Path | str = DEFAULT_STATE_DIR,
         disk_cache: str = "unsafe",
         max_threads: int = 8,
+        credentials_dir: Path | str | None = None,
     ) -> None:
         if accel not in ("auto", "kvm", "tcg"):
             raise ValueError(f"accel={accel!r}: use 'auto', 'kvm' or 'tcg'")
@@ -461,6 +512,7 @@ class LibvirtDriver(Service):
         self.uri = uri or ("qemu:///system" if os.geteuid() == 0 else "qemu:///session")
         self.accel: Accel = accel
         self.state_dir = Path(state_dir)
+        self.credentials = CredentialStore(credentials_dir or self.state_dir.parent / "credentials")
         self.disk_cache = disk_cache
         self._pool = ThreadPool(minthreads=0, maxthreads=max_threads, name="vmcontroller-libvirt")
         self._conn: libvirt.virConnect | None = None
@@ -596,6 +648,8 @@ class LibvirtDriver(Service):
         overlay = vm_dir / "disk.qcow2"
 
         def prepare(conn: libvirt.virConnect) -> Literal["kvm", "tcg"]:
+            # The agent's credentials, new for every definition (a VM of the same name
+            # defined again is another VM to the host).
             try:
                 conn.lookupByName(spec.name)
             except libvirt.libvirtError as e:
@@ -619,6 +673,8 @@ class LibvirtDriver(Service):
             for d in (self.state_dir.parent, self.state_dir, vm_dir):
                 d.mkdir(parents=True, exist_ok=True)
                 d.chmod(0o755)
+            self.credentials.create(spec.name)
+            self._provision(conn, spec.name)
             return accel
 
         accel = await self._in_pool(prepare, action="define VM", vm=spec.name)
@@ -630,11 +686,17 @@ class LibvirtDriver(Service):
                 console_log=str(vm_dir / "console.log"),
                 disk_cache=self.disk_cache,
                 serial_dir=str(vm_dir),
+                credentials_file=str(vm_dir / FW_CFG_FILE),
             )
             await self._create_overlay(spec, overlay)
             await self._in_pool(lambda conn: conn.defineXML(xml), action="define VM", vm=spec.name)
         except BaseException:
-            await self._in_pool(lambda conn: shutil.rmtree(vm_dir, ignore_errors=True), action="clean up")
+
+            def clean_up(conn: libvirt.virConnect) -> None:
+                shutil.rmtree(vm_dir, ignore_errors=True)
+                self.credentials.remove(spec.name)
+
+            await self._in_pool(clean_up, action="clean up")
             raise
         self.log.info(
             "Defined VM {vm} ({accel}, {memory} MiB)", vm=spec.name, accel=accel, memory=spec.memory_mib
@@ -796,10 +858,39 @@ class LibvirtDriver(Service):
                 | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
             )
             shutil.rmtree(vm_dir, ignore_errors=True)
+            self.credentials.remove(name)
 
         async def go() -> None:
             await self._domain_call(name, "undefine", remove)
             self.log.info("Undefined VM {vm}", vm=name)
+
+        return self._run(self._exclusive(name, go))
+
+    def _provision(self, conn: libvirt.virConnect, name: str) -> None:
+        """Put the agent's end where QEMU reads it at start (in a worker thread)."""
+        owner = qemu_owner(conn.getCapabilities())
+        agent = self.credentials.agent_credentials(name)
+        write_qemu_credentials(self._vm_dir(name) / FW_CFG_FILE, agent.to_json(), owner)
+
+    def agent_credentials(self, name: str) -> Deferred[Credentials]:
+        return self._in_pool(
+            lambda conn: self.credentials.host_credentials(name), action="read the credentials of", vm=name
+        )
+
+    def rotate_credentials(self, name: str) -> Deferred[None]:
+        """
+        Mint new credentials for VM ``name``; the old ones stop working at once. The guest gets
+        the new ones when QEMU next starts (start the VM again after a shutdown; a reboot
+        inside the guest keeps the old QEMU process and its old fw_cfg entry).
+        """
+
+        def rotate(conn: libvirt.virConnect) -> None:
+            conn.lookupByName(name)  # a VM we do not know fails here, with a clear error
+            self.credentials.rotate(name)
+            self._provision(conn, name)
+
+        async def go() -> None:
+            await self._in_pool(rotate, action="rotate the credentials of", vm=name)
 
         return self._run(self._exclusive(name, go))
 

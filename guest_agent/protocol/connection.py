@@ -572,6 +572,8 @@ class HostConnection(_Connection):
                     self._handshaking = False
                     self._send_hello()
             except AuthenticationFailed as e:
+                if not (self._handshaking or self._awaiting_hello):
+                    raise
                 self._fail_handshake(e, events)
             return
         if frame.type is FrameType.ERROR and frame.request_id == 0:

@@ -196,6 +196,10 @@ class TLSSession:
             except ssl.SSLZeroReturnError:
                 raise TamperingDetected("the peer closed its TLS session in the middle of ours") from None
             except ssl.SSLError as e:
+                if "ALERT" in (e.reason or ""):
+                    # The peer refused us: in TLS 1.3 a client has finished its handshake
+                    # before the server says it rejects the client's certificate.
+                    raise AuthenticationFailed(self._explain(e)) from None
                 raise TamperingDetected(
                     f"a record from the peer failed TLS's integrity check ({e.reason or e}): "
                     "the channel was tampered with, or bytes were lost"
@@ -245,6 +249,8 @@ class TLSSession:
             "UNSUPPORTED_PROTOCOL": f"the {self._peer_name} offered no TLS 1.3",
             "TLSV1_ALERT_PROTOCOL_VERSION": f"the {self._peer_name} refused our TLS version (only 1.3)",
             "DECRYPT_ERROR": "a handshake message did not verify: a replayed or altered handshake",
+            "DECRYPTION_FAILED_OR_BAD_RECORD_MAC": "a handshake message did not verify: a replayed "
+            "or altered handshake",
             "TLSV1_ALERT_DECRYPT_ERROR": "the peer could not verify our handshake",
             "TLSV1_ALERT_UNKNOWN_CA": f"the {self._peer_name} does not accept this end's certificate "
             "(credentials of another VM, or stale ones: rotate them)",

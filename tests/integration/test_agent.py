@@ -161,9 +161,11 @@ async def test_frame_over_the_size_limit(agent: GuestClient) -> None:
 @pytest_twisted.ensureDeferred
 async def test_unknown_protocol_version(booted_vm: Any) -> None:
     path = await booted_vm.driver.agent_socket_path(booted_vm.name)
+    credentials = await booted_vm.driver.agent_credentials(booted_vm.name)
+    endpoint = UNIXClientEndpoint(reactor, path)
     with pytest.raises(UnsupportedProtocolVersion, match="install a matching"):
-        await connect(reactor, UNIXClientEndpoint(reactor, path), versions=(99,), timeout=60)
-    client = await connect(reactor, UNIXClientEndpoint(reactor, path), timeout=60)
+        await connect(reactor, endpoint, credentials=credentials, versions=(99,), timeout=60)
+    client = await connect(reactor, endpoint, credentials=credentials, timeout=60)
     assert (await client.ping())["version"]
     client.close()
 

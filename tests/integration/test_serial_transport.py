@@ -89,7 +89,9 @@ def serial_vm(hypervisor: LibvirtDriver, guest_image: GuestImage) -> Iterator[Se
 
 
 async def connect_serial(vm: SerialVM, timeout: float = 120.0) -> GuestClient:
-    return await connect(reactor, UNIXClientEndpoint(reactor, vm.socket), timeout=timeout)
+    credentials = await vm.driver.agent_credentials(vm.name)
+    endpoint = UNIXClientEndpoint(reactor, vm.socket)
+    return await connect(reactor, endpoint, credentials=credentials, timeout=timeout)
 
 
 @pytest_twisted.async_yield_fixture()

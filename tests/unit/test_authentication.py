@@ -149,7 +149,8 @@ def test_host_with_another_vms_credentials_is_refused() -> None:
 
 def test_agent_of_another_vm_is_refused_by_the_host() -> None:
     host = HostConnection(authenticator=HOST)
-    impostor = AgentConnection(authenticator=Authenticator.from_credentials(OTHER_AGENT_CREDENTIALS, server_side=True))
+    other = Authenticator.from_credentials(OTHER_AGENT_CREDENTIALS, server_side=True)
+    impostor = AgentConnection(authenticator=other)
     host.start()
     host_events, _ = exchange(host, impostor)
     (failed,) = host_events
@@ -189,8 +190,9 @@ def test_tampered_frame_mid_session_ends_the_session_and_the_next_works() -> Non
     assert not any(isinstance(e, RequestReceived) for e in events)  # nothing was acted on
     # The host hears why (outside TLS, which is broken) and starts over.
     (told,) = host.receive_data(agent.data_to_send())
-    assert isinstance(told, ErrorReceived) and isinstance(told.error, TamperingDetected) and told.request_id == 0
-    assert rid
+    assert isinstance(told, ErrorReceived) and told.request_id == 0
+    assert isinstance(told.error, TamperingDetected)
+    assert rid and host.open_requests == 1  # the client fails it and resynchronises
     assert_serves_its_host(agent)
 
 

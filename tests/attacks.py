@@ -159,7 +159,7 @@ async def serves_its_host(
     client = await connect(reactor, endpoint, credentials=credentials, timeout=timeout)
     try:
         assert (await client.ping())["version"]
-        assert client._connection.authenticated
+        assert client.authenticated
     finally:
         client.close()
 

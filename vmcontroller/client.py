@@ -97,6 +97,16 @@ class GuestClient:
         #: The agent's HELLO: its version, limits and software.
         self.agent_hello: dict[str, Any] = {}
 
+    @property
+    def authenticated(self) -> bool:
+        """The session runs inside TLS with this VM's agent (False in development mode)."""
+        return self._connection.authenticated
+
+    @property
+    def tls_cipher(self) -> str | None:
+        """The TLS cipher suite of the session, e.g. ``TLS_AES_256_GCM_SHA384``."""
+        return self._connection.tls_cipher
+
     # ---- transport side ----------------------------------------------------------
 
     def _write(self, data: bytes) -> None:

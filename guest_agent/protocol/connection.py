@@ -210,6 +210,11 @@ class _Connection:
         return self._open
 
     @property
+    def tls_cipher(self) -> str | None:
+        """The session's TLS cipher suite; None before the handshake or in development mode."""
+        return self._tls.cipher if self.authenticated and self._tls is not None else None
+
+    @property
     def authenticated(self) -> bool:
         """The session runs inside TLS with the pinned peer (False in development mode)."""
         return self._tls is not None and self._tls.established

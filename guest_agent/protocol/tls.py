@@ -169,6 +169,12 @@ class TLSSession:
         """Begin the handshake (the client's first flight)."""
         self._handshake()
 
+    @property
+    def cipher(self) -> str | None:
+        """The cipher suite agreed (``TLS_AES_256_GCM_SHA384``, say), once established."""
+        agreed = self._tls.cipher()
+        return agreed[0] if agreed else None
+
     def ciphertext(self) -> bytes:
         """What must go to the peer, in order; the buffer is emptied."""
         return self._outgoing.read()

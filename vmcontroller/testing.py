@@ -43,7 +43,8 @@ def paired_authenticators() -> tuple[Authenticator, Authenticator]:
 class InMemoryLink:
     """
     A client and an agent session joined by in-memory transports, authenticated with
-    freshly minted credentials (unless ``development``).
+    freshly minted credentials (unless ``development``, or ``authenticators`` gives the
+    host's and the agent's ends).
     """
 
     def __init__(
@@ -56,9 +57,13 @@ class InMemoryLink:
         versions: tuple[int, ...] = SUPPORTED_VERSIONS,
         agent_reactor: Any = None,
         development: bool = False,
+        authenticators: tuple[Authenticator | None, Authenticator | None] | None = None,
     ) -> None:
         self.clock = clock or Clock()
-        host, agent = paired_authenticators() if not development else (None, None)
+        if authenticators is not None:  # e.g. ends that do not belong together
+            host, agent = authenticators
+        else:
+            host, agent = paired_authenticators() if not development else (None, None)
         self.client = GuestClient(self.clock, client_limits, versions, authenticator=host)
         self.agent = AgentProtocol(
             agent_reactor or self.clock, operations, agent_limits, {"software": "in-memory"}, agent

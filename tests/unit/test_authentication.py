@@ -312,3 +312,10 @@ def test_damaged_credentials_are_a_clear_error() -> None:
     mismatched = Credentials(HOST_CREDENTIALS.private_key, AGENT_CREDENTIALS.certificate, b"")
     with pytest.raises(AuthenticationFailed, match="do not load"):
         Authenticator.from_credentials(mismatched, server_side=False)
+
+
+def test_openssl_speed_parsing_for_the_bench() -> None:
+    from bench.run import parse_openssl_speed
+
+    output = "+DT:aes-256-gcm:2:16384\n+R:9000:aes-256-gcm:2.00\n+H:16384\n+F:25:AES-256-GCM:73728000.00\n"
+    assert parse_openssl_speed(output) == {"aes-256-gcm": 73728000.0}

@@ -143,7 +143,7 @@ async def test_credentials_never_leak(booted_vm: BootedVM, host_log: list[str]) 
         # In the guest: its journal (the agent's and everything else's), ps, /proc/cmdline.
         for argv in (
             ["journalctl", "--no-pager", "-o", "verbose"],
-            ["ps", "-eo", "args"],
+            ["ps", "-e", "-ww", "-o", "args"],
             ["cat", "/proc/cmdline"],
         ):
             out = (await client.run(argv, check=True)).stdout
@@ -169,7 +169,7 @@ async def test_credentials_never_leak(booted_vm: BootedVM, host_log: list[str]) 
     assert "opt/org.vmcontroller/credentials" in xml
     assert_absent(xml.encode(), secrets, "the domain XML")
     # ps on the host: QEMU's command line names the fw_cfg file only.
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, check=True).stdout
+    ps = subprocess.run(["ps", "-e", "-ww", "-o", "args"], capture_output=True, check=True).stdout
     assert b"opt/org.vmcontroller/credentials" in ps
     assert_absent(ps, secrets, "the host's ps output")
     # The shared image, and the VM's own disk (nothing of the key was written to it).

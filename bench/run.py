@@ -446,7 +446,8 @@ async def _prepare_vm(reactor: Any, driver: IHypervisorDriver, settings: Setting
     spec = image.vm_spec(
         name, accel=settings.accel, extra_channels=(ECHO_CHANNEL, DEVELOPMENT_CHANNEL), **overrides
     )
-    say(f"define {name} (accel={settings.accel}, vcpus={spec.vcpus}) with the extra port {ECHO_CHANNEL}")
+    ports = ", ".join(spec.extra_channels)
+    say(f"define {name} (accel={settings.accel}, vcpus={spec.vcpus}) with the extra ports {ports}")
     await driver.define(spec)
     say("boot it")
     await driver.start(name)

@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +134,24 @@ def test_store_is_private_and_removed_with_the_vm(tmp_path: Path) -> None:
         store.host_credentials("vm-1")
     with pytest.raises(ValueError):
         store.create("../escape")
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_without_credentials_refuses_to_serve_and_says_why(tmp_path: Path) -> None:
+    """The real agent process, on this host where no hypervisor provisioned anything."""
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    from guest_agent.credentials import FW_CFG_PATH, RUN_COPY
+    from guest_agent.service import EXIT_NO_CREDENTIALS
+
+    if os.path.exists(FW_CFG_PATH) or os.path.exists(RUN_COPY):
+        pytest.skip("this machine has vmcontroller credentials provisioned")
+    socket = tmp_path / "agent.sock"
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}  # no VBoxControl or vmware-rpctool stand-ins
+    _out, err, code = await getProcessOutputAndValue(
+        sys.executable, ["-m", "guest_agent", "run", "--listen", f"unix:{socket}"], env=env, reactor=reactor
+    )
+    assert code == EXIT_NO_CREDENTIALS
+    log = err.decode()
+    assert "Refusing to serve: no credentials" in log and "--development" in log
+    assert not socket.exists()  # it never listened

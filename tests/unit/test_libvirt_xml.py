@@ -5,6 +5,8 @@ and channel parsing; also driver loading and the not-started error. No reactor, 
 
 from __future__ import annotations
 
+import os
+import stat
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,9 +29,11 @@ from hypervisors.libvirt_driver import (
     kvm_usable,
     nat_netdev,
     parse_snapshot_xml,
+    qemu_owner,
     select_accel,
     serial_port_socket_path,
     translate_error,
+    write_qemu_credentials,
 )
 from vmcontroller.errors import (
     DriverNotFound,
@@ -429,3 +433,36 @@ def test_load_driver_by_entry_point() -> None:
 def test_load_unknown_driver_lists_the_installed_ones() -> None:
     with pytest.raises(DriverNotFound, match="libvirt"):
         load_driver("hyperv", Clock())
+
+
+# -- credentials through QEMU fw_cfg ------------------------------------------------------------
+
+
+def test_credentials_go_in_as_a_fw_cfg_file_never_on_the_command_line() -> None:
+    path = "/var/lib/vmcontroller/vms/vm1/agent-credentials.json"
+    root = ET.fromstring(
+        domain_xml(spec(), accel="tcg", disk_path="/d.qcow2", console_log="/c.log", credentials_file=path)
+    )
+    (entry,) = root.findall("sysinfo[@type='fwcfg']/entry")
+    assert entry.get("name") == "opt/org.vmcontroller/credentials" and entry.get("file") == path
+    assert entry.text is None  # the content stays in the file, out of the XML
+    assert "credentials" not in (root.findtext("os/cmdline") or "")
+    assert render(spec()).find("sysinfo") is None
+
+
+def test_qemu_owner_from_the_dac_base_label() -> None:
+    capabilities = """<capabilities><host>
+      <secmodel><model>none</model><doi>0</doi></secmodel>
+      <secmodel><model>dac</model><doi>0</doi>
+        <baselabel type='kvm'>+64055:+64056</baselabel>
+        <baselabel type='qemu'>+64055:+64056</baselabel></secmodel>
+    </host></capabilities>"""
+    assert qemu_owner(capabilities) == (64055, 64056)
+    assert qemu_owner("<capabilities><host/></capabilities>") is None
+
+
+def test_qemu_credentials_file_is_private_to_its_owner(tmp_path: Path) -> None:
+    target = tmp_path / "agent-credentials.json"
+    write_qemu_credentials(target, b"{}", (os.getuid(), os.getgid()))
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600 and target.read_bytes() == b"{}"
+    assert (target.stat().st_uid, target.stat().st_gid) == (os.getuid(), os.getgid())

@@ -27,6 +27,9 @@ from guest_agent.protocol.errors import AuthenticationFailed, TamperingDetected
 
 #: The version of the serialised credentials (:meth:`Credentials.to_json`).
 CREDENTIALS_FORMAT = 1
+#: The most plaintext one TLS record carries (RFC 8446, 5.1): each read takes one record, and
+#: asking for more would only make ``SSLObject.read`` allocate (and shrink) a larger buffer.
+RECORD_PLAINTEXT_MAX = 16384
 
 
 @dataclass(frozen=True, repr=False)
@@ -196,7 +199,7 @@ class TLSSession:
         pieces: list[bytes] = []
         while True:
             try:
-                piece = self._tls.read(1 << 20)
+                piece = self._tls.read(RECORD_PLAINTEXT_MAX)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:

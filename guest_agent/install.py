@@ -80,19 +80,22 @@ running() {{
 case "$1" in
 start)
     running && exit 0
-    # A session of its own, so that stop ends the loop and the agent with one signal.
+    # A session of its own: not ended with the shell or terminal that started it.
     setsid "$0" supervise </dev/null >/dev/null 2>&1 &
     echo $! >"$PIDFILE"
     ;;
 supervise)
-    # Restart the agent when it exits, as systemd's Restart=always does.
+    # Restart the agent when it exits, as systemd's Restart=always does; on TERM, end it too.
+    trap 'kill "$child" 2>/dev/null; exit 0' TERM INT
     while :; do
-        {command} >>"$LOG" 2>&1
+        {command} >>"$LOG" 2>&1 &
+        child=$!
+        wait "$child"
         sleep 1
     done
     ;;
 stop)
-    running && kill -TERM -- "-$(cat "$PIDFILE")"
+    running && kill "$(cat "$PIDFILE")" 2>/dev/null
     rm -f "$PIDFILE"
     ;;
 restart)

@@ -255,7 +255,9 @@ def test_the_sysv_script_supervises_and_stops_the_agent(tmp_path: Path) -> None:
     # Run the script for real with a stand-in agent command, its pid file and log moved into
     # tmp_path: start restarts the command when it exits, stop ends the loop and the command.
     marker = tmp_path / "runs"
-    script_text = install._SYSV_SCRIPT.format(command=f"sh -c 'echo $$ >> {marker}; exec sleep 0.3'")
+    # The first two runs exit at once (to be restarted); the third stays, to be stopped.
+    agent = f"echo $$ >> {marker}; [ $(wc -l < {marker}) -ge 3 ] && exec sleep 60; exec sleep 0.1"
+    script_text = install._SYSV_SCRIPT.format(command=f"sh -c '{agent}'")
     script_text = script_text.replace("/run/vmcontroller-agent.pid", str(tmp_path / "pid")).replace(
         "/var/log/vmcontroller-agent.log", str(tmp_path / "log")
     )

@@ -95,7 +95,7 @@ def test_an_image_whose_recipe_changed_during_the_build_is_not_cached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hashes = iter(["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"])
-    monkeypatch.setattr(images, "recipe_hash", lambda: next(hashes))
+    monkeypatch.setattr(images, "recipe_hash", lambda **kwargs: next(hashes))
 
     async def build(reactor: object, work: Path, **kwargs: object) -> None:
         for name in ("root.qcow2", "vmlinuz", "initrd.img"):

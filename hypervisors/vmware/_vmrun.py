@@ -124,7 +124,7 @@ def translate_error(
       e.g. snapshots with ``-T player``)
     - ``The file is already in use`` (VIX_E_FILE_ALREADY_LOCKED, 15), ``This VM is in use.``
     """
-    what = f"{action} {vm!r}" if vm else action
+    what = f"{action} (VM {vm!r})" if vm else action
     lowered = text.lower()
     if "cannot open vm" in lowered or "virtual machine cannot be found" in lowered:
         return VMNotFound(

@@ -216,18 +216,21 @@ class Vmrun:
                 "Workstation Pro, Fusion or Workstation Player (Player needs the VIX API as well), or "
                 "pass vmrun='/path/to/vmrun' to the driver"
             )
-        done: Deferred[tuple[str, int]] = Deferred()
+        spawned: list[Any] = []
+
+        def kill_on_cancel(_: Deferred[tuple[str, int]]) -> None:
+            # The process's end afterwards is ignored (_Collect fires once).
+            for process in spawned:
+                _kill(process)
+
+        done: Deferred[tuple[str, int]] = Deferred(kill_on_cancel)
         protocol = _Collect(done)
         spawner: IReactorProcess = self.reactor
         argv = [self.executable, "-T", self.product, *args]
         process = spawner.spawnProcess(protocol, self.executable, argv, env=dict(os.environ))
+        spawned.append(process)
         clock: IReactorTime = self.reactor
         timer: IDelayedCall = clock.callLater(self.timeout, lambda: _kill(process))
-
-        def cancel_kills(d: Deferred[tuple[str, int]]) -> None:
-            _kill(process)
-
-        done = _with_canceller(done, cancel_kills)
         try:
             output, code = await done
         finally:
@@ -249,9 +252,3 @@ def _kill(process: Any) -> None:
     with contextlib.suppress(Exception):  # it ended meanwhile
         process.signalProcess("KILL")
 
-
-def _with_canceller(inner: Deferred[tuple[str, int]], canceller: Any) -> Deferred[tuple[str, int]]:
-    # Cancelling the caller's Deferred kills vmrun, then fails with CancelledError.
-    outer: Deferred[tuple[str, int]] = Deferred(canceller)
-    inner.chainDeferred(outer)
-    return outer

@@ -57,7 +57,7 @@ from vmcontroller.errors import (
     VMTimeout,
 )
 
-__all__ = ["DEFAULT_STATE_DIR", "VMwareDriver", "vm_state"]
+__all__ = ["DEFAULT_STATE_DIR", "VMwareDriver", "suspended_on_disk", "vm_state"]
 
 T = TypeVar("T")
 
@@ -82,16 +82,26 @@ _NO_PORT_FORWARD = (
 )
 
 
-def vm_state(*, listed: bool, paused: bool, vmx: Mapping[str, str], has_vmss: bool) -> VMState:
+def vm_state(*, listed: bool, paused: bool, suspended: bool) -> VMState:
     """
     A VM's state from what can be seen of it: whether ``vmrun list`` lists it, whether this
-    driver paused it, its parsed ``.vmx`` and whether a ``.vmss`` file lies beside it.
+    driver paused it, and whether its files hold a suspended state (:func:`suspended_on_disk`).
     """
     if listed:
         return VMState.PAUSED if paused else VMState.RUNNING
-    if is_suspended(vmx) or has_vmss:
-        return VMState.SAVED
-    return VMState.SHUTOFF
+    return VMState.SAVED if suspended else VMState.SHUTOFF
+
+
+def suspended_on_disk(vmx: Path) -> bool:
+    """
+    Whether VM ``vmx`` has a suspended state: its ``checkpoint.vmState`` names one, or a
+    ``.vmss`` file lies beside it (vagrant-vmware-desktop's test).
+    """
+    try:
+        entries = parse_vmx(vmx.read_text())
+    except OSError:
+        entries = {}
+    return is_suspended(entries) or any(vmx.parent.glob("*.vmss"))
 
 
 @implementer(IHypervisorDriver)
@@ -220,26 +230,31 @@ class VMwareDriver(Service):
         output = await self._vmrun.run(["list"], action="list the running VMs")
         return {os.path.realpath(p) for p in parse_list(output)}
 
-    def _state_from(self, name: str, running: set[str]) -> VMState:
-        vmx = self.vmx_path(name)
-        listed = os.path.realpath(vmx) in running
-        if not listed:
-            # Whatever stopped it (a guest poweroff, a crash) also ended the pause.
-            self._paused.discard(name)
-        try:
-            entries = parse_vmx(vmx.read_text())
-        except OSError:
-            entries = {}
-        has_vmss = any(vmx.parent.glob("*.vmss"))
-        return vm_state(listed=listed, paused=name in self._paused, vmx=entries, has_vmss=has_vmss)
+    async def _observe(self, names: list[str]) -> dict[str, VMState]:
+        # Two looks, vmrun list and the VMs' files, that a suspend or resume may fall between
+        # (a VM neither listed nor suspended yet would pass for shut off): look at the files
+        # before and after the list, and again if they changed meanwhile.
+        for _ in range(3):
+            before = {name: suspended_on_disk(self.vmx_path(name)) for name in names}
+            running = await self._running_vmx()
+            after = {name: suspended_on_disk(self.vmx_path(name)) for name in names}
+            if before == after:
+                break
+        states = {}
+        for name in names:
+            listed = os.path.realpath(self.vmx_path(name)) in running
+            if not listed:
+                # Whatever stopped it (a guest poweroff, a crash) also ended the pause.
+                self._paused.discard(name)
+            states[name] = vm_state(listed=listed, paused=name in self._paused, suspended=after[name])
+        return states
 
     async def _state(self, name: str) -> VMState:
         self._require_vm(name, "get the state of")
-        return self._state_from(name, await self._running_vmx())
+        return (await self._observe([name]))[name]
 
     async def _all_states(self) -> dict[str, VMState]:
-        running = await self._running_vmx()
-        return {name: self._state_from(name, running) for name in self._names()}
+        return await self._observe(self._names())
 
     def _names(self) -> list[str]:
         if not self.state_dir.is_dir():

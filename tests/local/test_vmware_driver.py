@@ -354,6 +354,21 @@ async def test_snapshot_errors(driver: VMwareDriver, base: Path) -> None:
 # -- events --------------------------------------------------------------------------------------------
 
 
+async def event_for(driver: VMwareDriver, vm: str, kind: VMEventType) -> VMEvent:
+    """The next event ``kind`` of ``vm`` (failing after 30 s)."""
+    seen: Deferred[VMEvent] = Deferred()
+
+    def on_event(event: VMEvent) -> None:
+        if event.type is kind and not seen.called:
+            seen.callback(event)
+
+    subscription = driver.subscribe(on_event, vm)
+    try:
+        return await seen.addTimeout(30, reactor)
+    finally:
+        subscription.cancel()
+
+
 @pytest_twisted.ensureDeferred
 async def test_events_are_polled_while_someone_subscribes(driver: VMwareDriver, base: Path) -> None:
     await define(driver, base)
@@ -361,21 +376,24 @@ async def test_events_are_polled_while_someone_subscribes(driver: VMwareDriver, 
     everyone: list[VMEvent] = []
     subscription = driver.subscribe(mine.append, "vm1")
     everything = driver.subscribe(everyone.append)
-    await deferLater(reactor, 0.2, lambda: None)  # the poller's first look
+    # A VM defined now is reported once the poller has had its first look.
+    defined = event_for(driver, "vm0", VMEventType.DEFINED)
+    await define(driver, base, "vm0")
+    assert (await defined).state is VMState.SHUTOFF
 
-    async def step(operation: Deferred[None], state: VMState) -> None:
-        await operation
-        await driver.wait_for_state("vm1", state, timeout=10)
-        await deferLater(reactor, 0.2, lambda: None)
-
-    await step(driver.start("vm1"), VMState.RUNNING)
-    await step(driver.pause("vm1"), VMState.PAUSED)
-    await step(driver.resume("vm1"), VMState.RUNNING)
-    await step(driver.save_state("vm1"), VMState.SAVED)
-    await step(driver.start("vm1"), VMState.RUNNING)
-    await step(driver.power_off("vm1"), VMState.SHUTOFF)
-    await define(driver, base, "vm2")
-    await deferLater(reactor, 0.2, lambda: None)
+    for operation, state in (
+        (driver.start, VMState.RUNNING),
+        (driver.pause, VMState.PAUSED),
+        (driver.resume, VMState.RUNNING),
+        (driver.save_state, VMState.SAVED),
+        (driver.start, VMState.RUNNING),
+        (driver.power_off, VMState.SHUTOFF),
+    ):
+        await operation("vm1")
+        await driver.wait_for_state("vm1", state, timeout=30)
+    undefined = event_for(driver, "vm0", VMEventType.UNDEFINED)
+    await driver.undefine("vm0")
+    await undefined
     subscription.cancel()
     everything.cancel()
     assert [(e.type, e.state) for e in mine] == [
@@ -386,14 +404,17 @@ async def test_events_are_polled_while_someone_subscribes(driver: VMwareDriver, 
         (VMEventType.RESTORED, VMState.RUNNING),
         (VMEventType.SHUTOFF, VMState.SHUTOFF),
     ]
-    assert (everyone[-1].vm, everyone[-1].type) == ("vm2", VMEventType.DEFINED)
+    assert [(e.vm, e.type) for e in everyone if e.vm == "vm0"] == [
+        ("vm0", VMEventType.DEFINED),
+        ("vm0", VMEventType.UNDEFINED),
+    ]
 
 
 @pytest_twisted.ensureDeferred
 async def test_wait_for_state_times_out_with_the_state_it_saw(driver: VMwareDriver, base: Path) -> None:
     await define(driver, base)
-    error = await failure(driver.wait_for_state("vm1", VMState.RUNNING, timeout=0.3))
-    assert "did not become running within 0.3 s (it is shutoff)" in str(error)
+    error = await failure(driver.wait_for_state("vm1", VMState.RUNNING, timeout=5))
+    assert "did not become running within 5 s (it is shutoff)" in str(error)
 
 
 # -- agent channel -------------------------------------------------------------------------------------

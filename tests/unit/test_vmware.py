@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 
 from hypervisors.interface import VMSpec, VMState
 from hypervisors.vmware._vmrun import Vmrun, parse_list, parse_snapshot_tree, translate_error
-from hypervisors.vmware.driver import vm_state
+from hypervisors.vmware.driver import suspended_on_disk, vm_state
 from hypervisors.vmware.vmx import (
     guestinfo_entries,
     is_suspended,
@@ -117,21 +117,33 @@ def test_suspended_is_read_from_checkpoint_vmstate() -> None:
 
 
 @pytest.mark.parametrize(
-    ("listed", "paused", "vmx", "has_vmss", "expected"),
+    ("listed", "paused", "suspended", "expected"),
     [
-        (True, False, {}, False, VMState.RUNNING),
-        (True, True, {}, False, VMState.PAUSED),
-        (False, False, {"checkpoint.vmstate": "vm1.vmss"}, False, VMState.SAVED),
-        (False, False, {"checkpoint.vmstate": ""}, True, VMState.SAVED),
-        (False, False, {"checkpoint.vmstate": ""}, False, VMState.SHUTOFF),
+        (True, False, False, VMState.RUNNING),
+        (True, True, False, VMState.PAUSED),
+        # Listed wins: VMware may still be removing the suspended state while it resumes.
+        (True, False, True, VMState.RUNNING),
+        (False, False, True, VMState.SAVED),
+        (False, False, False, VMState.SHUTOFF),
         # A VM that stopped while the driver thought it paused is shut off, not paused.
-        (False, True, {}, False, VMState.SHUTOFF),
+        (False, True, False, VMState.SHUTOFF),
     ],
 )
-def test_state_from_vmrun_list_the_vmx_and_the_vmss(
-    listed: bool, paused: bool, vmx: dict[str, str], has_vmss: bool, expected: VMState
+def test_state_from_vmrun_list_and_the_vms_files(
+    listed: bool, paused: bool, suspended: bool, expected: VMState
 ) -> None:
-    assert vm_state(listed=listed, paused=paused, vmx=vmx, has_vmss=has_vmss) is expected
+    assert vm_state(listed=listed, paused=paused, suspended=suspended) is expected
+
+
+def test_a_suspended_state_is_seen_in_the_vmx_or_as_a_vmss_file(tmp_path: Any) -> None:
+    vmx = tmp_path / "vm1.vmx"
+    vmx.write_text('checkpoint.vmState = ""\n')
+    assert not suspended_on_disk(vmx)
+    (tmp_path / "vm1.vmss").write_bytes(b"")
+    assert suspended_on_disk(vmx)
+    (tmp_path / "vm1.vmss").unlink()
+    vmx.write_text('checkpoint.vmState = "vm1.vmss"\n')
+    assert suspended_on_disk(vmx)
 
 
 # -- vmrun output -------------------------------------------------------------------------------

@@ -63,14 +63,9 @@ _KNOWN_LOCATIONS = (
 _MAX_OUTPUT = 1 << 20
 
 
-def find_vmrun(explicit: str | None = None) -> str | None:
-    """The vmrun executable: ``explicit`` if given, else from PATH or VMware's install places."""
-    if explicit is not None:
-        return explicit if os.access(explicit, os.X_OK) and os.path.isfile(explicit) else None
-    found = shutil.which("vmrun")
-    if found:
-        return found
-    return next((p for p in _KNOWN_LOCATIONS if os.access(p, os.X_OK)), None)
+def find_vmrun() -> str | None:
+    """The vmrun executable on PATH or where VMware's installers put it, or ``None``."""
+    return shutil.which("vmrun") or next((p for p in _KNOWN_LOCATIONS if os.access(p, os.X_OK)), None)
 
 
 def parse_list(output: str) -> list[str]:
@@ -251,4 +246,3 @@ class Vmrun:
 def _kill(process: Any) -> None:
     with contextlib.suppress(Exception):  # it ended meanwhile
         process.signalProcess("KILL")
-

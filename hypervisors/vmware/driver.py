@@ -143,7 +143,7 @@ class VMwareDriver(Service):
         self.product: Product = product
         self.state_dir = Path(state_dir)
         self._qemu_img = qemu_img
-        self._vmrun = Vmrun(reactor, find_vmrun(vmrun) if vmrun is None else vmrun, product, vmrun_timeout)
+        self._vmrun = Vmrun(reactor, vmrun or find_vmrun(), product, vmrun_timeout)
         self._locks: dict[str, DeferredLock] = {}
         self._base_locks: dict[str, DeferredLock] = {}
         self._paused: set[str] = set()
@@ -307,8 +307,8 @@ class VMwareDriver(Service):
         base = await self._base_vmdk(spec.disk)
         # Left over from a define that did not finish: no .vmx, so no VM uses it.
         shutil.rmtree(vm_dir, ignore_errors=True)
-        vm_dir.mkdir(parents=True)
         try:
+            vm_dir.mkdir(parents=True)
             # A delta disk: its descriptor names the base (parentFileNameHint, parentCID), the
             # link VMware's own snapshots and linked clones use; writes go to the delta only.
             await self._run_qemu_img(
@@ -343,6 +343,11 @@ class VMwareDriver(Service):
                     "current_snapshot": None,
                 },
             )
+        except OSError as e:
+            shutil.rmtree(vm_dir, ignore_errors=True)
+            raise HypervisorError(
+                f"cannot define VM {spec.name!r}: {e}; check that {vm_dir} is writable"
+            ) from e
         except BaseException:
             shutil.rmtree(vm_dir, ignore_errors=True)
             raise

@@ -6,6 +6,7 @@ their effect on the stand-in's disk file. No VMware runs here (see docs/drivers-
 
 from __future__ import annotations
 
+import shutil
 import stat
 import tempfile
 from collections.abc import Awaitable, Iterator
@@ -25,13 +26,14 @@ from hypervisors import load_driver
 from hypervisors.interface import Capability, IHypervisorDriver, VMEvent, VMEventType, VMState
 from hypervisors.vmware import VMwareDriver
 from hypervisors.vmware.vmx import parse_vmx
-from tests.standins.vmware import base_image, disk_content_path, started_driver, vm_spec
+from tests.standins.vmware import base_image, disk_content_path, hold_vm_lock, started_driver, vm_spec
 from vmcontroller.errors import (
     CapabilityUnsupported,
     HypervisorError,
     HypervisorUnavailable,
     SnapshotNotFound,
     VMAlreadyExists,
+    VMLocked,
     VMNotFound,
     VMStateError,
 )
@@ -228,6 +230,20 @@ async def test_a_missing_vmrun_is_hypervisor_unavailable(workdir: Path, base: Pa
         assert isinstance(await failure(driver.state("vm1")), HypervisorUnavailable)
     finally:
         driver.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_vm_another_vmware_program_holds_is_locked(driver: VMwareDriver, base: Path) -> None:
+    await define(driver, base)
+    lock = hold_vm_lock(driver, "vm1")
+    for call in (driver.start("vm1"), driver.snapshot_create("vm1", "s1"), driver.undefine("vm1")):
+        error = await failure(call)
+        assert isinstance(error, VMLocked) and "another program holds the VM" in str(error)
+    assert await driver.state("vm1") is VMState.SHUTOFF
+    assert await driver.snapshot_list("vm1") == []
+    shutil.rmtree(lock, ignore_errors=True)
+    await driver.start("vm1")
+    assert await driver.state("vm1") is VMState.RUNNING
 
 
 @pytest_twisted.ensureDeferred

@@ -16,7 +16,15 @@ from hypervisors.vmware import VMwareDriver
 from hypervisors.vmware._vmrun import Product
 from hypervisors.vmware.vmx import parse_vmx
 
-__all__ = ["STANDIN", "base_image", "disk_content_path", "install_vmrun", "started_driver", "vm_spec"]
+__all__ = [
+    "STANDIN",
+    "base_image",
+    "disk_content_path",
+    "hold_vm_lock",
+    "install_vmrun",
+    "started_driver",
+    "vm_spec",
+]
 
 #: The stand-in executable.
 STANDIN = Path(__file__).with_name("vmrun")
@@ -84,3 +92,15 @@ def disk_content_path(driver: VMwareDriver, name: str) -> Path:
     vmx = driver.vmx_path(name)
     entries = parse_vmx(vmx.read_text())
     return vmx.parent / entries["scsi0:0.filename"]
+
+
+def hold_vm_lock(driver: VMwareDriver, name: str) -> Path:
+    """
+    Lock VM ``name`` as another VMware program holding it would (a ``<vm>.vmx.lck``
+    directory with a lock file in it): the stand-in then refuses to change the VM. Remove the
+    returned directory to let go.
+    """
+    lock_dir = Path(f"{driver.vmx_path(name)}.lck")
+    lock_dir.mkdir()
+    (lock_dir / "M00001.lck").write_text("held by another VMware program\n")
+    return lock_dir

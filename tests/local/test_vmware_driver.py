@@ -337,6 +337,24 @@ async def test_revert_restores_the_disk_content_and_the_power_state(driver: VMwa
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_revert_that_leaves_the_vm_suspended_is_resumed(workdir: Path, base: Path) -> None:
+    driver = started_driver(reactor, workdir, revert_suspends=True)
+    try:
+        await define(driver, base)
+        await driver.start("vm1")
+        disk = disk_content_path(driver, "vm1")
+        disk.write_bytes(b"online")
+        await driver.snapshot_create("vm1", "on")
+        await driver.power_off("vm1")
+        disk.write_bytes(b"changed")
+        await driver.snapshot_revert("vm1", "on")
+        assert disk.read_bytes() == b"online"
+        assert await driver.state("vm1") is VMState.RUNNING
+    finally:
+        driver.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_child_stays_revertible_after_its_parent_is_deleted(driver: VMwareDriver, base: Path) -> None:
     await define(driver, base)
     disk = disk_content_path(driver, "vm1")

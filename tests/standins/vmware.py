@@ -30,10 +30,12 @@ __all__ = [
 STANDIN = Path(__file__).with_name("vmrun")
 
 
-def install_vmrun(directory: Path, *, delay: float = 0.0) -> Path:
+def install_vmrun(directory: Path, *, delay: float = 0.0, revert_suspends: bool = False) -> Path:
     """
     Write ``directory/bin/vmrun``, which runs the stand-in with its state in
     ``directory/vmrun-state`` (and sleeps ``delay`` seconds before each command), and return it.
+
+    :param revert_suspends: a revert to a running VM's snapshot leaves it suspended.
     """
     bin_dir = directory / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
@@ -42,6 +44,7 @@ def install_vmrun(directory: Path, *, delay: float = 0.0) -> Path:
     wrapper.write_text(
         "#!/bin/sh\n"
         f"VMRUN_STANDIN_STATE={shlex.quote(str(state))} VMRUN_STANDIN_DELAY={delay} "
+        f"VMRUN_STANDIN_REVERT_SUSPENDS={int(revert_suspends)} "
         # -S: the stand-in needs the standard library only, and starts faster without site.
         f'exec {shlex.quote(sys.executable)} -S {shlex.quote(str(STANDIN))} "$@"\n'
     )
@@ -64,7 +67,13 @@ def vm_spec(name: str, disk: Path, **overrides: Any) -> VMSpec:
 
 
 def started_driver(
-    reactor: Any, directory: Path, *, product: Product = "ws", delay: float = 0.0, **options: Any
+    reactor: Any,
+    directory: Path,
+    *,
+    product: Product = "ws",
+    delay: float = 0.0,
+    revert_suspends: bool = False,
+    **options: Any,
 ) -> VMwareDriver:
     """
     A started :class:`VMwareDriver` over the stand-in: VM directories under
@@ -76,7 +85,7 @@ def started_driver(
     driver = VMwareDriver(
         reactor,
         product=product,
-        vmrun=str(install_vmrun(directory, delay=delay)),
+        vmrun=str(install_vmrun(directory, delay=delay, revert_suspends=revert_suspends)),
         state_dir=directory / "vms",
         **options,
     )

@@ -13,9 +13,9 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from hypervisors.interface import VMSpec, VMState
+from hypervisors.interface import VMEvent, VMEventType, VMSpec, VMState
 from hypervisors.vmware._vmrun import Vmrun, parse_list, parse_snapshot_tree, translate_error
-from hypervisors.vmware.driver import suspended_on_disk, vm_state
+from hypervisors.vmware.driver import VMwareDriver, suspended_on_disk, vm_state
 from hypervisors.vmware.vmx import (
     guestinfo_entries,
     is_suspended,
@@ -292,3 +292,52 @@ def test_a_missing_vmrun_says_what_to_install(tmp_path: Any) -> None:
         assert isinstance(error, HypervisorUnavailable)
         assert "install VMware Workstation Pro, Fusion or Workstation Player" in str(error)
     assert reactor.spawned == []
+
+
+# -- events: the poller over the in-memory process reactor -----------------------------------------
+
+
+def test_events_come_from_vmrun_list_and_the_files_while_someone_subscribes(
+    tmp_path: Any, vmrun_exe: str
+) -> None:
+    reactor = ProcessReactor()
+    driver = VMwareDriver(reactor, vmrun=vmrun_exe, state_dir=tmp_path / "vms", poll_interval=2.0)
+    driver.startService()
+    vmx = tmp_path / "vms" / "vm1" / "vm1.vmx"
+    vmx.parent.mkdir(parents=True)
+    vmx.write_text('checkpoint.vmState = ""\n')
+    events: list[VMEvent] = []
+
+    def vmrun_list_answers(*running: str) -> None:
+        protocol, _, args, _ = reactor.spawned[-1]
+        assert args[1:] == ["-T", "ws", "list"]
+        _exit(
+            protocol,
+            f"Total running VMs: {len(running)}\n{''.join(p + chr(10) for p in running)}".encode(),
+            0,
+        )
+
+    assert reactor.spawned == []  # no subscriber, no polling
+    subscription = driver.subscribe(events.append, "vm1")
+    vmrun_list_answers()  # the first look: what is, not a change
+    assert events == []
+    reactor.advance(2)
+    vmrun_list_answers(str(vmx))
+    reactor.advance(2)
+    vmrun_list_answers(str(vmx))  # no change, no event
+    vmx.write_text('checkpoint.vmState = "vm1.vmss"\n')
+    reactor.advance(2)
+    vmrun_list_answers()
+    vmx.write_text('checkpoint.vmState = ""\n')
+    reactor.advance(2)
+    vmrun_list_answers()
+    assert [(e.vm, e.type, e.state) for e in events] == [
+        ("vm1", VMEventType.STARTED, VMState.RUNNING),
+        ("vm1", VMEventType.SAVED, VMState.SAVED),
+        ("vm1", VMEventType.SHUTOFF, VMState.SHUTOFF),
+    ]
+    spawned = len(reactor.spawned)
+    subscription.cancel()
+    reactor.advance(10)
+    assert len(reactor.spawned) == spawned  # nobody listens: no more vmrun list
+    driver.stopService()

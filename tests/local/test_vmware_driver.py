@@ -388,8 +388,8 @@ async def test_snapshot_errors(driver: VMwareDriver, base: Path) -> None:
 # -- events --------------------------------------------------------------------------------------------
 
 
-async def event_for(driver: VMwareDriver, vm: str, kind: VMEventType) -> VMEvent:
-    """The next event ``kind`` of ``vm`` (failing after 30 s)."""
+def event_for(driver: VMwareDriver, vm: str, kind: VMEventType) -> Deferred[VMEvent]:
+    """The next event ``kind`` of ``vm``, subscribed to at once (failing after 30 s)."""
     seen: Deferred[VMEvent] = Deferred()
 
     def on_event(event: VMEvent) -> None:
@@ -397,10 +397,14 @@ async def event_for(driver: VMwareDriver, vm: str, kind: VMEventType) -> VMEvent
             seen.callback(event)
 
     subscription = driver.subscribe(on_event, vm)
-    try:
-        return await seen.addTimeout(30, reactor)
-    finally:
-        subscription.cancel()
+
+    async def wait() -> VMEvent:
+        try:
+            return await seen.addTimeout(30, reactor)
+        finally:
+            subscription.cancel()
+
+    return Deferred.fromCoroutine(wait())
 
 
 @pytest_twisted.ensureDeferred
@@ -415,16 +419,20 @@ async def test_events_are_polled_while_someone_subscribes(driver: VMwareDriver, 
     await define(driver, base, "vm0")
     assert (await defined).state is VMState.SHUTOFF
 
-    for operation, state in (
-        (driver.start, VMState.RUNNING),
-        (driver.pause, VMState.PAUSED),
-        (driver.resume, VMState.RUNNING),
-        (driver.save_state, VMState.SAVED),
-        (driver.start, VMState.RUNNING),
-        (driver.power_off, VMState.SHUTOFF),
+    # A poller sees the states it finds at each look: wait for each event before the next
+    # operation, so that none is shorter than a poll.
+    for operation, kind in (
+        (driver.start, VMEventType.STARTED),
+        (driver.pause, VMEventType.PAUSED),
+        (driver.resume, VMEventType.RESUMED),
+        (driver.save_state, VMEventType.SAVED),
+        (driver.start, VMEventType.RESTORED),
+        (driver.power_off, VMEventType.SHUTOFF),
     ):
+        seen = event_for(driver, "vm1", kind)
         await operation("vm1")
-        await driver.wait_for_state("vm1", state, timeout=30)
+        await seen
+    await driver.wait_for_state("vm1", VMState.SHUTOFF, timeout=30)
     undefined = event_for(driver, "vm0", VMEventType.UNDEFINED)
     await driver.undefine("vm0")
     await undefined

@@ -36,6 +36,7 @@ from vmcontroller.errors import (
     VMLocked,
     VMNotFound,
     VMStateError,
+    VMTimeout,
 )
 
 
@@ -171,6 +172,30 @@ async def test_power_operations_and_their_states(driver: VMwareDriver, base: Pat
     await driver.start("vm1")
     await driver.power_off("vm1")
     assert await driver.state("vm1") is VMState.SHUTOFF
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_without_waiting_then_wait_for_state(driver: VMwareDriver, base: Path) -> None:
+    await define(driver, base)
+    await driver.start("vm1")
+    await driver.shutdown("vm1", wait=False)
+    await driver.wait_for_state("vm1", VMState.SHUTOFF, timeout=30)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shutdown_past_its_timeout_stops_vmrun_and_leaves_the_vm_running(
+    workdir: Path, base: Path
+) -> None:
+    driver = started_driver(reactor, workdir, delay=2.0)
+    try:
+        await define(driver, base)
+        await driver.start("vm1")
+        error = await failure(driver.shutdown("vm1", timeout=0.5))
+        assert isinstance(error, VMTimeout) and "use power_off()" in str(error)
+        # vmrun was killed before it acted: the VM still runs.
+        assert await driver.state("vm1") is VMState.RUNNING
+    finally:
+        driver.stopService()
 
 
 @pytest_twisted.ensureDeferred

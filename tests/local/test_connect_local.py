@@ -44,8 +44,12 @@ async def test_a_connection_dropped_before_the_handshake_is_retried() -> None:
     factory = _AgentAfterHangUps(2)
     listener = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     try:
-        client = await connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getHost().port),
-                               credentials=factory.credentials, timeout=30)
+        client = await connect(
+            reactor,
+            TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getHost().port),
+            credentials=factory.credentials,
+            timeout=30,
+        )
         assert (await client.ping())["version"]
         client.close()
     finally:
@@ -58,7 +62,11 @@ async def test_only_hang_ups_until_the_deadline_are_unreachable() -> None:
     listener = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     try:
         with pytest.raises(AgentUnreachable, match=r"no agent answered within 1\.5 s \(last error: .*closed"):
-            await connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getHost().port),
-                          credentials=factory.credentials, timeout=1.5)
+            await connect(
+                reactor,
+                TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getHost().port),
+                credentials=factory.credentials,
+                timeout=1.5,
+            )
     finally:
         await listener.stopListening()

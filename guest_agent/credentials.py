@@ -56,6 +56,25 @@ def _parse(value: bytes, source: str) -> Credentials:
         raise CredentialsUnavailable(f"the credentials in {source} are damaged: {e}") from None
 
 
+def read_credentials_file(path: str) -> Credentials:
+    """
+    Credentials from a file of the guest's own provisioning (``run --credentials``), which
+    must be the owner's alone: never a file of the shared image.
+
+    :raises CredentialsUnavailable: missing, readable by others, or damaged.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise CredentialsUnavailable(f"cannot open the credentials file {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as file:
+        if os.fstat(fd).st_mode & 0o077:
+            raise CredentialsUnavailable(
+                f"the credentials file {path} may be read by other users: chmod 600 it"
+            )
+        return _parse(file.read(), path)
+
+
 def _keep_copy(path: str, data: bytes) -> None:
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o700, exist_ok=True)

@@ -13,7 +13,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
 
 import guest_agent
-from guest_agent.credentials import load_credentials
+from guest_agent.credentials import load_credentials, read_credentials_file
 from guest_agent.ops import OPERATIONS
 from guest_agent.protocol.connection import SUPPORTED_VERSIONS
 from guest_agent.protocol.errors import AuthenticationFailed, CredentialsUnavailable
@@ -44,7 +44,9 @@ def build_service(
     return top
 
 
-async def agent_authenticator(reactor: Any, development: bool) -> Authenticator | None:
+async def agent_authenticator(
+    reactor: Any, development: bool, credentials_file: str | None = None
+) -> Authenticator | None:
     """
     The agent's TLS end from the VM's credentials; None in development mode, loudly.
 
@@ -56,7 +58,10 @@ async def agent_authenticator(reactor: Any, development: bool) -> Authenticator 
             "runs commands as root here. Never use it outside development"
         )
         return None
-    credentials = await load_credentials(reactor)
+    if credentials_file is not None:
+        credentials = read_credentials_file(credentials_file)
+    else:
+        credentials = await load_credentials(reactor)
     try:
         return Authenticator.from_credentials(credentials, server_side=True)
     except AuthenticationFailed as e:
@@ -65,7 +70,7 @@ async def agent_authenticator(reactor: Any, development: bool) -> Authenticator 
 
 async def serve(reactor: Any, args: argparse.Namespace) -> MultiService:
     """Load the credentials, then start every channel; nothing listens before that."""
-    authenticator = await agent_authenticator(reactor, args.development)
+    authenticator = await agent_authenticator(reactor, args.development, args.credentials)
     top = build_service(reactor, args, authenticator)
     for description in args.listen:
         await serverFromString(reactor, description).listen(
@@ -100,6 +105,13 @@ def main(argv: list[str]) -> int:
         default=[],
         metavar="ENDPOINT",
         help="a Twisted server endpoint, e.g. tcp:9000:interface=127.0.0.1",
+    )
+    parser.add_argument(
+        "--credentials",
+        metavar="FILE",
+        help="read this VM's credentials from FILE (mode 0600), provisioned by other means than "
+        "the hypervisor's (never a file of the shared image); by default they come from QEMU "
+        "fw_cfg, a VirtualBox guest property or VMware guestinfo",
     )
     parser.add_argument(
         "--development",

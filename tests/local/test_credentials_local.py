@@ -155,3 +155,18 @@ async def test_agent_without_credentials_refuses_to_serve_and_says_why(tmp_path:
     log = err.decode()
     assert "Refusing to serve: no credentials" in log and "--development" in log
     assert not socket.exists()  # it never listened
+
+
+def test_a_credentials_file_must_be_private(tmp_path: Path) -> None:
+    from guest_agent.credentials import read_credentials_file
+
+    _, agent = mint()
+    path = tmp_path / "credentials.json"
+    path.write_bytes(agent.to_json())
+    path.chmod(0o644)
+    with pytest.raises(CredentialsUnavailable, match="chmod 600"):
+        read_credentials_file(str(path))
+    path.chmod(0o600)
+    assert read_credentials_file(str(path)) == agent
+    with pytest.raises(CredentialsUnavailable, match="cannot open"):
+        read_credentials_file(str(tmp_path / "missing"))

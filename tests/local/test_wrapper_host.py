@@ -5,6 +5,7 @@ directory, ``init_data.xml`` and the shared-memory channels, with this test as t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -86,7 +87,8 @@ class StandInClient:
             self.fractions.append(float(status.split("<fraction_done>")[1].split("<")[0]))
 
     def ask(self, request: str) -> None:
-        wait_for(lambda: self.channels.send_msg("process_control_request", f"<{request}/>"), f"sending {request}")
+        message = f"<{request}/>"
+        wait_for(lambda: self.channels.send_msg("process_control_request", message), f"sending {request}")
 
 
 def process_state(pid: int) -> str:
@@ -94,7 +96,8 @@ def process_state(pid: int) -> str:
 
 
 def test_a_plain_job_file_runs_its_tasks_on_the_host_like_boincs_wrapper(slot: Path) -> None:
-    copy = "<task><application>/bin/sh</application><command_line>-c 'cp out.txt copy.txt'</command_line></task>"
+    copy = "<task><application>/bin/sh</application>"
+    copy += "<command_line>-c 'cp out.txt copy.txt'</command_line></task>"
     (slot / "job.xml").write_text(job_xml(5, copy))
     wrapper = start_wrapper(slot)
     output, _ = wrapper.communicate(timeout=120)
@@ -153,7 +156,8 @@ def test_killed_and_started_again_it_skips_the_tasks_already_done(slot: Path) ->
     )
     (slot / "job.xml").write_text(f"<job_desc>{count.replace('sleep 3', 'true')}{slow}{slow}</job_desc>")
     wrapper = start_wrapper(slot)
-    wait_for(lambda: "second" in (slot / "runs.txt").read_text() if (slot / "runs.txt").exists() else False, "task 2")
+    runs_file = slot / "runs.txt"
+    wait_for(lambda: runs_file.exists() and "second" in runs_file.read_text(), "task 2")
     os.kill(wrapper.pid, signal.SIGKILL)
     wrapper.wait()
     again = start_wrapper(slot)
@@ -169,7 +173,5 @@ def _no_leftover_workers(slot: Path) -> Iterator[None]:
     yield
     pid_file = slot / "worker.pid"
     if pid_file.exists():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        except ProcessLookupError:
-            pass

@@ -105,6 +105,9 @@ def test_vm_tags_and_vboxwrapper_options() -> None:
     assert (vm.completion_trigger_file, vm.fraction_done_filename) == ("/root/done", "/root/progress")
 
 
+APP = "<application>a</application>"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -112,17 +115,14 @@ def test_vm_tags_and_vboxwrapper_options() -> None:
         ("<job_desc/>", "no <task>"),
         ("<job_desc><task><command_line>x</command_line></task></job_desc>", "no <application>"),
         ("<job_desc><task><application>a</application><weight>x</weight></task></job_desc>", "give a number"),
-        ("<job_desc><task><application>a</application><setenv>novalue</setenv></task></job_desc>", "NAME=VALUE"),
-        (
-            '<job_desc><task><application>a</application></task><vm><copy_out guest="/x" host="../x"/></vm></job_desc>',
-            "relative to the slot",
-        ),
+        (f"<job_desc><task>{APP}<setenv>novalue</setenv></task></job_desc>", "NAME=VALUE"),
+        (f'<job_desc><task>{APP}</task><vm><copy_out guest="/x" host="../x"/></vm></job_desc>', "relative to"),
         (
             '<job_desc><task><application>a</application></task><vm><copy_out guest="/x" host="/etc/x"/></vm>'
             "</job_desc>",
             "relative to the slot",
         ),
-        ("<job_desc><task><application>a</application></task><vm><copy_in host='x'/></vm></job_desc>", "both"),
+        (f"<job_desc><task>{APP}</task><vm><copy_in host='x'/></vm></job_desc>", "both"),
     ],
 )
 def test_bad_job_files(text: str, message: str) -> None:

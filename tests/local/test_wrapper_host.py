@@ -86,6 +86,15 @@ class StandInClient:
         if status is not None:
             self.fractions.append(float(status.split("<fraction_done>")[1].split("<")[0]))
 
+    def wait_for(self, condition: Callable[[], bool], what: str) -> None:
+        """Wait as a client waits: beating the heart and reading app_status meanwhile."""
+
+        def beating() -> bool:
+            self.beat()
+            return condition()
+
+        wait_for(beating, what)
+
     def ask(self, request: str) -> None:
         message = f"<{request}/>"
         wait_for(lambda: self.channels.send_msg("process_control_request", message), f"sending {request}")
@@ -113,18 +122,18 @@ def test_under_the_client_it_reports_progress_and_suspends_and_resumes(slot: Pat
     client = StandInClient(slot)
     wrapper = start_wrapper(slot)
     try:
-        wait_for(lambda: (client.beat(), (slot / "worker.pid").exists())[1], "the worker")
+        client.wait_for(lambda: (slot / "worker.pid").exists(), "the worker")
         worker = int((slot / "worker.pid").read_text())
-        wait_for(lambda: (client.beat(), bool(client.fractions) and client.fractions[-1] > 0)[1], "progress")
+        client.wait_for(lambda: bool(client.fractions) and client.fractions[-1] > 0, "progress")
         client.ask("suspend")
-        wait_for(lambda: (client.beat(), process_state(worker) == "T")[1], "the worker to stop")
+        client.wait_for(lambda: process_state(worker) == "T", "the worker to stop")
         steps = (slot / "worker.ckpt").read_text()
         for _ in range(10):  # a second of heartbeats: a suspended job makes no progress
             client.beat()
             time.sleep(0.1)
         assert (slot / "worker.ckpt").read_text() == steps and process_state(worker) == "T"
         client.ask("resume")
-        wait_for(lambda: (client.beat(), wrapper.poll() is not None)[1], "the job's end")
+        client.wait_for(lambda: wrapper.poll() is not None, "the job's end")
     finally:
         if wrapper.poll() is None:
             wrapper.kill()
@@ -139,7 +148,7 @@ def test_abort_kills_the_task_and_finishes_with_boincs_status(slot: Path) -> Non
     (slot / "job.xml").write_text(job_xml(1000))
     client = StandInClient(slot)
     wrapper = start_wrapper(slot)
-    wait_for(lambda: (client.beat(), (slot / "worker.pid").exists())[1], "the worker")
+    client.wait_for(lambda: (slot / "worker.pid").exists(), "the worker")
     worker = int((slot / "worker.pid").read_text())
     client.ask("abort")
     assert wrapper.wait(timeout=60) == boinc.EXIT_ABORTED_BY_CLIENT

@@ -116,7 +116,7 @@ APP = "<application>a</application>"
         ("<job_desc><task><command_line>x</command_line></task></job_desc>", "no <application>"),
         ("<job_desc><task><application>a</application><weight>x</weight></task></job_desc>", "give a number"),
         (f"<job_desc><task>{APP}<setenv>novalue</setenv></task></job_desc>", "NAME=VALUE"),
-        (f'<job_desc><task>{APP}</task><vm><copy_out guest="/x" host="../x"/></vm></job_desc>', "relative to"),
+        (f'<job_desc><task>{APP}</task><vm><copy_out guest="/x" host="../x"/></vm></job_desc>', "relative"),
         (
             '<job_desc><task><application>a</application></task><vm><copy_out guest="/x" host="/etc/x"/></vm>'
             "</job_desc>",

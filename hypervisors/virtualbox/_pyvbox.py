@@ -62,6 +62,7 @@ class PyvboxBackend:
         self._vbox: Any = None
         self._manager: Any = None
         self._lib: Any = None
+        self._trigger: Any = None
         self._names: dict[str, str] = {}  # machine id -> name, for events of unregistered machines
 
     # -- plumbing -------------------------------------------------------------------------
@@ -86,6 +87,8 @@ class PyvboxBackend:
 
     async def start(self) -> None:
         self._pool.start()
+        # Stop the COM thread if the reactor stops first, so that the process can exit.
+        self._trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self.stop_pool)
 
         def connect() -> None:
             import virtualbox
@@ -109,9 +112,15 @@ class PyvboxBackend:
 
         await self._on_thread(connect, action="connect to VirtualBox")
 
-    async def stop(self) -> None:
+    def stop_pool(self) -> None:
         if self._pool.started:
             self._pool.stop()
+
+    async def stop(self) -> None:
+        if self._trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._trigger)
+            self._trigger = None
+        self.stop_pool()
 
     @contextlib.contextmanager
     def _session(self, machine: Any, write: bool) -> Iterator[Any]:
@@ -191,7 +200,8 @@ class PyvboxBackend:
 
         def create() -> None:
             vbox = self._vbox
-            settings = vbox.compose_machine_filename(spec.name, GROUP, "", base_folder)
+            # Group "/" in the file name: the machine's folder is <base_folder>/<name>.
+            settings = vbox.compose_machine_filename(spec.name, "/", "", base_folder)
             machine = vbox.create_machine(settings, spec.name, [GROUP], "Linux_64", "")
             machine.save_settings()
             vbox.register_machine(machine)
@@ -240,22 +250,25 @@ class PyvboxBackend:
                 await self._on_thread(lambda: _unlock_quietly(session[0]), action="start", vm=name)
 
     async def console(self, name: str, action: ConsoleAction) -> None:
-        def act() -> Any:
-            machine = self._vbox.find_machine(name)
-            with self._session(machine, write=False) as session:
-                console = session.console
-                if action == "poweroff":
-                    return console.power_down()
-                if action == "savestate":
-                    return session.machine.save_state()
-                {"acpipowerbutton": console.power_button, "pause": console.pause, "resume": console.resume, "reset": console.reset}[action]()
-                return None
+        def act(machine: Any, session: Any) -> Any:
+            if action == "savestate":
+                return machine.save_state()
+            console = session.console
+            if action == "poweroff":
+                return console.power_down()
+            {
+                "acpipowerbutton": console.power_button,
+                "pause": console.pause,
+                "resume": console.resume,
+                "reset": console.reset,
+            }[action]()
+            return None
 
-        progress = await self._on_thread(act, action=action, vm=name)
-        if progress is not None:
-            await self._wait(progress, action=action, vm=name)
+        await self._in_session(name, False, act, action)
 
-    async def _in_session(self, name: str, write: bool, fn: Callable[[Any], Any], action: str, snapshot: str | None = None) -> Any:
+    async def _in_session(
+        self, name: str, write: bool, fn: Callable[[Any, Any], Any], action: str, snapshot: str | None = None
+    ) -> Any:
         # The session stays locked while the progress runs, as VirtualBox requires; unlocked
         # in finally whatever happens.
         import virtualbox
@@ -266,12 +279,13 @@ class PyvboxBackend:
             machine = self._vbox.find_machine(name)
             session.append(virtualbox.Session(manager=self._manager))
             machine.lock_machine(session[0], self._lib.LockType.write if write else self._lib.LockType.shared)
-            return fn(session[0].machine)
+            return fn(session[0].machine, session[0])
 
         try:
             result = await self._on_thread(begin, action=action, vm=name, snapshot=snapshot)
             progress = result[0] if isinstance(result, tuple) else result
-            await self._wait(progress, action=action, vm=name, snapshot=snapshot)
+            if progress is not None:
+                await self._wait(progress, action=action, vm=name, snapshot=snapshot)
             return result
         finally:
             if session:
@@ -279,7 +293,7 @@ class PyvboxBackend:
 
     async def take_snapshot(self, name: str, snapshot: str, description: str) -> str:
         result = await self._in_session(
-            name, False, lambda m: m.take_snapshot(snapshot, description, False), f"take snapshot {snapshot!r} of"
+            name, False, lambda m, _: m.take_snapshot(snapshot, description, False), f"take snapshot {snapshot!r} of"
         )
         return str(result[1])
 
@@ -316,11 +330,11 @@ class PyvboxBackend:
 
     async def restore_snapshot(self, name: str, snapshot_id: str) -> None:
         await self._in_session(
-            name, True, lambda m: m.restore_snapshot(m.find_snapshot(snapshot_id)), "restore a snapshot of", snapshot_id
+            name, True, lambda m, _: m.restore_snapshot(m.find_snapshot(snapshot_id)), "restore a snapshot of", snapshot_id
         )
 
     async def delete_snapshot(self, name: str, snapshot_id: str) -> None:
-        await self._in_session(name, False, lambda m: m.delete_snapshot(snapshot_id), "delete a snapshot of", snapshot_id)
+        await self._in_session(name, False, lambda m, _: m.delete_snapshot(snapshot_id), "delete a snapshot of", snapshot_id)
 
     async def unregister(self, name: str) -> None:
         def unregister() -> Any:

@@ -252,8 +252,9 @@ class VirtualBoxDriver(Service):
         except (ValueError, TypeError) as e:
             raise HypervisorError(f"VM {name!r} has an unreadable {SPEC_KEY} extra-data entry ({e}); undefine it") from e
 
-    def _serial_path(self, folder: str, port: str) -> str:
-        return os.path.join(folder, f"serial-{port}.sock")
+    def _serial_path(self, name: str, port: str) -> str:
+        # In the machine's folder, which VirtualBox makes at define (<state_dir>/<name>).
+        return str(self.state_dir / name / f"serial-{port}.sock")
 
     # -- IHypervisorDriver ----------------------------------------------------------------
 
@@ -278,8 +279,7 @@ class VirtualBoxDriver(Service):
                 "VM {vm}: VirtualBox has no direct kernel boot; it boots from its disk, kernel and cmdline are ignored",
                 vm=spec.name,
             )
-        folder = self.state_dir / spec.name
-        serial_paths = [self._serial_path(str(folder), port) for port in spec.serial_ports]
+        serial_paths = [self._serial_path(spec.name, port) for port in spec.serial_ports]
         for path in serial_paths:
             if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
                 raise HypervisorError(
@@ -504,10 +504,10 @@ class VirtualBoxDriver(Service):
         """The host socket (VirtualBox's host pipe) of serial port ``port`` of a running VM."""
 
         async def go() -> str:
-            _, info, spec = await self._running_spec(name, f"its serial port {port!r} has no socket")
+            _, _, spec = await self._running_spec(name, f"its serial port {port!r} has no socket")
             if port not in spec.serial_ports:
                 raise HypervisorError(f"VM {name!r} has no serial port named {port!r} (it has {spec.serial_ports!r})")
-            return self._serial_path(info.folder, port)
+            return self._serial_path(name, port)
 
         return self._run(go())
 
@@ -527,7 +527,7 @@ class VirtualBoxDriver(Service):
 
     def agent_endpoint(self, name: str, transport: AgentTransport = "auto") -> Deferred[IStreamClientEndpoint]:
         async def go() -> IStreamClientEndpoint:
-            _, info, spec = await self._running_spec(name, "its agent has no channel")
+            _, _, spec = await self._running_spec(name, "its agent has no channel")
             chosen = spec.agent_transport if transport == "auto" else transport
             if chosen == "auto":
                 chosen = "serial" if spec.serial_ports else "tcp" if spec.nat_network else "virtio-serial"
@@ -536,7 +536,7 @@ class VirtualBoxDriver(Service):
             if chosen == "serial":
                 if not spec.serial_ports:
                     raise HypervisorError(f"VM {name!r} has no serial port for the agent; define it with VMSpec.serial_ports")
-                return UNIXClientEndpoint(self._reactor, self._serial_path(info.folder, spec.serial_ports[0]))
+                return UNIXClientEndpoint(self._reactor, self._serial_path(name, spec.serial_ports[0]))
             port = await self.forward_port(name, DEFAULT_AGENT_TCP_PORT)
             return TCP4ClientEndpoint(self._reactor, "127.0.0.1", port)
 

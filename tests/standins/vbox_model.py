@@ -73,6 +73,12 @@ class VBoxError(Exception):
         self.text = text
 
 
+def iso_time(milliseconds: int) -> str:
+    """A time as RTTimeSpecToString prints it (VBoxManageInfo.cpp's VMStateChangeTime)."""
+    seconds, millis = divmod(milliseconds, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}000000Z"
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 
@@ -106,6 +112,11 @@ class Registry:
         raise VBoxError(VBOX_E_OBJECT_NOT_FOUND, f"Could not find a registered machine named '{name_or_id}'")
 
     def find_snapshot(self, machine: dict[str, Any], name_or_id: str) -> dict[str, Any]:
+        # IMachine::findSnapshot: an empty name or id gives the root snapshot.
+        if not name_or_id:
+            for snapshot in machine["snapshots"].values():
+                if snapshot["parent"] is None:
+                    return snapshot
         for snapshot in machine["snapshots"].values():
             if name_or_id in (snapshot["name"], snapshot["id"]):
                 return snapshot
@@ -164,7 +175,7 @@ class Registry:
 
     # -- machines ------------------------------------------------------------------------
 
-    def create_machine(self, settings_file: str, name: str) -> dict[str, Any]:
+    def create_machine(self, settings_file: str, name: str, groups: list[str]) -> dict[str, Any]:
         for machine in self.machines.values():
             if machine["name"] == name:
                 raise VBoxError(
@@ -178,6 +189,7 @@ class Registry:
         machine = {
             "id": new_id(),
             "name": name,
+            "groups": list(groups) or ["/"],
             "settings_file": settings_file,
             "state": POWERED_OFF,
             "last_state_change": now_ms(),

@@ -416,6 +416,8 @@ class IMachine:
         return _com(read)  # type: ignore[no-any-return]
 
     def _require_mutable(self, record: dict[str, Any], *, online: bool = False) -> None:
+        if not record["registered"]:
+            return  # a machine just made by createMachine is the caller's to set up
         session = self._session
         if session is None or session._holder != record["session"] and not (online and session._shared):
             # Machine::i_checkStateDependency (MachineImpl.cpp).
@@ -446,6 +448,7 @@ class IMachine:
     del _setting
 
     name = property(lambda self: self._get()["name"])
+    groups = property(lambda self: list(self._get()["groups"]))
     state = property(lambda self: self._get()["state"])
     lastStateChange = property(lambda self: self._get()["last_state_change"])
     settingsFilePath = property(lambda self: self._get()["settings_file"])
@@ -590,11 +593,13 @@ class IConsole:
     _interfaces = ("IConsole",)
 
     def __init__(self, session: ISession) -> None:
+        # The console is the VM process's: it outlives the client session that found it.
         self._session = session
+        self._machine_id = session._machine_id or ""
 
     @property
     def machine(self) -> IMachine:
-        return IMachine(self._session._machine_id or "", self._session)
+        return IMachine(self._machine_id, self._session)
 
     def _do(self, work: Any) -> Any:
         return self.machine._apply(work, mutable=False)
@@ -690,7 +695,7 @@ class IVirtualBox:
     def createMachine(self, settingsFile: str, name: str, groups: list[str], osTypeId: str, flags: str) -> IMachine:
         def create() -> str:
             with _transaction() as registry:
-                record = registry.create_machine(settingsFile, name)
+                record = registry.create_machine(settingsFile, name, groups)
                 record["registered"] = False
                 return str(record["id"])
 

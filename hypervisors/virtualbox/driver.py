@@ -141,9 +141,11 @@ class VirtualBoxDriver(Service):
         self._backend: Backend | None
         if chosen == "pyvbox":
             self._backend = PyvboxBackend(reactor)
-        elif chosen == "vboxmanage":
-            self._backend = VBoxManageBackend(reactor, executable or vboxmanage or "VBoxManage", vbox_user_home)
+        elif chosen == "vboxmanage" and executable is not None:
+            self._backend = VBoxManageBackend(reactor, executable, vbox_user_home)
         else:
+            if chosen == "vboxmanage":
+                chosen, self.backend_reason = None, f"VBoxManage not found ({vboxmanage or 'not on PATH'})"
             self._backend = None
         self.backend_name = chosen
         capabilities = {

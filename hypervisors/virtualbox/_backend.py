@@ -28,8 +28,6 @@ class MachineInfo:
     state: VMState
     #: VirtualBox's own state name (``poweroff``, ``running``...), for messages.
     raw_state: str
-    #: The machine's folder (where its settings file is): its serial sockets go there.
-    folder: str
     ours: bool
 
 
@@ -55,7 +53,9 @@ class Backend(Protocol):
 
     async def set_extra_data(self, name: str, key: str, value: str) -> None: ...
 
-    async def create(self, spec: VMSpec, base_folder: str, serial_paths: list[str], spec_json: str) -> None: ...
+    async def create(
+        self, spec: VMSpec, base_folder: str, serial_paths: list[str], spec_json: str
+    ) -> None: ...
 
     async def launch(self, name: str) -> None: ...
 
@@ -71,7 +71,9 @@ class Backend(Protocol):
 
     async def unregister(self, name: str) -> None: ...
 
-    async def add_port_forward(self, name: str, rule: str, host_port: int, guest_ip: str, guest_port: int) -> None: ...
+    async def add_port_forward(
+        self, name: str, rule: str, host_port: int, guest_ip: str, guest_port: int
+    ) -> None: ...
 
     def watch(self, publish: Callable[[str, VMState], None]) -> Callable[[], None]:
         """Call ``publish(vm, state)`` on the reactor thread at each state change pushed by

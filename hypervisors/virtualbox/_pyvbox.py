@@ -67,7 +67,9 @@ class PyvboxBackend:
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _on_thread(self, fn: Callable[[], T], *, action: str, vm: str | None = None, snapshot: str | None = None) -> Deferred[T]:
+    def _on_thread(
+        self, fn: Callable[[], T], *, action: str, vm: str | None = None, snapshot: str | None = None
+    ) -> Deferred[T]:
         lib = self._lib
 
         def work() -> T:
@@ -79,7 +81,11 @@ class PyvboxBackend:
                 if lib is not None and isinstance(e, lib.VBoxError):
                     code = getattr(e, "name", None)
                     raise translate_error(
-                        code if code != "undef" else f"0x{e.value:08x}", str(e.msg), action=action, vm=vm, snapshot=snapshot
+                        code if code != "undef" else f"0x{e.value:08x}",
+                        str(e.msg),
+                        action=action,
+                        vm=vm,
+                        snapshot=snapshot,
                     ) from e
                 raise
 
@@ -164,8 +170,6 @@ class PyvboxBackend:
         await self._on_thread(outcome, action=action, vm=vm)
 
     def _info(self, machine: Any) -> MachineInfo:
-        import os
-
         state = MACHINE_STATE_NAMES.get(int(machine.state), "unknown")
         self._names[machine.id_p] = machine.name
         return MachineInfo(
@@ -173,26 +177,33 @@ class PyvboxBackend:
             id=machine.id_p,
             state=vm_state(state),
             raw_state=state,
-            folder=os.path.dirname(machine.settings_file_path),
             ours=GROUP in list(machine.groups),
         )
 
     # -- Backend --------------------------------------------------------------------------
 
     async def machine(self, name: str) -> MachineInfo:
-        return await self._on_thread(lambda: self._info(self._vbox.find_machine(name)), action="look up", vm=name)
+        return await self._on_thread(
+            lambda: self._info(self._vbox.find_machine(name)), action="look up", vm=name
+        )
 
     async def machines(self) -> list[MachineInfo]:
-        return await self._on_thread(lambda: [self._info(m) for m in self._vbox.machines], action="list the VMs")
+        return await self._on_thread(
+            lambda: [self._info(m) for m in self._vbox.machines], action="list the VMs"
+        )
 
     async def extra_data(self, name: str, key: str) -> str:
         return await self._on_thread(
-            lambda: str(self._vbox.find_machine(name).get_extra_data(key)), action="read the settings of", vm=name
+            lambda: str(self._vbox.find_machine(name).get_extra_data(key)),
+            action="read the settings of",
+            vm=name,
         )
 
     async def set_extra_data(self, name: str, key: str, value: str) -> None:
         await self._on_thread(
-            lambda: self._vbox.find_machine(name).set_extra_data(key, value), action="change the settings of", vm=name
+            lambda: self._vbox.find_machine(name).set_extra_data(key, value),
+            action="change the settings of",
+            vm=name,
         )
 
     async def create(self, spec: VMSpec, base_folder: str, serial_paths: list[str], spec_json: str) -> None:
@@ -293,7 +304,10 @@ class PyvboxBackend:
 
     async def take_snapshot(self, name: str, snapshot: str, description: str) -> str:
         result = await self._in_session(
-            name, False, lambda m, _: m.take_snapshot(snapshot, description, False), f"take snapshot {snapshot!r} of"
+            name,
+            False,
+            lambda m, _: m.take_snapshot(snapshot, description, False),
+            f"take snapshot {snapshot!r} of",
         )
         return str(result[1])
 
@@ -330,11 +344,17 @@ class PyvboxBackend:
 
     async def restore_snapshot(self, name: str, snapshot_id: str) -> None:
         await self._in_session(
-            name, True, lambda m, _: m.restore_snapshot(m.find_snapshot(snapshot_id)), "restore a snapshot of", snapshot_id
+            name,
+            True,
+            lambda m, _: m.restore_snapshot(m.find_snapshot(snapshot_id)),
+            "restore a snapshot of",
+            snapshot_id,
         )
 
     async def delete_snapshot(self, name: str, snapshot_id: str) -> None:
-        await self._in_session(name, False, lambda m, _: m.delete_snapshot(snapshot_id), "delete a snapshot of", snapshot_id)
+        await self._in_session(
+            name, False, lambda m, _: m.delete_snapshot(snapshot_id), "delete a snapshot of", snapshot_id
+        )
 
     async def unregister(self, name: str) -> None:
         def unregister() -> Any:
@@ -345,7 +365,9 @@ class PyvboxBackend:
         progress = await self._on_thread(unregister, action="undefine", vm=name)
         await self._wait(progress, action="undefine", vm=name)
 
-    async def add_port_forward(self, name: str, rule: str, host_port: int, guest_ip: str, guest_port: int) -> None:
+    async def add_port_forward(
+        self, name: str, rule: str, host_port: int, guest_ip: str, guest_port: int
+    ) -> None:
         lib = self._lib
 
         def forward() -> None:
@@ -367,7 +389,9 @@ class PyvboxBackend:
             source = self._vbox.event_source
             listener.append(source.create_listener())
             source.register_listener(
-                listener[0], [lib.VBoxEventType.on_machine_state_changed, lib.VBoxEventType.on_machine_registered], False
+                listener[0],
+                [lib.VBoxEventType.on_machine_state_changed, lib.VBoxEventType.on_machine_registered],
+                False,
             )
 
         def next_events() -> list[tuple[str, VMState | None]]:
@@ -381,7 +405,10 @@ class PyvboxBackend:
             try:
                 if event.type_p == lib.VBoxEventType.on_machine_state_changed:
                     changed = lib.IMachineStateChangedEvent(event)
-                    name = self._names.get(changed.machine_id) or self._vbox.find_machine(changed.machine_id).name
+                    name = (
+                        self._names.get(changed.machine_id)
+                        or self._vbox.find_machine(changed.machine_id).name
+                    )
                     self._names[changed.machine_id] = name
                     found.append((name, vm_state(MACHINE_STATE_NAMES.get(int(changed.state), "unknown"))))
                 elif event.type_p == lib.VBoxEventType.on_machine_registered:
@@ -404,7 +431,8 @@ class PyvboxBackend:
             finally:
                 if listener and self._pool.started:
                     await self._on_thread(
-                        lambda: self._vbox.event_source.unregister_listener(listener[0]), action="stop listening"
+                        lambda: self._vbox.event_source.unregister_listener(listener[0]),
+                        action="stop listening",
                     )
 
         Deferred.fromCoroutine(pump())

@@ -35,7 +35,11 @@ from hypervisors.virtualbox._parsing import (
 from vmcontroller.errors import HypervisorError, HypervisorUnavailable
 
 #: Where VirtualBox installs VBoxManage when it is not on PATH.
-_KNOWN_PATHS = ("/usr/bin/VBoxManage", "/usr/local/bin/VBoxManage", "/Applications/VirtualBox.app/Contents/MacOS/VBoxManage")
+_KNOWN_PATHS = (
+    "/usr/bin/VBoxManage",
+    "/usr/local/bin/VBoxManage",
+    "/Applications/VirtualBox.app/Contents/MacOS/VBoxManage",
+)
 #: Extra-data key prefix of what VBoxManage cannot tell about a snapshot (its time, whether
 #: the VM ran): ``snapshot list --machinereadable`` prints names, UUIDs and descriptions only.
 SNAPSHOT_KEY = "vmcontroller/snapshot/"
@@ -63,7 +67,9 @@ class VBoxManageBackend:
         if vbox_user_home is not None:
             self._env["VBOX_USER_HOME"] = vbox_user_home
 
-    async def _run(self, args: list[str], *, action: str, vm: str | None = None, snapshot: str | None = None) -> str:
+    async def _run(
+        self, args: list[str], *, action: str, vm: str | None = None, snapshot: str | None = None
+    ) -> str:
         try:
             out, err, code = await utils.getProcessOutputAndValue(
                 self.executable, args, env=self._env, reactor=self._reactor
@@ -89,7 +95,9 @@ class VBoxManageBackend:
         return None
 
     async def _showvminfo(self, name: str) -> dict[str, str]:
-        return parse_machinereadable(await self._run(["showvminfo", name, "--machinereadable"], action="look up", vm=name))
+        return parse_machinereadable(
+            await self._run(["showvminfo", name, "--machinereadable"], action="look up", vm=name)
+        )
 
     @staticmethod
     def _info(values: dict[str, str]) -> MachineInfo:
@@ -98,7 +106,6 @@ class VBoxManageBackend:
             id=values.get("UUID", ""),
             state=vm_state(values.get("VMState", "")),
             raw_state=values.get("VMState", "unknown"),
-            folder=os.path.dirname(values.get("CfgFile", "")),
             ours=GROUP in values.get("groups", "").split(","),
         )
 
@@ -128,7 +135,18 @@ class VBoxManageBackend:
         action = "define VM"
         # The sequence of vbox_vboxmanage.cpp's VBOX_VM::create_vm.
         await self._run(
-            ["createvm", "--name", name, "--groups", GROUP, "--basefolder", base_folder, "--ostype", "Linux_64", "--register"],
+            [
+                "createvm",
+                "--name",
+                name,
+                "--groups",
+                GROUP,
+                "--basefolder",
+                base_folder,
+                "--ostype",
+                "Linux_64",
+                "--register",
+            ],
             action=action,
             vm=name,
         )
@@ -141,14 +159,30 @@ class VBoxManageBackend:
             modify += ["--nic1", "nat"]
         await self._run(modify, action=action, vm=name)
         await self._run(
-            ["storagectl", name, "--name", CONTROLLER, "--add", "sata", "--controller", "IntelAhci"], action=action, vm=name
+            ["storagectl", name, "--name", CONTROLLER, "--add", "sata", "--controller", "IntelAhci"],
+            action=action,
+            vm=name,
         )
         # A multiattach base: VirtualBox gives the VM a differencing child in its Snapshots
         # folder and never writes the base (vboxwrapper's "storage attach (fixed disk -
         # multiattach mode)").
         await self._run(
-            ["storageattach", name, "--storagectl", CONTROLLER, "--port", "0", "--device", "0", "--type", "hdd",
-             "--mtype", "multiattach", "--medium", os.path.abspath(spec.disk)],
+            [
+                "storageattach",
+                name,
+                "--storagectl",
+                CONTROLLER,
+                "--port",
+                "0",
+                "--device",
+                "0",
+                "--type",
+                "hdd",
+                "--mtype",
+                "multiattach",
+                "--medium",
+                os.path.abspath(spec.disk),
+            ],
             action=action,
             vm=name,
         )
@@ -172,15 +206,22 @@ class VBoxManageBackend:
         # VBoxManageSnapshot.cpp: "Snapshot taken. UUID: <uuid>".
         snapshot_id = text.rsplit("UUID: ", 1)[-1].strip() if "UUID: " in text else ""
         if not snapshot_id:
-            raise HypervisorError(f"cannot {what} {name!r}: VBoxManage printed no snapshot UUID: {text.strip()!r}")
+            raise HypervisorError(
+                f"cannot {what} {name!r}: VBoxManage printed no snapshot UUID: {text.strip()!r}"
+            )
         from datetime import UTC, datetime
 
-        facts = {"created": datetime.now(tz=UTC).timestamp(), "online": state in (VMState.RUNNING, VMState.PAUSED, VMState.SAVED)}
+        facts = {
+            "created": datetime.now(tz=UTC).timestamp(),
+            "online": state in (VMState.RUNNING, VMState.PAUSED, VMState.SAVED),
+        }
         await self.set_extra_data(name, SNAPSHOT_KEY + snapshot_id, json.dumps(facts))
         return snapshot_id
 
     async def snapshots(self, name: str) -> list[SnapshotRecord]:
-        text = await self._run(["snapshot", name, "list", "--machinereadable"], action="list the snapshots of", vm=name)
+        text = await self._run(
+            ["snapshot", name, "list", "--machinereadable"], action="list the snapshots of", vm=name
+        )
         records = []
         for record in parse_snapshot_list(text):
             facts = json.loads(await self.extra_data(name, SNAPSHOT_KEY + record.id) or "{}")
@@ -198,16 +239,28 @@ class VBoxManageBackend:
         return records
 
     async def restore_snapshot(self, name: str, snapshot_id: str) -> None:
-        await self._run(["snapshot", name, "restore", snapshot_id], action="restore a snapshot of", vm=name, snapshot=snapshot_id)
+        await self._run(
+            ["snapshot", name, "restore", snapshot_id],
+            action="restore a snapshot of",
+            vm=name,
+            snapshot=snapshot_id,
+        )
 
     async def delete_snapshot(self, name: str, snapshot_id: str) -> None:
-        await self._run(["snapshot", name, "delete", snapshot_id], action="delete a snapshot of", vm=name, snapshot=snapshot_id)
+        await self._run(
+            ["snapshot", name, "delete", snapshot_id],
+            action="delete a snapshot of",
+            vm=name,
+            snapshot=snapshot_id,
+        )
         await self.set_extra_data(name, SNAPSHOT_KEY + snapshot_id, "")
 
     async def unregister(self, name: str) -> None:
         await self._run(["unregistervm", name, "--delete"], action="undefine", vm=name)
 
-    async def add_port_forward(self, name: str, rule: str, host_port: int, guest_ip: str, guest_port: int) -> None:
+    async def add_port_forward(
+        self, name: str, rule: str, host_port: int, guest_ip: str, guest_port: int
+    ) -> None:
         # A running VM's rules change with controlvm (modifyvm needs the VM off): the rule's
         # format is modifyvm --natpf's, name,proto,host-ip,host-port,guest-ip,guest-port.
         await self._run(

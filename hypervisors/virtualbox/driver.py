@@ -10,6 +10,7 @@ shared base (in ``Snapshots/``), and the host sockets of its serial ports
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -175,7 +176,9 @@ class VirtualBoxDriver(Service):
     def startService(self) -> None:
         super().startService()
         self.log.info(
-            "VirtualBox driver: {backend} backend ({reason})", backend=self.backend_name or "no", reason=self.backend_reason
+            "VirtualBox driver: {backend} backend ({reason})",
+            backend=self.backend_name or "no",
+            reason=self.backend_reason,
         )
         if self._backend is not None:
             # A failure here is raised by every operation (see _ready); keep it as a value.
@@ -201,11 +204,18 @@ class VirtualBoxDriver(Service):
                 "to a running MultiService"
             )
         if self._backend is None:
-            raise HypervisorUnavailable(f"cannot {action}: VirtualBox is not installed here ({self.backend_reason}); {_INSTALL_HINT}")
+            raise HypervisorUnavailable(
+                f"cannot {action}: VirtualBox is not installed here ({self.backend_reason}); {_INSTALL_HINT}"
+            )
         assert self._started is not None
         # A fresh Deferred per waiter, chained on the start: each sees its outcome.
         outcome: Deferred[Exception | None] = Deferred()
-        self._started.addCallback(lambda result: (outcome.callback(result), result)[1])
+
+        def relay(result: Exception | None) -> Exception | None:
+            outcome.callback(result)
+            return result
+
+        self._started.addCallback(relay)
         failure = await outcome
         if failure is not None:
             raise failure
@@ -233,7 +243,8 @@ class VirtualBoxDriver(Service):
         info = await backend.machine(name)
         if not info.ours:
             raise VMNotFound(
-                f"cannot {action} {name!r}: VirtualBox has a VM of that name, but vmcontroller did not define "
+                f"cannot {action} {name!r}: VirtualBox has a VM of that name, but vmcontroller did not "
+                "define "
                 "it; see list_vms() for the VMs of this driver"
             )
         return backend, info
@@ -242,7 +253,8 @@ class VirtualBoxDriver(Service):
     def _require(info: MachineInfo, states: tuple[VMState, ...], action: str, hint: str) -> None:
         if info.state not in states:
             raise VMStateError(
-                f"cannot {action} VM {info.name!r}: it is {info.state.value} (VirtualBox: {info.raw_state}); {hint}"
+                f"cannot {action} VM {info.name!r}: it is {info.state.value} (VirtualBox: "
+                f"{info.raw_state}); {hint}"
             )
 
     def _spec_from(self, text: str, name: str) -> VMSpec:
@@ -252,7 +264,9 @@ class VirtualBoxDriver(Service):
             fields["extra_channels"] = tuple(fields.get("extra_channels", ()))
             return VMSpec(**fields)
         except (ValueError, TypeError) as e:
-            raise HypervisorError(f"VM {name!r} has an unreadable {SPEC_KEY} extra-data entry ({e}); undefine it") from e
+            raise HypervisorError(
+                f"VM {name!r} has an unreadable {SPEC_KEY} extra-data entry ({e}); undefine it"
+            ) from e
 
     def _serial_path(self, name: str, port: str) -> str:
         # In the machine's folder, which VirtualBox makes at define (<state_dir>/<name>).
@@ -271,21 +285,26 @@ class VirtualBoxDriver(Service):
             pass
         else:
             raise VMAlreadyExists(
-                f"cannot define VM {spec.name!r}: VirtualBox has a VM of that name already; undefine it first or "
+                f"cannot define VM {spec.name!r}: VirtualBox has a VM of that name already; undefine it "
+                "first or "
                 "choose another name"
             )
         if not os.path.isfile(spec.disk):
-            raise HypervisorError(f"cannot define VM {spec.name!r}: its disk {spec.disk} does not exist; build the image first")
+            raise HypervisorError(
+                f"cannot define VM {spec.name!r}: its disk {spec.disk} does not exist; build the image first"
+            )
         if spec.kernel is not None:
             self.log.warn(
-                "VM {vm}: VirtualBox has no direct kernel boot; it boots from its disk, kernel and cmdline are ignored",
+                "VM {vm}: VirtualBox has no direct kernel boot; it boots from its disk, kernel and "
+                "cmdline are ignored",
                 vm=spec.name,
             )
         serial_paths = [self._serial_path(spec.name, port) for port in spec.serial_ports]
         for path in serial_paths:
             if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
                 raise HypervisorError(
-                    f"cannot define VM {spec.name!r}: its serial socket {path} is longer than a unix socket path may "
+                    f"cannot define VM {spec.name!r}: its serial socket {path} is longer than a unix "
+                    "socket path may "
                     f"be ({_MAX_SOCKET_PATH} bytes); use a shorter VM name, port name or state directory"
                 )
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -294,12 +313,15 @@ class VirtualBoxDriver(Service):
             await backend.create(spec, str(self.state_dir), serial_paths, spec_json)
         except BaseException:
             # Half made: leave nothing behind that would take the name.
-            try:
+            with contextlib.suppress(HypervisorError):
                 await backend.unregister(spec.name)
-            except HypervisorError:
-                pass
             raise
-        self.log.info("Defined VM {vm} ({backend}, {memory} MiB)", vm=spec.name, backend=backend.name, memory=spec.memory_mib)
+        self.log.info(
+            "Defined VM {vm} ({backend}, {memory} MiB)",
+            vm=spec.name,
+            backend=backend.name,
+            memory=spec.memory_mib,
+        )
         return spec.name
 
     def start(self, name: str) -> Deferred[None]:
@@ -311,7 +333,9 @@ class VirtualBoxDriver(Service):
 
         return self._run(self._exclusive(name, go))
 
-    def _console(self, name: str, action: ConsoleAction, states: tuple[VMState, ...], what: str, hint: str) -> Deferred[None]:
+    def _console(
+        self, name: str, action: ConsoleAction, states: tuple[VMState, ...], what: str, hint: str
+    ) -> Deferred[None]:
         async def go() -> None:
             backend, info = await self._ours(name, what)
             self._require(info, states, what, hint)
@@ -324,9 +348,13 @@ class VirtualBoxDriver(Service):
 
     def shutdown(self, name: str, wait: bool = True, timeout: float = 120.0) -> Deferred[None]:
         async def go() -> None:
-            await self._console(name, "acpipowerbutton", (VMState.RUNNING,), "shut down", "start or resume it first")
+            await self._console(
+                name, "acpipowerbutton", (VMState.RUNNING,), "shut down", "start or resume it first"
+            )
             if wait:
-                await self._wait_for_state(name, VMState.SHUTOFF, timeout, "the guest may ignore ACPI: use power_off()")
+                await self._wait_for_state(
+                    name, VMState.SHUTOFF, timeout, "the guest may ignore ACPI: use power_off()"
+                )
 
         return self._run(go())
 
@@ -343,7 +371,9 @@ class VirtualBoxDriver(Service):
         return self._console(name, "reset", (VMState.RUNNING,), "reset", "start or resume it first")
 
     def save_state(self, name: str) -> Deferred[None]:
-        return self._console(name, "savestate", (VMState.RUNNING, VMState.PAUSED), "save the state of", "start it first")
+        return self._console(
+            name, "savestate", (VMState.RUNNING, VMState.PAUSED), "save the state of", "start it first"
+        )
 
     def state(self, name: str) -> Deferred[VMState]:
         return self._run(self._state(name))
@@ -375,7 +405,9 @@ class VirtualBoxDriver(Service):
             self._known = {i.name: i.state for i in await backend.machines() if i.ours}
             self._stop_watching = backend.watch(self._pushed)
 
-        Deferred.fromCoroutine(begin()).addErrback(lambda f: self.log.failure("Cannot listen to VirtualBox's events", f))
+        Deferred.fromCoroutine(begin()).addErrback(
+            lambda f: self.log.failure("Cannot listen to VirtualBox's events", f)
+        )
 
     def _unwatch(self) -> None:
         if self._stop_watching is not None:
@@ -421,16 +453,21 @@ class VirtualBoxDriver(Service):
         for record in await backend.snapshots(name):
             if record.name == snapshot:
                 return record
-        raise SnapshotNotFound(f"cannot {action}: VM {name!r} has no snapshot {snapshot!r}; see snapshot_list()")
+        raise SnapshotNotFound(
+            f"cannot {action}: VM {name!r} has no snapshot {snapshot!r}; see snapshot_list()"
+        )
 
     def snapshot_create(self, name: str, snapshot_name: str, description: str = "") -> Deferred[SnapshotInfo]:
         async def go() -> SnapshotInfo:
             action = f"take snapshot {snapshot_name!r} of"
             backend, info = await self._ours(name, action)
-            require_capability(self, Capability.LIVE_SNAPSHOTS if info.state in _ACTIVE else Capability.SNAPSHOTS, "")
+            require_capability(
+                self, Capability.LIVE_SNAPSHOTS if info.state in _ACTIVE else Capability.SNAPSHOTS, ""
+            )
             if any(r.name == snapshot_name for r in await backend.snapshots(name)):
                 raise HypervisorError(
-                    f"cannot {action} VM {name!r}: it has a snapshot of that name already; delete it first or choose "
+                    f"cannot {action} VM {name!r}: it has a snapshot of that name already; delete it "
+                    "first or choose "
                     "another name"
                 )
             snapshot_id = await backend.take_snapshot(name, snapshot_name, description)
@@ -438,7 +475,9 @@ class VirtualBoxDriver(Service):
             for snapshot in await self._snapshots(backend, name):
                 if snapshot.name == snapshot_name:
                     return snapshot
-            raise HypervisorError(f"snapshot {snapshot_name!r} ({snapshot_id}) of VM {name!r} vanished as it was taken")
+            raise HypervisorError(
+                f"snapshot {snapshot_name!r} ({snapshot_id}) of VM {name!r} vanished as it was taken"
+            )
 
         return self._run(self._exclusive(name, go))
 
@@ -508,36 +547,54 @@ class VirtualBoxDriver(Service):
         async def go() -> str:
             _, _, spec = await self._running_spec(name, f"its serial port {port!r} has no socket")
             if port not in spec.serial_ports:
-                raise HypervisorError(f"VM {name!r} has no serial port named {port!r} (it has {spec.serial_ports!r})")
+                raise HypervisorError(
+                    f"VM {name!r} has no serial port named {port!r} (it has {spec.serial_ports!r})"
+                )
             return self._serial_path(name, port)
 
         return self._run(go())
 
-    def forward_port(self, name: str, guest_port: int, guest_address: str = NAT_GUEST_ADDRESS) -> Deferred[int]:
+    def forward_port(
+        self, name: str, guest_port: int, guest_address: str = NAT_GUEST_ADDRESS
+    ) -> Deferred[int]:
         if isinstance(guest_port, bool) or not isinstance(guest_port, int) or not 0 < guest_port < 65536:
             raise ValueError(f"guest_port={guest_port!r}: give a TCP port, 1 to 65535")
 
         async def go() -> int:
             backend, _, spec = await self._running_spec(name, "it has no network to forward a port to")
             if not spec.nat_network:
-                raise HypervisorError(f"VM {name!r} has no NAT network card to forward a port to; define it with VMSpec(nat_network=True)")
+                raise HypervisorError(
+                    f"VM {name!r} has no NAT network card to forward a port to; define it with "
+                    "VMSpec(nat_network=True)"
+                )
             host_port = _free_loopback_port()
-            await backend.add_port_forward(name, f"vmc-{guest_port}-{host_port}", host_port, guest_address, guest_port)
+            await backend.add_port_forward(
+                name, f"vmc-{guest_port}-{host_port}", host_port, guest_address, guest_port
+            )
             return host_port
 
         return self._run(self._exclusive(name, go))
 
-    def agent_endpoint(self, name: str, transport: AgentTransport = "auto") -> Deferred[IStreamClientEndpoint]:
+    def agent_endpoint(
+        self, name: str, transport: AgentTransport = "auto"
+    ) -> Deferred[IStreamClientEndpoint]:
         async def go() -> IStreamClientEndpoint:
             _, _, spec = await self._running_spec(name, "its agent has no channel")
             chosen = spec.agent_transport if transport == "auto" else transport
             if chosen == "auto":
                 chosen = "serial" if spec.serial_ports else "tcp" if spec.nat_network else "virtio-serial"
             if chosen == "virtio-serial":
-                require_capability(self, Capability.VIRTIO_SERIAL, "VirtualBox has no virtio-serial ports; use a serial port (VMSpec.serial_ports) or TCP (nat_network)")
+                require_capability(
+                    self,
+                    Capability.VIRTIO_SERIAL,
+                    "VirtualBox has no virtio-serial ports; use a serial port (VMSpec.serial_ports) or "
+                    "TCP (nat_network)",
+                )
             if chosen == "serial":
                 if not spec.serial_ports:
-                    raise HypervisorError(f"VM {name!r} has no serial port for the agent; define it with VMSpec.serial_ports")
+                    raise HypervisorError(
+                        f"VM {name!r} has no serial port for the agent; define it with VMSpec.serial_ports"
+                    )
                 return UNIXClientEndpoint(self._reactor, self._serial_path(name, spec.serial_ports[0]))
             port = await self.forward_port(name, DEFAULT_AGENT_TCP_PORT)
             return TCP4ClientEndpoint(self._reactor, "127.0.0.1", port)

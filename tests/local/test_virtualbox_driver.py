@@ -15,8 +15,18 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import capturedLogs
+from zope.interface.verify import verifyObject
 
-from hypervisors.interface import DEFAULT_AGENT_TCP_PORT, Capability, VMEvent, VMEventType, VMSpec, VMState
+from hypervisors import load_driver
+from hypervisors.interface import (
+    DEFAULT_AGENT_TCP_PORT,
+    Capability,
+    IHypervisorDriver,
+    VMEvent,
+    VMEventType,
+    VMSpec,
+    VMState,
+)
 from hypervisors.virtualbox import BACKEND_ENV, VirtualBoxDriver
 from tests.standins import FACTORIES, VBOXMANAGE, StandinVirtualBox, vbox_model
 from vmcontroller.errors import (
@@ -60,13 +70,24 @@ async def until(condition, what: str) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_define_makes_a_differencing_child_of_the_base(vbox, base):
-    spec = VMSpec(name="vm1", disk=str(base), memory_mib=256, vcpus=2, cpu_cap_percent=40, serial_ports=("agent",), nat_network=True)
+    spec = VMSpec(
+        name="vm1",
+        disk=str(base),
+        memory_mib=256,
+        vcpus=2,
+        cpu_cap_percent=40,
+        serial_ports=("agent",),
+        nat_network=True,
+    )
     assert await vbox.driver.define(spec) == "vm1"
 
     record = machine(vbox, "vm1")
     assert (record["memory"], record["cpus"], record["cpu_cap"]) == (256, 2, 40)
     assert record["uarts"][1] == {
-        "enabled": True, "mode": "hostpipe", "server": True, "path": str(vbox.driver.state_dir / "vm1" / "serial-agent.sock")
+        "enabled": True,
+        "mode": "hostpipe",
+        "server": True,
+        "path": str(vbox.driver.state_dir / "vm1" / "serial-agent.sock"),
     }
     assert record["nic1"]["attachment"] == "nat"
     disk = vbox.current_disk_file("vm1")
@@ -115,7 +136,13 @@ async def test_snapshots_restore_the_disk_offline_and_online(vbox, base):
     await driver.define(VMSpec(name="vm1", disk=str(base)))
     vbox.current_disk_file("vm1").write_bytes(b"first")
     off = await driver.snapshot_create("vm1", "off", "taken shut off")
-    assert (off.name, off.description, off.state, off.parent, off.current) == ("off", "taken shut off", VMState.SHUTOFF, None, True)
+    assert (off.name, off.description, off.state, off.parent, off.current) == (
+        "off",
+        "taken shut off",
+        VMState.SHUTOFF,
+        None,
+        True,
+    )
     await driver.start("vm1")
     vbox.current_disk_file("vm1").write_bytes(b"second")
     live = await driver.snapshot_create("vm1", "live")
@@ -171,12 +198,22 @@ async def test_agent_endpoints(vbox, base):
     await driver.start("vm1")
     serial = await driver.agent_endpoint("vm1")
     assert isinstance(serial, UNIXClientEndpoint)
-    assert serial._path == machine(vbox, "vm1")["uarts"][1]["path"] == await driver.serial_socket_path("vm1", "agent")
+    assert (
+        serial._path
+        == machine(vbox, "vm1")["uarts"][1]["path"]
+        == await driver.serial_socket_path("vm1", "agent")
+    )
     tcp = await driver.agent_endpoint("vm1", "tcp")
     assert isinstance(tcp, TCP4ClientEndpoint) and tcp._host == "127.0.0.1"
     [rule] = machine(vbox, "vm1")["nic1"]["redirects"]
-    name, proto, host_ip, host_port, guest_ip, guest_port = rule.split(",")
-    assert (proto, host_ip, int(host_port), guest_ip, int(guest_port)) == ("1", "127.0.0.1", tcp._port, "10.0.2.15", DEFAULT_AGENT_TCP_PORT)
+    _name, proto, host_ip, host_port, guest_ip, guest_port = rule.split(",")
+    assert (proto, host_ip, int(host_port), guest_ip, int(guest_port)) == (
+        "1",
+        "127.0.0.1",
+        tcp._port,
+        "10.0.2.15",
+        DEFAULT_AGENT_TCP_PORT,
+    )
     with pytest.raises(CapabilityUnsupported, match="virtio-serial"):
         await driver.agent_endpoint("vm1", "virtio-serial")
 
@@ -256,14 +293,17 @@ async def test_events(vbox, base):
 async def test_backend_choice_is_logged_and_overridable(tmp_path, monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "vboxmanage")
     home = tmp_path / "home"
-    driver = VirtualBoxDriver(reactor, vboxmanage=str(VBOXMANAGE), vbox_user_home=str(home), state_dir=tmp_path / "vms")
+    driver = VirtualBoxDriver(
+        reactor, vboxmanage=str(VBOXMANAGE), vbox_user_home=str(home), state_dir=tmp_path / "vms"
+    )
     with capturedLogs() as events:
         driver.startService()
     try:
         assert driver.backend_name == "vboxmanage"
         assert Capability.PUSHED_EVENTS not in driver.capabilities
         assert any(
-            e.get("log_format", "").startswith("VirtualBox driver:") and e["backend"] == "vboxmanage"
+            e.get("log_format", "").startswith("VirtualBox driver:")
+            and e["backend"] == "vboxmanage"
             and BACKEND_ENV in e["reason"]
             for e in events
         )
@@ -274,7 +314,9 @@ async def test_backend_choice_is_logged_and_overridable(tmp_path, monkeypatch):
 
 @pytest_twisted.ensureDeferred
 async def test_virtualbox_missing(tmp_path):
-    driver = VirtualBoxDriver(reactor, backend="vboxmanage", vboxmanage=str(tmp_path / "VBoxManage"), state_dir=tmp_path)
+    driver = VirtualBoxDriver(
+        reactor, backend="vboxmanage", vboxmanage=str(tmp_path / "VBoxManage"), state_dir=tmp_path
+    )
     driver.startService()
     try:
         assert driver.backend_name is None
@@ -283,3 +325,16 @@ async def test_virtualbox_missing(tmp_path):
     finally:
         await driver.stopService()
 
+
+@pytest_twisted.ensureDeferred
+async def test_found_through_its_entry_point(tmp_path):
+    driver = load_driver(
+        "virtualbox",
+        reactor,
+        backend="vboxmanage",
+        vboxmanage=str(VBOXMANAGE),
+        vbox_user_home=str(tmp_path / "home"),
+        state_dir=tmp_path / "vms",
+    )
+    assert isinstance(driver, VirtualBoxDriver) and verifyObject(IHypervisorDriver, driver)
+    assert driver.capabilities >= {Capability.SNAPSHOTS, Capability.LIVE_SNAPSHOTS, Capability.SAVE_STATE}

@@ -129,7 +129,9 @@ class Registry:
                 return medium
         if not os.path.isfile(location):
             raise VBoxError(
-                VBOX_E_FILE_ERROR, f"Could not open the medium '{location}'.\nVD: error VERR_FILE_NOT_FOUND opening image file '{location}' (VERR_FILE_NOT_FOUND)"
+                VBOX_E_FILE_ERROR,
+                f"Could not open the medium '{location}'.\nVD: error VERR_FILE_NOT_FOUND opening image "
+                f"file '{location}' (VERR_FILE_NOT_FOUND)",
             )
         medium = {"id": new_id(), "location": location, "parent": None, "type": "normal"}
         self.media[medium["id"]] = medium
@@ -160,7 +162,8 @@ class Registry:
         if machine["session"] is not None or machine["state"] in ONLINE:
             raise VBoxError(
                 VBOX_E_INVALID_OBJECT_STATE,
-                f"The machine '{machine['name']}' is already locked by a session (or being locked or unlocked)"
+                f"The machine '{machine['name']}' is already locked by a session (or being locked or "
+                "unlocked)"
                 if what == "launch"
                 else f"Cannot {what} the machine '{machine['name']}' while it is locked",
             )
@@ -347,7 +350,6 @@ class Registry:
         self.require_state(machine, (RUNNING,), "press the power button")
         if not machine["guest_ignores_acpi"]:
             self.set_state(machine, POWERED_OFF)
-
 
 
 def add_redirect(machine: dict[str, Any], rule: str) -> None:

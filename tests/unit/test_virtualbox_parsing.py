@@ -15,10 +15,17 @@ from hypervisors.virtualbox._parsing import (
     vm_state,
 )
 from hypervisors.virtualbox.driver import BACKEND_ENV, choose_backend
-from vmcontroller.errors import HypervisorError, SnapshotNotFound, VMAlreadyExists, VMLocked, VMNotFound, VMStateError
+from vmcontroller.errors import (
+    HypervisorError,
+    SnapshotNotFound,
+    VMAlreadyExists,
+    VMLocked,
+    VMNotFound,
+    VMStateError,
+)
 
 # Shaped as VBoxManageInfo.cpp prints them (outputMachineReadableString, SHOW_ULONG_PROP...).
-SHOWVMINFO = r'''name="vm \"one\""
+SHOWVMINFO = r"""name="vm \"one\""
 groups="/vmcontroller"
 memory=512
 VMState="running"
@@ -26,7 +33,7 @@ VMState="running"
 Forwarding(0)="r1,tcp,127.0.0.1,4000,,9000"
 uartmode2="server,C:\\pipe"
 garbage line
-'''
+"""
 
 
 def test_machinereadable():
@@ -79,7 +86,10 @@ def test_error_lines():
         "interface IVirtualBox, callee nsISupports\n"
         'VBoxManage: error: Context: "FindMachine(...)" at line 2621 of file VBoxManageInfo.cpp\n'
     )
-    assert (error.message, error.code) == ("Could not find a registered machine named 'x'", "VBOX_E_OBJECT_NOT_FOUND")
+    assert (error.message, error.code) == (
+        "Could not find a registered machine named 'x'",
+        "VBOX_E_OBJECT_NOT_FOUND",
+    )
     assert parse_vboxmanage_error("VBoxManage: error: Machine 'x' is not currently running\n").code is None
 
 

@@ -145,7 +145,8 @@ def invented(source: str) -> list[str]:
                     problems.append(f"{cls}.{method}(): {interface_name} has no such method")
                 elif interface.methods[method] != count:
                     problems.append(
-                        f"{cls}.{method}(): takes {count} arguments, {interface_name} takes {interface.methods[method]}"
+                        f"{cls}.{method}(): takes {count} arguments, {interface_name} takes "
+                        f"{interface.methods[method]}"
                     )
             for attribute in served.readable - set(served.methods):
                 if attribute not in interface.readable:
@@ -163,23 +164,42 @@ def test_the_vboxapi_standin_serves_only_pyvbox_api():
 def test_the_standin_serves_something_of_each_interface_it_claims():
     served = served_by(STANDIN.read_text())
     claimed = {i for interfaces, _ in served.values() for i in interfaces}
-    assert {"IVirtualBox", "IMachine", "ISession", "IConsole", "IProgress", "IEventSource", "ISnapshot"} <= claimed
+    assert {
+        "IVirtualBox",
+        "IMachine",
+        "ISession",
+        "IConsole",
+        "IProgress",
+        "IEventSource",
+        "ISnapshot",
+    } <= claimed
 
 
 @pytest.mark.parametrize(
     ("source", "problem"),
     [
-        ('class IMachine:\n    _interfaces = ("IMachine",)\n    def powerUp(self): ...\n', "IMachine has no such method"),
+        (
+            'class IMachine:\n    _interfaces = ("IMachine",)\n    def powerUp(self): ...\n',
+            "IMachine has no such method",
+        ),
         (
             'class IMachine:\n    _interfaces = ("IMachine",)\n    def lockMachine(self, session): ...\n',
             "takes 1 arguments, IMachine takes 2",
         ),
-        ('class IConsole:\n    _interfaces = ("IConsole",)\n    colour = "blue"\n', "IConsole has no such attribute"),
         (
-            'class IMachine:\n    _interfaces = ("IMachine",)\n    state = property(lambda s: 1, lambda s, v: None)\n',
+            'class IConsole:\n    _interfaces = ("IConsole",)\n    colour = "blue"\n',
+            "IConsole has no such attribute",
+        ),
+        (
+            'class IMachine:\n    _interfaces = ("IMachine",)\n'
+            "    state = property(lambda s: 1, lambda s, v: None)\n",
             "IMachine does not let it be set",
         ),
-        ('class IProgress:\n    _interfaces = ("IProgress",)\n    def __init__(self):\n        self.speed = 1\n', "no such attribute"),
+        (
+            'class IProgress:\n    _interfaces = ("IProgress",)\n'
+            "    def __init__(self):\n        self.speed = 1\n",
+            "no such attribute",
+        ),
     ],
 )
 def test_the_check_catches_invented_api(source, problem):

@@ -329,7 +329,9 @@ class ISerialPort(_Device):
     def _set(self, key: str, value: Any) -> None:
         self._change(lambda record: record["uarts"][self.slot].__setitem__(key, value))
 
-    enabled = property(lambda self: bool(self._port()["enabled"]), lambda self, v: self._set("enabled", bool(v)))
+    enabled = property(
+        lambda self: bool(self._port()["enabled"]), lambda self, v: self._set("enabled", bool(v))
+    )
     path = property(lambda self: str(self._port()["path"]), lambda self, v: self._set("path", v))
     server = property(lambda self: bool(self._port()["server"]), lambda self, v: self._set("server", bool(v)))
     hostMode = property(
@@ -376,7 +378,9 @@ class INetworkAdapter(_Device):
     def _set(self, key: str, value: Any) -> None:
         self._change(lambda record: record["nic1"].__setitem__(key, value))
 
-    enabled = property(lambda self: bool(self._nic()["enabled"]), lambda self, v: self._set("enabled", bool(v)))
+    enabled = property(
+        lambda self: bool(self._nic()["enabled"]), lambda self, v: self._set("enabled", bool(v))
+    )
     attachmentType = property(
         lambda self: _ATTACHMENT_VALUE[self._nic()["attachment"]],
         lambda self, v: self._set("attachment", _ATTACHMENT[v]),
@@ -405,7 +409,9 @@ class IMachine:
     def _record(self, registry: model.Registry) -> dict[str, Any]:
         record = registry.machines.get(self.id)
         if record is None:
-            raise VBoxError(model.VBOX_E_OBJECT_NOT_FOUND, f"Could not find a registered machine with UUID {{{self.id}}}")
+            raise VBoxError(
+                model.VBOX_E_OBJECT_NOT_FOUND, f"Could not find a registered machine with UUID {{{self.id}}}"
+            )
         return record
 
     def _get(self) -> dict[str, Any]:
@@ -413,13 +419,13 @@ class IMachine:
             with _transaction() as registry:
                 return self._record(registry)
 
-        return _com(read)  # type: ignore[no-any-return]
+        return _com(read)
 
     def _require_mutable(self, record: dict[str, Any], *, online: bool = False) -> None:
         if not record["registered"]:
             return  # a machine just made by createMachine is the caller's to set up
         session = self._session
-        if session is None or session._holder != record["session"] and not (online and session._shared):
+        if session is None or (session._holder != record["session"] and not (online and session._shared)):
             # Machine::i_checkStateDependency (MachineImpl.cpp).
             raise VBoxError(
                 model.VBOX_E_INVALID_VM_STATE,
@@ -454,7 +460,13 @@ class IMachine:
     settingsFilePath = property(lambda self: self._get()["settings_file"])
     stateFilePath = property(lambda self: self._get()["state_file"] or "")
     snapshotCount = property(lambda self: len(self._get()["snapshots"]))
-    sessionState = property(lambda self: _SESSION_LOCKED if self._get()["session"] or self._get()["state"] in model.ONLINE else _SESSION_UNLOCKED)
+    sessionState = property(
+        lambda self: (
+            _SESSION_LOCKED
+            if self._get()["session"] or self._get()["state"] in model.ONLINE
+            else _SESSION_UNLOCKED
+        )
+    )
 
     @property
     def currentSnapshot(self) -> ISnapshot | None:
@@ -501,7 +513,9 @@ class IMachine:
         self._apply(check, mutable=False)
         session._machine_id = self.id
         session._shared = True  # the session is linked to the VM process once it runs
-        return IProgress("Starting virtual machine", lambda: self._apply(lambda r, m: r.launch(m), mutable=False))
+        return IProgress(
+            "Starting virtual machine", lambda: self._apply(lambda r, m: r.launch(m), mutable=False)
+        )
 
     def addStorageController(self, name: str, connectionType: int) -> None:
         self._apply(lambda registry, record: record["controllers"].append(name))
@@ -509,7 +523,9 @@ class IMachine:
     def attachDevice(self, name: str, controllerPort: int, device: int, type: int, medium: IMedium) -> None:
         def attach(registry: model.Registry, record: dict[str, Any]) -> None:
             if name not in record["controllers"]:
-                raise VBoxError(model.VBOX_E_OBJECT_NOT_FOUND, f"Could not find a storage controller named '{name}'")
+                raise VBoxError(
+                    model.VBOX_E_OBJECT_NOT_FOUND, f"Could not find a storage controller named '{name}'"
+                )
             registry.attach_disk(record, registry.media[medium.id])
 
         self._apply(attach)
@@ -519,7 +535,8 @@ class IMachine:
         if disk is None:
             raise Exception(
                 model.VBOX_E_OBJECT_NOT_FOUND,
-                f"No storage device attached to device slot {device} on port {controllerPort} of controller '{name}'",
+                f"No storage device attached to device slot {device} on port {controllerPort} of "
+                f"controller '{name}'",
             )
         return IMedium(disk)
 
@@ -552,13 +569,17 @@ class IMachine:
 
     def restoreSnapshot(self, snapshot: ISnapshot) -> IProgress:
         def check(registry: model.Registry, record: dict[str, Any]) -> None:
-            registry.require_state(record, (model.POWERED_OFF, model.SAVED, model.ABORTED), "restore a snapshot")
+            registry.require_state(
+                record, (model.POWERED_OFF, model.SAVED, model.ABORTED), "restore a snapshot"
+            )
             registry.find_snapshot(record, snapshot.id)
 
         self._apply(check)
         return self._session_progress(
             "Restoring snapshot",
-            lambda registry, record: registry.restore_snapshot(record, registry.find_snapshot(record, snapshot.id)),
+            lambda registry, record: registry.restore_snapshot(
+                record, registry.find_snapshot(record, snapshot.id)
+            ),
         )
 
     def deleteSnapshot(self, id: str) -> IProgress:
@@ -569,8 +590,13 @@ class IMachine:
         )
 
     def saveState(self) -> IProgress:
-        self._apply(lambda registry, record: registry.require_state(record, model.ONLINE, "save the state"), online=True)
-        return self._session_progress("Saving the execution state of the virtual machine", lambda r, m: r.save_state(m))
+        self._apply(
+            lambda registry, record: registry.require_state(record, model.ONLINE, "save the state"),
+            online=True,
+        )
+        return self._session_progress(
+            "Saving the execution state of the virtual machine", lambda r, m: r.save_state(m)
+        )
 
     def unregister(self, cleanupMode: int) -> list[IMedium]:
         def go(registry: model.Registry, record: dict[str, Any]) -> list[str]:
@@ -605,7 +631,7 @@ class IConsole:
         return self.machine._apply(work, mutable=False)
 
     def powerDown(self) -> IProgress:
-        self._do(lambda registry, record: registry.require_state(record, model.ONLINE + (7,), "power off"))
+        self._do(lambda registry, record: registry.require_state(record, (*model.ONLINE, 7), "power off"))
         return IProgress(
             "Powering off the virtual machine",
             lambda: self._do(lambda registry, record: registry.set_state(record, model.POWERED_OFF)),
@@ -668,7 +694,9 @@ class ISession:
 
     def unlockMachine(self) -> None:
         if self._machine_id is None:
-            raise Exception(model.VBOX_E_INVALID_OBJECT_STATE, "The session is not locked (session state: Unlocked)")
+            raise Exception(
+                model.VBOX_E_INVALID_OBJECT_STATE, "The session is not locked (session state: Unlocked)"
+            )
         machine_id, self._machine_id = self._machine_id, None
         with _transaction() as registry:
             record = registry.machines.get(machine_id)
@@ -692,7 +720,9 @@ class IVirtualBox:
     def composeMachineFilename(self, name: str, group: str, createFlags: str, baseFolder: str) -> str:
         return os.path.join(baseFolder, name, f"{name}.vbox")
 
-    def createMachine(self, settingsFile: str, name: str, groups: list[str], osTypeId: str, flags: str) -> IMachine:
+    def createMachine(
+        self, settingsFile: str, name: str, groups: list[str], osTypeId: str, flags: str
+    ) -> IMachine:
         def create() -> str:
             with _transaction() as registry:
                 record = registry.create_machine(settingsFile, name, groups)

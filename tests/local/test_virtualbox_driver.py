@@ -28,7 +28,14 @@ from hypervisors.interface import (
     VMState,
 )
 from hypervisors.virtualbox import BACKEND_ENV, VirtualBoxDriver
-from tests.standins import FACTORIES, VBOXMANAGE, StandinVirtualBox, vbox_model
+from tests.standins import (
+    FACTORIES,
+    VBOXMANAGE,
+    StandinVirtualBox,
+    unavailable_options,
+    vbox_model,
+    virtualbox_pyvbox,
+)
 from vmcontroller.errors import (
     CapabilityUnsupported,
     HypervisorError,
@@ -313,10 +320,30 @@ async def test_backend_choice_is_logged_and_overridable(tmp_path, monkeypatch):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_slow_virtualbox_call_does_not_block_the_reactor(tmp_path, base):
+    vbox = virtualbox_pyvbox(reactor, tmp_path)
+    try:
+        await vbox.driver.define(VMSpec(name="vm1", disk=str(base)))
+        import vboxapi  # the stand-in, put on sys.path by the factory
+
+        release = vboxapi.hold_calls()
+        try:
+            starting = vbox.driver.start("vm1")
+            ticks: list[int] = []
+            for tick in range(5):
+                await deferLater(reactor, 0.02, ticks.append, tick)
+            assert ticks == [0, 1, 2, 3, 4] and not starting.called
+        finally:
+            release()
+        await starting
+        assert machine(vbox, "vm1")["state"] == vbox_model.RUNNING
+    finally:
+        await vbox.driver.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_virtualbox_missing(tmp_path):
-    driver = VirtualBoxDriver(
-        reactor, backend="vboxmanage", vboxmanage=str(tmp_path / "VBoxManage"), state_dir=tmp_path
-    )
+    driver = VirtualBoxDriver(reactor, state_dir=tmp_path, **unavailable_options(tmp_path))
     driver.startService()
     try:
         assert driver.backend_name is None

@@ -3,13 +3,15 @@ Stand-ins for hypervisors that cannot run here, and factories of drivers over th
 
 VirtualBox: ``vbox_model`` (VBoxSVC's registry and rules), ``vboxapi/`` (the COM bindings
 under the real pyvbox) and ``VBoxManage`` (the command-line tool). :data:`FACTORIES` gives a
-started driver over each, named as the conformance suite names its configurations.
+started driver over each, named as the conformance suite names its configurations;
+:func:`virtualbox_options`, :func:`current_disk_file` and :func:`hold_session` serve a suite
+that loads the driver through its entry point.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,32 +58,70 @@ def use_vboxapi_standin(home: Path) -> None:
     vboxapi.use_home(home)
 
 
-def virtualbox_pyvbox(reactor: Any, directory: Path) -> StandinVirtualBox:
-    """The VirtualBox driver's pyvbox backend, started, over the ``vboxapi`` stand-in."""
+# -- for the conformance suite: options for load_driver("virtualbox", ...) and probes ----------
+
+
+def virtualbox_options(backend: str, workdir: Path) -> dict[str, Any]:
+    """
+    ``load_driver("virtualbox", reactor, **options)`` over the stand-in of ``backend``
+    (``"pyvbox"`` or ``"vboxmanage"``), with VirtualBox's home in ``workdir/vbox-home`` and the
+    VMs in ``workdir/vms``. For pyvbox this points the ``vboxapi`` stand-in at that home (one
+    home per process at a time: pyvbox keeps one manager per process).
+    """
+    home = workdir / "vbox-home"
+    options: dict[str, Any] = {"backend": backend, "state_dir": workdir / "vms", "poll_interval": 0.2}
+    if backend == "pyvbox":
+        use_vboxapi_standin(home)
+    else:
+        options.update(vboxmanage=str(VBOXMANAGE), vbox_user_home=str(home))
+    return options
+
+
+def unavailable_options(workdir: Path) -> dict[str, Any]:
+    """Options that give a VirtualBox driver finding no VirtualBox (no vboxapi, no VBoxManage)."""
+    return {"backend": "vboxmanage", "vboxmanage": str(workdir / "no-virtualbox" / "VBoxManage")}
+
+
+def standin_home(driver: Any) -> Path:
+    """The stand-in home of a driver made with :func:`virtualbox_options`."""
+    return Path(driver.state_dir).parent / "vbox-home"
+
+
+def current_disk_file(driver: Any, vm: str) -> Path:
+    """The file holding VM ``vm``'s current disk content (write a marker there)."""
+    return vbox_model.current_disk_file(standin_home(driver), vm)
+
+
+async def hold_session(driver: Any, vm: str) -> Callable[[], Awaitable[None]]:
+    """Another program (the VirtualBox Manager) locks ``vm``'s session; returns the release."""
+    home = standin_home(driver)
+    vbox_model.hold_session(home, vm)
+
+    async def release() -> None:
+        vbox_model.release_session(home, vm)
+
+    return release
+
+
+# -- for the driver's own tests ---------------------------------------------------------------
+
+
+def _started(backend: str, reactor: Any, directory: Path) -> StandinVirtualBox:
     from hypervisors.virtualbox import VirtualBoxDriver
 
-    home = directory / "vbox-home"
-    use_vboxapi_standin(home)
-    driver = VirtualBoxDriver(reactor, backend="pyvbox", state_dir=directory / "vms", poll_interval=0.2)
+    driver = VirtualBoxDriver(reactor, **virtualbox_options(backend, directory))
     driver.startService()
-    return StandinVirtualBox(driver, home)
+    return StandinVirtualBox(driver, standin_home(driver))
+
+
+def virtualbox_pyvbox(reactor: Any, directory: Path) -> StandinVirtualBox:
+    """The VirtualBox driver's pyvbox backend, started, over the ``vboxapi`` stand-in."""
+    return _started("pyvbox", reactor, directory)
 
 
 def virtualbox_vboxmanage(reactor: Any, directory: Path) -> StandinVirtualBox:
     """The VirtualBox driver's VBoxManage backend, started, over the ``VBoxManage`` stand-in."""
-    from hypervisors.virtualbox import VirtualBoxDriver
-
-    home = directory / "vbox-home"
-    driver = VirtualBoxDriver(
-        reactor,
-        backend="vboxmanage",
-        vboxmanage=str(VBOXMANAGE),
-        vbox_user_home=str(home),
-        state_dir=directory / "vms",
-        poll_interval=0.2,
-    )
-    driver.startService()
-    return StandinVirtualBox(driver, home)
+    return _started("vboxmanage", reactor, directory)
 
 
 #: Driver factories by conformance configuration name: ``factory(reactor, directory)``.

@@ -70,7 +70,29 @@ def _com(call: Any) -> Any:
         raise Exception(e.code, e.text) from None
 
 
+_gate: threading.Event | None = None
+
+
+def hold_calls() -> Any:
+    """
+    Make every COM call block (as a slow VBoxSVC does) until the returned function is called:
+    for showing that a call in flight does not block the reactor.
+    """
+    global _gate
+    gate = _gate = threading.Event()
+
+    def release() -> None:
+        global _gate
+        _gate = None
+        gate.set()
+
+    return release
+
+
 def _transaction() -> Any:
+    gate = _gate
+    if gate is not None:
+        gate.wait(60)
     if _home is None:
         raise Exception(0x80004005, "VBoxSVC is not running (call vboxapi.use_home first)")
     return model.transaction(_home)

@@ -13,6 +13,7 @@ other calls (and the event pump) go between slices.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -63,7 +64,8 @@ class PyvboxBackend:
         self._manager: Any = None
         self._lib: Any = None
         self._trigger: Any = None
-        self._names: dict[str, str] = {}  # machine id -> name, for events of unregistered machines
+        # Our machines' names by id: an unregistered machine can no longer be looked up.
+        self._ours: dict[str, str] = {}
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -126,7 +128,15 @@ class PyvboxBackend:
         if self._trigger is not None:
             self._reactor.removeSystemEventTrigger(self._trigger)
             self._trigger = None
-        self.stop_pool()
+        # ThreadPool.stop() joins the COM thread, which may be in a call: off the reactor thread.
+        done: Deferred[None] = Deferred()
+
+        def stop() -> None:
+            self.stop_pool()
+            self._reactor.callFromThread(done.callback, None)
+
+        threading.Thread(target=stop, name="vmcontroller-pyvbox-stop", daemon=True).start()
+        await done
 
     @contextlib.contextmanager
     def _session(self, machine: Any, write: bool) -> Iterator[Any]:
@@ -171,14 +181,16 @@ class PyvboxBackend:
 
     def _info(self, machine: Any) -> MachineInfo:
         state = MACHINE_STATE_NAMES.get(int(machine.state), "unknown")
-        self._names[machine.id_p] = machine.name
-        return MachineInfo(
+        info = MachineInfo(
             name=machine.name,
             id=machine.id_p,
             state=vm_state(state),
             raw_state=state,
             ours=GROUP in list(machine.groups),
         )
+        if info.ours:
+            self._ours[info.id] = info.name
+        return info
 
     # -- Backend --------------------------------------------------------------------------
 
@@ -403,19 +415,20 @@ class PyvboxBackend:
             if event is None or event._i is None:
                 return found
             try:
-                if event.type_p == lib.VBoxEventType.on_machine_state_changed:
-                    changed = lib.IMachineStateChangedEvent(event)
-                    name = (
-                        self._names.get(changed.machine_id)
-                        or self._vbox.find_machine(changed.machine_id).name
-                    )
-                    self._names[changed.machine_id] = name
-                    found.append((name, vm_state(MACHINE_STATE_NAMES.get(int(changed.state), "unknown"))))
-                elif event.type_p == lib.VBoxEventType.on_machine_registered:
-                    registered = lib.IMachineRegisteredEvent(event)
-                    name = self._names.get(registered.machine_id)
-                    if name is not None and not registered.registered:
+                changed = lib.IMachineEvent(event)
+                machine_id = changed.machine_id
+                if (
+                    event.type_p == lib.VBoxEventType.on_machine_registered
+                    and not lib.IMachineRegisteredEvent(event).registered
+                ):
+                    name = self._ours.pop(machine_id, None)
+                    if name is not None:
                         found.append((name, None))
+                else:
+                    # A state change, or a machine registered: its state now, if it is ours.
+                    info = self._info(self._vbox.find_machine(machine_id))
+                    if info.ours:
+                        found.append((info.name, info.state))
             finally:
                 source.event_processed(listener[0], event)
             return found

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet import utils
@@ -209,8 +210,6 @@ class VBoxManageBackend:
             raise HypervisorError(
                 f"cannot {what} {name!r}: VBoxManage printed no snapshot UUID: {text.strip()!r}"
             )
-        from datetime import UTC, datetime
-
         facts = {
             "created": datetime.now(tz=UTC).timestamp(),
             "online": state in (VMState.RUNNING, VMState.PAUSED, VMState.SAVED),

@@ -16,6 +16,7 @@ import json
 import os
 import socket
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -432,8 +433,6 @@ class VirtualBoxDriver(Service):
     # -- snapshots --------------------------------------------------------------------------
 
     def _snapshot_info(self, record: SnapshotRecord, names: dict[str, str]) -> SnapshotInfo:
-        from datetime import UTC, datetime
-
         return SnapshotInfo(
             name=record.name,
             description=record.description,

@@ -260,7 +260,6 @@ async def test_events(vbox, base):
     driver = vbox.driver
     pushed = Capability.PUSHED_EVENTS in driver.capabilities
     assert pushed == (driver.backend_name == "pyvbox")
-    await driver.define(VMSpec(name="vm1", disk=str(base)))
     events: list[VMEvent] = []
     subscription = driver.subscribe(events.append, "vm1")
     await deferLater(reactor, 0.5, lambda: None)  # the poller's first look, the listener's registration
@@ -271,6 +270,8 @@ async def test_events(vbox, base):
         assert (event.vm, event.state) == ("vm1", state)
         events.clear()
 
+    await driver.define(VMSpec(name="vm1", disk=str(base)))
+    await expect(VMEventType.DEFINED, VMState.SHUTOFF)
     await driver.start("vm1")
     await expect(VMEventType.STARTED, VMState.RUNNING)
     await driver.pause("vm1")
@@ -293,6 +294,8 @@ async def test_events(vbox, base):
     vbox.vm_process_dies("vm1")
     await expect(VMEventType.CRASHED, VMState.CRASHED)
     await driver.wait_for_state("vm1", VMState.CRASHED, timeout=10)
+    await driver.undefine("vm1")
+    await expect(VMEventType.UNDEFINED, VMState.NOSTATE)
     subscription.cancel()
 
 

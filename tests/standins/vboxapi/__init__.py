@@ -134,6 +134,8 @@ class IEventListener:
 
 class _Event:
     _interfaces: tuple[str, ...] = ()
+    #: The interfaces it derives from (VirtualBox.xidl), which QueryInterface also gives.
+    _bases = ("IMachineEvent", "IEvent")
     type = 0
     waitable = False
 
@@ -786,7 +788,7 @@ class VirtualBoxManager:
         return ISession()
 
     def queryInterface(self, obj: Any, name: str) -> Any:
-        if name in type(obj)._interfaces or name == "IEvent":
+        if name in type(obj)._interfaces or name in getattr(type(obj), "_bases", ()):
             return obj
         raise Exception(0x80004002, f"no interface {name} on {type(obj).__name__}")  # E_NOINTERFACE
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from hypervisors.interface import VMSpec, VMState
-from hypervisors.virtualbox._parsing import SnapshotRecord
+from hypervisors.virtualbox._parsing import PortForward, SnapshotRecord
 
 #: The VirtualBox group our machines are created in: how list_vms() tells ours from others.
 GROUP = "/vmcontroller"
@@ -70,6 +70,8 @@ class Backend(Protocol):
     async def delete_snapshot(self, name: str, snapshot_id: str) -> None: ...
 
     async def unregister(self, name: str) -> None: ...
+
+    async def port_forwards(self, name: str) -> list[PortForward]: ...
 
     async def add_port_forward(
         self, name: str, rule: str, host_port: int, guest_ip: str, guest_port: int

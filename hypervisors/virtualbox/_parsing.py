@@ -21,10 +21,12 @@ from vmcontroller.errors import (
 
 __all__ = [
     "MACHINE_STATE_NAMES",
+    "PortForward",
     "SnapshotRecord",
     "VBoxManageError",
     "parse_list_vms",
     "parse_machinereadable",
+    "parse_port_forward",
     "parse_snapshot_list",
     "parse_vboxmanage_error",
     "timestamp",
@@ -215,6 +217,34 @@ def parse_vboxmanage_error(output: str) -> VBoxManageError:
             messages.append(text)
     message = messages[0] if messages else (output.strip().splitlines() or ["no output"])[-1]
     return VBoxManageError(message, code)
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """A NAT port-forwarding rule of a VM's first network card."""
+
+    name: str
+    host_ip: str
+    host_port: int
+    guest_ip: str
+    guest_port: int
+
+
+def parse_port_forward(rule: str) -> PortForward | None:
+    """
+    A rule as VirtualBox gives it, ``name,protocol,host-ip,host-port,guest-ip,guest-port``:
+    the protocol a number in ``INATEngine::redirects`` (1 TCP, VirtualBox.xidl's NATProtocol),
+    ``tcp`` in ``showvminfo --machinereadable``'s ``Forwarding(n)`` (VBoxManageInfo.cpp).
+    ``None`` for a UDP rule or a line of another shape.
+    """
+    parts = rule.split(",")
+    if len(parts) != 6 or parts[1] not in ("1", "tcp"):
+        return None
+    name, _, host_ip, host_port, guest_ip, guest_port = parts
+    try:
+        return PortForward(name, host_ip, int(host_port), guest_ip, int(guest_port))
+    except ValueError:
+        return None
 
 
 def timestamp(milliseconds: int) -> datetime:

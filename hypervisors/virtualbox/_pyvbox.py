@@ -26,7 +26,9 @@ from hypervisors.interface import VMSpec, VMState
 from hypervisors.virtualbox._backend import CONTROLLER, GROUP, SPEC_KEY, ConsoleAction, MachineInfo
 from hypervisors.virtualbox._parsing import (
     MACHINE_STATE_NAMES,
+    PortForward,
     SnapshotRecord,
+    parse_port_forward,
     timestamp,
     translate_error,
     vm_state,
@@ -376,6 +378,13 @@ class PyvboxBackend:
 
         progress = await self._on_thread(unregister, action="undefine", vm=name)
         await self._wait(progress, action="undefine", vm=name)
+
+    async def port_forwards(self, name: str) -> list[PortForward]:
+        def rules() -> list[PortForward]:
+            engine = self._vbox.find_machine(name).get_network_adapter(0).nat_engine
+            return [f for f in map(parse_port_forward, engine.redirects) if f is not None]
+
+        return await self._on_thread(rules, action="read the port forwards of", vm=name)
 
     async def add_port_forward(
         self, name: str, rule: str, host_port: int, guest_ip: str, guest_port: int

@@ -24,9 +24,11 @@ from twisted.logger import Logger
 from hypervisors.interface import VMSpec, VMState
 from hypervisors.virtualbox._backend import CONTROLLER, GROUP, SPEC_KEY, ConsoleAction, MachineInfo
 from hypervisors.virtualbox._parsing import (
+    PortForward,
     SnapshotRecord,
     parse_list_vms,
     parse_machinereadable,
+    parse_port_forward,
     parse_snapshot_list,
     parse_vboxmanage_error,
     timestamp,
@@ -256,6 +258,11 @@ class VBoxManageBackend:
 
     async def unregister(self, name: str) -> None:
         await self._run(["unregistervm", name, "--delete"], action="undefine", vm=name)
+
+    async def port_forwards(self, name: str) -> list[PortForward]:
+        values = await self._showvminfo(name)
+        rules = (v for k, v in values.items() if k.startswith("Forwarding("))
+        return [f for f in map(parse_port_forward, rules) if f is not None]
 
     async def add_port_forward(
         self, name: str, rule: str, host_port: int, guest_ip: str, guest_port: int

@@ -578,7 +578,7 @@ class VirtualBoxDriver(Service):
         self, name: str, transport: AgentTransport = "auto"
     ) -> Deferred[IStreamClientEndpoint]:
         async def go() -> IStreamClientEndpoint:
-            _, _, spec = await self._running_spec(name, "its agent has no channel")
+            backend, _, spec = await self._running_spec(name, "its agent has no channel")
             chosen = spec.agent_transport if transport == "auto" else transport
             if chosen == "auto":
                 chosen = "serial" if spec.serial_ports else "tcp" if spec.nat_network else "virtio-serial"
@@ -595,7 +595,15 @@ class VirtualBoxDriver(Service):
                         f"VM {name!r} has no serial port for the agent; define it with VMSpec.serial_ports"
                     )
                 return UNIXClientEndpoint(self._reactor, self._serial_path(name, spec.serial_ports[0]))
-            port = await self.forward_port(name, DEFAULT_AGENT_TCP_PORT)
+            # NAT rules stay in the VM's settings: reuse the agent's rule rather than add one per call.
+            existing = [
+                f
+                for f in await backend.port_forwards(name)
+                if f.guest_port == DEFAULT_AGENT_TCP_PORT and f.guest_ip in ("", NAT_GUEST_ADDRESS)
+            ]
+            port = (
+                existing[0].host_port if existing else await self.forward_port(name, DEFAULT_AGENT_TCP_PORT)
+            )
             return TCP4ClientEndpoint(self._reactor, "127.0.0.1", port)
 
         return self._run(go())

@@ -221,6 +221,8 @@ async def test_agent_endpoints(vbox, base):
         "10.0.2.15",
         DEFAULT_AGENT_TCP_PORT,
     )
+    again = await driver.agent_endpoint("vm1", "tcp")
+    assert again._port == tcp._port and len(machine(vbox, "vm1")["nic1"]["redirects"]) == 1
     with pytest.raises(CapabilityUnsupported, match="virtio-serial"):
         await driver.agent_endpoint("vm1", "virtio-serial")
 

@@ -7,8 +7,10 @@ import pytest
 from hypervisors.interface import VMState
 from hypervisors.virtualbox._parsing import (
     MACHINE_STATE_NAMES,
+    PortForward,
     parse_list_vms,
     parse_machinereadable,
+    parse_port_forward,
     parse_snapshot_list,
     parse_vboxmanage_error,
     translate_error,
@@ -72,6 +74,16 @@ def test_snapshot_tree():
         ("d", "4", "1", False),
     ]
     assert records[1].description == "about b"
+
+
+def test_port_forwards():
+    # INATEngine::redirects gives the protocol as a number, showvminfo as a word.
+    assert parse_port_forward("agent,1,127.0.0.1,4000,10.0.2.15,9000") == PortForward(
+        "agent", "127.0.0.1", 4000, "10.0.2.15", 9000
+    )
+    assert parse_port_forward("agent,tcp,,4000,,9000") == PortForward("agent", "", 4000, "", 9000)
+    assert parse_port_forward("dns,udp,,53,,53") is None
+    assert parse_port_forward("broken") is None
 
 
 def test_list_vms():

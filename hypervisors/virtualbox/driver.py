@@ -508,7 +508,15 @@ class VirtualBoxDriver(Service):
         async def go() -> None:
             action = f"delete snapshot {snapshot_name!r} of"
             backend, _ = await self._ours(name, action)
+            records = await backend.snapshots(name)
             record = await self._find_snapshot(backend, name, snapshot_name, f"{action} {name!r}")
+            children = [r.name for r in records if r.parent_id == record.id]
+            if len(children) > 1:
+                # VirtualBox merges a snapshot into its one child; with more it refuses.
+                raise HypervisorError(
+                    f"cannot {action} {name!r}: VirtualBox deletes only a snapshot with at most one child, "
+                    f"and it has {len(children)} ({', '.join(children)}); delete all but one of them first"
+                )
             await backend.delete_snapshot(name, record.id)
             self.log.info("Deleted snapshot {snapshot} of {vm}", snapshot=snapshot_name, vm=name)
 

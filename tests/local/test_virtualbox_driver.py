@@ -182,6 +182,14 @@ async def test_deleting_a_parent_snapshot_keeps_its_child_restorable(vbox, base)
     await driver.snapshot_revert("vm1", "child")
     assert vbox.current_disk_file("vm1").read_bytes() == b"child"
 
+    # A second child of "child": VirtualBox cannot merge a snapshot into two children.
+    await driver.snapshot_create("vm1", "grandchild")
+    await driver.snapshot_revert("vm1", "child")
+    await driver.snapshot_create("vm1", "sibling")
+    with pytest.raises(HypervisorError, match="at most one child"):
+        await driver.snapshot_delete("vm1", "child")
+    assert sorted(s.name for s in await driver.snapshot_list("vm1")) == ["child", "grandchild", "sibling"]
+
 
 @pytest_twisted.ensureDeferred
 async def test_undefine_deletes_the_vm_and_its_media_not_the_base(vbox, base):

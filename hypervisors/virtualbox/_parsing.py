@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from hypervisors.interface import VMState
 from vmcontroller.errors import (
     HypervisorError,
+    HypervisorUnavailable,
     SnapshotNotFound,
     VMAlreadyExists,
     VMLocked,
@@ -276,6 +277,12 @@ def translate_error(
         )
     if code == "VBOX_E_INVALID_VM_STATE":
         return VMStateError(f"cannot {what} in its current state; {said}; check state() first")
+    if code == "CO_E_SERVER_EXEC_FAILURE":
+        # VBoxSVC could not be started or reached (vboxwrapper's vbox_common.cpp retries these).
+        return HypervisorUnavailable(
+            f"cannot {what}: VirtualBox's service (VBoxSVC) does not answer; {said}; check that VirtualBox "
+            "works for this user (`VBoxManage list vms`), or reinstall it"
+        )
     if code == "VBOX_E_FILE_ERROR" and "already exists" in message:
         return VMAlreadyExists(f"cannot {what}: a VM of that name exists already; {said}")
     return HypervisorError(f"cannot {what}: {said}")

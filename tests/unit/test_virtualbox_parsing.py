@@ -19,6 +19,7 @@ from hypervisors.virtualbox._parsing import (
 from hypervisors.virtualbox.driver import BACKEND_ENV, choose_backend
 from vmcontroller.errors import (
     HypervisorError,
+    HypervisorUnavailable,
     SnapshotNotFound,
     VMAlreadyExists,
     VMLocked,
@@ -114,6 +115,7 @@ def test_error_lines():
         ("VBOX_E_INVALID_VM_STATE", "Invalid machine state: poweroff", None, VMStateError),
         ("VBOX_E_FILE_ERROR", "Machine settings file '/x' already exists", None, VMAlreadyExists),
         ("VBOX_E_FILE_ERROR", "Could not open the medium", None, HypervisorError),
+        ("CO_E_SERVER_EXEC_FAILURE", "Failed to create the VirtualBox object", None, HypervisorUnavailable),
     ],
 )
 def test_errors_become_ours(code, message, snapshot, error):

@@ -11,7 +11,7 @@ methods under their XIDL names, which is what pyvbox's generated ``library.py`` 
 (``self._get_attr("memorySize")``, ``self._call("lockMachine", in_p=[...])``). A failing
 call raises the XPCOM exception pyvbox decodes (``library_base.Interface._call_method`` reads
 ``errno`` and ``msg``): ``errno`` is the nsresult as XPCOM's Python binding gives it, a signed
-32-bit number. ``tests/local/test_virtualbox_standins.py`` checks that every attribute and
+32-bit number. ``tests/unit/test_virtualbox_standins.py`` checks that every attribute and
 method served here exists in pyvbox's ``library.py`` with the same number of arguments.
 
 The machines, media and rules live in :mod:`tests.standins.vbox_model`, shared with the

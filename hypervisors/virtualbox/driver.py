@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hypervisors.base import EventHub, StatePoller, event_for_transition, require_capability
@@ -184,7 +185,15 @@ class VirtualBoxDriver(Service):
         if self._backend is not None:
             # A failure here is raised by every operation (see _ready); keep it as a value.
             self._started = Deferred.fromCoroutine(self._backend.start())
-            self._started.addErrback(lambda failure: failure.value)
+            self._started.addErrback(self._start_failed)
+
+    def _start_failed(self, failure: Failure) -> BaseException:
+        self.log.failure(
+            "VirtualBox driver: the {backend} backend did not start", failure, backend=self.backend_name
+        )
+        value = failure.value
+        assert value is not None
+        return value
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

@@ -28,7 +28,7 @@ from hypervisors.interface import (
     VMState,
 )
 from hypervisors.virtualbox import BACKEND_ENV, VirtualBoxDriver
-from tests.standins.virtualbox import (
+from tests.standins.vbox import (
     FACTORIES,
     VBOXMANAGE,
     StandinVirtualBox,

@@ -1,5 +1,6 @@
 """
-The VirtualBox stand-ins and factories of drivers over them.
+The VirtualBox stand-ins and factories of drivers over them. (Not ``virtualbox.py``: this
+directory goes on ``sys.path`` for ``vboxapi``, where that name would hide pyvbox.)
 
 ``vbox_model`` (VBoxSVC's registry and rules), ``vboxapi/`` (the COM bindings
 under the real pyvbox) and ``VBoxManage`` (the command-line tool). :data:`FACTORIES` gives a

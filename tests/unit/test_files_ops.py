@@ -45,6 +45,12 @@ from guest_agent.session import Operation, OperationContext
 from vmcontroller.testing import InMemoryLink
 
 _T = TypeVar("_T")
+
+
+def current_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 OPERATIONS: dict[str, Operation] = {**files.OPERATIONS, **system.OPERATIONS}
 
 
@@ -139,7 +145,8 @@ def test_push_pull_round_trip(link: InMemoryLink, tmp_path: Path) -> None:
     pulled = result_of(start(link, link.client.pull(str(guest / "copy.bin"), str(back),
                                                     progress=lambda done, total: seen.append((done, total)))))
     assert back.read_bytes() == data
-    assert stat.S_IMODE(back.stat().st_mode) == 0o640
+    # The host decides the mode: a new file's default, not the guest's 0o640.
+    assert stat.S_IMODE(back.stat().st_mode) == 0o666 & ~current_umask()
     assert (pulled.size, pulled.sha256, pulled.mode) == (len(data), sha(data), 0o640)
     assert seen[-1] == (len(data), None)
     assert sorted(os.listdir(tmp_path)) == ["back.bin", "guest", "source.bin"]

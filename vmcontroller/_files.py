@@ -183,9 +183,11 @@ async def _receive_file(client: GuestClient, source: str, sink: IO[bytes], max_s
     try:
         while (chunk := await io.receive(Channel.INPUT)) is not None:
             if received + len(chunk) > max_size:
+                # A local error: the agent must be told to stop, as for a cancel.
+                _abandon(result)
                 raise LimitExceeded(
                     f"the guest file {source} is larger than the pull's limit of {max_size} bytes; "
-                    "the pull was stopped: pass a larger max_size", {"path": source, "max_size": max_size})
+                    "the pull was stopped: pass a larger max_size")
             sink.write(chunk)
             hasher.update(chunk)
             received += len(chunk)

@@ -268,7 +268,8 @@ class GuestClient:
         pending, self._pending = self._pending, {}
         cancelled, self._cancelled = self._cancelled, {}
         for slots, timer in cancelled.values():
-            timer.cancel()
+            if timer.active():
+                timer.cancel()
             slots.release()
         for request in pending.values():
             request.result.errback(Failure(error))
@@ -367,8 +368,7 @@ class GuestClient:
         return io, result
 
     def _cancel_ignored(self, request_id: int, op: str, grace: float) -> None:
-        slots, _ = self._cancelled.pop(request_id)
-        slots.release()
+        # Dropping frees every slot, this one's too, once waiters can only fail.
         self.drop(ProtocolError(
             f"the agent did not answer the CANCEL of {op} (request {request_id}) within {grace:g} s "
             "(the limit cancel_grace)"))
@@ -535,11 +535,12 @@ async def _connect(
     timeout: float,
     limits: Limits | None,
     versions: tuple[int, ...],
+    client_limits: ClientLimits | None,
 ) -> GuestClient:
     deadline = reactor.seconds() + timeout
     last_error: Exception | None = None
     while reactor.seconds() < deadline:
-        client = GuestClient(reactor, limits, versions)
+        client = GuestClient(reactor, limits, versions, client_limits)
         try:
             await endpoint.connect(Factory.forProtocol(partial(_AgentProtocol, client))).addTimeout(
                 max(deadline - reactor.seconds(), 0.01), reactor
@@ -571,15 +572,18 @@ def connect(
     timeout: float = 60.0,
     limits: Limits | None = None,
     versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+    client_limits: ClientLimits | None = None,
 ) -> Deferred[GuestClient]:
     """
     Connect to an agent through ``endpoint`` (e.g. the unix socket of a VM's virtio-serial
-    channel, or TCP) and complete the handshake.
+    channel, or TCP) and complete the handshake.  ``timeout`` also bounds the handshake;
+    ``limits`` are what the host accepts on the wire, ``client_limits`` what else it lets
+    the agent make it spend (see :class:`ClientLimits` and docs/security.md).
 
     :raises AgentUnreachable: nothing answered within ``timeout`` seconds.
     :raises UnsupportedProtocolVersion: the agent speaks none of ``versions``.
     """
-    return Deferred.fromCoroutine(_connect(reactor, endpoint, timeout, limits, versions))
+    return Deferred.fromCoroutine(_connect(reactor, endpoint, timeout, limits, versions, client_limits))
 
 
 __all__ = ["ClientLimits", "ExecHandle", "ExecResult", "GuestClient", "Progress", "TransferResult", "connect"]

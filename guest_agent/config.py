@@ -31,7 +31,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from guest_agent.protocol.connection import Limits
+from guest_agent.protocol.connection import MAX_FRAME, MAX_INFLIGHT, MAX_WINDOW, Limits
 
 DEFAULT_CONFIG_PATH = "/etc/vmcontroller/agent.toml"
 
@@ -85,6 +85,10 @@ class AgentConfig:
         limits_table = dict(_table(document, "limits"))
         max_processes = limits_table.pop("max_processes", 64)
         limits = _numbers(Limits, limits_table, "limits", int)
+        if not (1024 <= limits.max_frame <= MAX_FRAME and 1024 <= limits.window <= MAX_WINDOW
+                and limits.max_inflight <= MAX_INFLIGHT):
+            raise ConfigError(f"limits must keep max_frame in 1024..{MAX_FRAME}, window in "
+                              f"1024..{MAX_WINDOW} and max_inflight up to {MAX_INFLIGHT}")
         if type(max_processes) is not int or max_processes < 1:
             raise ConfigError(f"limits.max_processes must be a positive integer, got {max_processes!r}")
         tcp = _numbers(TCPLimits, _table(document, "tcp"), "tcp", (int, float))
@@ -120,7 +124,7 @@ def _numbers(cls: Any, table: dict[str, Any], where: str, kinds: type | tuple[ty
     names = {f.name for f in fields(cls)}
     _only(table, names, f"[{where}]")
     for name, value in table.items():
-        if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:  # type: ignore[operator]
+        if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:  # type: ignore[operator]
             raise ConfigError(f"{where}.{name} must be a positive number, got {value!r}")
     return cls(**table)
 

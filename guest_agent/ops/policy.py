@@ -53,7 +53,7 @@ class _ProcessSlots:
         self.running = 0
 
 
-def _guarded_exec(config: AgentConfig, slots: _ProcessSlots) -> Operation:
+def _guarded_exec(run: Operation, config: AgentConfig, slots: _ProcessSlots) -> Operation:
     allow = config.exec_allow
 
     async def guarded_exec(ctx: OperationContext) -> Any:
@@ -68,7 +68,7 @@ def _guarded_exec(config: AgentConfig, slots: _ProcessSlots) -> Operation:
                                   f"{slots.limit} (max_processes): wait for some to finish")
         slots.running += 1
         try:
-            return await exec_ops.run_exec(ctx)
+            return await run(ctx)
         finally:
             slots.running -= 1
 
@@ -83,7 +83,7 @@ def apply(operations: dict[str, Operation], config: AgentConfig) -> dict[str, Op
             if name in guarded:
                 guarded[name] = _confined(guarded[name], config.allowed_roots)
     if "exec" in guarded:
-        guarded["exec"] = _guarded_exec(config, _ProcessSlots(config.max_processes))
+        guarded["exec"] = _guarded_exec(guarded["exec"], config, _ProcessSlots(config.max_processes))
     return guarded
 
 

@@ -202,15 +202,20 @@ async def _receive_file(client: GuestClient, source: str, sink: IO[bytes], max_s
     digest = hasher.hexdigest()
     trailer = io.trailer(Channel.INPUT) or {}
     reply = await result
+    error: IncompleteTransfer | IntegrityError | None = None
     if trailer.get("size") != received or reply.get("size") != received:
-        raise IncompleteTransfer(
+        error = IncompleteTransfer(
             f"received {received} bytes of the guest file {source} but the agent says it sent "
             f"{trailer.get('size')}: pull again", {"path": source})
-    if trailer.get("sha256") != digest or reply.get("sha256") != digest:
-        raise IntegrityError(
+    elif trailer.get("sha256") != digest or reply.get("sha256") != digest:
+        error = IntegrityError(
             f"the {received} bytes received of the guest file {source} hash to sha256 {digest} but the "
             f"agent sent {trailer.get('sha256')}: the data was corrupted in transit; pull again",
             {"path": source})
+    if error is not None:
+        # The channel is reliable: an agent whose account differs from its bytes lies.
+        client.drop(error)
+        raise error
     return TransferResult(source, received, digest, int(reply["mode"]), client.reactor.seconds() - started)
 
 

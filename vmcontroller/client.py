@@ -68,6 +68,8 @@ class ClientLimits:
     :ivar partial_frame_timeout: seconds a frame may stay partly received.
     :ivar notification_rate: notifications per second the agent may send (a burst of as
         many is allowed).
+    :ivar max_notification: bytes of one notification's payload; with the rate, this bounds
+        the decoding work an agent's notifications cost the controller.
     :ivar max_output: bytes of one output stream ``exec``/``run`` collect without a callback.
     :ivar max_pull: bytes a pull accepts unless the call gives its own limit.
     """
@@ -76,6 +78,7 @@ class ClientLimits:
     cancel_grace: float = 30.0
     partial_frame_timeout: float = 30.0
     notification_rate: float = 100.0
+    max_notification: int = 16 * 1024
     max_output: int = 64 * MIB
     max_pull: int = 16 * 1024 * MIB
 
@@ -175,6 +178,11 @@ class GuestClient:
                     )
                 )
             elif isinstance(event, NotificationReceived):
+                if event.size > self.client_limits.max_notification:
+                    self.drop(ProtocolError(
+                        f"the agent sent a notification of {event.size} bytes, more than "
+                        f"{self.client_limits.max_notification} (the limit max_notification)"))
+                    return
                 if not self._take_notification_token():
                     self.drop(ProtocolError(
                         f"the agent sent notifications faster than {self.client_limits.notification_rate:g} "

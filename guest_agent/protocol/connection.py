@@ -121,6 +121,7 @@ class WindowOpened:
 class NotificationReceived:
     name: str
     body: dict[str, Any]
+    size: int = 0  # of the frame's payload: what decoding it cost
 
 
 @dataclass(frozen=True)
@@ -563,7 +564,7 @@ class HostConnection(_Connection):
                 or not isinstance(body.get("body", {}), dict)
             ):
                 raise ProtocolError("NOTIFY must carry a JSON object with a name and an object body")
-            events.append(NotificationReceived(body["name"], body.get("body") or {}))
+            events.append(NotificationReceived(body["name"], body.get("body") or {}, len(frame.payload)))
         else:
             raise ProtocolError(f"the agent may not send {frame.type.name}")
 

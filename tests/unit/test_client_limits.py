@@ -111,6 +111,8 @@ def test_a_tampered_pull_leaves_nothing(tmp_path: Path, trailer: dict[str, Any],
     failed = start(link, link.client.pull("/f", str(tmp_path / "dest")))
     assert isinstance(error_of(failed), error)
     assert os.listdir(tmp_path) == []
+    link.flush()
+    assert link.client._transport is None  # an agent whose account differs from its bytes lies
 
 
 def test_pull_stops_at_its_size_limit_and_leaves_nothing(tmp_path: Path) -> None:
@@ -261,6 +263,16 @@ def test_notifications_within_the_rate_are_delivered() -> None:
         assert result_of(call(link, "some")) is None
         link.clock.advance(1)  # the bucket refills
     assert len(seen) == 120 and link.client._transport is not None
+
+
+def test_a_large_notification_drops_the_agent() -> None:
+    link = InMemoryLink({"big": lambda ctx: ctx.notify("big", {"x": "y" * 2000})},
+                        host_limits=ClientLimits(max_notification=2000))
+    link.flush()
+    with capturedLogs() as logs:
+        pending = call(link, "big")
+        dropped(link, logs, "more than 2000 (the limit max_notification)")
+    assert isinstance(error_of(pending), ProtocolError)
 
 
 def test_a_frame_sent_one_byte_a_second_drops_the_agent() -> None:

@@ -18,7 +18,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint, ITransport
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -70,6 +70,9 @@ class ClientLimits:
         many is allowed).
     :ivar max_notification: bytes of one notification's payload; with the rate, this bounds
         the decoding work an agent's notifications cost the controller.
+    :ivar liveness_interval: seconds of silence from the agent, while operations are in
+        flight, after which it is pinged; one that does not answer within ``call_timeout``
+        is disconnected (streaming operations have no timeout of their own).  None: never.
     :ivar max_output: bytes of one output stream ``exec``/``run`` collect without a callback.
     :ivar max_pull: bytes a pull accepts unless the call gives its own limit.
     """
@@ -79,6 +82,7 @@ class ClientLimits:
     partial_frame_timeout: float = 30.0
     notification_rate: float = 100.0
     max_notification: int = 16 * 1024
+    liveness_interval: float | None = 60.0
     max_output: int = 64 * MIB
     max_pull: int = 16 * 1024 * MIB
 
@@ -121,6 +125,9 @@ class GuestClient:
         # timer that disconnects an agent that ignores the CANCEL.
         self._cancelled: dict[int, tuple[DeferredSemaphore, IDelayedCall]] = {}
         self._partial_frame_timer: IDelayedCall | None = None
+        self._last_heard = reactor.seconds()
+        self._liveness: LoopingCall | None = None
+        self._probing = False
         self._notification_tokens = self.client_limits.notification_rate
         self._notification_time = reactor.seconds()
         self.notifications: list[Callable[[str, dict[str, Any]], None]] = []
@@ -148,6 +155,7 @@ class GuestClient:
     def _data_received(self, data: bytes) -> None:
         if self._closed is not None:
             return  # dropped: what still arrives before the channel closes is ignored
+        self._last_heard = self.reactor.seconds()
         try:
             events = self._connection.receive_data(data)
         except ProtocolError as e:
@@ -240,6 +248,7 @@ class GuestClient:
     def _transport_lost(self, reason: Failure) -> None:
         self._transport = None
         self._stop_sync_timer()
+        self._stop_liveness()
         error = self._closed or ConnectionLost(f"the channel to the agent closed: {reason.getErrorMessage()}")
         self._closed = error
         self._fail_pending(error)
@@ -256,7 +265,41 @@ class GuestClient:
         self._stop_sync_timer()
         self.agent_hello = event.peer
         self._slots = DeferredSemaphore(self._connection.peer_limits.max_inflight)
+        interval = self.client_limits.liveness_interval
+        if interval is not None and self._liveness is None:
+            self._liveness = LoopingCall(self._check_liveness, interval)
+            self._liveness.clock = self.reactor
+            self._liveness.start(interval, now=False)
         self._fire_ready(None)
+
+    def _stop_liveness(self) -> None:
+        if self._liveness is not None and self._liveness.running:
+            self._liveness.stop()
+        self._liveness = None
+
+    def _check_liveness(self, interval: float) -> None:
+        """Ping an agent silent for ``interval`` while operations wait on it."""
+        silent = self.reactor.seconds() - self._last_heard
+        # With every slot taken a ping would only queue: liveness is then unknown.
+        if self._probing or not self._pending or silent < interval:
+            return
+        if self._slots is None or not self._slots.tokens:
+            return
+        self._probing = True
+        timeout = self.client_limits.call_timeout or interval
+        waiting = len(self._pending)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(OperationTimeout):
+                self.drop(ProtocolError(
+                    f"the agent sent nothing for {silent:g} s while {waiting} operations waited on it, "
+                    f"and did not answer a ping within {timeout:g} s (the limit liveness_interval)"))
+
+        def probed(outcome: object) -> None:
+            self._probing = False
+
+        probe = Deferred.fromCoroutine(self.call("ping", timeout=timeout))
+        probe.addErrback(failed).addBoth(probed)
 
     def _handshake_failed(self, error: VMControllerError) -> None:
         self._stop_sync_timer()
@@ -516,6 +559,7 @@ class GuestClient:
     def close(self) -> None:
         """Close the channel; what is in flight fails with :class:`ConnectionLost`."""
         self._stop_sync_timer()
+        self._stop_liveness()
         if self._transport is not None:
             self._transport.loseConnection()
 

@@ -427,9 +427,12 @@ def _error_payload(
     the details are dropped and the message cut, so that the error still reaches the peer.
     """
     payload = encode_json({"code": str(code), "message": message, "details": details or {}})
-    if limit is not None and len(payload) > limit:
-        cut = f"{message[:_ERROR_MESSAGE_KEEP]}... ({len(message)} characters, cut to fit a frame)"
+    keep = _ERROR_MESSAGE_KEEP
+    while limit is not None and len(payload) > limit:
+        # Escaped non-ASCII takes up to 12 bytes a character: halve until it fits.
+        cut = f"{message[:keep]}... ({len(message)} characters, cut to fit a frame)"
         payload = encode_json({"code": str(code), "message": cut, "details": {}})
+        keep //= 2
     return payload
 
 

@@ -113,6 +113,11 @@ class HostileAgent(Protocol):
         while self.engine.send_data(self.streaming, Channel.STDOUT, b"o" * 65536):
             pass
 
+    def on_stalled_pull(self, event: RequestReceived) -> None:
+        """Starts a pull, then falls silent, to pings too."""
+        if event.op == "pull":
+            self.engine.send_data(event.request_id, Channel.INPUT, b"da")
+
     def on_pull_wrong_sha(self, event: RequestReceived) -> None:
         self.answer_pull(event.request_id, size=4, sha256="0" * 64)
 

@@ -44,7 +44,7 @@ KIB = 1024
 #: The hostile agent's client: small limits, short timeouts, so each behaviour ends soon.
 HOSTILE_LIMITS = Limits(max_frame=64 * KIB, window=256 * KIB, max_buffered=1024 * KIB)
 HOSTILE_CLIENT_LIMITS = ClientLimits(call_timeout=4, cancel_grace=2, partial_frame_timeout=3,
-                                     notification_rate=100, max_output=1024 * KIB)
+                                     notification_rate=100, max_output=1024 * KIB, liveness_interval=3)
 #: What the controller may hold for one agent: unread stream bytes, one frame being
 #: received and one read of the transport.
 BUFFER_BOUND = HOSTILE_LIMITS.max_buffered + HOSTILE_LIMITS.max_frame + 64 * KIB
@@ -77,6 +77,7 @@ BEHAVIOURS: dict[str, tuple[str, type[Exception] | None]] = {
     "pull-wrong-sha": ("pull", IntegrityError),
     "pull-wrong-size": ("pull", IncompleteTransfer),
     "silence": ("ping", OperationTimeout),
+    "stalled-pull": ("pull", ProtocolError),  # a liveness ping goes unanswered
 }
 
 

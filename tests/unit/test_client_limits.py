@@ -16,7 +16,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs
 
-from guest_agent.ops import files
+from guest_agent.ops import files, system
 from guest_agent.protocol.connection import Limits
 from guest_agent.protocol.frames import Channel, FrameType, encode_header
 from guest_agent.session import Operation, OperationContext
@@ -190,6 +190,35 @@ def test_an_agent_ignoring_cancel_keeps_its_slots_and_is_dropped() -> None:
         dropped(link, logs, "did not answer the CANCEL of wait")
     error = error_of(third)
     assert isinstance(error, ProtocolError) and "CANCEL" in str(error)
+
+
+def test_an_agent_silent_during_a_stream_and_to_pings_is_dropped(tmp_path: Path) -> None:
+    stuck = Silent(ignore_cancel=True)
+    link = InMemoryLink({"pull": stuck, "ping": stuck},
+                        host_limits=ClientLimits(liveness_interval=60, call_timeout=10, cancel_grace=1000))
+    link.flush()
+    pulling = start(link, link.client.pull("/f", str(tmp_path / "dest")))
+    link.clock.advance(60)  # silent for a minute: pinged
+    link.flush()
+    assert not pulling.called
+    with capturedLogs() as logs:
+        link.clock.advance(10)
+        dropped(link, logs, "did not answer a ping within 10 s")
+    assert isinstance(error_of(pulling), ProtocolError) and os.listdir(tmp_path) == []
+
+
+def test_a_quiet_operation_of_an_agent_that_answers_pings_is_left_alone() -> None:
+    quiet = Silent(ignore_cancel=False)  # a guest process that prints nothing for a long time
+    link = InMemoryLink({**system.OPERATIONS, "exec": quiet},
+                        host_limits=ClientLimits(liveness_interval=60, call_timeout=10))
+    link.flush()
+    running = start(link, link.client.run(["sleep", "1000"]))
+    for _ in range(20):
+        link.clock.advance(30)
+        link.flush()
+    assert not running.called and link.client._transport is not None
+    running.cancel()
+    link.flush()
 
 
 # ---- malformed results --------------------------------------------------------------

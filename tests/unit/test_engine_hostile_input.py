@@ -109,6 +109,16 @@ def test_an_error_larger_than_the_hosts_frame_limit_still_reaches_it() -> None:
     assert "cut to fit a frame" in str(event.error) and host.open_requests == 0
 
 
+def test_an_error_of_escaped_characters_is_cut_until_it_fits_the_smallest_frame() -> None:
+    host, agent = opened(host_limits=Limits(max_frame=1024))
+    rid = host.send_request("stat")
+    agent.receive_data(host.data_to_send())
+    agent.send_error(rid, PathNotFound("\U0001f600" * 5000))  # 12 bytes each once escaped
+    (event,) = host.receive_data(agent.data_to_send())
+    assert isinstance(event, ErrorReceived) and isinstance(event.error, PathNotFound)
+    assert "(5000 characters, cut to fit a frame)" in str(event.error)
+
+
 def test_a_request_over_the_agents_frame_limit_holds_no_slot() -> None:
     host, agent = opened(agent_limits=Limits(max_frame=4096, max_inflight=2))
     for _ in range(5):

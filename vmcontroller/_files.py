@@ -214,7 +214,7 @@ async def _receive_file(client: GuestClient, source: str, sink: IO[bytes], max_s
             {"path": source})
     if error is not None:
         # The channel is reliable: an agent whose account differs from its bytes lies.
-        client.drop(error)
+        client._drop(error)
         raise error
     return TransferResult(source, received, digest, int(reply["mode"]), client.reactor.seconds() - started)
 

@@ -159,7 +159,7 @@ class GuestClient:
         try:
             events = self._connection.receive_data(data)
         except ProtocolError as e:
-            self.drop(e)
+            self._drop(e)
             return
         for event in events:
             if self._closed is not None:
@@ -187,12 +187,12 @@ class GuestClient:
                 )
             elif isinstance(event, NotificationReceived):
                 if event.size > self.client_limits.max_notification:
-                    self.drop(ProtocolError(
+                    self._drop(ProtocolError(
                         f"the agent sent a notification of {event.size} bytes, more than "
                         f"{self.client_limits.max_notification} (the limit max_notification)"))
                     return
                 if not self._take_notification_token():
-                    self.drop(ProtocolError(
+                    self._drop(ProtocolError(
                         f"the agent sent notifications faster than {self.client_limits.notification_rate:g} "
                         "per second (the limit notification_rate)"))
                     return
@@ -228,11 +228,11 @@ class GuestClient:
 
     def _partial_frame_expired(self, timeout: float) -> None:
         self._partial_frame_timer = None
-        self.drop(ProtocolError(
+        self._drop(ProtocolError(
             f"the agent left a frame unfinished for {timeout:g} s "
             f"({self._connection.partial_frame_bytes} bytes of it arrived; the limit partial_frame_timeout)"))
 
-    def drop(self, error: VMControllerError) -> None:
+    def _drop(self, error: VMControllerError) -> None:
         """
         Disconnect an agent that broke the protocol or one of the host's limits: log why,
         fail everything in flight with ``error`` and close the channel.
@@ -291,7 +291,7 @@ class GuestClient:
 
         def failed(failure: Failure) -> None:
             if failure.check(OperationTimeout):
-                self.drop(ProtocolError(
+                self._drop(ProtocolError(
                     f"the agent sent nothing for {silent:g} s while {waiting} operations waited on it, "
                     f"and did not answer a ping within {timeout:g} s (the limit liveness_interval)"))
 
@@ -356,7 +356,7 @@ class GuestClient:
             try:
                 check_result(pending.op, outcome)
             except ProtocolError as e:
-                self.drop(e)
+                self._drop(e)
                 return
         self._complete(request_id, outcome)
 
@@ -420,7 +420,7 @@ class GuestClient:
 
     def _cancel_ignored(self, request_id: int, op: str, grace: float) -> None:
         # Dropping frees every slot, this one's too, once waiters can only fail.
-        self.drop(ProtocolError(
+        self._drop(ProtocolError(
             f"the agent did not answer the CANCEL of {op} (request {request_id}) within {grace:g} s "
             "(the limit cancel_grace)"))
 

@@ -125,6 +125,8 @@ class AgentProtocol(Protocol):
         peer = self.transport.getPeer() if self.transport is not None else None
         self.log.warn("Disconnecting {peer}: {why}", peer=peer, why=why)
         if self.transport is not None:
+            # A registered producer would keep a closing transport open while it produces.
+            cast(IConsumer, self.transport).unregisterProducer()
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:

@@ -11,18 +11,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint, ITransport
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IReactorTime,
+    IStreamClientEndpoint,
+    ITransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from guest_agent.link import Link, RequestIO
+from guest_agent.link import Link, RequestIO, SendGate
 from guest_agent.protocol.connection import (
     SUPPORTED_VERSIONS,
     ErrorReceived,
@@ -561,6 +567,8 @@ class GuestClient:
         self._stop_sync_timer()
         self._stop_liveness()
         if self._transport is not None:
+            # A registered producer would keep a closing transport open while it produces.
+            cast(IConsumer, self._transport).unregisterProducer()
             self._transport.loseConnection()
 
 
@@ -572,6 +580,8 @@ class _AgentProtocol(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        # Reading goes on while the transport's buffer is full: only stream data waits.
+        cast(IConsumer, self.transport).registerProducer(SendGate(self.client._link), True)
         self.client._transport_connected(self.transport)
 
     def dataReceived(self, data: bytes) -> None:

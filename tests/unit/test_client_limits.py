@@ -6,6 +6,7 @@ one defect class found by trying, with its clear error and proof that nothing wa
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 from collections.abc import Mapping, Sequence
@@ -14,7 +15,9 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 
 from guest_agent.ops import files, system
 from guest_agent.protocol.connection import Limits
@@ -24,6 +27,7 @@ from tests.unit.test_client_session import call, error_of, result_of
 from tests.unit.test_files_ops import current_umask
 from vmcontroller.client import ClientLimits
 from vmcontroller.errors import (
+    ConnectionLost,
     IncompleteTransfer,
     IntegrityError,
     LimitExceeded,
@@ -128,6 +132,39 @@ def test_pull_stops_at_its_size_limit_and_leaves_nothing(tmp_path: Path) -> None
     assert isinstance(error, LimitExceeded) and "1000000 bytes" in str(error)
     assert os.listdir(tmp_path) == []
     assert link.agent.session is not None and not link.agent.session._running  # the guest stopped
+
+
+def test_stream_data_waits_while_the_transport_is_full(tmp_path: Path) -> None:
+    """
+    Credit does not bound what the host buffers: an agent may grant credit and never read.
+    So while the transport's buffer is full (it pauses its producer) push data waits.
+    """
+    received: list[int] = []
+
+    async def push(ctx: OperationContext) -> dict[str, Any]:
+        while (chunk := await ctx.io.receive(Channel.INPUT)) is not None:
+            received.append(len(chunk))
+        digest = hashlib.sha256(data).hexdigest()
+        return {"path": "/f", "size": sum(received), "sha256": digest, "mode": 0o644}
+
+    data = os.urandom(300_000)
+    link = InMemoryLink({"push": push})
+    link.flush()
+    link.client._link.pause_sending()  # what the transport does once its buffer is full
+    pushed = start(link, link.client.push(io.BytesIO(data), "/f"))
+    assert received == [] and not pushed.called  # the request went out, no data
+    link.client._link.resume_sending()
+    link.flush()
+    assert result_of(pushed).size == sum(received) == len(data)
+
+
+def test_a_stream_waiting_for_a_full_transport_fails_with_the_session() -> None:
+    link = InMemoryLink({"push": Silent(ignore_cancel=False)})
+    link.flush()
+    link.client._link.pause_sending()
+    pushed = start(link, link.client.push(io.BytesIO(b"x" * 1000), "/f"))
+    link.client._transport_lost(Failure(ConnectionDone()))
+    assert isinstance(error_of(pushed), ConnectionLost)
 
 
 # ---- exec output ------------------------------------------------------------------

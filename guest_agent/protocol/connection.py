@@ -50,7 +50,7 @@ MAX_WINDOW = 64 * 1024 * 1024
 MAX_FRAME = 16 * 1024 * 1024
 MAX_INFLIGHT = 4096
 #: How much of an error message is kept when the whole would not fit in the peer's frame.
-_ERROR_MESSAGE_KEEP = 512
+_ERROR_MESSAGE_CUTS = (512, 128, 32, 0)
 
 
 # ---- events ------------------------------------------------------------------------
@@ -222,10 +222,6 @@ class _Connection:
     @property
     def open_requests(self) -> int:
         return len(self._requests)
-
-    def in_flight(self, request_id: int) -> bool:
-        """Whether ``request_id`` is open: asked and not yet answered (or, on the agent, served)."""
-        return request_id in self._requests
 
     @property
     def partial_frame_bytes(self) -> int:
@@ -427,12 +423,13 @@ def _error_payload(
     the details are dropped and the message cut, so that the error still reaches the peer.
     """
     payload = encode_json({"code": str(code), "message": message, "details": details or {}})
-    keep = _ERROR_MESSAGE_KEEP
-    while limit is not None and len(payload) > limit:
-        # Escaped non-ASCII takes up to 12 bytes a character: halve until it fits.
+    # Escaped non-ASCII takes up to 12 bytes a character: shorter cuts until one fits (the
+    # last, without the message, fits any frame limit a HELLO may announce).
+    for keep in _ERROR_MESSAGE_CUTS:
+        if limit is None or len(payload) <= limit:
+            break
         cut = f"{message[:keep]}... ({len(message)} characters, cut to fit a frame)"
         payload = encode_json({"code": str(code), "message": cut, "details": {}})
-        keep //= 2
     return payload
 
 

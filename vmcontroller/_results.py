@@ -54,6 +54,15 @@ def _number(value: Any) -> bool:
     return type(value) in (int, float) and math.isfinite(value)
 
 
+def _file_name(value: Any) -> bool:
+    """One path component: callers join it to a host directory (e.g. ``vmcontroller cp``)."""
+    return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\0" not in value
+
+
+def _file_type(value: Any) -> bool:
+    return value in ("file", "dir", "symlink", "other")
+
+
 _SIZE = _int(0, 2**63 - 1)
 #: Permission bits with set-id and sticky, as ``stat`` reports them.
 _MODE = _int(0, 0o7777)
@@ -61,7 +70,7 @@ _ID = _int(0, 2**32 - 1)
 
 _TRANSFER = {"path": _str, "size": _SIZE, "mode": _MODE,
              "sha256": lambda value: isinstance(value, str) and _SHA256.fullmatch(value) is not None}
-_ENTRY = {"name": _str, "type": _str, "size": _SIZE, "mode": _MODE, "mtime": _number}
+_ENTRY = {"name": _file_name, "type": _file_type, "size": _SIZE, "mode": _MODE, "mtime": _number}
 _STAT = {**_ENTRY, "path": _str, "uid": _ID, "gid": _ID, "target": _optional(_str)}
 del _STAT["name"]
 _EXEC = {"exit_code": _optional(_int(-_INT32, _INT32 - 1)), "signal": _optional(_str)}

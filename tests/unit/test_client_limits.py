@@ -274,6 +274,11 @@ def answering(result: Any) -> Operation:
               "target": None}, "'mode' is missing or invalid"),
     ("list", [{"name": "a", "type": "file", "size": 1, "mode": -1, "mtime": 0}], "'mode'"),
     ("list", {"a": 1}, "a JSON array was expected"),
+    # A name is one path component: a caller joins it to a host directory.
+    ("list", [{"name": "../../etc/cron.d/x", "type": "file", "size": 1, "mode": 0, "mtime": 0}], "'name'"),
+    ("list", [{"name": "..", "type": "dir", "size": 1, "mode": 0, "mtime": 0}], "'name'"),
+    ("list", [{"name": "", "type": "file", "size": 1, "mode": 0, "mtime": 0}], "'name'"),
+    ("list", [{"name": "a", "type": "fifo", "size": 1, "mode": 0, "mtime": 0}], "'type'"),
     ("exec", {"exit_code": "0", "signal": None}, "'exit_code'"),
     ("push", {"path": "/x", "size": 0, "sha256": SHA_OF_NOTHING, "mode": 1e300}, "'mode'"),
     ("mkdir", {"surprise": True}, "no result was expected"),

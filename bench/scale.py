@@ -92,16 +92,21 @@ def serve_agents(directory: Path, first: int, count: int) -> None:
     from twisted.internet import reactor
     from twisted.internet.endpoints import UNIXServerEndpoint
 
+    from guest_agent.config import TCPLimits
     from guest_agent.ops import OPERATIONS
     from guest_agent.protocol.tls import Authenticator
     from guest_agent.transports import AgentFactory
 
     _raise_fd_limit()
     credentials = Credentials.from_json((directory / AGENT_CREDENTIALS).read_bytes())
+    # One factory stands for ``count`` agents, each with one host: the TCP limits of one
+    # agent (connections at once, handshake time under this load) do not apply.
+    tcp = TCPLimits(handshake_timeout=600, max_connections=count)
     factory = AgentFactory(
         reactor,
         OPERATIONS,
         hello={"software": "bench.scale"},
+        tcp=tcp,
         authenticator=Authenticator.from_credentials(credentials, server_side=True),
     )
     listening = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -13,11 +14,13 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
 
 import guest_agent
+from guest_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError
 from guest_agent.credentials import load_credentials, read_credentials_file
-from guest_agent.ops import OPERATIONS
+from guest_agent.ops import build_operations
 from guest_agent.protocol.connection import SUPPORTED_VERSIONS
 from guest_agent.protocol.errors import AuthenticationFailed, CredentialsUnavailable
 from guest_agent.protocol.tls import Authenticator
+from guest_agent.session import Operation
 from guest_agent.transports import AgentFactory, CharacterDeviceTransport, virtio_port_path
 
 log = Logger()
@@ -30,16 +33,31 @@ EXIT_NO_CREDENTIALS = 78
 
 
 def build_service(
-    reactor: object, args: argparse.Namespace, authenticator: Authenticator | None
+    reactor: object,
+    args: argparse.Namespace,
+    config: AgentConfig,
+    operations: dict[str, Operation],
+    authenticator: Authenticator | None,
 ) -> MultiService:
     top = MultiService()
     for name in args.virtio_port:
         CharacterDeviceTransport(
-            reactor, virtio_port_path(name), OPERATIONS, hello=HELLO, authenticator=authenticator
+            reactor,
+            virtio_port_path(name),
+            operations,
+            limits=config.limits,
+            hello=HELLO,
+            authenticator=authenticator,
         ).setServiceParent(top)
     for device in args.serial:
         CharacterDeviceTransport(
-            reactor, device, OPERATIONS, serial=True, hello=HELLO, authenticator=authenticator
+            reactor,
+            device,
+            operations,
+            serial=True,
+            limits=config.limits,
+            hello=HELLO,
+            authenticator=authenticator,
         ).setServiceParent(top)
     return top
 
@@ -68,17 +86,28 @@ async def agent_authenticator(
         raise CredentialsUnavailable(str(e)) from None
 
 
-async def serve(reactor: Any, args: argparse.Namespace) -> MultiService:
+async def serve(
+    reactor: Any, args: argparse.Namespace, config: AgentConfig, operations: dict[str, Operation]
+) -> MultiService:
     """Load the credentials, then start every channel; nothing listens before that."""
     authenticator = await agent_authenticator(reactor, args.development, args.credentials)
-    top = build_service(reactor, args, authenticator)
+    top = build_service(reactor, args, config, operations, authenticator)
     for description in args.listen:
         await serverFromString(reactor, description).listen(
-            AgentFactory(reactor, OPERATIONS, hello=HELLO, authenticator=authenticator)
+            AgentFactory(reactor, operations, config.limits, HELLO, config.tcp, authenticator=authenticator)
         )
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     return top
+
+
+def load_config(path: str | None) -> AgentConfig:
+    """The configuration at ``path``; without one, the default file if it exists, else the defaults."""
+    if path is None:
+        if not os.path.exists(DEFAULT_CONFIG_PATH):
+            return AgentConfig()
+        path = DEFAULT_CONFIG_PATH
+    return AgentConfig.load(path)
 
 
 def main(argv: list[str]) -> int:
@@ -107,6 +136,12 @@ def main(argv: list[str]) -> int:
         help="a Twisted server endpoint, e.g. tcp:9000:interface=127.0.0.1",
     )
     parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"the agent's configuration file (TOML; default {DEFAULT_CONFIG_PATH} if it exists): limits, "
+        "allowed roots for file operations, the programs exec may run",
+    )
+    parser.add_argument(
         "--credentials",
         metavar="FILE",
         help="read this VM's credentials from FILE (mode 0600), provisioned by other means than "
@@ -122,6 +157,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not (args.virtio_port or args.serial or args.listen):
         parser.error("name at least one channel: --virtio-port, --serial or --listen")
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"vmcontroller agent: {e}", file=sys.stderr)
+        return 2
+    operations = build_operations(config)
 
     from twisted.internet import reactor
 
@@ -131,6 +172,9 @@ def main(argv: list[str]) -> int:
         version=guest_agent.__version__,
         versions=list(SUPPORTED_VERSIONS),
     )
+    log.info("Limits {limits}, at most {n} processes; file operations under {roots}; exec of {allow}",
+             limits=config.limits, n=config.max_processes, roots=config.allowed_roots or "any path",
+             allow=sorted(config.exec_allow) if config.exec_allow is not None else "any program")
     status = [0]
 
     def refuse(failure: Failure) -> None:
@@ -142,6 +186,8 @@ def main(argv: list[str]) -> int:
             status[0] = 1
         reactor.stop()
 
-    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(serve(reactor, args)).addErrback(refuse))
+    reactor.callWhenRunning(
+        lambda: Deferred.fromCoroutine(serve(reactor, args, config, operations)).addErrback(refuse)
+    )
     reactor.run()
     return status[0]

@@ -89,7 +89,7 @@ async def connect_with(
     reactor: Any, endpoint: IStreamClientEndpoint, authenticator: Authenticator, timeout: float = 60
 ) -> GuestClient:
     """``connect`` with any TLS end at all, as an intruder would build it."""
-    return await _connect(reactor, endpoint, timeout, None, SUPPORTED_VERSIONS, authenticator)
+    return await _connect(reactor, endpoint, timeout, None, SUPPORTED_VERSIONS, None, authenticator)
 
 
 async def record_a_real_handshake(

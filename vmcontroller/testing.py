@@ -18,7 +18,7 @@ from guest_agent.protocol.connection import SUPPORTED_VERSIONS, Limits
 from guest_agent.protocol.tls import Authenticator, Credentials
 from guest_agent.session import Operation
 from guest_agent.transports import AgentProtocol
-from vmcontroller.client import GuestClient, _AgentProtocol
+from vmcontroller.client import ClientLimits, GuestClient, _AgentProtocol
 from vmcontroller.credentials import mint
 
 
@@ -56,6 +56,7 @@ class InMemoryLink:
         agent_limits: Limits | None = None,
         versions: tuple[int, ...] = SUPPORTED_VERSIONS,
         agent_reactor: Any = None,
+        host_limits: ClientLimits | None = None,
         development: bool = False,
         authenticators: tuple[Authenticator | None, Authenticator | None] | None = None,
     ) -> None:
@@ -64,9 +65,13 @@ class InMemoryLink:
             host, agent = authenticators
         else:
             host, agent = paired_authenticators() if not development else (None, None)
-        self.client = GuestClient(self.clock, client_limits, versions, authenticator=host)
+        self.client = GuestClient(self.clock, client_limits, versions, host_limits, authenticator=host)
         self.agent = AgentProtocol(
-            agent_reactor or self.clock, operations, agent_limits, {"software": "in-memory"}, agent
+            agent_reactor or self.clock,
+            operations,
+            agent_limits,
+            {"software": "in-memory"},
+            authenticator=agent,
         )
         client_protocol = _AgentProtocol(self.client)
         self.pump = iosim.connect(

@@ -22,7 +22,7 @@ from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
 from hypervisors.interface import IHypervisorDriver, SnapshotInfo, VMState
-from hypervisors.libvirt_driver import LibvirtDriver
+from hypervisors.libvirt import LibvirtDriver
 from tests.integration.conftest import TEST_VM_PREFIX, BootedVM
 from vmcontroller.errors import (
     HypervisorError,

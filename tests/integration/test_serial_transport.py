@@ -23,7 +23,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.task import deferLater
 
 from hypervisors.interface import VMSpec
-from hypervisors.libvirt_driver import LibvirtDriver
+from hypervisors.libvirt import LibvirtDriver
 from tests.integration.conftest import (
     TEST_VM_PREFIX,
     print_journal,

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from hypervisors.interface import NAT_GATEWAY, NAT_GUEST_ADDRESS
-from hypervisors.libvirt_driver import LibvirtDriver
+from hypervisors.libvirt import LibvirtDriver
 from tests.integration.conftest import (
     TEST_VM_PREFIX,
     BootedVM,

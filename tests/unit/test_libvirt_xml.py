@@ -18,18 +18,17 @@ from zope.interface.verify import verifyObject
 
 from hypervisors import installed_drivers, load_driver
 from hypervisors.interface import IHypervisorDriver, VMSpec, VMState
-from hypervisors.libvirt_driver import (
+from hypervisors.libvirt import LibvirtDriver
+from hypervisors.libvirt.driver import translate_error
+from hypervisors.libvirt.host import kvm_usable, select_accel
+from hypervisors.libvirt.xml import (
     METADATA_NS,
-    LibvirtDriver,
     channel_socket_path,
     channel_state,
     domain_xml,
-    kvm_usable,
     nat_netdev,
     parse_snapshot_xml,
-    select_accel,
     serial_port_socket_path,
-    translate_error,
 )
 from vmcontroller.errors import (
     DriverNotFound,

@@ -400,6 +400,7 @@ class LifecycleTranslator:
         self._guest_shutdown: set[str] = set()
         self._host_shutdown: set[str] = set()
         self._host_reset: set[str] = set()
+        self._saved: set[str] = set()
 
     def host_shutdown(self, vm: str) -> None:
         """The driver asks ``vm`` to shut down: its completion is no guest shutdown."""
@@ -428,7 +429,15 @@ class LifecycleTranslator:
                 return VMEvent(vm, VMEventType.GUEST_SHUTDOWN, VMState.SHUTOFF, words)
         if mapped is None:
             return None
-        return VMEvent(vm, mapped[0], mapped[1], words)
+        kind, state = mapped
+        if event == _E.VIR_DOMAIN_EVENT_STARTED and vm in self._saved:
+            # libvirt's test driver says "booted" when it restores a managed save.
+            kind = VMEventType.RESTORED
+        if event in (_E.VIR_DOMAIN_EVENT_STARTED, _E.VIR_DOMAIN_EVENT_UNDEFINED):
+            self._saved.discard(vm)
+        elif kind is VMEventType.SAVED:
+            self._saved.add(vm)
+        return VMEvent(vm, kind, state, words)
 
     def reboot(self, vm: str) -> VMEvent:
         if vm in self._host_reset:

@@ -303,6 +303,8 @@ class LibvirtDriver(Service):
         # so that the process can exit.
         core: IReactorCore = self._reactor
         self._shutdown_trigger = core.addSystemEventTrigger("during", "shutdown", self.stopService)
+        # Connected from the start, so that subscribers get events before any other call.
+        self._connect_soon(0)
         if self.uri.startswith("qemu:///system") and _kvm_device_problem():
             self.log.warn(
                 "/dev/kvm exists but {user} (the user QEMU runs as) cannot open it, while libvirtd "
@@ -395,22 +397,26 @@ class LibvirtDriver(Service):
             uri=self.uri,
             reason=reason,
         )
-        self._reconnect(_RECONNECT_FIRST)
+        self._connect_soon(_RECONNECT_FIRST)
 
-    def _reconnect(self, delay: float) -> None:
+    def _connect_soon(self, delay: float) -> None:
+        """Connect to libvirt in ``delay`` seconds, and again with backoff until it works."""
+
         def attempt() -> None:
             self._reconnect_call = None
             if not self.running:
                 return
-            d = self._in_pool(lambda conn: None, action="reconnect to libvirt")
+            d = self._in_pool(lambda conn: None, action="connect to libvirt")
 
             def failed(failure: Any) -> None:
-                self.log.info(
-                    "Reconnecting to libvirt failed ({error}); next try in {delay:g} s",
+                retry = min(max(delay * 2, _RECONNECT_FIRST), _RECONNECT_MAX)
+                self.log.warn(
+                    "Connecting to libvirt at {uri} failed ({error}); next try in {retry:g} s",
+                    uri=self.uri,
                     error=failure.value,
-                    delay=min(delay * 2, _RECONNECT_MAX),
+                    retry=retry,
                 )
-                self._reconnect(min(delay * 2, _RECONNECT_MAX))
+                self._connect_soon(retry)
 
             d.addErrback(failed)
 

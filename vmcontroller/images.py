@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 DEFAULT_CACHE_DIR = Path("/var/lib/vmcontroller/images")
-#: Where the libvirt driver keeps each VM's overlay disk (see hypervisors.libvirt).
+#: Where the libvirt driver keeps each VM's overlay disk (see hypervisors.libvirt_driver).
 DEFAULT_VMS_DIR = Path("/var/lib/vmcontroller/vms")
 SUITE = "bookworm"
 

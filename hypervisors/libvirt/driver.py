@@ -305,6 +305,9 @@ class LibvirtDriver(Service):
         self._shutdown_trigger = core.addSystemEventTrigger("during", "shutdown", self.stopService)
         # Connected from the start, so that subscribers get events before any other call.
         self._connect_soon(0)
+        self._check_host()
+
+    def _check_host(self) -> None:
         if self.uri.startswith("qemu:///system") and _kvm_device_problem():
             self.log.warn(
                 "/dev/kvm exists but {user} (the user QEMU runs as) cannot open it, while libvirtd "

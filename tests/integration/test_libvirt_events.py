@@ -75,7 +75,8 @@ async def test_a_killed_qemu_is_reported_crashed_by_an_event(
     event = await crashed
     print(f"CRASHED event {reactor.seconds() - killed_at:.3f} s after SIGKILL ({event.detail})")
     assert event.state is VMState.CRASHED
-    assert [e.type for e in seen] == [VMEventType.CRASHED]
+    # Not reported as a plain shut-off first (the start's own event may come before it).
+    assert [e.type for e in seen if e.type is not VMEventType.STARTED] == [VMEventType.CRASHED]
     assert await hypervisor.state(started_vm) is VMState.CRASHED
     # A crashed VM starts again.
     await hypervisor.start(started_vm)

@@ -24,7 +24,13 @@ from twisted.internet.threads import deferToThread
 from hypervisors.interface import Capability, VMEvent, VMEventType, VMSpec, VMState
 from hypervisors.libvirt import LibvirtDriver
 from hypervisors.libvirt.xml import METADATA_NS
-from vmcontroller.errors import CapabilityUnsupported, VMStateError
+from vmcontroller.errors import (
+    CapabilityUnsupported,
+    SnapshotNotFound,
+    VMAlreadyExists,
+    VMNotFound,
+    VMStateError,
+)
 
 URI = "test:///default"
 
@@ -96,6 +102,40 @@ async def test_every_state_change_arrives_as_an_event_in_order(driver: LibvirtDr
 
 
 @pytest_twisted.ensureDeferred
+async def test_lifecycle_and_snapshots(driver: LibvirtDriver, base_disk: str) -> None:
+    name = await driver.define(spec(base_disk))
+    with pytest.raises(VMStateError):
+        await driver.power_off(name)
+    await driver.start(name)
+    with pytest.raises(VMStateError):
+        await driver.start(name)
+    running = await driver.snapshot_create(name, "running")
+    assert (running.state, running.has_memory) == (VMState.RUNNING, True)
+    await driver.shutdown(name, wait=True, timeout=10)
+    assert await driver.state(name) is VMState.SHUTOFF
+    offline = await driver.snapshot_create(name, "offline")
+    assert (offline.state, offline.parent) == (VMState.SHUTOFF, "running")
+    assert [(s.name, s.current) for s in await driver.snapshot_list(name)] == [
+        ("running", False),
+        ("offline", True),
+    ]
+    await driver.snapshot_revert(name, "running")
+    assert await driver.state(name) is VMState.RUNNING
+    with pytest.raises(SnapshotNotFound):
+        await driver.snapshot_revert(name, "nope")
+    await driver.snapshot_delete(name, "running")
+    assert [s.name for s in await driver.snapshot_list(name)] == ["offline"]
+    await driver.reset(name)
+    await driver.power_off(name)
+    assert await driver.state(name) is VMState.SHUTOFF
+    with pytest.raises(VMAlreadyExists):
+        await driver.define(spec(base_disk))
+    await driver.undefine(name)
+    with pytest.raises(VMNotFound):
+        await driver.state(name)
+
+
+@pytest_twisted.ensureDeferred
 async def test_save_state_and_start_again(driver: LibvirtDriver, base_disk: str) -> None:
     name = await driver.define(spec(base_disk))
     with pytest.raises(VMStateError):
@@ -132,6 +172,7 @@ async def test_events_of_domains_defined_elsewhere(driver: LibvirtDriver, base_d
             domain.destroy()
             domain.undefine()
 
+    assert await driver.list_vms() == []  # connected: events flow from here on
     await in_raw_connection(define_and_start)
     try:
         await settle()

@@ -287,6 +287,8 @@ class LibvirtDriver(Service):
         self._pool = ThreadPool(minthreads=0, maxthreads=max_threads, name="vmcontroller-libvirt")
         self._conn: libvirt.virConnect | None = None
         self._conn_events: list[int] = []
+        #: Whether a connection was open before: the next one must catch up on missed events.
+        self._connected_before = False
         self._conn_lock = threading.Lock()
         self._locks: dict[str, DeferredLock] = {}
         self._shutdown_trigger: Any = None
@@ -360,7 +362,6 @@ class LibvirtDriver(Service):
     def _connection(self) -> libvirt.virConnect:
         # Called in worker threads; a virConnect may be shared by threads.
         with self._conn_lock:
-            reconnecting = self._conn is not None
             if self._conn is not None and self._conn.isAlive() != 1:
                 # libvirtd restarted: reconnect instead of failing every later call.
                 self._drop_connection()
@@ -383,8 +384,9 @@ class LibvirtDriver(Service):
                     ),
                 ]
                 self._conn = conn
-                if reconnecting:
+                if self._connected_before:
                     self._reactor.callFromThread(self._catch_up)
+                self._connected_before = True
             return self._conn
 
     def _drop_connection(self) -> None:
@@ -447,7 +449,8 @@ class LibvirtDriver(Service):
 
         def report(now: dict[str, VMState]) -> None:
             self.log.info("Reconnected to libvirt at {uri}", uri=self.uri)
-            for vm in sorted(self._last_state.keys() | now.keys()):
+            # Only the VMs whose state was reported: for the others there is nothing to compare.
+            for vm in sorted(self._last_state):
                 kind = event_for_transition(self._last_state.get(vm), now.get(vm))
                 if kind is not None:
                     self._publish(VMEvent(vm, kind, now.get(vm, VMState.NOSTATE), "seen after reconnecting"))

@@ -282,3 +282,32 @@ async def test_what_the_test_driver_cannot_do_fails_clearly(driver: LibvirtDrive
         with pytest.raises(CapabilityUnsupported):
             await driver.define(spec(base_disk, "vmc-local-2", **overrides))
     assert await driver.list_vms() == [name]
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_missed_while_disconnected_are_reported_after_reconnecting(
+    driver: LibvirtDriver, base_disk: str
+) -> None:
+    name = await driver.define(spec(base_disk))
+    await driver.start(name)
+    await settle()
+    # Another connection keeps the simulated hypervisor (and its domains) while the driver's is gone.
+    raw = await deferToThread(libvirt.open, URI)
+    try:
+        events: list[VMEvent] = []
+        driver.subscribe(events.append, name)
+        await deferToThread(driver._close_connection)
+        await deferToThread(lambda: raw.lookupByName(name).suspend())
+        await settle()
+        assert events == []
+        assert await driver.state(name) is VMState.PAUSED  # the driver connects again
+        await settle()
+        assert [(e.type, e.state, e.detail) for e in events] == [
+            (VMEventType.PAUSED, VMState.PAUSED, "seen after reconnecting")
+        ]
+        # And the new connection has events again.
+        await driver.resume(name)
+        await settle()
+        assert [e.type for e in events][1:] == [VMEventType.RESUMED]
+    finally:
+        await deferToThread(raw.close)

@@ -13,6 +13,7 @@ numbers into :class:`~hypervisors.interface.VMEvent`.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,11 @@ class _Descriptor:
     """
     One file descriptor in the reactor, for every libvirt handle on it: the reactor keys its
     readers and writers by descriptor number, so two handles on one fd must share this.
+
+    The reactor watches a duplicate of libvirt's fd, made while libvirt's is surely open (in
+    its add call) and closed once the reactor let go of it: libvirt closes its fd right after
+    removing the handle, before the reactor thread can unwatch it, and an epoll reactor cannot
+    unwatch a closed fd (or would unwatch whatever socket got its number meanwhile).
     """
 
     def __init__(self, loop: ReactorEventLoop, fd: int) -> None:
@@ -58,9 +64,16 @@ class _Descriptor:
         self.handles: dict[int, _Handle] = {}
         #: What the reactor watches now: a subset of READABLE | WRITABLE.
         self.watching = 0
+        self._watched_fd: int | None = os.dup(fd)
 
     def fileno(self) -> int:
-        return self.fd
+        return -1 if self._watched_fd is None else self._watched_fd
+
+    def close(self) -> None:
+        """Close the duplicate (the reactor no longer watches it)."""
+        if self._watched_fd is not None:
+            os.close(self._watched_fd)
+            self._watched_fd = None
 
     def logPrefix(self) -> str:
         return "libvirt-fd"
@@ -179,11 +192,14 @@ class ReactorEventLoop:
         for opaque in unfreed:
             reactor.callLater(0, self._free, opaque)
 
-    def _on_reactor(self, fn: Callable[..., object], *args: Any) -> None:
+    def _on_reactor(self, fn: Callable[..., object], *args: Any) -> bool:
+        """Call ``fn`` on the reactor thread; ``False`` when no reactor is attached."""
         with self._lock:
             reactor = self._reactor
-        if reactor is not None:
-            reactor.callFromThread(fn, *args)
+        if reactor is None:
+            return False
+        reactor.callFromThread(fn, *args)
+        return True
 
     def invoke(self, callback: Callable[..., object], *args: Any) -> None:
         try:
@@ -225,7 +241,8 @@ class ReactorEventLoop:
             del descriptor.handles[watch]
             if not descriptor.handles:
                 del self._descriptors[handle.fd]
-        self._on_reactor(self._sync_descriptor, descriptor)
+        if not self._on_reactor(self._sync_descriptor, descriptor) and not descriptor.handles:
+            descriptor.close()  # no reactor watches it
         self._schedule_free(handle.opaque)
         return 0
 
@@ -233,8 +250,10 @@ class ReactorEventLoop:
         # On the reactor thread: make the reactor watch what the handles want now.
         with self._lock:
             reactor = self._reactor
-            wanted = descriptor.wanted if self._descriptors.get(descriptor.fd) is descriptor else 0
-        self._watch(reactor, descriptor, wanted)
+            live = self._descriptors.get(descriptor.fd) is descriptor
+        self._watch(reactor, descriptor, descriptor.wanted if live else 0)
+        if not live:
+            descriptor.close()
 
     @staticmethod
     def _watch(reactor: Any, descriptor: _Descriptor, wanted: int) -> None:

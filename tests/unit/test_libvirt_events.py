@@ -6,6 +6,8 @@ no libvirtd: the end-to-end run is in tests/local/test_libvirt_test_driver.py.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import libvirt
@@ -51,7 +53,19 @@ def make(reactor: Reactor | None = None) -> tuple[ReactorEventLoop, Reactor, Lib
 
 
 def fds(descriptors: Any) -> set[int]:
-    return {d.fileno() for d in descriptors}
+    """The libvirt fds behind the reactor's descriptors."""
+    return {d.fd for d in descriptors}
+
+
+@pytest.fixture(autouse=True)
+def fd7(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """libvirt's socket in these tests: a pipe's read end, known as 7 to libvirt's callbacks."""
+    read, write = os.pipe()
+    real_dup = os.dup
+    monkeypatch.setattr(os, "dup", lambda fd: real_dup(read if fd == 7 else fd))
+    yield read
+    os.close(read)
+    os.close(write)
 
 
 def test_a_handle_is_watched_on_the_reactor_thread_and_dispatched() -> None:
@@ -106,6 +120,24 @@ def test_a_removed_handle_is_unwatched_and_freed_later() -> None:
     reactor.advance(0)
     assert (reactor.readers, lib.freed) == (set(), ["opaque"])
     assert loop.remove_handle(watch) == -1
+
+
+def test_the_reactor_watches_a_duplicate_closed_after_libvirt_let_go(fd7: int) -> None:
+    """libvirt closes its fd right after removing the handle, before the reactor thread runs."""
+    loop, reactor, lib = make()
+    watch = loop.add_handle(7, READABLE, lib.handle, None)
+    reactor.advance(0)
+    (descriptor,) = reactor.readers
+    duplicate = descriptor.fileno()
+    assert duplicate not in (7, fd7, -1)
+    assert os.fstat(duplicate).st_ino == os.fstat(fd7).st_ino
+    loop.remove_handle(watch)
+    os.fstat(duplicate)  # still open: the reactor has not let go yet
+    reactor.advance(0)
+    assert reactor.readers == set()
+    with pytest.raises(OSError):
+        os.fstat(duplicate)
+    assert descriptor.fileno() == -1
 
 
 def test_a_hang_up_reaches_every_handle_of_the_fd() -> None:

@@ -168,6 +168,7 @@ async def command(reactor: Any, args: argparse.Namespace) -> int:
             "pause": driver.pause,
             "resume": driver.resume,
             "reset": driver.reset,
+            "save": driver.save_state,
             "undefine": driver.undefine,
         }[args.action]
         await action(args.name)
@@ -229,6 +230,7 @@ def parser() -> argparse.ArgumentParser:
             "pause",
             "resume",
             "reset",
+            "save",
             "state",
             "snapshot",
             "snapshots",

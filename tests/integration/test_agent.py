@@ -17,7 +17,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.task import deferLater
 
 from guest_agent.protocol.frames import FrameType, encode_frame
@@ -167,9 +166,8 @@ async def test_frame_over_the_size_limit(agent: GuestClient) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_unknown_protocol_version(booted_vm: Any) -> None:
-    path = await booted_vm.driver.agent_socket_path(booted_vm.name)
+    endpoint = await booted_vm.driver.agent_endpoint(booted_vm.name)
     credentials = await booted_vm.driver.agent_credentials(booted_vm.name)
-    endpoint = UNIXClientEndpoint(reactor, path)
     with pytest.raises(UnsupportedProtocolVersion, match="install a matching"):
         await connect(reactor, endpoint, credentials=credentials, versions=(99,), timeout=60)
     client = await connect(reactor, endpoint, credentials=credentials, timeout=60)

@@ -297,11 +297,12 @@ class _Connection:
         """Encrypt the frames waiting in ``_plain`` into TLS frames on the wire."""
         if self._plain and self._tls is not None:
             plain, self._plain = self._plain, []
-            self._tls.send(b"".join(plain))
-        self._emit_tls()
+            for records in self._tls.seal(plain):
+                self._outgoing.append(encode_header(FrameType.TLS, 0, len(records)))
+                self._outgoing.append(records)
 
     def _emit_tls(self) -> None:
-        """Put what TLS has to say (handshake messages, records) on the wire, in TLS frames."""
+        """Put what TLS has to say by itself (handshake messages, alerts) on the wire."""
         if self._tls is None:
             return
         records = self._tls.ciphertext()
@@ -338,14 +339,13 @@ class _Connection:
         if self._tls is None:
             raise ProtocolError("a TLS frame before the handshake started")
         was_established = self._tls.established
-        plaintext = self._tls.receive(frame.payload)
+        inner = self._inner
+        self._tls.receive(frame.payload, inner.feed)
         self._emit_tls()
-        if plaintext:
-            self._inner.feed(plaintext)
-            while (item := self._inner.next()) is not None:
-                if isinstance(item, Marker):
-                    raise ProtocolError("a marker inside the TLS session: only frames may travel there")
-                self._handle_frame(item, events)
+        while (item := inner.next()) is not None:
+            if isinstance(item, Marker):
+                raise ProtocolError("a marker inside the TLS session: only frames may travel there")
+            self._handle_frame(item, events)
         return self._tls.established and not was_established
 
     def _handle_frame(self, frame: Frame, events: list[Event]) -> None:

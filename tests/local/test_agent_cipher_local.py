@@ -23,8 +23,8 @@ client = Authenticator.from_credentials(host, server_side=False).session()
 server = Authenticator.from_credentials(agent, server_side=True).session()
 client.start()
 for _ in range(5):
-    server.receive(client.ciphertext())
-    client.receive(server.ciphertext())
+    server.receive(client.ciphertext(), lambda plaintext: None)
+    client.receive(server.ciphertext(), lambda plaintext: None)
 print(server.cipher, client.cipher, "OPENSSL_CONF" in os.environ)
 """
 

@@ -101,7 +101,9 @@ def table(results: Results) -> str:
         f"max_inflight {agent.get('max_inflight', '?')}",
         (f"vcpus {s.vcpus}; " if s.vcpus is not None else "")
         + (f"boot to agent {results.boot_to_agent:.1f} s; " if results.boot_to_agent is not None else "")
-        + f"sequential; {s.warmup} untimed warm-up runs before each series; push/pull/echo verified "
+        + ("authenticated and development-mode agents in turn; " if results.development else "sequential; ")
+        + f"{s.warmup} untimed warm-up runs before each series; {s.transfer_rounds} push/pull rounds; "
+        "push/pull/echo verified "
         f"(sha256 {results.sha256[:16]}..., CRC-32)",
         "",
     ]

@@ -10,8 +10,9 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from twisted.internet import defer
@@ -84,6 +85,8 @@ class Settings:
     #: Python's first-call costs in the agent).
     warmup: int = 5
     transfer_size: int = 64 * MIB
+    #: Push-and-pull rounds per agent, the agents taking turns; the rates are over all rounds.
+    transfer_rounds: int = 2
     echo_messages: int = 200
     echo_message_size: int = 64
     echo_size: int = 64 * MIB
@@ -102,8 +105,9 @@ class Settings:
 class DevelopmentMode:
     """
     The same operations through a second agent in the same guest, started with
-    ``--development`` (no authentication, no TLS) on its own virtio-serial port: what the
-    authentication costs.
+    ``--development`` (no authentication, no TLS) on its own virtio-serial port, measured in
+    turn with the authenticated agent's (ping by ping, transfer by transfer, so that the load
+    of a shared host falls on both alike): what the authentication costs.
     """
 
     ping: Latency
@@ -202,15 +206,24 @@ class Results:
 # ---- measurements -----------------------------------------------------------------------
 
 
-async def _series(count: int, warmup: int, once: Callable[[], Deferred[Any]]) -> Latency:
-    for _ in range(warmup):
-        await once()
-    samples = []
-    for _ in range(count):
-        began = time.perf_counter()
-        await once()
-        samples.append(time.perf_counter() - began)
-    return Latency.of(samples)
+async def _series(
+    count: int, warmup: int, operations: Sequence[Callable[[], Deferred[Any]]]
+) -> list[Latency]:
+    """
+    Time each of ``operations`` ``count`` times, taking turns (in alternating order), so that
+    what the loaded host does to the guest falls on all of them alike.
+    """
+    for once in operations:
+        for _ in range(warmup):
+            await once()
+    samples: list[list[float]] = [[] for _ in operations]
+    for turn in range(count):
+        order = range(len(operations)) if turn % 2 == 0 else reversed(range(len(operations)))
+        for index in order:
+            began = time.perf_counter()
+            await operations[index]()
+            samples[index].append(time.perf_counter() - began)
+    return [Latency.of(taken) for taken in samples]
 
 
 def _sha256(path: str) -> str:
@@ -342,21 +355,50 @@ async def _raw_echo(
     return Latency.of(samples), bulk
 
 
-async def _operations(
-    client: GuestClient, settings: Settings, say: Say
-) -> tuple[Latency, Latency, Throughput, Throughput, str]:
-    say(f"ping x {settings.pings}")
-    ping = await _series(settings.pings, settings.warmup, client.ping)
+@dataclass(frozen=True)
+class _Figures:
+    ping: Latency
+    exec_true: Latency
+    push: Throughput
+    pull: Throughput
+    sha256: str
+
+
+async def _operations(clients: Sequence[GuestClient], settings: Settings, say: Say) -> list[_Figures]:
+    """
+    Ping, exec and push/pull through each of ``clients`` (one agent each), taking turns
+    operation by operation, and transfer by transfer over ``settings.transfer_rounds``.
+    """
+    say(f"ping x {settings.pings}" + (" through each agent in turn" if len(clients) > 1 else ""))
+    pings = await _series(settings.pings, settings.warmup, [client.ping for client in clients])
     say(f"exec /bin/true x {settings.execs}")
-    exec_true = await _series(settings.execs, settings.warmup, lambda: client.run(["/bin/true"], check=True))
-    push, pull, digest = await _transfers(client, settings, say)
-    return ping, exec_true, push, pull, digest
+    exec_true = [partial(client.run, ["/bin/true"], check=True) for client in clients]
+    execs = await _series(settings.execs, settings.warmup, exec_true)
+    moved: list[list[tuple[Throughput, Throughput, str]]] = [[] for _ in clients]
+    for turn in range(settings.transfer_rounds):
+        order = range(len(clients)) if turn % 2 == 0 else reversed(range(len(clients)))
+        for index in order:
+            moved[index].append(await _transfers(clients[index], settings, say))
+    return [
+        _Figures(
+            ping,
+            exec_true,
+            _total([push for push, _, _ in rounds]),
+            _total([pull for _, pull, _ in rounds]),
+            rounds[-1][2],
+        )
+        for ping, exec_true, rounds in zip(pings, execs, moved, strict=True)
+    ]
 
 
-async def _development_mode(
+def _total(rounds: Sequence[Throughput]) -> Throughput:
+    return Throughput(sum(r.size for r in rounds), sum(r.seconds for r in rounds))
+
+
+async def _start_development_agent(
     reactor: Any, client: GuestClient, driver: IHypervisorDriver, settings: Settings, say: Say
-) -> DevelopmentMode | None:
-    """The operations again through an agent in development mode on the third port."""
+) -> GuestClient | None:
+    """An agent in development mode on the third port, connected; None when there is none."""
     if not isinstance(driver, LibvirtDriver):
         say(f"the {driver.name} driver has no extra virtio-serial port: no comparison with development mode")
         return None
@@ -366,21 +408,18 @@ async def _development_mode(
         say(f"the VM has no {DEVELOPMENT_CHANNEL} port: no comparison with development mode")
         return None
     say(f"start an agent in development mode on {DEVELOPMENT_CHANNEL}")
+    await client.run(["systemctl", "stop", DEVELOPMENT_UNIT])  # one left by a run with --keep
+    await client.run(["systemctl", "reset-failed", DEVELOPMENT_UNIT])
     await client.run(
         ["systemd-run", "--unit", DEVELOPMENT_UNIT, "/usr/bin/python3", "-m", "guest_agent", "run",
          "--development", "--virtio-port", DEVELOPMENT_CHANNEL],
         check=True,
     )
     try:
-        insecure = await connect(reactor, UNIXClientEndpoint(reactor, path), development=True, timeout=120)
-        try:
-            say("the same operations without authentication")
-            ping, exec_true, push, pull, _ = await _operations(insecure, settings, say)
-        finally:
-            insecure.close()
-    finally:
+        return await connect(reactor, UNIXClientEndpoint(reactor, path), development=True, timeout=120)
+    except BaseException:
         await client.run(["systemctl", "stop", DEVELOPMENT_UNIT])
-    return DevelopmentMode(ping, exec_true, push, pull)
+        raise
 
 
 def parse_openssl_speed(output: str) -> dict[str, float]:
@@ -414,9 +453,22 @@ async def measure(
     virt = await client.run(["systemd-detect-virt"])
     virtualization = virt.stdout.decode(errors="replace").strip() or "unknown"
     cmdline = (await client.run(["cat", "/proc/cmdline"], check=True)).stdout.decode(errors="replace").strip()
-    ping, exec_true, push, pull, digest = await _operations(client, settings, say)
+    insecure = await _start_development_agent(reactor, client, driver, settings, say)
+    try:
+        if insecure is not None:
+            say("every operation with authentication and through the development-mode agent, in turn")
+        figures = await _operations([client] if insecure is None else [client, insecure], settings, say)
+    finally:
+        if insecure is not None:
+            insecure.close()
+            await client.run(["systemctl", "stop", DEVELOPMENT_UNIT])
+    authenticated = figures[0]
+    development = (
+        None
+        if insecure is None
+        else DevelopmentMode(figures[1].ping, figures[1].exec_true, figures[1].push, figures[1].pull)
+    )
     echo_rtt_, echo_bulk = await _raw_echo(reactor, client, driver, settings, say)
-    development = await _development_mode(reactor, client, driver, settings, say)
     guest_openssl = await _guest_openssl(client, say)
     return Results(
         vm=settings.name,
@@ -424,13 +476,13 @@ async def measure(
         guest_cmdline=cmdline,
         agent=dict(client.agent_hello),
         settings=settings,
-        ping=ping,
-        exec_true=exec_true,
-        push=push,
-        pull=pull,
+        ping=authenticated.ping,
+        exec_true=authenticated.exec_true,
+        push=authenticated.push,
+        pull=authenticated.pull,
         echo_rtt=echo_rtt_,
         echo_bulk=echo_bulk,
-        sha256=digest,
+        sha256=authenticated.sha256,
         tls_cipher=client.tls_cipher,
         development=development,
         guest_openssl=guest_openssl,

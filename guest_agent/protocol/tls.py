@@ -22,6 +22,7 @@ import ssl
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 from guest_agent.protocol.errors import AuthenticationFailed, TamperingDetected
 
@@ -253,7 +254,8 @@ class TLSSession:
         while records:
             records -= 1
             try:
-                size = self._tls.read(RECORD_PLAINTEXT_MAX, buffer)
+                # With a buffer, read returns the count (typeshed says bytes).
+                size = cast(int, self._tls.read(RECORD_PLAINTEXT_MAX, buffer))
             except ssl.SSLWantReadError:
                 # A record that carried no application data (a post-handshake message)
                 # made one read take two records.

@@ -13,6 +13,7 @@ import ssl
 import pytest
 
 from guest_agent.protocol.connection import (
+    TLS_FRAME_MAX,
     AgentConnection,
     DataReceived,
     ErrorReceived,
@@ -31,7 +32,15 @@ from guest_agent.protocol.errors import (
     TamperingDetected,
     UnsupportedProtocolVersion,
 )
-from guest_agent.protocol.frames import ACK_MAGIC, Channel, FrameDecoder, FrameType, encode_frame, encode_json
+from guest_agent.protocol.frames import (
+    ACK_MAGIC,
+    Channel,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    encode_frame,
+    encode_json,
+)
 from guest_agent.protocol.tls import Authenticator, Credentials
 from vmcontroller.credentials import mint
 
@@ -113,6 +122,108 @@ def test_large_data_crosses_in_tls_frames_under_the_limit() -> None:
     events = agent.receive_data(host.data_to_send())
     received = b"".join(e.data for e in events if isinstance(e, DataReceived))
     assert received == data
+
+
+def tls_records(wire: bytes) -> list[tuple[int, int]]:
+    """(TLS frame payload size, record ciphertext size) for every record in ``wire``."""
+    decoder = FrameDecoder(1 << 20)
+    decoder.feed(wire)
+    records = []
+    while (frame := decoder.next()) is not None:
+        assert isinstance(frame, Frame) and frame.type is FrameType.TLS
+        at = 0
+        while at < len(frame.payload):
+            length = int.from_bytes(frame.payload[at + 3 : at + 5], "big")
+            records.append((len(frame.payload), length))
+            at += 5 + length
+        assert at == len(frame.payload)  # a frame holds whole records
+    return records
+
+
+class _CountingReads:
+    """Stands in for a session's ``SSLObject``: counts the reads that found nothing."""
+
+    def __init__(self, real: ssl.SSLObject) -> None:
+        self.real = real
+        self.empty_reads = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+    def read(self, *args: object) -> object:
+        try:
+            return self.real.read(*args)  # type: ignore[arg-type]
+        except ssl.SSLWantReadError:
+            self.empty_reads += 1
+            raise
+
+
+def test_a_round_trip_is_one_record_each_way_and_no_read_comes_back_empty() -> None:
+    host, agent = connected()
+    counters = []
+    for end in (host, agent):
+        assert end._tls is not None
+        counter = _CountingReads(end._tls._tls)
+        end._tls._tls = counter  # type: ignore[assignment]
+        counters.append(counter)
+    for _ in range(3):
+        rid = host.send_request("ping")
+        request = host.data_to_send()
+        assert len(tls_records(request)) == 1
+        assert agent.receive_data(request) == [RequestReceived(rid, "ping", {})]
+        agent.send_response(rid, {"pong": True})
+        response = agent.data_to_send()
+        assert len(tls_records(response)) == 1
+        assert host.receive_data(response) == [ResponseReceived(rid, {"pong": True})]
+    assert [c.empty_reads for c in counters] == [0, 0]
+
+
+def test_frames_queued_together_share_records_and_large_data_fills_them() -> None:
+    host, _ = connected()
+    rids = [host.send_request("ping") for _ in range(10)]
+    assert len(tls_records(host.data_to_send())) == 1  # ten small frames, one record
+    rid = rids[0]
+    data = bytes(range(256)) * 4096  # 1 MiB: DATA frames of 256 KiB and their headers
+    host.send_data(rid, Channel.INPUT, data)
+    host.send_eof(rid, Channel.INPUT)
+    records = tls_records(host.data_to_send())
+    assert all(frame <= TLS_FRAME_MAX and record <= 16384 + 17 for frame, record in records)
+    # Full records but for the few that hold the frame headers between the payloads.
+    assert len(records) <= len(data) // 16384 + 2 * 4 + 1
+
+
+@pytest.mark.parametrize("longest", [1, 7])
+def test_records_cut_across_tls_frames_anywhere_arrive_whole(longest: int) -> None:
+    host, agent = connected()
+    rid = host.send_request("push", {})
+    data = bytes(range(256)) * 160  # 40 KiB: three records
+    host.send_data(rid, Channel.INPUT, data)
+    host.send_eof(rid, Channel.INPUT)
+    decoder = FrameDecoder(1 << 20)
+    decoder.feed(host.data_to_send())
+    stream = b"".join(frame.payload for frame in iter(decoder.next, None) if isinstance(frame, Frame))
+    # A peer may cut its records anywhere between TLS frames (the handshake's are cut at
+    # the frame limit): here into frames of 1, 2, ... ``longest`` bytes, headers cut too.
+    events: list[Event] = []
+    at, step = 0, 1
+    while at < len(stream):
+        events += agent.receive_data(encode_frame(FrameType.TLS, 0, stream[at : at + step]))
+        at += step
+        step = step % longest + 1
+    assert events[0] == RequestReceived(rid, "push", {})
+    assert b"".join(e.data for e in events if isinstance(e, DataReceived)) == data
+    assert events[-1] == StreamEnded(rid, Channel.INPUT, {})
+
+
+def test_a_record_header_announcing_too_much_is_refused_at_once() -> None:
+    _, agent = connected()
+    # An application-data record header claiming 64 KiB: TLS allows 16 KiB and 256 bytes.
+    # The agent must refuse it now, not hold the channel waiting for the rest.
+    events = agent.receive_data(encode_frame(FrameType.TLS, 0, b"\x17\x03\x03\xff\xff" + b"x" * 100))
+    error = refused_by_agent(events)
+    assert isinstance(error, TamperingDetected)
+    assert agent.partial_frame_bytes == 0
+    assert_serves_its_host(agent)
 
 
 def test_host_without_credentials_is_refused() -> None:

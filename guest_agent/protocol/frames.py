@@ -169,6 +169,8 @@ class Marker:
 
 
 _FRAME_TYPES = {kind.value: kind for kind in FrameType}
+#: A frame at least this large that has not arrived whole is assembled in a buffer of its own.
+_ASSEMBLE_ABOVE = 16 * 1024
 
 
 class FrameDecoder:
@@ -182,12 +184,27 @@ class FrameDecoder:
     def __init__(self, max_payload: int) -> None:
         self.max_payload = max_payload
         self._buffer = bytearray()
+        # A large frame that arrives in pieces is put together in a buffer of its size:
+        # appending each piece to ``_buffer`` would copy all of it again whenever the
+        # bytearray grows, many times per frame (memory copies are slow under emulation).
+        self._header: tuple[FrameType, int, int] | None = None  # type, request id, flags
+        self._payload = bytearray()
+        self._filled = 0
 
     def feed(self, data: bytes | memoryview) -> None:
-        self._buffer += data
+        if self._header is not None:
+            take = min(len(data), len(self._payload) - self._filled)
+            with memoryview(self._payload) as payload:
+                payload[self._filled : self._filled + take] = data[:take]
+            self._filled += take
+            data = data[take:]
+        if data:
+            self._buffer += data
 
     def clear(self) -> None:
         self._buffer.clear()
+        self._header = None
+        self._payload = bytearray()
 
     @property
     def buffered(self) -> int:
@@ -195,7 +212,9 @@ class FrameDecoder:
         How many bytes are held; once :meth:`next` returned None, those of a frame or
         marker that has begun and not yet arrived whole.
         """
-        return len(self._buffer)
+        if self._header is None:
+            return len(self._buffer)
+        return HEADER_SIZE + self._filled + len(self._buffer)
 
     def next(self) -> Frame | Marker | None:
         """
@@ -204,6 +223,14 @@ class FrameDecoder:
         :raises ProtocolError: the bytes at a frame boundary are neither a frame nor a
             marker; the caller must resynchronise.
         """
+        if self._header is not None:
+            if self._filled < len(self._payload):
+                return None
+            kind, request_id, flags = self._header
+            frame = Frame(kind, request_id, bytes(self._payload), flags)
+            self._header = None
+            self._payload = bytearray()
+            return frame
         buf = self._buffer
         if not buf:
             return None
@@ -226,6 +253,12 @@ class FrameDecoder:
             raise ProtocolError(f"unknown frame type {frame_type}")
         end = HEADER_SIZE + length
         if len(buf) < end:
+            if length >= _ASSEMBLE_ABOVE:
+                self._header = (kind, request_id, flags)
+                self._payload = bytearray(length)
+                self._filled = len(buf) - HEADER_SIZE
+                self._payload[: self._filled] = buf[HEADER_SIZE:]
+                buf.clear()
             return None
         # One copy, straight out of the buffer (slicing the bytearray first would copy twice);
         # deleting the head of a bytearray only moves its start, it does not shift the rest.
@@ -258,6 +291,14 @@ class FrameDecoder:
         given) and return the marker's nonce; None (keeping only a possible partial marker)
         when there is none yet.  Stale bytes from an earlier peer are dropped this way.
         """
+        if self._header is not None:
+            # The frame being put together is stale bytes too: search them as well.
+            kind, request_id, flags = self._header
+            self._buffer[:0] = encode_header(kind, request_id, len(self._payload), flags) + self._payload[
+                : self._filled
+            ]
+            self._header = None
+            self._payload = bytearray()
         needle = magic if nonce is None else magic + nonce
         at = self._buffer.find(needle)
         if at < 0:

@@ -138,3 +138,53 @@ def test_buffered_counts_what_is_not_yet_a_whole_frame() -> None:
     assert decoder.next() == Frame(FrameType.DATA, 1, b"x" * 100)
     assert decoder.next() is None
     assert decoder.buffered == 50
+
+
+@pytest.mark.parametrize("piece", [1000, 16384, 65536, 100_000])
+def test_large_frames_in_pieces_come_out_whole_with_what_follows(piece: int) -> None:
+    """A frame larger than a piece is put together apart; the bytes after it are kept."""
+    first = bytes(range(256)) * 1024  # 256 KiB
+    second = b"y" * 40_000
+    wire = (
+        encode_frame(FrameType.DATA, 1, first, 1)
+        + encode_frame(FrameType.EOF, 1, b"", 1)
+        + encode_frame(FrameType.DATA, 2, second)
+        + SYNC_MAGIC
+        + b"n" * 16
+    )
+    decoder = FrameDecoder(1 << 20)
+    out: list[Frame | Marker] = []
+    view = memoryview(bytearray(wire))  # a reused read buffer: the decoder must copy
+    for at in range(0, len(wire), piece):
+        decoder.feed(view[at : at + piece])
+        view[at : at + piece] = b"\0" * len(view[at : at + piece])
+        while (item := decoder.next()) is not None:
+            out.append(item)
+    assert out == [
+        Frame(FrameType.DATA, 1, first, 1),
+        Frame(FrameType.EOF, 1, b"", 1),
+        Frame(FrameType.DATA, 2, second),
+        Marker(SYNC_MAGIC, b"n" * 16),
+    ]
+    assert all(type(item.payload) is bytes for item in out if isinstance(item, Frame))
+    assert decoder.buffered == 0
+
+
+def test_a_large_partial_frame_counts_the_bytes_received_not_the_size_announced() -> None:
+    decoder = FrameDecoder(1 << 20)
+    decoder.feed(encode_frame(FrameType.DATA, 1, b"z" * 500_000)[:30_000])
+    assert decoder.next() is None
+    assert decoder.buffered == 30_000
+    decoder.clear()
+    assert decoder.buffered == 0 and decoder.next() is None
+
+
+def test_hunt_finds_a_marker_inside_a_large_frame_being_put_together() -> None:
+    """A frame begun by a host that went away is stale: the next host's SYNC is in it."""
+    decoder = FrameDecoder(1 << 20)
+    nonce = b"k" * 16
+    decoder.feed(encode_frame(FrameType.DATA, 1, b"z" * 100_000)[:30_000])
+    assert decoder.next() is None  # now being put together apart
+    decoder.feed(SYNC_MAGIC + nonce + encode_frame(FrameType.HELLO, 0, b"{}"))
+    assert decoder.hunt(SYNC_MAGIC) == nonce
+    assert decoder.next() == Frame(FrameType.HELLO, 0, b"{}")

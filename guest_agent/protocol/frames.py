@@ -226,8 +226,8 @@ class FrameDecoder:
         if self._header is not None:
             if self._filled < len(self._payload):
                 return None
-            kind, request_id, flags = self._header
-            frame = Frame(kind, request_id, bytes(self._payload), flags)
+            assembled, request_id, flags = self._header
+            frame = Frame(assembled, request_id, bytes(self._payload), flags)
             self._header = None
             self._payload = bytearray()
             return frame

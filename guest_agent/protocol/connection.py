@@ -411,9 +411,10 @@ class HostConnection(_Connection):
                 f"{self.peer_limits.max_inflight}: wait for some to finish"
             )
         request_id = self._next_id
+        # Sent first: a request too large for the agent's frames raises before taking a slot.
+        self._send(FrameType.REQUEST, request_id, encode_json({"op": op, "args": args or {}}))
         self._next_id = self._next_id % 0xFFFFFFFF + 1
         self._requests[request_id] = _Request()
-        self._send(FrameType.REQUEST, request_id, encode_json({"op": op, "args": args or {}}))
         return request_id
 
     def send_cancel(self, request_id: int, body: dict[str, Any] | None = None) -> None:

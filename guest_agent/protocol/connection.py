@@ -349,7 +349,7 @@ class _Connection:
     def _accept_peer_limits(self, hello: dict[str, Any]) -> None:
         try:
             peer = Limits(int(hello["max_frame"]), int(hello["window"]), int(hello["max_inflight"]))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(1e400)
             raise ProtocolError("HELLO lacks max_frame, window or max_inflight") from None
         if not (peer.max_frame >= 1024 and 1024 <= peer.window <= MAX_WINDOW and peer.max_inflight >= 1):
             raise ProtocolError(f"HELLO announces unusable limits {peer.to_wire()}")
@@ -599,8 +599,8 @@ class AgentConnection(_Connection):
                 raise ProtocolError(f"expected HELLO from the host, got {frame.type.name}")
             hello = frame.json()
             offered = hello.get("versions") if isinstance(hello, dict) else None
-            if not isinstance(offered, list):
-                raise ProtocolError("HELLO must list the host's versions")
+            if not isinstance(offered, list) or not all(isinstance(v, int) for v in offered):
+                raise ProtocolError("HELLO must list the host's versions as integers")
             common = set(offered) & set(self._versions)
             if not common:
                 message = (

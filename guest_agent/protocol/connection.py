@@ -550,7 +550,12 @@ class AgentConnection(_Connection):
     def send_error(self, request_id: int, error: OperationError) -> None:
         if request_id in self._requests:
             self._forget(request_id)
-            self._send(FrameType.ERROR, request_id, _error_payload(error.code, error.message, error.details))
+            payload = _error_payload(error.code, error.message, error.details)
+            if len(payload) > self.peer_limits.max_frame:
+                # Cut to fit the host's frames (1024 bytes at least, 64 characters escape to at
+                # most 768): the code and the start of the message still reach the caller.
+                payload = _error_payload(error.code, error.message[:64] + "...")
+            self._send(FrameType.ERROR, request_id, payload)
 
     def send_notification(self, name: str, body: dict[str, Any] | None = None) -> None:
         if self._open:

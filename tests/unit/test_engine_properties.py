@@ -51,7 +51,8 @@ junk = st.one_of(
 def steps(kinds: tuple[str, ...]) -> st.SearchStrategy[Step]:
     return st.builds(
         Step,
-        kind=st.sampled_from(kinds),
+        # Deliveries and requests more often: most damage needs a session with work in flight.
+        kind=st.sampled_from(kinds + ("deliver",) * 4 + ("request",) * 2),
         side=st.sampled_from([HOST, AGENT]),
         slot=st.integers(0, 7),
         channel=st.integers(0, 2),

@@ -123,6 +123,16 @@ class Duel:
         self.tampered = False
         self.host_errors = 0
 
+    @classmethod
+    def opened(cls, host_limits: Limits, agent_limits: Limits) -> Duel:
+        """A duel whose engines completed the handshake, honestly."""
+        duel = cls(host_limits, agent_limits)
+        duel.run([Step("start")])
+        duel.settle()
+        _check(duel.host_engine.is_open and duel.agent_engine.is_open, "an honest handshake did not open a session")
+        duel.tampered = False
+        return duel
+
     @property
     def host_engine(self) -> HostConnection:
         assert isinstance(self.host.engine, HostConnection)

@@ -64,18 +64,9 @@ def steps(kinds: tuple[str, ...]) -> st.SearchStrategy[Step]:
     )
 
 
-def opened(host_limits: Limits, agent_limits: Limits) -> Duel:
-    duel = Duel(host_limits, agent_limits)
-    duel.run([Step("start")])
-    duel.settle()
-    assert duel.host_engine.is_open and duel.agent_engine.is_open
-    duel.tampered = False
-    return duel
-
-
 @given(limits, limits, st.lists(steps(KINDS), max_size=40))
 def test_engines_survive_any_interleaving(host_limits: Limits, agent_limits: Limits, script: list[Step]) -> None:
-    duel = opened(host_limits, agent_limits)
+    duel = Duel.opened(host_limits, agent_limits)
     duel.run(script)
     duel.settle()
 
@@ -84,7 +75,7 @@ def test_engines_survive_any_interleaving(host_limits: Limits, agent_limits: Lim
 def test_honest_traffic_arrives_whole_and_in_order(
     host_limits: Limits, agent_limits: Limits, script: list[Step]
 ) -> None:
-    duel = opened(host_limits, agent_limits)
+    duel = Duel.opened(host_limits, agent_limits)
     duel.run(script)
     duel.settle()
     # Without a hostile step, no session broke and every stream carried exactly what was sent.
@@ -98,7 +89,7 @@ def test_honest_traffic_arrives_whole_and_in_order(
 def test_a_new_session_always_opens_after_any_damage(
     host_limits: Limits, agent_limits: Limits, script: list[Step]
 ) -> None:
-    duel = opened(host_limits, agent_limits)
+    duel = Duel.opened(host_limits, agent_limits)
     duel.run(script)
     # Whatever happened, the host's next SYNC gives a working session with its agent.
     duel.agent_engine.host_disconnected()

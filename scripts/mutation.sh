@@ -20,6 +20,10 @@ if ! .venv/bin/python -c "import mutmut, hypothesis" 2>/dev/null; then
 fi
 # Derandomised property tests: a mutant is killed or not the same way every run.
 mkdir -p mutants
+# A mutant may loop allocating memory or writing a file: bound both, so that it fails alone
+# instead of starving the machine (the kernel would pick any large process to kill).
+ulimit -v 6000000
+ulimit -f 2000000
 export HYPOTHESIS_PROFILE=mutation
 .venv/bin/mutmut run --max-children "${MUTATION_JOBS:-2}" > mutants/run.log 2>&1 || {
     tail -40 mutants/run.log

@@ -100,15 +100,17 @@ class _Side:
     #: Honest bytes sent and received per (request, channel), for the end-to-end check.
     sent: dict[tuple[int, int], bytearray] = field(default_factory=lambda: defaultdict(bytearray))
     received: dict[tuple[int, int], bytearray] = field(default_factory=lambda: defaultdict(bytearray))
+    #: Received bytes the application has reported consumed, per (request, channel).
+    consumed: dict[tuple[int, int], int] = field(default_factory=lambda: defaultdict(int))
 
     def forget_all(self) -> None:
         self.inflight.clear()
-        self.sent.clear()
-        self.received.clear()
+        for streams in (self.sent, self.received, self.consumed):
+            streams.clear()
 
     def forget(self, request_id: int) -> None:
         self.inflight.remove(request_id)
-        for streams in (self.sent, self.received):
+        for streams in (self.sent, self.received, self.consumed):
             for key in [key for key in streams if key[0] == request_id]:
                 del streams[key]
 
@@ -213,9 +215,11 @@ class Duel:
         request_id = self._slot(side, step.slot)
         if request_id is None:
             return
-        # An honest application reports only what it received.
-        received = len(side.received.get((request_id, step.channel), b""))
-        side.engine.consumed(request_id, step.channel, min(step.size, received))
+        # An honest application reports each byte it received once.
+        key = (request_id, step.channel)
+        count = min(step.size, len(side.received.get(key, b"")) - side.consumed.get(key, 0))
+        side.consumed[key] += count
+        side.engine.consumed(request_id, step.channel, count)
 
     def _step_cancel(self, step: Step) -> None:
         request_id = self._slot(self.host, step.slot)

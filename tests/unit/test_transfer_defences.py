@@ -1,0 +1,275 @@
+"""
+The host's own checks of what the agent says about a transfer, the agent's exact modes and
+its answer to a cancel, and what happens to a user who is not root (CI runs as root: these
+tests drop the effective user to ``nobody`` for the call, and get root back after).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import CancelledError
+
+from guest_agent.ops import files
+from guest_agent.protocol.connection import Limits
+from guest_agent.protocol.errors import (
+    IncompleteTransfer,
+    IntegrityError,
+    IsADirectory,
+    NotADirectory,
+    OperationCancelled,
+    PathNotFound,
+    PermissionDenied,
+)
+from guest_agent.protocol.frames import Channel
+from guest_agent.session import OperationContext
+from tests.unit.test_files_ops import OPERATIONS, Tracked, result_of, sha, start
+from vmcontroller.testing import InMemoryLink
+
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def as_nobody() -> Iterator[None]:
+    """Run the block with the effective user and group ``nobody`` (as root); root again after."""
+    if os.geteuid() != 0:
+        yield  # not root already
+        return
+    groups = os.getgroups()
+    os.setgroups([])
+    os.setegid(NOBODY)
+    os.seteuid(NOBODY)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        os.setgroups(groups)
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Iterator[Path]:
+    """A directory ``nobody`` can reach (pytest's tmp_path is root's alone), owned by root."""
+    path = Path(tempfile.mkdtemp(prefix="vmc-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def lying(op: str, answer: dict[str, Any], data: bytes = b"", trailer: dict[str, Any] | None = None,
+          ) -> InMemoryLink:
+    """An agent whose ``op`` takes what is pushed (or sends ``data``) and answers ``answer``."""
+
+    async def operation(ctx: OperationContext) -> dict[str, Any]:
+        if op == "push":
+            while await ctx.io.receive(Channel.INPUT) is not None:
+                pass
+        else:
+            await ctx.io.send(Channel.INPUT, data)
+            ctx.io.send_eof(Channel.INPUT, trailer)
+        return {"path": ctx.args["path"], **answer}
+
+    return InMemoryLink({op: operation})
+
+
+# ---- the host checks the agent's word ----------------------------------------------------
+
+
+@pytest.mark.parametrize("answer", [
+    {"sha256": sha(b"other"), "size": 5, "mode": 0o644},
+    {"sha256": sha(b"hello"), "size": 6, "mode": 0o644},
+    {"size": 5, "mode": 0o644},
+])
+def test_push_checks_the_agents_size_and_sha256(answer: dict[str, Any]) -> None:
+    link = lying("push", answer)
+    with pytest.raises(IntegrityError, match=f"sent 5 bytes with sha256 {sha(b'hello')} to /g/f but the agent "
+                                             f"stored {answer['size']} bytes"):
+        result_of(start(link, link.client.push(io.BytesIO(b"hello"), "/g/f")))
+
+
+def test_push_result_and_what_the_agent_is_told(tmp_path: Path) -> None:
+    seen: dict[str, Any] = {}
+
+    async def recording(ctx: OperationContext) -> dict[str, Any]:
+        seen.update(ctx.args)
+        data = b""
+        while (chunk := await ctx.io.receive(Channel.INPUT)) is not None:
+            data += chunk
+        seen["trailer"] = ctx.io.trailer(Channel.INPUT)
+        ctx.reactor.advance(2.5)  # type: ignore[attr-defined]
+        return {"sha256": sha(data), "size": len(data), "mode": 0o604}
+
+    link = InMemoryLink({"push": recording})
+    link.clock.advance(100)
+    source = tmp_path / "src"
+    source.write_bytes(b"0123456789" * 70_000)
+    source.chmod(0o640)
+    progress: list[tuple[int, int | None]] = []
+    with source.open("rb") as f:
+        f.seek(100_000)
+        result = result_of(start(link, link.client.push(f, "/g/f", progress=lambda *a: progress.append(a))))
+    rest = 700_000 - 100_000
+    assert seen == {"path": "/g/f", "mode": 0o640, "size": rest,
+                    "trailer": {"sha256": sha(source.read_bytes()[100_000:]), "size": rest}}
+    assert progress == [(262_144, rest), (524_288, rest), (rest, rest)]
+    assert result.path == "/g/f" and result.size == rest and result.mode == 0o604 and result.seconds == 2.5
+    # A mode given wins over the host file's; a file object without a descriptor has neither.
+    result_of(start(link, link.client.push(str(source), "/g/f", mode=0o600)))
+    assert seen["mode"] == 0o600 and seen["size"] == 700_000
+    result_of(start(link, link.client.push(io.BytesIO(b"x"), "/g/f")))
+    assert seen["mode"] is None and seen["size"] is None
+
+
+def test_push_refuses_host_paths_that_are_not_files(tmp_path: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    with pytest.raises(PathNotFound, match=f"the host file {tmp_path}/nope does not exist"):
+        result_of(start(link, link.client.push(str(tmp_path / "nope"), "/g/f")))
+    with pytest.raises(IsADirectory, match="is a directory; push the files in it one by one"):
+        result_of(start(link, link.client.push(str(tmp_path), "/g/f")))
+    with pytest.raises(IsADirectory, match="the host path /dev/null is not a regular file"):
+        result_of(start(link, link.client.push("/dev/null", "/g/f")))
+
+
+@pytest.mark.parametrize(("trailer", "answer", "error"), [
+    ({"sha256": sha(b"hello"), "size": 4}, {"sha256": sha(b"hello"), "size": 5}, IncompleteTransfer),
+    ({"sha256": sha(b"hello"), "size": 5}, {"sha256": sha(b"hello"), "size": 4}, IncompleteTransfer),
+    (None, {"sha256": sha(b"hello"), "size": 5}, IncompleteTransfer),
+    ({"sha256": sha(b"hello"), "size": 5}, {"sha256": sha(b"other"), "size": 5}, IntegrityError),
+    ({"sha256": sha(b"other"), "size": 5}, {"sha256": sha(b"hello"), "size": 5}, IntegrityError),
+])
+def test_pull_checks_both_the_trailer_and_the_answer(tmp_path: Path, trailer: dict[str, Any] | None,
+                                                     answer: dict[str, Any], error: type[Exception]) -> None:
+    link = lying("pull", {**answer, "mode": 0o644}, b"hello", trailer)
+    with pytest.raises(error, match="pull again"):
+        result_of(start(link, link.client.pull("/g/f", str(tmp_path / "f"))))
+    assert os.listdir(tmp_path) == []
+    sink = io.BytesIO()
+    with pytest.raises(error):
+        result_of(start(link, link.client.pull("/g/f", sink)))
+    assert sink.getvalue() == b"hello"  # a file object holds what arrived
+
+
+def test_pull_result_mode_and_progress(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    link = lying("pull", {"sha256": sha(data), "size": len(data), "mode": 0o640}, data,
+                 {"sha256": sha(data), "size": len(data)})
+    progress: list[tuple[int, int | None]] = []
+    result = result_of(start(link, link.client.pull("/g/f", str(tmp_path / "f"),
+                                                    progress=lambda *a: progress.append(a))))
+    assert (tmp_path / "f").read_bytes() == data and os.listdir(tmp_path) == ["f"]
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o640
+    assert (result.path, result.size, result.sha256, result.mode) == ("/g/f", len(data), sha(data), 0o640)
+    assert progress[-1] == (len(data), None) and all(total is None for _, total in progress)
+    assert [done for done, _ in progress] == sorted({done for done, _ in progress})
+
+
+def test_pull_refuses_host_destinations_it_cannot_use(tmp_path: Path) -> None:
+    link = lying("pull", {})
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(PathNotFound, match="create it before pulling into it"):
+        result_of(start(link, link.client.pull("/g/f", str(tmp_path / "no" / "f"))))
+    with pytest.raises(NotADirectory, match=f"the host path {tmp_path}/file is not a directory"):
+        result_of(start(link, link.client.pull("/g/f", str(tmp_path / "file" / "f"))))
+    with pytest.raises(IsADirectory, match="give the file's path"):
+        result_of(start(link, link.client.pull("/g/f", str(tmp_path))))
+    assert os.listdir(tmp_path) == ["file"]
+
+
+# ---- the agent's modes and its answer to a cancel ----------------------------------------
+
+
+@pytest.fixture
+def umask_077() -> Iterator[None]:
+    old = os.umask(0o077)
+    yield
+    os.umask(old)
+
+
+@pytest.mark.usefixtures("umask_077")
+def test_mkdir_sets_the_exact_mode_whatever_the_umask(tmp_path: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    result_of(start(link, link.client.mkdir(str(tmp_path / "a"), mode=0o775)))
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o775
+    result_of(start(link, link.client.mkdir(str(tmp_path / "b" / "c"), parents=True, mode=0o1777)))
+    assert stat.S_IMODE((tmp_path / "b" / "c").stat().st_mode) == 0o1777
+    result_of(start(link, link.client.call("mkdir", {"path": str(tmp_path / "d")})))  # the default
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+
+
+@pytest.mark.usefixtures("umask_077")
+def test_push_sets_the_exact_mode_whatever_the_umask(tmp_path: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    result = result_of(start(link, link.client.push(io.BytesIO(b"x"), str(tmp_path / "f"), mode=0o2755)))
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o2755 == result.mode
+
+
+@pytest.mark.parametrize("op", ["push", "pull"])
+def test_the_agents_answer_to_a_cancel(tmp_path: Path, op: str) -> None:
+    tracked = Tracked(getattr(files, op))
+    link = InMemoryLink({**OPERATIONS, op: tracked}, agent_limits=Limits(window=64 * 1024),
+                        client_limits=Limits(window=64 * 1024))
+    (tmp_path / "big").write_bytes(os.urandom(1024 * 1024))
+    if op == "push":
+        d = link.client.push(io.BytesIO(os.urandom(1024 * 1024)), str(tmp_path / "f"))
+    else:
+        d = link.client.pull(str(tmp_path / "big"), io.BytesIO())
+    for _ in range(20):
+        link.pump.pump()
+    d.cancel()
+    link.flush()
+    with pytest.raises(CancelledError):
+        result_of(d)
+    (outcome,) = tracked.outcomes
+    assert isinstance(outcome, OperationCancelled)
+    path = tmp_path / ("f" if op == "push" else "big")
+    assert outcome.message == f"{op} of {path} stopped: cancelled by the host; nothing was written"
+    assert sorted(os.listdir(tmp_path)) == ["big"]
+
+
+# ---- a user who is not root ----------------------------------------------------------------
+
+
+def test_agent_operations_as_an_unprivileged_user(shared: Path) -> None:
+    (shared / "secret").write_bytes(b"s")
+    (shared / "secret").chmod(0o600)
+    (shared / "closed").mkdir(mode=0o700)
+    link = InMemoryLink(OPERATIONS)
+    cases = [
+        (link.client.push(io.BytesIO(b"x"), str(shared / "new")), "permission denied to the agent's user"),
+        (link.client.pull(str(shared / "secret"), io.BytesIO()), "permission denied to the agent's user"),
+        (link.client.list(str(shared / "closed")), "cannot list"),
+        (link.client.mkdir(str(shared / "d")), "cannot create directory"),
+        (link.client.remove(str(shared / "secret")), "cannot remove"),
+    ]
+    with as_nobody():
+        for call, message in cases:
+            link.flush()
+            with pytest.raises(PermissionDenied, match=message):
+                result_of(call)
+    assert sorted(os.listdir(shared)) == ["closed", "secret"]
+
+
+def test_host_files_an_unprivileged_user_may_not_touch(shared: Path) -> None:
+    (shared / "secret").write_bytes(b"s")
+    (shared / "secret").chmod(0o600)
+    data = b"guest data"
+    link = lying("pull", {"sha256": sha(data), "size": len(data), "mode": 0o644}, data,
+                 {"sha256": sha(data), "size": len(data)})
+    with as_nobody():
+        push = link.client.push(str(shared / "secret"), "/g/f")
+        pull = link.client.pull("/g/f", str(shared / "out"))
+        link.flush()
+        with pytest.raises(PermissionDenied, match=f"this host user may not read the host file {shared}/secret"):
+            result_of(push)
+        with pytest.raises(PermissionDenied, match=f"may not create files in the host directory {shared}"):
+            result_of(pull)
+    assert os.listdir(shared) == ["secret"]

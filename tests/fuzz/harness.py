@@ -47,6 +47,7 @@ from guest_agent.protocol.frames import (
     MARKER_SIZE,
     NONCE_SIZE,
     SYNC_MAGIC,
+    Channel,
     FrameType,
     encode_frame,
 )
@@ -166,6 +167,11 @@ class Duel:
     def apply(self, step: Step) -> None:
         getattr(self, f"_step_{step.kind}")(step)
 
+    @staticmethod
+    def _channel(step: Step) -> int:
+        """Honest calls use the three channels there are; frames injected may name any."""
+        return step.channel % len(Channel)
+
     def _slot(self, side: _Side, slot: int) -> int | None:
         return side.inflight[slot % len(side.inflight)] if side.inflight else None
 
@@ -199,16 +205,17 @@ class Duel:
         if request_id is None or not side.engine.is_open:
             return
         data = bytes([step.size % 251]) * step.size
-        available = side.engine.send_credit_available(request_id, step.channel)
-        taken = side.engine.send_data(request_id, step.channel, data)
+        channel = self._channel(step)
+        available = side.engine.send_credit_available(request_id, channel)
+        taken = side.engine.send_data(request_id, channel, data)
         _check(taken == min(len(data), available), f"send_data took {taken} of {len(data)} with {available} of credit")
-        side.sent[request_id, step.channel] += data[:taken]
+        side.sent[request_id, channel] += data[:taken]
 
     def _step_eof(self, step: Step) -> None:
         side = self.side(step.side)
         request_id = self._slot(side, step.slot)
         if request_id is not None and side.engine.is_open:
-            side.engine.send_eof(request_id, step.channel, {"size": step.size} if step.size else None)
+            side.engine.send_eof(request_id, self._channel(step), {"size": step.size} if step.size else None)
 
     def _step_consume(self, step: Step) -> None:
         side = self.side(step.side)
@@ -216,10 +223,10 @@ class Duel:
         if request_id is None:
             return
         # An honest application reports each byte it received once.
-        key = (request_id, step.channel)
+        key = (request_id, self._channel(step))
         count = min(step.size, len(side.received.get(key, b"")) - side.consumed.get(key, 0))
         side.consumed[key] += count
-        side.engine.consumed(request_id, step.channel, count)
+        side.engine.consumed(request_id, key[1], count)
 
     def _step_cancel(self, step: Step) -> None:
         request_id = self._slot(self.host, step.slot)
@@ -280,8 +287,9 @@ class Duel:
             try:
                 events = self.host_engine.receive_data(data)
             except ProtocolError:
-                # What the client does: a new session.
+                # What the client does: a new session (the old one's bytes may still arrive).
                 self.host_errors += 1
+                self.tampered = True
                 self.host_engine.start()
                 self.host.forget_all()
                 return

@@ -20,8 +20,13 @@ KILLED = {"killed", "timeout"}
 
 
 def main() -> int:
-    out = subprocess.run([str(ROOT / ".venv" / "bin" / "mutmut"), "results", "--all", "true"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "mutmut"), "results", "--all", "true"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     status = dict(line.strip().rsplit(": ", 1) for line in out.splitlines() if ": " in line)
     equivalent = {}
     if EQUIVALENT.exists():
@@ -37,7 +42,10 @@ def main() -> int:
     print(f"score: {killed}/{len(status)} killed = {100 * killed / len(status):.1f} %")
     if judged:
         rest = len(status) - len(judged)
-        print(f"score without the {len(judged)} judged equivalent: {killed}/{rest} = {100 * killed / rest:.1f} %")
+        print(
+            f"score without the {len(judged)} judged equivalent: {killed}/{rest} "
+            f"= {100 * killed / rest:.1f} %"
+        )
     for name in alive:
         note = f"  (equivalent: {equivalent[name]})" if name in equivalent else ""
         print(f"  {status[name]:<10} {name}{note}")

@@ -26,8 +26,11 @@ MAX_STEPS = 48
 
 
 def _limits(data: atheris.FuzzedDataProvider) -> Limits:
-    return Limits(data.ConsumeIntInRange(1024, 4096), data.ConsumeIntInRange(1024, 16 * 1024),
-                  data.ConsumeIntInRange(1, 4))
+    return Limits(
+        data.ConsumeIntInRange(1024, 4096),
+        data.ConsumeIntInRange(1024, 16 * 1024),
+        data.ConsumeIntInRange(1, 4),
+    )
 
 
 def _step(data: atheris.FuzzedDataProvider) -> Step:
@@ -60,7 +63,7 @@ def test_one_input(raw: bytes) -> None:
     host_limits, agent_limits = _limits(data), _limits(data)
     # Half the inputs start from an open session, half fuzz the handshake too.
     duel = Duel.opened(host_limits, agent_limits) if data.ConsumeBool() else Duel(host_limits, agent_limits)
-    steps = []
+    steps: list[Step] = []
     while data.remaining_bytes() and len(steps) < MAX_STEPS:
         steps.append(_step(data))
     duel.run(steps)

@@ -84,8 +84,18 @@ class Step:
 
 
 #: Honest steps: what the engines' users may do.
-HONEST_KINDS = ("start", "deliver", "request", "send", "eof", "consume", "cancel", "respond", "error",
-                "notify")
+HONEST_KINDS = (
+    "start",
+    "deliver",
+    "request",
+    "send",
+    "eof",
+    "consume",
+    "cancel",
+    "respond",
+    "error",
+    "notify",
+)
 #: Steps of a broken or hostile peer.
 HOSTILE_KINDS = ("inject", "frame", "restart", "idle", "ack", "sync")
 KINDS = HONEST_KINDS + HOSTILE_KINDS
@@ -132,7 +142,10 @@ class Duel:
         duel = cls(host_limits, agent_limits)
         duel.run([Step("start")])
         duel.settle()
-        _check(duel.host_engine.is_open and duel.agent_engine.is_open, "an honest handshake did not open a session")
+        _check(
+            duel.host_engine.is_open and duel.agent_engine.is_open,
+            "an honest handshake did not open a session",
+        )
         duel.tampered = False
         return duel
 
@@ -195,8 +208,10 @@ class Duel:
             request_id = self.host_engine.send_request("op", {"pad": "x" * step.size})
         except (TooManyRequests, FrameTooLarge):
             return
-        _check(request_id not in self.host.inflight and request_id != 0,
-               f"host reused request id {request_id} while it was in flight")
+        _check(
+            request_id not in self.host.inflight and request_id != 0,
+            f"host reused request id {request_id} while it was in flight",
+        )
         self.host.inflight.append(request_id)
 
     def _step_send(self, step: Step) -> None:
@@ -208,7 +223,10 @@ class Duel:
         channel = self._channel(step)
         available = side.engine.send_credit_available(request_id, channel)
         taken = side.engine.send_data(request_id, channel, data)
-        _check(taken == min(len(data), available), f"send_data took {taken} of {len(data)} with {available} of credit")
+        _check(
+            taken == min(len(data), available),
+            f"send_data took {taken} of {len(data)} with {available} of credit",
+        )
         side.sent[request_id, channel] += data[:taken]
 
     def _step_eof(self, step: Step) -> None:
@@ -301,12 +319,16 @@ class Duel:
         side = self.host
         for event in events:
             if isinstance(event, ResponseReceived | ErrorReceived) and event.request_id != 0:
-                _check(event.request_id in side.inflight,
-                       f"host reported the end of request {event.request_id}, which was not in flight")
+                _check(
+                    event.request_id in side.inflight,
+                    f"host reported the end of request {event.request_id}, which was not in flight",
+                )
                 side.forget(event.request_id)
             elif isinstance(event, DataReceived | StreamEnded | WindowOpened):
-                _check(event.request_id in side.inflight,
-                       f"host reported {type(event).__name__} for request {event.request_id}, not in flight")
+                _check(
+                    event.request_id in side.inflight,
+                    f"host reported {type(event).__name__} for request {event.request_id}, not in flight",
+                )
                 if isinstance(event, DataReceived):
                     side.received[event.request_id, event.channel] += event.data
             elif isinstance(event, SessionReset | HandshakeFailed):
@@ -320,12 +342,16 @@ class Duel:
         side = self.agent
         for event in events:
             if isinstance(event, RequestReceived):
-                _check(event.request_id != 0 and event.request_id not in side.inflight,
-                       f"agent accepted request id {event.request_id} twice or as zero")
+                _check(
+                    event.request_id != 0 and event.request_id not in side.inflight,
+                    f"agent accepted request id {event.request_id} twice or as zero",
+                )
                 side.inflight.append(event.request_id)
             elif isinstance(event, DataReceived | StreamEnded | WindowOpened | CancelRequested):
-                _check(event.request_id in side.inflight,
-                       f"agent reported {type(event).__name__} for request {event.request_id}, not in flight")
+                _check(
+                    event.request_id in side.inflight,
+                    f"agent reported {type(event).__name__} for request {event.request_id}, not in flight",
+                )
                 if isinstance(event, DataReceived):
                     side.received[event.request_id, event.channel] += event.data
             elif isinstance(event, SessionReset | ProtocolFailure):
@@ -341,9 +367,11 @@ class Duel:
         for side in (self.host, self.agent):
             engine = side.engine
             own = engine.limits
-            _check(set(engine._requests) == set(side.inflight),
-                   f"{type(engine).__name__} holds requests {sorted(engine._requests)}, its events said "
-                   f"{sorted(side.inflight)}")
+            _check(
+                set(engine._requests) == set(side.inflight),
+                f"{type(engine).__name__} holds requests {sorted(engine._requests)}, its events said "
+                f"{sorted(side.inflight)}",
+            )
             if not engine.is_open:
                 _check(engine.open_requests == 0, "requests are open without a session")
             limit = engine.peer_limits.max_inflight if side is self.host else own.max_inflight
@@ -353,23 +381,32 @@ class Duel:
                 for stream in request.sending.values():
                     _check(0 <= stream.credit <= MAX_WINDOW, f"sending credit {stream.credit} out of range")
                 for stream in request.receiving.values():
-                    _check(stream.credit >= 0 and stream.unacknowledged >= 0
-                           and stream.credit + stream.unacknowledged <= own.window,
-                           f"receiving window broken: credit {stream.credit}, unacknowledged "
-                           f"{stream.unacknowledged}, window {own.window}")
+                    _check(
+                        stream.credit >= 0
+                        and stream.unacknowledged >= 0
+                        and stream.credit + stream.unacknowledged <= own.window,
+                        f"receiving window broken: credit {stream.credit}, unacknowledged "
+                        f"{stream.unacknowledged}, window {own.window}",
+                    )
             # The bytes held are at most one partial frame or marker.
-            _check(engine._decoder.buffered < max(HEADER_SIZE + own.max_frame, MARKER_SIZE + NONCE_SIZE),
-                   f"{engine._decoder.buffered} bytes buffered with a frame limit of {own.max_frame}")
+            _check(
+                engine._decoder.buffered < max(HEADER_SIZE + own.max_frame, MARKER_SIZE + NONCE_SIZE),
+                f"{engine._decoder.buffered} bytes buffered with a frame limit of {own.max_frame}",
+            )
             if engine.is_open:
                 peer = engine.peer_limits
-                _check(peer.max_frame >= 1024 and 1024 <= peer.window <= MAX_WINDOW and peer.max_inflight >= 1,
-                       f"session open with unusable peer limits {peer}")
+                _check(
+                    peer.max_frame >= 1024 and 1024 <= peer.window <= MAX_WINDOW and peer.max_inflight >= 1,
+                    f"session open with unusable peer limits {peer}",
+                )
         if not self.tampered:
             for sender in (self.host, self.agent):
                 receiver = self.other(sender)
                 for key, data in receiver.received.items():
-                    _check(sender.sent.get(key, b"").startswith(data),
-                           f"request {key[0]} channel {key[1]} received other bytes than were sent")
+                    _check(
+                        sender.sent.get(key, b"").startswith(data),
+                        f"request {key[0]} channel {key[1]} received other bytes than were sent",
+                    )
 
     def settle(self) -> None:
         """Deliver everything both ways until both ends are quiet."""

@@ -16,7 +16,11 @@ from hypothesis import HealthCheck, settings
 _COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 settings.register_profile("default", max_examples=150, **_COMMON)  # type: ignore[arg-type]
 settings.register_profile(
-    "mutation", max_examples=60, derandomize=True, database=None, **_COMMON  # type: ignore[arg-type]
+    "mutation",
+    max_examples=60,
+    derandomize=True,
+    database=None,
+    **_COMMON,  # type: ignore[arg-type]
 )
 settings.register_profile("thorough", max_examples=5000, **_COMMON)  # type: ignore[arg-type]
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

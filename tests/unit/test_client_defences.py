@@ -45,26 +45,61 @@ class Recorder:
             if isinstance(answer, Exception):
                 raise answer
             return answer
+
         return operation
 
 
 def test_each_operation_asks_the_agent_what_it_should() -> None:
-    recorder = Recorder({"ping": {"t": 1}, "info": {"h": "g"}, "mkdir": None, "list": [], "stat": {"s": 1},
-                         "remove": None, "shutdown": None, "reboot": None})
+    recorder = Recorder(
+        {
+            "ping": {"t": 1},
+            "info": {"h": "g"},
+            "mkdir": None,
+            "list": [],
+            "stat": {"s": 1},
+            "remove": None,
+            "shutdown": None,
+            "reboot": None,
+        }
+    )
     link = InMemoryLink(recorder.operations())
     client = link.client
-    calls = [client.ping(), client.info(), client.mkdir("/d"), client.mkdir("/e", parents=True, mode=0o700),
-             client.list("/l"), client.stat("/s"), client.remove("/r"), client.remove("/t", recursive=True),
-             client.shutdown(), client.reboot()]
+    calls: list[Deferred[Any]] = [
+        client.ping(),
+        client.info(),
+        client.mkdir("/d"),
+        client.mkdir("/e", parents=True, mode=0o700),
+        client.list("/l"),
+        client.stat("/s"),
+        client.remove("/r"),
+        client.remove("/t", recursive=True),
+        client.shutdown(),
+        client.reboot(),
+    ]
     link.flush()
-    assert [result_of(d) for d in calls] == [{"t": 1}, {"h": "g"}, None, None, [], {"s": 1}, None, None, None, None]
+    assert [result_of(d) for d in calls] == [
+        {"t": 1},
+        {"h": "g"},
+        None,
+        None,
+        [],
+        {"s": 1},
+        None,
+        None,
+        None,
+        None,
+    ]
     assert recorder.asked == [
-        ("ping", {}), ("info", {}),
+        ("ping", {}),
+        ("info", {}),
         ("mkdir", {"path": "/d", "parents": False, "mode": 0o755}),
         ("mkdir", {"path": "/e", "parents": True, "mode": 0o700}),
-        ("list", {"path": "/l"}), ("stat", {"path": "/s"}),
-        ("remove", {"path": "/r", "recursive": False}), ("remove", {"path": "/t", "recursive": True}),
-        ("shutdown", {}), ("reboot", {}),
+        ("list", {"path": "/l"}),
+        ("stat", {"path": "/s"}),
+        ("remove", {"path": "/r", "recursive": False}),
+        ("remove", {"path": "/t", "recursive": True}),
+        ("shutdown", {}),
+        ("reboot", {}),
     ]
     assert client.agent_hello["software"] == "in-memory" and client.agent_hello["version"] == 1
 
@@ -74,7 +109,8 @@ async def exec_op(ctx: OperationContext) -> dict[str, Any]:
     ctx.io.send_eof(Channel.STDERR)
     await ctx.io.send(Channel.STDOUT, b"out")
     ctx.io.send_eof(Channel.STDOUT)
-    return {"exit_code": ctx.args["env"]["CODE"], "signal": ctx.args["env"].get("SIG")}
+    code = ctx.args["env"]["CODE"]
+    return {"exit_code": int(code) if code else None, "signal": ctx.args["env"].get("SIG")}
 
 
 def test_run_passes_its_arguments_and_check_fails_a_nonzero_status() -> None:
@@ -85,21 +121,27 @@ def test_run_passes_its_arguments_and_check_fails_a_nonzero_status() -> None:
         return await exec_op(ctx)
 
     link = InMemoryLink({"exec": recording})
-    ok = link.client.run(["prog", "a"], env={"CODE": 0}, cwd="/w", stdin=b"in", timeout=7.5, check=True)
+    ok = link.client.run(["prog", "a"], env={"CODE": "0"}, cwd="/w", stdin=b"in", timeout=7.5, check=True)
     link.flush()
     assert result_of(ok) == ExecResult(("prog", "a"), 0, None, b"out", b"e" * 600 + b" the end ")
-    assert seen[0] == {"argv": ["prog", "a"], "env": {"CODE": 0}, "cwd": "/w", "stdin": "stream", "timeout": 7.5}
-    failed = link.client.run(["prog"], env={"CODE": 3}, check=True)
+    assert seen[0] == {
+        "argv": ["prog", "a"],
+        "env": {"CODE": "0"},
+        "cwd": "/w",
+        "stdin": "stream",
+        "timeout": 7.5,
+    }
+    failed = link.client.run(["prog"], env={"CODE": "3"}, check=True)
     link.flush()
     error = error_of(failed)
     assert isinstance(error, ProcessFailed)
     assert str(error) == "['prog'] exited with status 3 in the guest: " + "e" * 491 + " the end"
     assert seen[1]["stdin"] == "none" and seen[1]["cwd"] is None and seen[1]["timeout"] is None
-    unchecked = link.client.run(["prog"], env={"CODE": 3})
+    unchecked = link.client.run(["prog"], env={"CODE": "3"})
     link.flush()
     result = result_of(unchecked)
     assert result.exit_code == 3 and not result.succeeded
-    killed = link.client.run(["prog"], env={"CODE": None, "SIG": "SIGKILL"})
+    killed = link.client.run(["prog"], env={"CODE": "", "SIG": "SIGKILL"})
     link.flush()
     with pytest.raises(ProcessFailed, match=r"\['prog'\] was killed by SIGKILL in the guest"):
         result_of(killed).check()
@@ -107,8 +149,9 @@ def test_run_passes_its_arguments_and_check_fails_a_nonzero_status() -> None:
 
 def test_a_request_too_large_frees_its_slot() -> None:
     gate = Gate()
-    link = InMemoryLink({"wait": gate, "echo": lambda ctx: ctx.args},
-                        agent_limits=Limits(max_frame=1024, max_inflight=1))
+    link = InMemoryLink(
+        {"wait": gate, "echo": lambda ctx: ctx.args}, agent_limits=Limits(max_frame=1024, max_inflight=1)
+    )
     assert isinstance(error_of(call(link, "echo", {"x": "y" * 2000})), FrameTooLarge)
     assert result_of(call(link, "echo", {"x": 1})) == {"x": 1}
 
@@ -185,7 +228,9 @@ def test_the_agent_rejecting_the_session_fails_what_is_in_flight() -> None:
     link = InMemoryLink({"wait": gate, "echo": lambda ctx: ctx.args})
     pending = call(link, "wait")
     with capturedLogs() as events:
-        link.client._data_received(encode_frame(FrameType.ERROR, 0, b'{"code":"protocol-violation","message":"m"}'))
+        link.client._data_received(
+            encode_frame(FrameType.ERROR, 0, b'{"code":"protocol-violation","message":"m"}')
+        )
     link.flush()
     assert str(error_of(pending)) == "m"
     assert any("Agent rejected the session" in e["log_format"] for e in events)
@@ -202,8 +247,10 @@ def test_notifications_reach_every_observer_even_one_that_leaves() -> None:
 
     link.client.notifications.extend([once, lambda name, body: seen.append(("all", name, body))])
     link.flush()
-    link.agent.session._notify("job", {"n": 1})  # type: ignore[attr-defined]
-    link.agent.session._notify("job", {"n": 2})  # type: ignore[attr-defined]
+    session = link.agent.session
+    assert session is not None
+    session._notify("job", {"n": 1})
+    session._notify("job", {"n": 2})
     link.flush()
     assert seen == [("once", "job", {"n": 1}), ("all", "job", {"n": 1}), ("all", "job", {"n": 2})]
 

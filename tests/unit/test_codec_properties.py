@@ -6,6 +6,8 @@ gives way to the next SYNC.
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -36,7 +38,9 @@ frames = st.builds(
     flags=st.integers(0, 0xFF),
 )
 markers = st.one_of(
-    st.builds(Marker, st.sampled_from([SYNC_MAGIC, ACK_MAGIC]), st.binary(min_size=NONCE_SIZE, max_size=NONCE_SIZE)),
+    st.builds(
+        Marker, st.sampled_from([SYNC_MAGIC, ACK_MAGIC]), st.binary(min_size=NONCE_SIZE, max_size=NONCE_SIZE)
+    ),
     st.just(Marker(RESET_MARKER)),
 )
 
@@ -50,7 +54,7 @@ def wire_of(item: Frame | Marker) -> bytes:
 def cut(data: bytes, points: list[int]) -> list[bytes]:
     """``data`` cut at ``points`` (positions taken modulo its length)."""
     edges = sorted({0, len(data), *(p % (len(data) + 1) for p in points)})
-    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
 
 
 def drain(decoder: FrameDecoder) -> list[Frame | Marker]:
@@ -115,8 +119,11 @@ def test_frame_limit_is_exact(frame: Frame, limit: int) -> None:
         assert decoder.next() == frame
 
 
-@given(st.binary(max_size=400), st.binary(min_size=NONCE_SIZE, max_size=NONCE_SIZE),
-       st.lists(st.integers(0, 10**6), max_size=10))
+@given(
+    st.binary(max_size=400),
+    st.binary(min_size=NONCE_SIZE, max_size=NONCE_SIZE),
+    st.lists(st.integers(0, 10**6), max_size=10),
+)
 def test_hunting_finds_the_sync_after_any_junk(junk: bytes, nonce: bytes, points: list[int]) -> None:
     assume(SYNC_MAGIC not in junk + SYNC_MAGIC[:-1])  # the junk holds no earlier SYNC
     decoder = FrameDecoder(MAX_PAYLOAD)
@@ -131,8 +138,11 @@ def test_hunting_finds_the_sync_after_any_junk(junk: bytes, nonce: bytes, points
     assert decoder.buffered == len(b"after")
 
 
-@given(st.binary(max_size=400), st.binary(min_size=NONCE_SIZE, max_size=NONCE_SIZE),
-       st.binary(min_size=NONCE_SIZE, max_size=NONCE_SIZE))
+@given(
+    st.binary(max_size=400),
+    st.binary(min_size=NONCE_SIZE, max_size=NONCE_SIZE),
+    st.binary(min_size=NONCE_SIZE, max_size=NONCE_SIZE),
+)
 def test_hunting_for_a_nonce_skips_other_acks(junk: bytes, stale: bytes, nonce: bytes) -> None:
     assume(stale != nonce)
     decoder = FrameDecoder(MAX_PAYLOAD)
@@ -165,7 +175,9 @@ def test_json_payload_is_a_value_or_our_protocol_error(payload: bytes) -> None:
 
 
 @given(st.integers(1, 100_000), st.sampled_from([("[", "]"), ('{"a":', "}")]), st.booleans())
-def test_nested_json_is_a_value_or_our_protocol_error(depth: int, brackets: tuple[str, str], closed: bool) -> None:
+def test_nested_json_is_a_value_or_our_protocol_error(
+    depth: int, brackets: tuple[str, str], closed: bool
+) -> None:
     """However deep a hostile peer nests its JSON, it is a value or our error (not RecursionError)."""
     opener, closer = brackets
     payload = opener * depth + (closer * depth if closed else "")

@@ -6,11 +6,15 @@ single changed comparison or constant in guest_agent/protocol/ fails one of them
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from guest_agent.protocol.connection import (
     MAX_WINDOW,
     AgentConnection,
+    CancelRequested,
+    DataReceived,
     ErrorReceived,
     HandshakeComplete,
     HostConnection,
@@ -53,14 +57,16 @@ def handshake(host: HostConnection, agent: AgentConnection) -> None:
     assert isinstance(done, HandshakeComplete)
 
 
-def opened(host_limits: Limits | None = None, agent_limits: Limits | None = None,
-           ) -> tuple[HostConnection, AgentConnection]:
+def opened(
+    host_limits: Limits | None = None,
+    agent_limits: Limits | None = None,
+) -> tuple[HostConnection, AgentConnection]:
     host, agent = HostConnection(host_limits), AgentConnection(agent_limits)
     handshake(host, agent)
     return host, agent
 
 
-def frames_in(data: bytes) -> list[object]:
+def frames_in(data: bytes) -> list[Any]:
     decoder = FrameDecoder(1 << 20)
     decoder.feed(data)
     out = []
@@ -69,18 +75,18 @@ def frames_in(data: bytes) -> list[object]:
     return out
 
 
-def hello_from_agent(reply: dict[str, object]) -> HostConnection:
+def hello_from_agent(reply: Any) -> HostConnection:
     """A host that has had its ACK and receives ``reply`` as the agent's HELLO."""
     host = HostConnection()
     host.start()
-    nonce = host.data_to_send()[len(SYNC_MAGIC):]
+    nonce = host.data_to_send()[len(SYNC_MAGIC) :]
     host.receive_data(ACK_MAGIC + nonce)
     assert host.data_to_send()  # its HELLO
     host.receive_data(encode_frame(FrameType.HELLO, 0, encode_json(reply)))
     return host
 
 
-def hello_to_agent(hello: dict[str, object], agent: AgentConnection | None = None) -> tuple[AgentConnection, list]:
+def hello_to_agent(hello: Any, agent: AgentConnection | None = None) -> tuple[AgentConnection, list[Any]]:
     agent = agent or AgentConnection()
     agent.receive_data(SYNC_MAGIC + bytes(NONCE_SIZE))
     agent.data_to_send()  # the ACK
@@ -94,9 +100,9 @@ def hello_to_agent(hello: dict[str, object], agent: AgentConnection | None = Non
 def test_only_the_latest_syncs_ack_opens_the_session() -> None:
     host = HostConnection()
     host.start()
-    first = host.data_to_send()[len(SYNC_MAGIC):]
+    first = host.data_to_send()[len(SYNC_MAGIC) :]
     host.start()  # the retry: a new nonce
-    latest = host.data_to_send()[len(SYNC_MAGIC):]
+    latest = host.data_to_send()[len(SYNC_MAGIC) :]
     assert first != latest and len(latest) == NONCE_SIZE
     # An ACK of the earlier SYNC (or any other nonce) is stale: no HELLO goes out.
     assert host.receive_data(ACK_MAGIC + first) == []
@@ -116,7 +122,7 @@ def test_a_host_waits_for_start_before_anything() -> None:
 def test_a_repeated_ack_while_waiting_for_hello_is_ignored() -> None:
     host = HostConnection()
     host.start()
-    nonce = host.data_to_send()[len(SYNC_MAGIC):]
+    nonce = host.data_to_send()[len(SYNC_MAGIC) :]
     host.receive_data(ACK_MAGIC + nonce)
     host.data_to_send()
     hello = encode_frame(FrameType.HELLO, 0, encode_json({"version": 1, **HELLO_LIMITS}))
@@ -127,7 +133,7 @@ def test_a_repeated_ack_while_waiting_for_hello_is_ignored() -> None:
 def test_host_refuses_anything_but_hello_or_error_after_its_hello() -> None:
     host = HostConnection()
     host.start()
-    host.receive_data(ACK_MAGIC + host.data_to_send()[len(SYNC_MAGIC):])
+    host.receive_data(ACK_MAGIC + host.data_to_send()[len(SYNC_MAGIC) :])
     with pytest.raises(ProtocolError, match="expected HELLO from the agent, got RESPONSE"):
         host.receive_data(encode_frame(FrameType.RESPONSE, 1, b"{}"))
 
@@ -146,15 +152,22 @@ def test_host_refuses_a_version_it_did_not_offer(version: object) -> None:
 
 def test_host_refuses_a_hello_that_is_not_an_object() -> None:
     with pytest.raises(ProtocolError, match="version the host did not offer"):
-        hello_from_agent([1])  # type: ignore[arg-type]
+        hello_from_agent([1])
 
 
-@pytest.mark.parametrize(("field", "value", "accepted"), [
-    ("max_frame", 1023, False), ("max_frame", 1024, True),
-    ("window", 1023, False), ("window", 1024, True),
-    ("window", MAX_WINDOW, True), ("window", MAX_WINDOW + 1, False),
-    ("max_inflight", 0, False), ("max_inflight", 1, True),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "accepted"),
+    [
+        ("max_frame", 1023, False),
+        ("max_frame", 1024, True),
+        ("window", 1023, False),
+        ("window", 1024, True),
+        ("window", MAX_WINDOW, True),
+        ("window", MAX_WINDOW + 1, False),
+        ("max_inflight", 0, False),
+        ("max_inflight", 1, True),
+    ],
+)
 def test_hello_limits_at_their_bounds(field: str, value: int, accepted: bool) -> None:
     limits = {**HELLO_LIMITS, field: value}
     # The host checks the agent's HELLO...
@@ -195,7 +208,7 @@ def test_agent_picks_the_highest_common_version_and_says_so() -> None:
 
 @pytest.mark.parametrize("hello", [{"versions": 1}, {"versions": ["1"]}, [], {"max_frame": 1024}])
 def test_agent_refuses_a_hello_without_a_list_of_versions(hello: object) -> None:
-    _, (failure,) = hello_to_agent(hello)  # type: ignore[arg-type]
+    _, (failure,) = hello_to_agent(hello)
     assert isinstance(failure, ProtocolFailure) and "versions" in str(failure.error)
 
 
@@ -206,7 +219,10 @@ def test_agent_without_a_common_version_waits_for_a_new_sync() -> None:
     error = error_from_wire(**{k: told.json()[k] for k in ("code", "message", "details")})
     assert isinstance(error, UnsupportedProtocolVersion) and "[5, 7]" in str(error)
     # A HELLO again without a SYNC is stale bytes: ignored until the host resynchronises.
-    assert agent.receive_data(encode_frame(FrameType.HELLO, 0, encode_json({"versions": [1], **HELLO_LIMITS}))) == []
+    assert (
+        agent.receive_data(encode_frame(FrameType.HELLO, 0, encode_json({"versions": [1], **HELLO_LIMITS})))
+        == []
+    )
     assert agent.data_to_send() == b""
 
 
@@ -215,7 +231,9 @@ def test_agent_refuses_requests_before_hello() -> None:
     agent.receive_data(SYNC_MAGIC + bytes(NONCE_SIZE))
     agent.data_to_send()
     (failure,) = agent.receive_data(encode_frame(FrameType.REQUEST, 1, b'{"op":"ping"}'))
-    assert isinstance(failure, ProtocolFailure) and "expected HELLO from the host, got REQUEST" in str(failure.error)
+    assert isinstance(failure, ProtocolFailure) and "expected HELLO from the host, got REQUEST" in str(
+        failure.error
+    )
 
 
 def test_first_sync_is_no_reset_and_a_second_one_is() -> None:
@@ -256,7 +274,9 @@ def test_host_disconnect_forgets_everything_buffered() -> None:
 def test_agent_refuses_request_id_zero() -> None:
     _, agent = opened()
     (failure,) = agent.receive_data(encode_frame(FrameType.REQUEST, 0, b'{"op":"ping"}'))
-    assert isinstance(failure, ProtocolFailure) and "request id 0 is zero or already in flight" in str(failure.error)
+    assert isinstance(failure, ProtocolFailure) and "request id 0 is zero or already in flight" in str(
+        failure.error
+    )
     assert not agent.is_open
 
 
@@ -271,12 +291,14 @@ def test_agent_refuses_a_duplicate_request_id() -> None:
     _, agent = opened()
     agent.receive_data(encode_frame(FrameType.REQUEST, 7, b'{"op":"a"}'))
     agent.send_response(7, None)
-    assert agent.receive_data(encode_frame(FrameType.REQUEST, 7, b'{"op":"b"}')) == [RequestReceived(7, "b", {})]
+    assert agent.receive_data(encode_frame(FrameType.REQUEST, 7, b'{"op":"b"}')) == [
+        RequestReceived(7, "b", {})
+    ]
 
 
 @pytest.mark.parametrize("body", [b'{"op":1}', b'{"args":{}}', b'{"op":"a","args":[]}', b'"op"'])
 def test_agent_answers_a_malformed_request_with_bad_request(body: bytes) -> None:
-    host, agent = opened()
+    _host, agent = opened()
     assert agent.receive_data(encode_frame(FrameType.REQUEST, 3, body)) == []
     (answer,) = frames_in(agent.data_to_send())
     assert answer.type is FrameType.ERROR and answer.request_id == 3
@@ -286,7 +308,9 @@ def test_agent_answers_a_malformed_request_with_bad_request(body: bytes) -> None
 def test_agent_refuses_requests_past_its_limit_exactly() -> None:
     _, agent = opened(agent_limits=Limits(max_inflight=2))
     for rid in (1, 2):
-        assert agent.receive_data(encode_frame(FrameType.REQUEST, rid, b'{"op":"a"}')) == [RequestReceived(rid, "a", {})]
+        assert agent.receive_data(encode_frame(FrameType.REQUEST, rid, b'{"op":"a"}')) == [
+            RequestReceived(rid, "a", {})
+        ]
     assert agent.data_to_send() == b""
     assert agent.receive_data(encode_frame(FrameType.REQUEST, 3, b'{"op":"a"}')) == []
     (refused,) = frames_in(agent.data_to_send())
@@ -316,8 +340,12 @@ def test_host_in_flight_limit_is_exact() -> None:
 
 def test_calls_before_the_handshake_are_refused() -> None:
     host = HostConnection()
-    for call in (lambda: host.send_request("a"), lambda: host.send_data(1, 0, b"x"),
-                 lambda: host.send_eof(1, 0), lambda: host.send_cancel(1)):
+    for call in (
+        lambda: host.send_request("a"),
+        lambda: host.send_data(1, 0, b"x"),
+        lambda: host.send_eof(1, 0),
+        lambda: host.send_cancel(1),
+    ):
         with pytest.raises(ProtocolError, match="no session: the handshake has not completed"):
             call()
 
@@ -340,7 +368,8 @@ def test_credit_up_to_the_window_cap_and_not_a_byte_more() -> None:
     assert host.send_credit_available(rid, Channel.INPUT) == 4096
     grant = (MAX_WINDOW - 4096).to_bytes(4, "big")
     assert host.receive_data(encode_frame(FrameType.CREDIT, rid, grant, Channel.INPUT)) == [
-        WindowOpened(rid, Channel.INPUT)]
+        WindowOpened(rid, Channel.INPUT)
+    ]
     assert host.send_credit_available(rid, Channel.INPUT) == MAX_WINDOW
     with pytest.raises(ProtocolError, match="more credit than any window allows"):
         host.receive_data(encode_frame(FrameType.CREDIT, rid, (1).to_bytes(4, "big"), Channel.INPUT))
@@ -356,7 +385,7 @@ def test_credit_overflow_is_refused_by_the_agent_too() -> None:
 
 @pytest.mark.parametrize("payload", [b"", b"\x00\x00\x01", b"\x00\x00\x00\x01\x00"])
 def test_credit_must_be_four_bytes(payload: bytes) -> None:
-    host, agent = opened()
+    host, _agent = opened()
     rid = host.send_request("push")
     with pytest.raises(ProtocolError, match="4-byte count"):
         host.receive_data(encode_frame(FrameType.CREDIT, rid, payload, Channel.INPUT))
@@ -384,12 +413,12 @@ def test_credit_goes_back_at_a_quarter_window_exactly() -> None:
     assert host.send_credit_available(rid, Channel.INPUT) == 1024
     # The agent's window was given back: 1024 more bytes fit, not 1025.
     assert host.send_data(rid, Channel.INPUT, b"y" * 2000) == 1024
-    events = agent.receive_data(host.data_to_send())
+    events: list[Any] = agent.receive_data(host.data_to_send())
     assert sum(len(e.data) for e in events) == 1024
 
 
-def credit_wire(frame: object) -> bytes:
-    return encode_frame(frame.type, frame.request_id, frame.payload, frame.flags)  # type: ignore[attr-defined]
+def credit_wire(frame: Any) -> bytes:
+    return encode_frame(frame.type, frame.request_id, frame.payload, frame.flags)
 
 
 def test_consumed_for_unknown_streams_sends_nothing() -> None:
@@ -406,7 +435,7 @@ def test_data_past_the_window_by_one_byte_is_refused() -> None:
     rid = host.send_request("push")
     agent.receive_data(host.data_to_send())
     (data,) = agent.receive_data(encode_frame(FrameType.DATA, rid, b"x" * 4095, Channel.INPUT))
-    assert len(data.data) == 4095
+    assert isinstance(data, DataReceived) and len(data.data) == 4095
     assert len(agent.receive_data(encode_frame(FrameType.DATA, rid, b"x", Channel.INPUT))) == 1
     (failure,) = agent.receive_data(encode_frame(FrameType.DATA, rid, b"x", Channel.INPUT))
     assert isinstance(failure, ProtocolFailure)
@@ -414,10 +443,10 @@ def test_data_past_the_window_by_one_byte_is_refused() -> None:
 
 
 def test_sending_uses_the_peers_frame_size_and_copies_mutable_buffers() -> None:
-    host, agent = opened(agent_limits=Limits(max_frame=1024, window=8192))
+    host, _agent = opened(agent_limits=Limits(max_frame=1024, window=8192))
     rid = host.send_request("push")
     buffer = bytearray(b"a" * 2500)
-    assert host.send_data(rid, Channel.STDERR, buffer) == 2500
+    assert host.send_data(rid, Channel.STDERR, memoryview(buffer)) == 2500
     pieces = host.pieces_to_send()
     assert all(isinstance(piece, bytes) for piece in pieces)
     sizes = [len(f.payload) for f in frames_in(b"".join(pieces)) if f.type is FrameType.DATA]
@@ -458,7 +487,9 @@ def test_host_refuses_frames_only_the_host_sends(frame_type: FrameType) -> None:
         host.receive_data(encode_frame(frame_type, 1, b"{}"))
 
 
-@pytest.mark.parametrize("frame_type", [FrameType.HELLO, FrameType.RESPONSE, FrameType.ERROR, FrameType.NOTIFY])
+@pytest.mark.parametrize(
+    "frame_type", [FrameType.HELLO, FrameType.RESPONSE, FrameType.ERROR, FrameType.NOTIFY]
+)
 def test_agent_refuses_frames_only_the_agent_sends(frame_type: FrameType) -> None:
     _, agent = opened()
     (failure,) = agent.receive_data(encode_frame(frame_type, 1, b"{}"))
@@ -471,7 +502,9 @@ def test_notifications() -> None:
     agent.send_notification("event", {"a": 1})
     agent.send_notification("bare")
     assert host.receive_data(agent.data_to_send()) == [
-        NotificationReceived("event", {"a": 1}), NotificationReceived("bare", {})]
+        NotificationReceived("event", {"a": 1}),
+        NotificationReceived("bare", {}),
+    ]
     for body in (b'{"name":1}', b'["n"]', b'{"body":{}}'):
         with pytest.raises(ProtocolError, match="NOTIFY must carry a JSON object with a name"):
             host.receive_data(encode_frame(FrameType.NOTIFY, 0, body))
@@ -488,18 +521,29 @@ def test_errors_from_the_agent() -> None:
     agent.send_error(rid, PathNotFound("gone", {"path": "/x"}))
     (event,) = host.receive_data(agent.data_to_send())
     assert isinstance(event, ErrorReceived) and event.request_id == rid
-    assert isinstance(event.error, PathNotFound) and event.error.message == "gone" and event.error.details == {"path": "/x"}
+    assert (
+        isinstance(event.error, PathNotFound)
+        and event.error.message == "gone"
+        and event.error.details == {"path": "/x"}
+    )
     assert host.open_requests == 0
     # Details that are not an object, a missing message, an unknown code: still our errors.
     rid = host.send_request("stat")
     (event,) = host.receive_data(encode_frame(FrameType.ERROR, rid, b'{"code":"what","details":[1]}'))
-    assert isinstance(event.error, InternalError) and event.error.message == "" and event.error.details == {}
+    assert (
+        isinstance(event, ErrorReceived)
+        and isinstance(event.error, InternalError)
+        and event.error.message == ""
+        and event.error.details == {}
+    )
     with pytest.raises(ProtocolError, match="ERROR frame must carry a JSON object with a code"):
         host.receive_data(encode_frame(FrameType.ERROR, 1, b'{"message":"m"}'))
     # An error for a request not in flight is dropped; one for the connection (0) is reported.
     assert host.receive_data(encode_frame(FrameType.ERROR, 99, b'{"code":"internal"}')) == []
     (connection_error,) = host.receive_data(
-        encode_frame(FrameType.ERROR, 0, b'{"code":"protocol-violation","message":"bad"}'))
+        encode_frame(FrameType.ERROR, 0, b'{"code":"protocol-violation","message":"bad"}')
+    )
+    assert isinstance(connection_error, ErrorReceived)
     assert connection_error.request_id == 0 and str(connection_error.error) == "bad"
     assert type(connection_error.error) is ProtocolError
 
@@ -510,7 +554,8 @@ def test_an_error_too_long_for_the_hosts_frames_is_cut_to_fit() -> None:
     agent.receive_data(host.data_to_send())
     agent.send_error(rid, PathNotFound("/very/long/" + "\u00e9" * 5000, {"path": "p" * 5000}))
     (event,) = host.receive_data(agent.data_to_send())
-    assert isinstance(event.error, PathNotFound) and event.error.message.startswith("/very/long/")
+    assert isinstance(event, ErrorReceived) and isinstance(event.error, PathNotFound)
+    assert event.error.message.startswith("/very/long/")
     assert host.open_requests == 0
 
 
@@ -529,6 +574,6 @@ def test_agent_cancel_reaches_only_requests_in_flight() -> None:
     agent.receive_data(host.data_to_send())
     assert agent.receive_data(encode_frame(FrameType.CANCEL, rid + 1, b"{}")) == []
     (cancel,) = agent.receive_data(encode_frame(FrameType.CANCEL, rid, b"[1]"))
-    assert cancel.request_id == rid and cancel.body == {}
+    assert isinstance(cancel, CancelRequested) and cancel.request_id == rid and cancel.body == {}
     host.send_cancel(rid + 5)  # not in flight: nothing goes out
     assert host.data_to_send() == b""

@@ -22,23 +22,42 @@ limits = st.builds(
 )
 
 # Payloads a hostile peer might send: JSON that is nearly right, junk, and pieces of markers.
-hostile_json = st.sampled_from([
-    {"version": 1, "max_frame": 1024, "window": 1024, "max_inflight": 1},
-    {"version": 1, "max_frame": 10**30, "window": 10**30, "max_inflight": 0},
-    {"versions": [1], "max_frame": 4096, "window": 4096, "max_inflight": 2},
-    {"versions": [[1]], "max_frame": 1024, "window": 1024, "max_inflight": 1},
-    {"versions": ["x", 7], "max_frame": 1024, "window": 1024, "max_inflight": 1},
-    {"versions": [1], "max_frame": "big", "window": None, "max_inflight": 1},
-    {"op": "ping", "args": {}}, {"op": 3}, {"op": "x", "args": []},
-    {"code": "path-not-found", "message": "m", "details": []}, {"code": 5},
-    {"name": "n", "body": {}}, {"name": 1}, {"sha256": "0", "size": 1},
-    [], "text", 1.5, None,
-]).map(encode_json)
+hostile_json = st.sampled_from(
+    [
+        {"version": 1, "max_frame": 1024, "window": 1024, "max_inflight": 1},
+        {"version": 1, "max_frame": 10**30, "window": 10**30, "max_inflight": 0},
+        {"versions": [1], "max_frame": 4096, "window": 4096, "max_inflight": 2},
+        {"versions": [[1]], "max_frame": 1024, "window": 1024, "max_inflight": 1},
+        {"versions": ["x", 7], "max_frame": 1024, "window": 1024, "max_inflight": 1},
+        {"versions": [1], "max_frame": "big", "window": None, "max_inflight": 1},
+        {"op": "ping", "args": {}},
+        {"op": 3},
+        {"op": "x", "args": []},
+        {"code": "path-not-found", "message": "m", "details": []},
+        {"code": 5},
+        {"name": "n", "body": {}},
+        {"name": 1},
+        {"sha256": "0", "size": 1},
+        [],
+        "text",
+        1.5,
+        None,
+    ]
+).map(encode_json)
 payloads = st.one_of(
     hostile_json,
-    st.sampled_from([b"", b"{", b"1e999999", b"[" * 5000, b'{"version":1e400}', b"\x00\xff",
-                     b'{"versions":[1],"max_frame":1e400,"window":1024,"max_inflight":1}',
-                     b'{"version":1,"max_frame":NaN,"window":1024,"max_inflight":1}']),
+    st.sampled_from(
+        [
+            b"",
+            b"{",
+            b"1e999999",
+            b"[" * 5000,
+            b'{"version":1e400}',
+            b"\x00\xff",
+            b'{"versions":[1],"max_frame":1e400,"window":1024,"max_inflight":1}',
+            b'{"version":1,"max_frame":NaN,"window":1024,"max_inflight":1}',
+        ]
+    ),
     st.integers(0, 2**32 - 1).map(lambda n: n.to_bytes(4, "big")),
     st.binary(max_size=64),
 )
@@ -65,7 +84,9 @@ def steps(kinds: tuple[str, ...]) -> st.SearchStrategy[Step]:
 
 
 @given(limits, limits, st.lists(steps(KINDS), max_size=40))
-def test_engines_survive_any_interleaving(host_limits: Limits, agent_limits: Limits, script: list[Step]) -> None:
+def test_engines_survive_any_interleaving(
+    host_limits: Limits, agent_limits: Limits, script: list[Step]
+) -> None:
     duel = Duel.opened(host_limits, agent_limits)
     duel.run(script)
     duel.settle()
@@ -113,7 +134,9 @@ def test_the_agent_survives_any_first_frame(agent_limits: Limits, payload: bytes
 
 
 @given(limits, hello_payloads, first_frames)
-def test_the_host_survives_any_answer_to_its_hello(host_limits: Limits, payload: bytes, frame_type: int) -> None:
+def test_the_host_survives_any_answer_to_its_hello(
+    host_limits: Limits, payload: bytes, frame_type: int
+) -> None:
     """After the ACK the host parses the agent's HELLO: anything there is our ProtocolError at worst."""
     duel = Duel(host_limits, Limits())
     duel.run([Step("start"), Step("ack"), Step("frame", side=HOST, frame_type=frame_type, payload=payload)])

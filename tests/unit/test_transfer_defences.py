@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 
 from guest_agent.ops import files
 from guest_agent.protocol.connection import Limits
@@ -65,8 +65,12 @@ def shared(tmp_path: Path) -> Iterator[Path]:
     shutil.rmtree(path)
 
 
-def lying(op: str, answer: dict[str, Any], data: bytes = b"", trailer: dict[str, Any] | None = None,
-          ) -> InMemoryLink:
+def lying(
+    op: str,
+    answer: dict[str, Any],
+    data: bytes = b"",
+    trailer: dict[str, Any] | None = None,
+) -> InMemoryLink:
     """An agent whose ``op`` takes what is pushed (or sends ``data``) and answers ``answer``."""
 
     async def operation(ctx: OperationContext) -> dict[str, Any]:
@@ -84,15 +88,20 @@ def lying(op: str, answer: dict[str, Any], data: bytes = b"", trailer: dict[str,
 # ---- the host checks the agent's word ----------------------------------------------------
 
 
-@pytest.mark.parametrize("answer", [
-    {"sha256": sha(b"other"), "size": 5, "mode": 0o644},
-    {"sha256": sha(b"hello"), "size": 6, "mode": 0o644},
-    {"size": 5, "mode": 0o644},
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"sha256": sha(b"other"), "size": 5, "mode": 0o644},
+        {"sha256": sha(b"hello"), "size": 6, "mode": 0o644},
+        {"size": 5, "mode": 0o644},
+    ],
+)
 def test_push_checks_the_agents_size_and_sha256(answer: dict[str, Any]) -> None:
     link = lying("push", answer)
-    with pytest.raises(IntegrityError, match=f"sent 5 bytes with sha256 {sha(b'hello')} to /g/f but the agent "
-                                             f"stored {answer['size']} bytes"):
+    with pytest.raises(
+        IntegrityError,
+        match=f"sent 5 bytes with sha256 {sha(b'hello')} to /g/f but the agent stored {answer['size']} bytes",
+    ):
         result_of(start(link, link.client.push(io.BytesIO(b"hello"), "/g/f")))
 
 
@@ -118,8 +127,12 @@ def test_push_result_and_what_the_agent_is_told(tmp_path: Path) -> None:
         f.seek(100_000)
         result = result_of(start(link, link.client.push(f, "/g/f", progress=lambda *a: progress.append(a))))
     rest = 700_000 - 100_000
-    assert seen == {"path": "/g/f", "mode": 0o640, "size": rest,
-                    "trailer": {"sha256": sha(source.read_bytes()[100_000:]), "size": rest}}
+    assert seen == {
+        "path": "/g/f",
+        "mode": 0o640,
+        "size": rest,
+        "trailer": {"sha256": sha(source.read_bytes()[100_000:]), "size": rest},
+    }
     assert progress == [(262_144, rest), (524_288, rest), (rest, rest)]
     assert result.path == "/g/f" and result.size == rest and result.mode == 0o604 and result.seconds == 2.5
     # A mode given wins over the host file's; a file object without a descriptor has neither.
@@ -139,15 +152,19 @@ def test_push_refuses_host_paths_that_are_not_files(tmp_path: Path) -> None:
         result_of(start(link, link.client.push("/dev/null", "/g/f")))
 
 
-@pytest.mark.parametrize(("trailer", "answer", "error"), [
-    ({"sha256": sha(b"hello"), "size": 4}, {"sha256": sha(b"hello"), "size": 5}, IncompleteTransfer),
-    ({"sha256": sha(b"hello"), "size": 5}, {"sha256": sha(b"hello"), "size": 4}, IncompleteTransfer),
-    (None, {"sha256": sha(b"hello"), "size": 5}, IncompleteTransfer),
-    ({"sha256": sha(b"hello"), "size": 5}, {"sha256": sha(b"other"), "size": 5}, IntegrityError),
-    ({"sha256": sha(b"other"), "size": 5}, {"sha256": sha(b"hello"), "size": 5}, IntegrityError),
-])
-def test_pull_checks_both_the_trailer_and_the_answer(tmp_path: Path, trailer: dict[str, Any] | None,
-                                                     answer: dict[str, Any], error: type[Exception]) -> None:
+@pytest.mark.parametrize(
+    ("trailer", "answer", "error"),
+    [
+        ({"sha256": sha(b"hello"), "size": 4}, {"sha256": sha(b"hello"), "size": 5}, IncompleteTransfer),
+        ({"sha256": sha(b"hello"), "size": 5}, {"sha256": sha(b"hello"), "size": 4}, IncompleteTransfer),
+        (None, {"sha256": sha(b"hello"), "size": 5}, IncompleteTransfer),
+        ({"sha256": sha(b"hello"), "size": 5}, {"sha256": sha(b"other"), "size": 5}, IntegrityError),
+        ({"sha256": sha(b"other"), "size": 5}, {"sha256": sha(b"hello"), "size": 5}, IntegrityError),
+    ],
+)
+def test_pull_checks_both_the_trailer_and_the_answer(
+    tmp_path: Path, trailer: dict[str, Any] | None, answer: dict[str, Any], error: type[Exception]
+) -> None:
     link = lying("pull", {**answer, "mode": 0o644}, b"hello", trailer)
     with pytest.raises(error, match="pull again"):
         result_of(start(link, link.client.pull("/g/f", str(tmp_path / "f"))))
@@ -160,11 +177,16 @@ def test_pull_checks_both_the_trailer_and_the_answer(tmp_path: Path, trailer: di
 
 def test_pull_result_mode_and_progress(tmp_path: Path) -> None:
     data = os.urandom(300_000)
-    link = lying("pull", {"sha256": sha(data), "size": len(data), "mode": 0o640}, data,
-                 {"sha256": sha(data), "size": len(data)})
+    link = lying(
+        "pull",
+        {"sha256": sha(data), "size": len(data), "mode": 0o640},
+        data,
+        {"sha256": sha(data), "size": len(data)},
+    )
     progress: list[tuple[int, int | None]] = []
-    result = result_of(start(link, link.client.pull("/g/f", str(tmp_path / "f"),
-                                                    progress=lambda *a: progress.append(a))))
+    result = result_of(
+        start(link, link.client.pull("/g/f", str(tmp_path / "f"), progress=lambda *a: progress.append(a)))
+    )
     assert (tmp_path / "f").read_bytes() == data and os.listdir(tmp_path) == ["f"]
     assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o640
     assert (result.path, result.size, result.sha256, result.mode) == ("/g/f", len(data), sha(data), 0o640)
@@ -215,8 +237,11 @@ def test_push_sets_the_exact_mode_whatever_the_umask(tmp_path: Path) -> None:
 @pytest.mark.parametrize("op", ["push", "pull"])
 def test_the_agents_answer_to_a_cancel(tmp_path: Path, op: str) -> None:
     tracked = Tracked(getattr(files, op))
-    link = InMemoryLink({**OPERATIONS, op: tracked}, agent_limits=Limits(window=64 * 1024),
-                        client_limits=Limits(window=64 * 1024))
+    link = InMemoryLink(
+        {**OPERATIONS, op: tracked},
+        agent_limits=Limits(window=64 * 1024),
+        client_limits=Limits(window=64 * 1024),
+    )
     (tmp_path / "big").write_bytes(os.urandom(1024 * 1024))
     if op == "push":
         d = link.client.push(io.BytesIO(os.urandom(1024 * 1024)), str(tmp_path / "f"))
@@ -243,7 +268,7 @@ def test_agent_operations_as_an_unprivileged_user(shared: Path) -> None:
     (shared / "secret").chmod(0o600)
     (shared / "closed").mkdir(mode=0o700)
     link = InMemoryLink(OPERATIONS)
-    cases = [
+    cases: list[tuple[Deferred[Any], str]] = [
         (link.client.push(io.BytesIO(b"x"), str(shared / "new")), "permission denied to the agent's user"),
         (link.client.pull(str(shared / "secret"), io.BytesIO()), "permission denied to the agent's user"),
         (link.client.list(str(shared / "closed")), "cannot list"),
@@ -262,13 +287,19 @@ def test_host_files_an_unprivileged_user_may_not_touch(shared: Path) -> None:
     (shared / "secret").write_bytes(b"s")
     (shared / "secret").chmod(0o600)
     data = b"guest data"
-    link = lying("pull", {"sha256": sha(data), "size": len(data), "mode": 0o644}, data,
-                 {"sha256": sha(data), "size": len(data)})
+    link = lying(
+        "pull",
+        {"sha256": sha(data), "size": len(data), "mode": 0o644},
+        data,
+        {"sha256": sha(data), "size": len(data)},
+    )
     with as_nobody():
         push = link.client.push(str(shared / "secret"), "/g/f")
         pull = link.client.pull("/g/f", str(shared / "out"))
         link.flush()
-        with pytest.raises(PermissionDenied, match=f"this host user may not read the host file {shared}/secret"):
+        with pytest.raises(
+            PermissionDenied, match=f"this host user may not read the host file {shared}/secret"
+        ):
             result_of(push)
         with pytest.raises(PermissionDenied, match=f"may not create files in the host directory {shared}"):
             result_of(pull)

@@ -7,7 +7,7 @@ carry the input's bytes as frames, junk and markers.  A crash is any exception o
 our ProtocolError from the decoder or the host engine (the harness resynchronises the host
 as the client does), or any broken invariant (:class:`Violation`).  See tests/fuzz/README.md.
 
-    .venv/bin/python -m tests.fuzz.fuzz_protocol -runs=1000000 -dict=tests/fuzz/protocol.dict
+    .venv/bin/python -m tests.fuzz.fuzz_protocol -runs=1000000 -max_len=512 -dict=tests/fuzz/protocol.dict
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ with atheris.instrument_imports(include=["guest_agent.protocol", "tests.fuzz.har
     from guest_agent.protocol.frames import FrameDecoder
     from tests.fuzz.harness import AGENT, HOST, KINDS, Duel, Step
 
-MAX_STEPS = 48
+MAX_STEPS = 32
 
 
 def _limits(data: atheris.FuzzedDataProvider) -> Limits:
@@ -39,7 +39,7 @@ def _step(data: atheris.FuzzedDataProvider) -> Step:
         side=HOST if data.ConsumeBool() else AGENT,
         slot=data.ConsumeIntInRange(0, 7),
         channel=data.ConsumeIntInRange(0, 3),
-        size=data.ConsumeIntInRange(0, 6000),
+        size=data.ConsumeIntInRange(0, 2500),
         frame_type=data.ConsumeIntInRange(1, 9),
         flags=data.ConsumeIntInRange(0, 255),
         request_id=data.ConsumeIntInRange(0, 0xFFFFFFFF) if data.ConsumeBool() else 0,

@@ -8,25 +8,42 @@
 #   bash scripts/mutation.sh            # run (results are cached in mutants/; rerun resumes)
 #   bash scripts/mutation.sh --fresh    # forget earlier results first
 #
-# Prints the score and the mutants that survived; `.venv/bin/mutmut show NAME` shows one.
-# Takes about 20 minutes on 2 cores.
+# Prints the score and the mutants not killed; `.venv/bin/mutmut show NAME` shows one.
+# Takes about 30 minutes on 2 busy cores.
+#
+# A mutant of the file operations can do anything a file operation can: with the agent's
+# refusal of "/" broken, `remove("/", recursive=True)` empties the file system.  So, started
+# as root (CI), mutmut runs as the user nobody, in a private mount namespace where every file
+# system is read-only but a fresh tmpfs on /tmp and the mutants/ directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--fresh" ]]; then
     rm -rf mutants
 fi
-if ! .venv/bin/python -c "import mutmut, hypothesis" 2>/dev/null; then
+if ! .venv/bin/python -c "import hypothesis, mutmut" 2>/dev/null; then
     .venv/bin/python -m pip install -q -e ".[test,mutation]"
 fi
-# Derandomised property tests: a mutant is killed or not the same way every run.
 mkdir -p mutants
-# A mutant may loop allocating memory or writing a file: bound both, so that it fails alone
-# instead of starving the machine (the kernel would pick any large process to kill).
-ulimit -v 6000000
-ulimit -f 2000000
+# Derandomised property tests: a mutant is killed or not the same way every run.
 export HYPOTHESIS_PROFILE=mutation
-.venv/bin/mutmut run --max-children "${MUTATION_JOBS:-2}" > mutants/run.log 2>&1 || {
-    tail -40 mutants/run.log
-    exit 1
-}
+run=(.venv/bin/mutmut run --max-children "${MUTATION_JOBS:-2}")
+if [[ $(id -u) == 0 ]]; then
+    chown -R nobody: mutants
+    # shellcheck disable=SC2016
+    unshare --mount --propagation private bash -c '
+        set -euo pipefail
+        findmnt -rn -o TARGET | sort -u | while read -r target; do
+            mount -o remount,bind,ro "$target" 2>/dev/null || true
+        done
+        mount -o remount,bind,ro /
+        mount -t tmpfs -o size=4g,mode=1777 tmpfs /tmp
+        mount --bind mutants mutants
+        mount -o remount,bind,rw mutants
+        touch / 2>/dev/null && { echo "mutation.sh: / is still writable, refusing to run" >&2; exit 1; }
+        exec setpriv --reuid=nobody --regid=nogroup --clear-groups --inh-caps=-all \
+            env HOME=/tmp "$@"
+    ' mutation "${run[@]}" > mutants/run.log 2>&1 || { tail -40 mutants/run.log; exit 1; }
+else
+    "${run[@]}" > mutants/run.log 2>&1 || { tail -40 mutants/run.log; exit 1; }
+fi
 .venv/bin/python scripts/mutation_score.py

@@ -58,10 +58,20 @@ def as_nobody() -> Iterator[None]:
 
 @pytest.fixture
 def shared(tmp_path: Path) -> Iterator[Path]:
-    """A directory ``nobody`` can reach (pytest's tmp_path is root's alone), owned by root."""
+    """
+    A directory ``nobody`` can reach (pytest's tmp_path is root's alone) and not write, with
+    a file ``secret`` and a directory ``closed`` it may not open.  Modes, not owners, close
+    them: without root the test's user owns them, and its own modes bind it too.
+    """
     path = Path(tempfile.mkdtemp(prefix="vmc-test-"))
-    path.chmod(0o755)
+    (path / "secret").write_bytes(b"s")
+    (path / "closed").mkdir()
+    (path / "secret").chmod(0)
+    (path / "closed").chmod(0)
+    path.chmod(0o555)
     yield path
+    path.chmod(0o755)
+    (path / "closed").chmod(0o755)
     shutil.rmtree(path)
 
 
@@ -264,9 +274,6 @@ def test_the_agents_answer_to_a_cancel(tmp_path: Path, op: str) -> None:
 
 
 def test_agent_operations_as_an_unprivileged_user(shared: Path) -> None:
-    (shared / "secret").write_bytes(b"s")
-    (shared / "secret").chmod(0o600)
-    (shared / "closed").mkdir(mode=0o700)
     link = InMemoryLink(OPERATIONS)
     cases: list[tuple[Deferred[Any], str]] = [
         (link.client.push(io.BytesIO(b"x"), str(shared / "new")), "permission denied to the agent's user"),
@@ -284,8 +291,6 @@ def test_agent_operations_as_an_unprivileged_user(shared: Path) -> None:
 
 
 def test_host_files_an_unprivileged_user_may_not_touch(shared: Path) -> None:
-    (shared / "secret").write_bytes(b"s")
-    (shared / "secret").chmod(0o600)
     data = b"guest data"
     link = lying(
         "pull",
@@ -303,4 +308,4 @@ def test_host_files_an_unprivileged_user_may_not_touch(shared: Path) -> None:
             result_of(push)
         with pytest.raises(PermissionDenied, match=f"may not create files in the host directory {shared}"):
             result_of(pull)
-    assert os.listdir(shared) == ["secret"]
+    assert sorted(os.listdir(shared)) == ["closed", "secret"]

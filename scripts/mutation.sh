@@ -14,7 +14,7 @@
 # A mutant of the file operations can do anything a file operation can: with the agent's
 # refusal of "/" broken, `remove("/", recursive=True)` empties the file system.  So, started
 # as root (CI), mutmut runs as the user nobody, in a private mount namespace where every file
-# system is read-only but a fresh tmpfs on /tmp and the mutants/ directory.
+# system is read-only but fresh tmpfs on /tmp and /dev/shm and the mutants/ directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--fresh" ]]; then
@@ -37,6 +37,7 @@ if [[ $(id -u) == 0 ]]; then
         done
         mount -o remount,bind,ro /
         mount -t tmpfs -o size=4g,mode=1777 tmpfs /tmp
+        mount -t tmpfs -o size=1g,mode=1777 tmpfs /dev/shm  # multiprocessing locks
         mount --bind mutants mutants
         mount -o remount,bind,rw mutants
         touch / 2>/dev/null && { echo "mutation.sh: / is still writable, refusing to run" >&2; exit 1; }

@@ -18,6 +18,10 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from guest_agent.ops import files
 from guest_agent.protocol.connection import Limits
@@ -309,3 +313,58 @@ def test_host_files_an_unprivileged_user_may_not_touch(shared: Path) -> None:
         with pytest.raises(PermissionDenied, match=f"may not create files in the host directory {shared}"):
             result_of(pull)
     assert sorted(os.listdir(shared)) == ["closed", "secret"]
+
+
+# ---- blocking work goes to the reactor's thread pool ---------------------------------------
+
+
+class InlinePool:
+    """A thread pool that runs work at once, in the caller's thread, and records it."""
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    def callInThreadWithCallback(self, on_result: Any, work: Any, *args: Any, **kwargs: Any) -> None:
+        self.ran.append(getattr(work, "__name__", repr(work)))
+        try:
+            result = work(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+@implementer(IReactorThreads, IReactorFromThreads)
+class ThreadedClock(Clock):
+    """A Clock with a thread pool, as a real reactor has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = InlinePool()
+
+    def getThreadPool(self) -> Any:
+        return self.pool
+
+    def callFromThread(self, callable: Any, *args: Any, **kwargs: Any) -> None:
+        callable(*args, **kwargs)
+
+    def callInThread(self, callable: Any, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def suggestThreadPoolSize(self, size: int) -> None:
+        raise NotImplementedError
+
+
+def test_fsync_and_recursive_removal_run_in_the_thread_pool(tmp_path: Path) -> None:
+    clock = ThreadedClock()
+    link = InMemoryLink(OPERATIONS, clock=clock)
+    result_of(start(link, link.client.push(io.BytesIO(b"data"), str(tmp_path / "f"))))
+    assert clock.pool.ran == ["<lambda>", "<lambda>"]  # the file's fsync, then its directory's
+    assert (tmp_path / "f").read_bytes() == b"data"
+    clock.pool.ran.clear()
+    result_of(start(link, link.client.pull(str(tmp_path / "f"), str(tmp_path / "g"))))
+    assert clock.pool.ran == ["fsync"] and (tmp_path / "g").read_bytes() == b"data"
+    clock.pool.ran.clear()
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    result_of(start(link, link.client.remove(str(tmp_path / "d"), recursive=True)))
+    assert clock.pool.ran == ["<lambda>"] and not (tmp_path / "d").exists()

@@ -368,3 +368,43 @@ def test_fsync_and_recursive_removal_run_in_the_thread_pool(tmp_path: Path) -> N
     (tmp_path / "d" / "e").mkdir(parents=True)
     result_of(start(link, link.client.remove(str(tmp_path / "d"), recursive=True)))
     assert clock.pool.ran == ["<lambda>"] and not (tmp_path / "d").exists()
+
+
+# ---- metadata, exactly ---------------------------------------------------------------------
+
+
+def test_stat_and_list_say_exactly_what_lstat_says(tmp_path: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    (tmp_path / "f").write_bytes(b"12345")
+    (tmp_path / "f").chmod(0o640)
+    os.utime(tmp_path / "f", (1000, 2000.5))
+    (tmp_path / "l").symlink_to("f")
+    (tmp_path / "d").mkdir(mode=0o750)
+    (tmp_path / "d").chmod(0o750)
+    info = result_of(start(link, link.client.stat(str(tmp_path / "f"))))
+    assert info == {
+        "path": str(tmp_path / "f"),
+        "type": "file",
+        "size": 5,
+        "mode": 0o640,
+        "mtime": 2000.5,
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "target": None,
+    }
+    link_info = result_of(start(link, link.client.stat(str(tmp_path / "l") + "/")))  # normalised
+    assert link_info["path"] == str(tmp_path / "l") and link_info["type"] == "symlink"
+    assert link_info["target"] == "f"
+    entries = result_of(start(link, link.client.list(str(tmp_path))))
+    assert [(e["name"], e["type"]) for e in entries] == [("d", "dir"), ("f", "file"), ("l", "symlink")]
+    assert entries[1] == {"name": "f", "type": "file", "size": 5, "mode": 0o640, "mtime": 2000.5}
+    assert entries[0]["mode"] == 0o750
+    missing = str(tmp_path / "nope")
+    with pytest.raises(
+        PathNotFound, match=f"^cannot stat {missing}: no such file or directory in the guest$"
+    ):
+        result_of(start(link, link.client.stat(missing)))
+    with pytest.raises(
+        PathNotFound, match=f"^cannot list {missing}: no such file or directory in the guest$"
+    ):
+        result_of(start(link, link.client.list(missing)))

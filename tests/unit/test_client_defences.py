@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 
-from guest_agent.protocol.connection import Limits
+from guest_agent.protocol.connection import AgentConnection, Limits
 from guest_agent.protocol.errors import (
     ConnectionLost,
     FrameTooLarge,
@@ -22,6 +24,7 @@ from guest_agent.protocol.errors import (
 from guest_agent.protocol.frames import Channel, FrameType, encode_frame
 from guest_agent.session import OperationContext
 from vmcontroller._exec import ExecResult
+from vmcontroller.client import GuestClient, _AgentProtocol
 from vmcontroller.errors import ProcessFailed
 from vmcontroller.testing import InMemoryLink
 
@@ -274,3 +277,39 @@ def test_a_failed_handshake_closes_the_client_with_its_error() -> None:
     assert isinstance(error, UnsupportedProtocolVersion)
     assert error_of(Deferred.fromCoroutine(link.client.wait_ready())) is error
     assert link.client._sync_timer is None and link.client._transport is None
+
+
+def waiting_client() -> tuple[GuestClient, StringTransport, Deferred[None]]:
+    """A client whose SYNC went out and who waits for a session."""
+    client = GuestClient(Clock())
+    transport = StringTransport()
+    _AgentProtocol(client).makeConnection(transport)
+    return client, transport, Deferred.fromCoroutine(client.wait_ready())
+
+
+def test_waiters_fail_when_the_channel_closes_before_the_handshake() -> None:
+    client, _transport, waiting = waiting_client()
+    protocol = _AgentProtocol(client)
+    protocol.connectionLost(None)
+    error = error_of(waiting)
+    assert isinstance(error, ConnectionLost) and str(error) == "the channel to the agent closed: closed"
+
+
+def test_waiters_fail_when_the_agent_refuses_the_handshake() -> None:
+    client, transport, waiting = waiting_client()
+    agent = AgentConnection(versions=(2,))
+    for _ in range(2):
+        agent.receive_data(transport.value())
+        transport.clear()
+        client._data_received(agent.data_to_send())
+    assert isinstance(error_of(waiting), UnsupportedProtocolVersion)
+    assert transport.disconnecting
+
+
+def test_check_reports_undecodable_stderr_and_no_stderr() -> None:
+    with pytest.raises(ProcessFailed) as raised:
+        ExecResult(("x",), 1, None, b"", b"\xff bad byte\n").check()
+    assert str(raised.value) == "['x'] exited with status 1 in the guest: \ufffd bad byte"
+    with pytest.raises(ProcessFailed) as raised:
+        ExecResult(("x",), 2, None, b"out", b"").check()
+    assert str(raised.value) == "['x'] exited with status 2 in the guest"

@@ -408,3 +408,91 @@ def test_stat_and_list_say_exactly_what_lstat_says(tmp_path: Path) -> None:
         PathNotFound, match=f"^cannot list {missing}: no such file or directory in the guest$"
     ):
         result_of(start(link, link.client.list(missing)))
+
+
+# ---- the agent's messages and defaults, exactly ---------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "reason"), [({}, "cancelled by the host"), ({"reason": "quota"}, "quota")])
+def test_a_cancelled_push_says_why(tmp_path: Path, body: dict[str, Any], reason: str) -> None:
+    link = InMemoryLink(OPERATIONS)
+    target = str(tmp_path / "f")
+
+    async def push_then_cancel() -> Any:
+        stream, result = await link.client.open_request("push", {"path": target, "mode": None, "size": None})
+        await stream.send(Channel.INPUT, b"partial")
+        link.client._connection.send_cancel(stream.request_id, body)
+        link.client._link.flush()
+        return await result
+
+    with pytest.raises(OperationCancelled) as raised:
+        result_of(start(link, push_then_cancel()))
+    assert raised.value.message == f"push of {target} stopped: {reason}; nothing was written"
+    assert os.listdir(tmp_path) == []
+
+
+def test_file_operation_errors_name_the_action_and_the_path(tmp_path: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    (tmp_path / "file").write_bytes(b"")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_bytes(b"")
+    file, deep = str(tmp_path / "file"), str(tmp_path / "a" / "b")
+    cases = [
+        (
+            "mkdir",
+            {"path": deep},
+            f"cannot create directory {deep}: a parent directory does not exist; pass parents=True",
+        ),
+        ("mkdir", {"path": file}, f"cannot create directory {file}: it exists already"),
+        ("mkdir", {"path": deep, "parents": "yes"}, "'parents' must be true or false, got 'yes'"),
+        ("list", {"path": file}, f"cannot list {file}: it, or a directory on its path, is not a directory"),
+        (
+            "remove",
+            {"path": str(tmp_path / "full")},
+            f"cannot remove {tmp_path}/full: the directory is not "
+            "empty; pass recursive=True to remove it too",
+        ),
+        ("remove", {"path": "/", "recursive": True}, "refusing to remove the guest's root directory"),
+    ]
+    for op, args, message in cases:
+        with pytest.raises(Exception) as raised:
+            result_of(start(link, link.client.call(op, args)))
+        assert str(raised.value) == message
+    assert sorted(os.listdir(tmp_path)) == ["file", "full"]
+
+
+def test_list_skips_an_entry_removed_while_listing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_bytes(b"")
+    real_scandir = os.scandir
+
+    class Vanishing:
+        def __init__(self, entry: os.DirEntry[str]) -> None:
+            self.name = entry.name
+            self._entry = entry
+
+        def stat(self, follow_symlinks: bool = True) -> os.stat_result:
+            if self.name == "a":
+                raise FileNotFoundError(2, "gone")
+            return self._entry.stat(follow_symlinks=follow_symlinks)
+
+    @contextlib.contextmanager
+    def scandir(path: str) -> Iterator[list[Vanishing]]:
+        with real_scandir(path) as entries:
+            yield sorted((Vanishing(entry) for entry in entries), key=lambda entry: entry.name)
+
+    monkeypatch.setattr(files.os, "scandir", scandir)
+    link = InMemoryLink(OPERATIONS)
+    assert [e["name"] for e in result_of(start(link, link.client.list(str(tmp_path))))] == ["b", "c"]
+
+
+def test_a_failed_rename_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(source: str, destination: str) -> None:
+        raise PermissionError(13, "Permission denied", destination)
+
+    monkeypatch.setattr(files.os, "rename", refuse)
+    link = InMemoryLink(OPERATIONS)
+    target = str(tmp_path / "f")
+    with pytest.raises(PermissionDenied, match=f"^cannot write {target}: permission denied"):
+        result_of(start(link, link.client.push(io.BytesIO(b"data"), target)))
+    assert os.listdir(tmp_path) == []

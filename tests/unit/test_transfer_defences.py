@@ -437,7 +437,7 @@ def test_file_operation_errors_name_the_action_and_the_path(tmp_path: Path) -> N
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_bytes(b"")
     file, deep = str(tmp_path / "file"), str(tmp_path / "a" / "b")
-    cases = [
+    cases: list[tuple[str, dict[str, Any], str]] = [
         (
             "mkdir",
             {"path": deep},

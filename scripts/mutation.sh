@@ -5,8 +5,9 @@
 # (guest_agent/ops/files.py).  The modules and the unit tests that run are in setup.cfg
 # ([mutmut]); for each mutant mutmut runs only the tests that call the mutated function.
 #
-#   bash scripts/mutation.sh            # run (results are cached in mutants/; rerun resumes)
-#   bash scripts/mutation.sh --fresh    # forget earlier results first
+#   bash scripts/mutation.sh             # run (results are cached in mutants/; rerun resumes)
+#   bash scripts/mutation.sh --fresh     # forget earlier results first
+#   bash scripts/mutation.sh NAME...     # run these mutants again (after adding tests, say)
 #
 # Prints the score and the mutants not killed; `.venv/bin/mutmut show NAME` shows one.
 # Takes about 30 minutes on 2 busy cores.
@@ -19,6 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--fresh" ]]; then
     rm -rf mutants
+    shift
 fi
 if ! .venv/bin/python -c "import hypothesis, mutmut" 2>/dev/null; then
     .venv/bin/python -m pip install -q -e ".[test,mutation]"
@@ -26,7 +28,7 @@ fi
 mkdir -p mutants
 # Derandomised property tests: a mutant is killed or not the same way every run.
 export HYPOTHESIS_PROFILE=mutation
-run=(.venv/bin/mutmut run --max-children "${MUTATION_JOBS:-2}")
+run=(.venv/bin/mutmut run --max-children "${MUTATION_JOBS:-2}" "$@")
 if [[ $(id -u) == 0 ]]; then
     chown -R nobody: mutants
     # shellcheck disable=SC2016

@@ -7,6 +7,7 @@ tests drop the effective user to ``nobody`` for the call, and get root back afte
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import shutil
@@ -26,16 +27,19 @@ from zope.interface import implementer
 from guest_agent.ops import files
 from guest_agent.protocol.connection import Limits
 from guest_agent.protocol.errors import (
+    AgentOSError,
     IncompleteTransfer,
     IntegrityError,
     IsADirectory,
     NotADirectory,
     OperationCancelled,
+    OperationError,
     PathNotFound,
     PermissionDenied,
 )
 from guest_agent.protocol.frames import Channel
 from guest_agent.session import OperationContext
+from tests.unit.test_client_session import error_of
 from tests.unit.test_files_ops import OPERATIONS, Tracked, result_of, sha, start
 from vmcontroller.testing import InMemoryLink
 
@@ -496,3 +500,85 @@ def test_a_failed_rename_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(PermissionDenied, match=f"^cannot write {target}: permission denied"):
         result_of(start(link, link.client.push(io.BytesIO(b"data"), target)))
     assert os.listdir(tmp_path) == []
+
+
+# ---- disk errors on either side, and what each error carries ----------------------------------
+
+
+def test_host_errors_carry_the_path(tmp_path: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    (tmp_path / "file").write_bytes(b"")
+    cases: list[tuple[Deferred[Any], str]] = [
+        (link.client.push(str(tmp_path / "nope"), "/g/f"), str(tmp_path / "nope")),
+        (link.client.push(str(tmp_path), "/g/f"), str(tmp_path)),
+        (link.client.push("/dev/null", "/g/f"), "/dev/null"),
+        (link.client.pull("/g/f", str(tmp_path / "no" / "f")), str(tmp_path / "no")),
+        (link.client.pull("/g/f", str(tmp_path / "file" / "f")), str(tmp_path / "file")),
+        (link.client.pull("/g/f", str(tmp_path)), str(tmp_path)),
+    ]
+    for call, path in cases:
+        error = error_of(call)
+        assert isinstance(error, OperationError) and error.details == {"path": path}
+
+
+def test_disk_errors_in_the_guest_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    link = InMemoryLink(OPERATIONS)
+    (tmp_path / "src").write_bytes(b"contents")
+    real_read, real_write = os.read, os.write
+
+    def failing_read(fd: int, size: int) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def failing_write(fd: int, data: Any) -> int:
+        if bytes(data) == b"to disk":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(files.os, "read", failing_read)
+    with pytest.raises(AgentOSError, match=f"^cannot read {tmp_path}/src: EIO: Input/output error$"):
+        result_of(start(link, link.client.pull(str(tmp_path / "src"), io.BytesIO())))
+    monkeypatch.setattr(files.os, "read", real_read)
+    monkeypatch.setattr(files.os, "write", failing_write)
+    with pytest.raises(AgentOSError, match=f"^cannot write {tmp_path}/dst: ENOSPC: No space left on device$"):
+        result_of(start(link, link.client.push(io.BytesIO(b"to disk"), str(tmp_path / "dst"))))
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_a_failed_fsync_publishes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files.os, "fsync", failing_fsync)
+    link = InMemoryLink(OPERATIONS)
+    with pytest.raises(AgentOSError, match=f"^cannot write {tmp_path}/f: EIO: Input/output error$"):
+        result_of(start(link, link.client.push(io.BytesIO(b"x"), str(tmp_path / "f"))))
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_agents_push_answer(tmp_path: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    target = str(tmp_path / "f")
+
+    async def raw() -> Any:
+        stream, result = await link.client.open_request("push", {"path": target, "mode": 0o600, "size": 2})
+        await stream.send(Channel.INPUT, b"ab")
+        stream.send_eof(Channel.INPUT, {"sha256": sha(b"ab"), "size": 2})
+        return await result
+
+    assert result_of(start(link, raw())) == {"path": target, "size": 2, "sha256": sha(b"ab"), "mode": 0o600}
+
+
+def test_a_pull_writes_into_a_hidden_temp_file_beside_the_destination(tmp_path: Path) -> None:
+    seen: list[list[str]] = []
+
+    async def pull(ctx: OperationContext) -> dict[str, Any]:
+        await ctx.io.send(Channel.INPUT, b"data")
+        seen.append(sorted(os.listdir(tmp_path)))
+        ctx.io.send_eof(Channel.INPUT, {"sha256": sha(b"data"), "size": 4})
+        return {"sha256": sha(b"data"), "size": 4, "mode": 0o644}
+
+    link = InMemoryLink({"pull": pull})
+    result_of(start(link, link.client.pull("/g/f", str(tmp_path / "result.txt"))))
+    ((temp,),) = seen
+    assert temp.startswith(".result.txt.") and temp.endswith(".vmc-part")
+    assert os.listdir(tmp_path) == ["result.txt"]

@@ -1,0 +1,142 @@
+"""
+Fixtures of the conformance suite: ``harness`` gives each check a started driver of one
+configuration (see :mod:`tests.conformance.configurations`) and removes the VMs it defined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+
+from hypervisors import load_driver
+from hypervisors.interface import Capability, VMEvent, VMEventType, VMSpec, VMState
+from tests.conformance.configurations import DriverConfiguration, configuration_params
+from vmcontroller.errors import HypervisorError
+
+#: How long a check waits for an event or a state; polling drivers report within a second or two.
+EVENT_TIMEOUT = 60.0
+
+_serial = itertools.count()
+
+
+class Harness:
+    """A started driver of one configuration, and the VMs a check defined on it."""
+
+    def __init__(self, configuration: DriverConfiguration, driver: Any, workdir: Path) -> None:
+        self.configuration = configuration
+        self.driver = driver
+        self.workdir = workdir
+        self.defined: list[str] = []
+
+    def vm_name(self) -> str:
+        # The integration conftest removes leftovers of dead sessions by this prefix and pid.
+        return f"vmc-test-conf{next(_serial)}-{os.getpid()}"
+
+    def spec(self, name: str | None = None, **overrides: Any) -> VMSpec:
+        return self.configuration.spec(name or self.vm_name(), self.workdir, **overrides)
+
+    async def define(self, **overrides: Any) -> str:
+        spec = self.spec(**overrides)
+        name: str = await self.driver.define(spec)
+        self.defined.append(name)
+        return name
+
+    async def running(self, **overrides: Any) -> str:
+        """A VM of its own, defined and started."""
+        name = await self.define(**overrides)
+        await self.driver.start(name)
+        return name
+
+    def require(self, capability: Capability) -> None:
+        """Skip the check where the driver lacks ``capability`` (``test_capabilities`` covers that)."""
+        if capability not in self.driver.capabilities:
+            pytest.skip(
+                f"{self.configuration.id} lacks {capability.value}; test_missing_capability_is_refused "
+                "checks the error"
+            )
+
+    async def cleanup(self) -> None:
+        for name in self.defined:
+            with contextlib.suppress(HypervisorError):
+                await self.driver.undefine(name)
+
+
+@pytest.fixture(params=configuration_params())
+def configuration(request: pytest.FixtureRequest) -> DriverConfiguration:
+    config: DriverConfiguration = request.param
+    return config
+
+
+def start_driver(configuration: DriverConfiguration, options: dict[str, Any]) -> Any:
+    driver = load_driver(configuration.entry_point, reactor, **options)
+    driver.startService()
+    return driver
+
+
+@pytest_twisted.async_yield_fixture()
+async def harness(configuration: DriverConfiguration, tmp_path: Path) -> AsyncIterator[Harness]:
+    driver = start_driver(configuration, dict(configuration.options(tmp_path)))
+    h = Harness(configuration, driver, tmp_path)
+    try:
+        yield h
+    finally:
+        await h.cleanup()
+        await driver.stopService()
+
+
+class EventRecorder:
+    """Records the events of one subscription; :meth:`next` waits for one that matches."""
+
+    def __init__(self, driver: Any, vm: str | None = None) -> None:
+        self.events: list[VMEvent] = []
+        self._arrived: Deferred[None] | None = None
+        self._cursor: dict[str, int] = {}
+        self.subscription = driver.subscribe(self._on_event, vm)
+
+    def _on_event(self, event: VMEvent) -> None:
+        self.events.append(event)
+        arrived, self._arrived = self._arrived, None
+        if arrived is not None:
+            arrived.callback(None)
+
+    async def next(self, vm: str, *types: VMEventType, timeout: float = EVENT_TIMEOUT) -> VMEvent:
+        """
+        The next event of ``vm`` of one of ``types`` after the one this returned last, waiting
+        for it. Events of other types in between are passed over: hypervisors report more
+        than the contract asks (libvirt's ``BLOCKED``, a ``RESUMED`` after ``STARTED``...).
+        """
+        deadline = reactor.seconds() + timeout
+        while True:
+            for index in range(self._cursor.get(vm, 0), len(self.events)):
+                event = self.events[index]
+                if event.vm == vm and event.type in types:
+                    self._cursor[vm] = index + 1
+                    return event
+            left = deadline - reactor.seconds()
+            if left <= 0:
+                raise AssertionError(
+                    f"no {'/'.join(t.value for t in types)} event of {vm} within {timeout:g} s; "
+                    f"its events: {self.of(vm)}"
+                )
+            self._arrived = Deferred()
+            with contextlib.suppress(Exception):
+                await self._arrived.addTimeout(left, reactor)
+
+    def of(self, vm: str) -> list[VMEvent]:
+        """The events of ``vm`` received so far."""
+        return [e for e in self.events if e.vm == vm]
+
+
+async def expect_state(driver: Any, vm: str, state: VMState) -> None:
+    """Wait for ``state`` (drivers that poll get there a little later), then check it."""
+    await driver.wait_for_state(vm, state, timeout=EVENT_TIMEOUT)
+    assert await driver.state(vm) is state

@@ -11,7 +11,9 @@ reason.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+import os
+
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,8 @@ class DiskProbe:
         agent); otherwise in any state (it reads the disk from the host).
     """
 
-    write: Callable[[Any, str, bytes], Awaitable[None]]
-    read: Callable[[Any, str], Awaitable[bytes]]
+    write: Callable[[Any, str, bytes], Coroutine[Any, Any, None]]
+    read: Callable[[Any, str], Coroutine[Any, Any, bytes]]
     needs_running: bool = False
 
 
@@ -132,8 +134,16 @@ CONFIGURATIONS: tuple[DriverConfiguration, ...] = (THIRDPARTY, THIRDPARTY_BARE)
 
 
 def configuration_params() -> list[Any]:
-    """The configurations as pytest parameters, with their marks."""
-    return [pytest.param(c, id=c.id, marks=c.marks) for c in CONFIGURATIONS]
+    """
+    The configurations as pytest parameters, with their marks; only those named in
+    ``$VMC_CONFORMANCE_CONFIGURATIONS`` (comma-separated ids) if it is set.
+    """
+    chosen = os.environ.get("VMC_CONFORMANCE_CONFIGURATIONS")
+    wanted = set(chosen.split(",")) if chosen else {c.id for c in CONFIGURATIONS}
+    unknown = wanted - {c.id for c in CONFIGURATIONS}
+    if unknown:
+        raise ValueError(f"VMC_CONFORMANCE_CONFIGURATIONS names unknown configurations: {sorted(unknown)}")
+    return [pytest.param(c, id=c.id, marks=c.marks) for c in CONFIGURATIONS if c.id in wanted]
 
 
 __all__ = ["CONFIGURATIONS", "MARKER", "DiskProbe", "DriverConfiguration", "IHypervisorDriver"]

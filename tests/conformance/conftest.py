@@ -77,9 +77,27 @@ def configuration(request: pytest.FixtureRequest) -> DriverConfiguration:
 
 
 def start_driver(configuration: DriverConfiguration, options: dict[str, Any]) -> Any:
-    driver = load_driver(configuration.entry_point, reactor, **options)
+    """The configuration's driver, found through its entry point as users find it, started."""
+    driver: Any = load_driver(configuration.entry_point, reactor, **options)
+    removed = os.environ.get(REMOVE_VARIABLE)
+    if removed:
+        driver.__class__ = without_member(type(driver), removed)
     driver.startService()
     return driver
+
+
+#: ``scripts/conformance-removal.sh`` sets it to an interface member: the drivers the suite
+#: loads then lack it, and the suite must fail.
+REMOVE_VARIABLE = "VMC_CONFORMANCE_REMOVE"
+
+
+def without_member(cls: type, member: str) -> type:
+    """A subclass of ``cls`` that lacks ``member`` (a method or an attribute): reading it fails."""
+
+    def missing(self: object) -> Any:
+        raise AttributeError(f"{member} removed by ${REMOVE_VARIABLE}")
+
+    return type(cls.__name__, (cls,), {member: property(missing)})
 
 
 @pytest_twisted.async_yield_fixture()

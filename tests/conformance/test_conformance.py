@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface.verify import verifyObject
 
@@ -97,7 +97,9 @@ def test_provides_the_interface(harness: Harness) -> None:
 # -- lifecycle, with its events ------------------------------------------------------------------
 
 
-@exercises("define", "start", "pause", "resume", "reset", "power_off", "state", "subscribe", "list_vms", "undefine")
+@exercises(
+    "define", "start", "pause", "resume", "reset", "power_off", "state", "subscribe", "list_vms", "undefine"
+)
 @pytest_twisted.ensureDeferred
 async def test_lifecycle_and_its_events(harness: Harness) -> None:
     driver = harness.driver
@@ -242,7 +244,9 @@ async def _probe_read(harness: Harness, name: str) -> bytes:
 def _require_probe(harness: Harness, running: bool) -> None:
     probe = harness.configuration.disk_probe
     if probe is None:
-        pytest.skip(f"{harness.configuration.id} cannot read a VM's disk: {harness.configuration.no_disk_probe}")
+        pytest.skip(
+            f"{harness.configuration.id} cannot read a VM's disk: {harness.configuration.no_disk_probe}"
+        )
     if probe.needs_running and not running:
         pytest.skip(f"{harness.configuration.id} reads the disk through the running guest only")
 
@@ -495,12 +499,18 @@ _NEEDS: dict[Capability, tuple[bool, dict[str, Any], Callable[[Any, str], Any]]]
     Capability.LIVE_SNAPSHOTS: (True, {}, lambda d, vm: d.snapshot_create(vm, "s")),
     Capability.SAVE_STATE: (True, {}, lambda d, vm: d.save_state(vm)),
     Capability.PORT_FORWARD: (True, {"nat_network": True}, lambda d, vm: d.forward_port(vm, 9000)),
-    Capability.SERIAL_PORTS: (True, {"serial_ports": ("agent",)}, lambda d, vm: d.agent_endpoint(vm, "serial")),
+    Capability.SERIAL_PORTS: (
+        True,
+        {"serial_ports": ("agent",)},
+        lambda d, vm: d.agent_endpoint(vm, "serial"),
+    ),
     Capability.VIRTIO_SERIAL: (True, {}, lambda d, vm: d.agent_endpoint(vm, "virtio-serial")),
 }
 
+_CAPABILITY_PARAMS = [pytest.param(c, id=c.value) for c in _NEEDS]
 
-@pytest.mark.parametrize("capability", sorted(_NEEDS, key=lambda c: c.value), ids=lambda c: c.value)
+
+@pytest.mark.parametrize("capability", _CAPABILITY_PARAMS)
 @pytest_twisted.ensureDeferred
 async def test_missing_capability_is_refused(harness: Harness, capability: Capability) -> None:
     driver = harness.driver
@@ -516,7 +526,7 @@ async def test_missing_capability_is_refused(harness: Harness, capability: Capab
     assert await driver.state(name) is before
 
 
-@pytest.mark.parametrize("capability", sorted(_NEEDS, key=lambda c: c.value), ids=lambda c: c.value)
+@pytest.mark.parametrize("capability", _CAPABILITY_PARAMS)
 @pytest_twisted.ensureDeferred
 async def test_declared_capability_works(harness: Harness, capability: Capability) -> None:
     driver = harness.driver
@@ -544,7 +554,7 @@ async def test_concurrent_calls_on_several_vms(harness: Harness) -> None:
     assert states == [VMState.PAUSED, VMState.SHUTOFF, VMState.RUNNING]
     probe = harness.configuration.disk_probe
     if probe is not None and not probe.needs_running:
-        await gatherResults([Deferred.fromCoroutine(probe.write(driver, n, n.encode())) for n in names])
+        await gatherResults([ensureDeferred(probe.write(driver, n, n.encode())) for n in names])
         assert [await probe.read(driver, n) for n in names] == [n.encode() for n in names]
 
 

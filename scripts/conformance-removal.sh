@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Shows that the conformance suite fails when a driver lacks any one operation: for each
+# configuration given (default: the ones that need no real VM) and each member of
+# IHypervisorDriver, runs the suite with that member removed from the driver
+# ($VMC_CONFORMANCE_REMOVE, see tests/conformance/conftest.py) and expects it to fail.
+# Prints one line per pair; exits non-zero if the suite passed without some member.
+# Usage: bash scripts/conformance-removal.sh [configuration-id ...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+CONFIGS=("$@")
+if [ ${#CONFIGS[@]} -eq 0 ]; then
+    mapfile -t CONFIGS < <($PY -c '
+from tests.conformance.configurations import CONFIGURATIONS
+for c in CONFIGURATIONS:
+    if not any(m.name == "integration" for m in c.marks):
+        print(c.id)')
+fi
+mapfile -t MEMBERS < <($PY -c '
+from hypervisors.interface import IHypervisorDriver
+print("\n".join(sorted(IHypervisorDriver.names(all=True))))')
+status=0
+for config in "${CONFIGS[@]}"; do
+    VMC_CONFORMANCE_CONFIGURATIONS="$config" $PY -m pytest -q -p no:cacheprovider tests/conformance >/dev/null 2>&1 \
+        || { echo "the suite fails on $config with nothing removed: fix that first"; exit 2; }
+done
+for config in "${CONFIGS[@]}"; do
+    for member in "${MEMBERS[@]}"; do
+        out=$(VMC_CONFORMANCE_CONFIGURATIONS="$config" VMC_CONFORMANCE_REMOVE="$member" \
+            $PY -m pytest -q -p no:cacheprovider tests/conformance 2>&1)
+        if [ $? -eq 0 ]; then
+            echo "PASSED WITHOUT $member on $config: the suite misses it"
+            status=1
+        else
+            echo "fails without $member on $config: $(echo "$out" | tail -1)"
+        fi
+    done
+done
+exit $status

@@ -12,7 +12,6 @@ reason.
 from __future__ import annotations
 
 import os
-
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path

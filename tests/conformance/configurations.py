@@ -11,15 +11,21 @@ reason.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import tempfile
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
 
 from hypervisors.interface import Capability, IHypervisorDriver, VMSpec
+from vmcontroller.client import connect
 
 #: The marker's name on the disk (a file in the guest, a key of the fake's disk).
 MARKER = "vmc-conformance-marker"
@@ -30,15 +36,12 @@ class DiskProbe:
     """
     Writes a marker onto a VM's disk and reads it back, proving what a revert restored.
 
-    :ivar write: ``write(driver, vm, data)``.
+    :ivar write: ``write(driver, vm, data)``; ``data`` is at most 256 bytes.
     :ivar read: ``read(driver, vm)``: the marker, or ``b""`` if there is none.
-    :ivar needs_running: the probe works only while the VM runs (it goes through the guest's
-        agent); otherwise in any state (it reads the disk from the host).
     """
 
     write: Callable[[Any, str, bytes], Coroutine[Any, Any, None]]
     read: Callable[[Any, str], Coroutine[Any, Any, bytes]]
-    needs_running: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,15 +52,23 @@ class DriverConfiguration:
     :ivar id: the test parameter's name.
     :ivar entry_point: the driver's name in the ``vmcontroller.hypervisors`` group.
     :ivar options: ``options(workdir)``: keyword arguments for ``load_driver``.
-    :ivar spec: ``spec(name, workdir, **overrides)``: a VMSpec this driver can define.
+    :ivar spec: ``spec(name, workdir, image, **overrides)``: a VMSpec this driver can define
+        (``image``: the guest image if ``needs_guest_image``, else ``None``).
     :ivar unavailable_options: ``unavailable_options(workdir)``: options that give a driver
         whose hypervisor is missing or not running, or ``None`` (then ``unavailable`` is called).
     :ivar make_unavailable: ``make_unavailable(driver)``: take a started driver's hypervisor
         away, for drivers that have no such option; returns a callable bringing it back.
     :ivar lock: ``lock(driver, vm)``: another program takes the VM's lock; returns a callable
         that releases it. ``None`` with ``no_lock`` saying why.
-    :ivar disk_probe: see :class:`DiskProbe`; ``None`` with ``no_disk_probe`` saying why.
+    :ivar offline_probe: a :class:`DiskProbe` for a shut-off VM; ``None`` with
+        ``no_disk_probe`` saying why.
+    :ivar online_probe: a :class:`DiskProbe` for a running VM; ``None`` likewise.
     :ivar agent_reachable: an agent answers behind ``agent_endpoint`` (a real guest, the fake).
+    :ivar boots: ``boots(driver, vm)`` waits until a started VM's guest has booted (it reacts
+        to the power button only then); ``None`` where it reacts at once.
+    :ivar needs_guest_image: its specs boot the project's guest image (the session fixture
+        ``guest_image`` is passed to ``spec``), and the session's booted guest serves the
+        checks that need a live agent.
     :ivar marks: pytest marks for all its checks (e.g. ``integration``).
     """
 
@@ -70,16 +81,19 @@ class DriverConfiguration:
     no_unavailable: str = ""
     lock: Callable[[Any, str], Awaitable[Callable[[], Awaitable[None]]]] | None = None
     no_lock: str = ""
-    disk_probe: DiskProbe | None = None
+    offline_probe: DiskProbe | None = None
+    online_probe: DiskProbe | None = None
     no_disk_probe: str = ""
     agent_reachable: bool = False
+    boots: Callable[[Any, str], Coroutine[Any, Any, None]] | None = None
+    needs_guest_image: bool = False
     marks: tuple[pytest.MarkDecorator, ...] = field(default_factory=tuple)
 
 
 # -- the in-memory fake, installed as a package of its own (tests/thirdparty_driver) -----------
 
 
-def _fake_spec(name: str, workdir: Path, **overrides: Any) -> VMSpec:
+def _fake_spec(name: str, workdir: Path, image: Any, **overrides: Any) -> VMSpec:
     return VMSpec(name=name, disk=str(workdir / "base.qcow2"), **overrides)
 
 
@@ -118,7 +132,8 @@ def _fake(id: str, capabilities: frozenset[Capability] | None = None) -> DriverC
         options=lambda _workdir: {} if capabilities is None else {"capabilities": capabilities},
         make_unavailable=_fake_unavailable,
         lock=_fake_lock,
-        disk_probe=DiskProbe(_fake_write, _fake_read),
+        offline_probe=DiskProbe(_fake_write, _fake_read),
+        online_probe=DiskProbe(_fake_write, _fake_read),
         agent_reachable=True,
     )
 
@@ -129,7 +144,130 @@ THIRDPARTY = _fake("thirdparty")
 #: every capability check has a driver that lacks it.
 THIRDPARTY_BARE = _fake("thirdparty-bare", frozenset({Capability.VIRTIO_SERIAL}))
 
-CONFIGURATIONS: tuple[DriverConfiguration, ...] = (THIRDPARTY, THIRDPARTY_BARE)
+
+# -- libvirt ----------------------------------------------------------------------------------------
+
+
+def _libvirt_test_spec(name: str, workdir: Path, image: Any, **overrides: Any) -> VMSpec:
+    # test:///default runs no emulator, but the driver makes each VM's overlay with qemu-img.
+    base = workdir / "base.qcow2"
+    if not base.exists():
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    return VMSpec(name=name, disk=str(base), **overrides)
+
+
+#: libvirt's test driver: every call goes through libvirt and the driver, nothing runs.
+LIBVIRT_TEST = DriverConfiguration(
+    id="libvirt-test",
+    entry_point="libvirt",
+    spec=_libvirt_test_spec,
+    options=lambda workdir: {"uri": "test:///default", "state_dir": workdir},
+    unavailable_options=lambda workdir: {"uri": f"test://{workdir}/no-such-definitions.xml"},
+    no_lock="libvirt has no session locks to hold: libvirtd queues jobs on a domain itself",
+    no_disk_probe="test:///default emulates no disk: a revert there changes only libvirt's records",
+)
+
+
+def _guest_spec(name: str, workdir: Path, image: Any, **overrides: Any) -> VMSpec:
+    spec: VMSpec = image.vm_spec(name, **{"memory_mib": 384, **overrides})
+    return spec
+
+
+async def _guest_client(driver: Any, vm: str) -> Any:
+    return await connect(reactor, await driver.agent_endpoint(vm), timeout=300)
+
+
+async def _guest_boots(driver: Any, vm: str) -> None:
+    (await _guest_client(driver, vm)).close()
+
+
+#: The marker's file in the guest: on its root disk (not a tmpfs).
+_GUEST_MARKER = f"/var/lib/{MARKER}"
+
+
+async def _guest_write(driver: Any, vm: str, data: bytes) -> None:
+    client = await _guest_client(driver, vm)
+    try:
+        await client.run(["sh", "-c", f"cat > {_GUEST_MARKER} && sync"], stdin=data, check=True)
+    finally:
+        client.close()
+
+
+async def _guest_read(driver: Any, vm: str) -> bytes:
+    client = await _guest_client(driver, vm)
+    try:
+        # Dropping the page cache makes cat read the disk.
+        result = await client.run(
+            ["sh", "-c", f"sync; echo 3 > /proc/sys/vm/drop_caches; cat {_GUEST_MARKER} 2>/dev/null || true"],
+            check=True,
+        )
+        data: bytes = result.stdout
+        return data
+    finally:
+        client.close()
+
+
+async def _qemu_tool(*argv: str) -> str:
+    out, err, code = await getProcessOutputAndValue(argv[0], argv[1:], env=dict(os.environ))
+    if code != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({code}): {err.decode(errors='replace')}")
+    return str(out.decode())
+
+
+async def _libvirt_disk(driver: Any, vm: str) -> tuple[str, int]:
+    """The file holding the VM's current disk, and where on it the marker goes (its last MiB)."""
+    listing = await _qemu_tool("/usr/bin/virsh", "-c", driver.uri, "domblklist", "--details", vm)
+    (path,) = [line.split()[3] for line in listing.splitlines() if line.split()[1:3] == ["disk", "vda"]]
+    size = json.loads(await _qemu_tool("/usr/bin/qemu-img", "info", "-U", "--output=json", path))[
+        "virtual-size"
+    ]
+    return path, size - (1 << 20)
+
+
+_SECTOR = 512
+
+
+async def _qemu_io_write(driver: Any, vm: str, data: bytes) -> None:
+    path, offset = await _libvirt_disk(driver, vm)
+    with tempfile.NamedTemporaryFile() as marker:
+        marker.write(data.ljust(_SECTOR, b"\0"))
+        marker.flush()
+        await _qemu_tool(
+            "/usr/bin/qemu-io", "-f", "qcow2", "-c", f"write -q -s {marker.name} {offset} {_SECTOR}", path
+        )
+
+
+async def _qemu_io_read(driver: Any, vm: str) -> bytes:
+    path, offset = await _libvirt_disk(driver, vm)
+    dump = await _qemu_tool(
+        "/usr/bin/qemu-io", "-f", "qcow2", "-r", "-c", f"read -v {offset} {_SECTOR}", path
+    )
+    # Lines of "<offset>:  <16 hex bytes>  <ascii>".
+    data = bytearray()
+    for line in dump.splitlines():
+        head, sep, rest = line.partition(":  ")
+        if sep and all(c in "0123456789abcdef" for c in head):
+            data += bytes.fromhex(rest[: 16 * 3])
+    return bytes(data).rstrip(b"\0")
+
+
+#: libvirt and QEMU with the project's guest (TCG): the one configuration on a real hypervisor.
+LIBVIRT_QEMU = DriverConfiguration(
+    id="libvirt-qemu",
+    entry_point="libvirt",
+    spec=_guest_spec,
+    unavailable_options=lambda workdir: {"uri": f"qemu+unix:///system?socket={workdir}/no-libvirtd-here"},
+    no_lock="libvirt has no session locks to hold: libvirtd queues jobs on a domain itself",
+    # Offline from the host with qemu-io on the VM's disk file; online inside the guest.
+    offline_probe=DiskProbe(_qemu_io_write, _qemu_io_read),
+    online_probe=DiskProbe(_guest_write, _guest_read),
+    agent_reachable=True,
+    boots=_guest_boots,
+    needs_guest_image=True,
+    marks=(pytest.mark.integration,),
+)
+
+CONFIGURATIONS: tuple[DriverConfiguration, ...] = (LIBVIRT_QEMU, LIBVIRT_TEST, THIRDPARTY, THIRDPARTY_BARE)
 
 
 def configuration_params() -> list[Any]:

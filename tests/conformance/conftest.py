@@ -31,18 +31,29 @@ _serial = itertools.count()
 class Harness:
     """A started driver of one configuration, and the VMs a check defined on it."""
 
-    def __init__(self, configuration: DriverConfiguration, driver: Any, workdir: Path) -> None:
+    def __init__(
+        self, configuration: DriverConfiguration, driver: Any, workdir: Path, request: pytest.FixtureRequest
+    ) -> None:
         self.configuration = configuration
         self.driver = driver
         self.workdir = workdir
         self.defined: list[str] = []
+        self._request = request
+        self._image = request.getfixturevalue("guest_image") if configuration.needs_guest_image else None
+
+    def shared_guest(self) -> str | None:
+        """The session's booted guest (tests/conftest.py) if this configuration boots real guests."""
+        if not self.configuration.needs_guest_image:
+            return None
+        name: str = self._request.getfixturevalue("booted_vm").name
+        return name
 
     def vm_name(self) -> str:
         # The integration conftest removes leftovers of dead sessions by this prefix and pid.
         return f"vmc-test-conf{next(_serial)}-{os.getpid()}"
 
     def spec(self, name: str | None = None, **overrides: Any) -> VMSpec:
-        return self.configuration.spec(name or self.vm_name(), self.workdir, **overrides)
+        return self.configuration.spec(name or self.vm_name(), self.workdir, self._image, **overrides)
 
     async def define(self, **overrides: Any) -> str:
         spec = self.spec(**overrides)
@@ -101,9 +112,11 @@ def without_member(cls: type, member: str) -> type:
 
 
 @pytest_twisted.async_yield_fixture()
-async def harness(configuration: DriverConfiguration, tmp_path: Path) -> AsyncIterator[Harness]:
+async def harness(
+    configuration: DriverConfiguration, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Harness]:
     driver = start_driver(configuration, dict(configuration.options(tmp_path)))
-    h = Harness(configuration, driver, tmp_path)
+    h = Harness(configuration, driver, tmp_path, request)
     try:
         yield h
     finally:

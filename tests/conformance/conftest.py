@@ -57,11 +57,11 @@ class Harness:
     def spec(self, name: str | None = None, **overrides: Any) -> VMSpec:
         return self.configuration.spec(name or self.vm_name(), self.workdir, self._image, **overrides)
 
-    async def define(self, **overrides: Any) -> str:
-        spec = self.spec(**overrides)
-        name: str = await self.driver.define(spec)
-        self.defined.append(name)
-        return name
+    async def define(self, name: str | None = None, **overrides: Any) -> str:
+        spec = self.spec(name, **overrides)
+        defined: str = await self.driver.define(spec)
+        self.defined.append(defined)
+        return defined
 
     async def running(self, **overrides: Any) -> str:
         """A VM of its own, defined and started."""

@@ -21,6 +21,7 @@ from zope.interface import implementer
 from hypervisors import load_driver
 from hypervisors.interface import Capability, ISubscription, VMEvent, VMEventType, VMSpec, VMState
 from tests.conformance.configurations import DriverConfiguration, configuration_params
+from tests.conftest import BootedVM
 from vmcontroller.errors import HypervisorError
 
 #: How long a check waits for an event or a state; polling drivers report within a second or two.
@@ -34,21 +35,15 @@ class Harness:
     """A started driver of one configuration, and the VMs a check defined on it."""
 
     def __init__(
-        self, configuration: DriverConfiguration, driver: Any, workdir: Path, request: pytest.FixtureRequest
+        self, configuration: DriverConfiguration, driver: Any, workdir: Path, real_guest: BootedVM | None
     ) -> None:
         self.configuration = configuration
         self.driver = driver
         self.workdir = workdir
         self.defined: list[str] = []
-        self._request = request
-        self._image = request.getfixturevalue("guest_image") if configuration.needs_guest_image else None
-
-    def shared_guest(self) -> str | None:
-        """The session's booted guest (tests/conftest.py) if this configuration boots real guests."""
-        if not self.configuration.needs_guest_image:
-            return None
-        name: str = self._request.getfixturevalue("booted_vm").name
-        return name
+        self._image = real_guest.image if real_guest is not None else None
+        #: The session's booted guest (tests/conftest.py) if this configuration boots real guests.
+        self.shared_guest = real_guest.name if real_guest is not None else None
 
     def vm_name(self) -> str:
         # The integration conftest removes leftovers of dead sessions by this prefix and pid.
@@ -139,12 +134,24 @@ def with_hollow_member(cls: type, member: str) -> type:
     return type(cls.__name__, (cls,), {member: hollow})
 
 
+@pytest.fixture
+def real_guest(configuration: DriverConfiguration, request: pytest.FixtureRequest) -> BootedVM | None:
+    """
+    The session's booted guest, for configurations on a real hypervisor; asked for here, out of
+    the reactor's greenlet, as its fixtures block until the guest runs.
+    """
+    if not configuration.needs_guest_image:
+        return None
+    booted: BootedVM = request.getfixturevalue("booted_vm")
+    return booted
+
+
 @pytest_twisted.async_yield_fixture()
 async def harness(
-    configuration: DriverConfiguration, tmp_path: Path, request: pytest.FixtureRequest
+    configuration: DriverConfiguration, tmp_path: Path, real_guest: BootedVM | None
 ) -> AsyncIterator[Harness]:
     driver = start_driver(configuration, dict(configuration.options(tmp_path)))
-    h = Harness(configuration, driver, tmp_path, request)
+    h = Harness(configuration, driver, tmp_path, real_guest)
     try:
         yield h
     finally:

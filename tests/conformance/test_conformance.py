@@ -328,18 +328,27 @@ async def test_revert_to_a_child_after_its_parent_was_deleted(harness: Harness) 
 # -- the agent's channel and port forwards ---------------------------------------------------------
 
 
+#: The capability behind each agent transport ("auto" takes virtio-serial first).
+_TRANSPORTS = {
+    "virtio-serial": Capability.VIRTIO_SERIAL,
+    "serial": Capability.SERIAL_PORTS,
+    "tcp": Capability.PORT_FORWARD,
+}
+
+
 @exercises("agent_endpoint")
 @pytest_twisted.ensureDeferred
 async def test_agent_endpoint(harness: Harness) -> None:
-    harness.require(Capability.VIRTIO_SERIAL)  # The specs' agent channel.
     driver = harness.driver
+    transport = harness.spec().agent_transport
+    harness.require(_TRANSPORTS.get(transport, Capability.VIRTIO_SERIAL))
     name = await harness.define()
     await _fails_with(VMStateError, driver.agent_endpoint(name))
     await driver.start(name)
     endpoint = await driver.agent_endpoint(name)
     assert IStreamClientEndpoint.providedBy(endpoint)
     # A real guest takes a while to boot: talk to the session's, booted once for all tests.
-    booted = harness.shared_guest()
+    booted = harness.shared_guest
     if booted is not None:
         endpoint = await driver.agent_endpoint(booted)
     assert IStreamClientEndpoint.providedBy(endpoint)

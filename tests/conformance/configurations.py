@@ -70,6 +70,8 @@ class DriverConfiguration:
     :ivar needs_guest_image: its specs boot the project's guest image (the session fixture
         ``guest_image`` is passed to ``spec``), and the session's booted guest serves the
         checks that need a live agent.
+    :ivar poll_settle: seconds a driver that polls needs to take in the current states (two
+        polls and their replies).
     :ivar marks: pytest marks for all its checks (e.g. ``integration``).
     """
 
@@ -88,6 +90,7 @@ class DriverConfiguration:
     agent_reachable: bool = False
     boots: Callable[[Any, str], Coroutine[Any, Any, None]] | None = None
     needs_guest_image: bool = False
+    poll_settle: float = 0.0
     marks: tuple[pytest.MarkDecorator, ...] = field(default_factory=tuple)
 
 

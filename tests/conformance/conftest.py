@@ -16,6 +16,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from hypervisors import load_driver
@@ -63,6 +64,15 @@ class Harness:
         name = await self.define(**overrides)
         await self.driver.start(name)
         return name
+
+    async def settle(self) -> None:
+        """
+        Let a driver that polls (no :attr:`Capability.PUSHED_EVENTS`) take in the current
+        states: a poller reports what changed between two polls, so a change made before its
+        first poll after a subscription, or two changes within one poll, go unreported.
+        """
+        if Capability.PUSHED_EVENTS not in self.driver.capabilities:
+            await deferLater(reactor, self.configuration.poll_settle, lambda: None)
 
     def require(self, capability: Capability) -> None:
         """Skip the check where the driver lacks ``capability`` (``test_capabilities`` covers that)."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -157,16 +159,18 @@ def real_guest(configuration: DriverConfiguration, request: pytest.FixtureReques
 
 
 @pytest_twisted.async_yield_fixture()
-async def harness(
-    configuration: DriverConfiguration, tmp_path: Path, real_guest: BootedVM | None
-) -> AsyncIterator[Harness]:
-    driver = start_driver(configuration, dict(configuration.options(tmp_path)))
-    h = Harness(configuration, driver, tmp_path, real_guest)
+async def harness(configuration: DriverConfiguration, real_guest: BootedVM | None) -> AsyncIterator[Harness]:
+    # Not pytest's tmp_path: the VMs' serial sockets live under it, and a unix socket's path
+    # has at most 107 bytes.
+    workdir = Path(tempfile.mkdtemp(prefix="vmc-conf-"))
+    driver = start_driver(configuration, dict(configuration.options(workdir)))
+    h = Harness(configuration, driver, workdir, real_guest)
     try:
         yield h
     finally:
         await h.cleanup()
         await driver.stopService()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class EventRecorder:

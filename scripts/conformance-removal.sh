@@ -5,7 +5,8 @@
 # ($VMC_CONFORMANCE_REMOVE, see tests/conformance/conftest.py), then, for an operation, with it
 # made hollow (it returns at once and does nothing: $VMC_CONFORMANCE_HOLLOW), and expects the
 # suite to fail each time.
-# Prints one line per pair; exits non-zero if the suite passed without some member.
+# Prints one line per pair (pytest stops at the first failure: -x); exits non-zero if the
+# suite passed without some member.
 # Usage: bash scripts/conformance-removal.sh [configuration-id ...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,7 @@ for config in "${CONFIGS[@]}"; do
         for mode in "${modes[@]}"; do
             what=$([ "$mode" = REMOVE ] && echo removed || echo hollow)
             out=$(env VMC_CONFORMANCE_CONFIGURATIONS="$config" "VMC_CONFORMANCE_$mode=$member" \
-                $PY -m pytest -q -p no:cacheprovider tests/conformance 2>&1)
+                $PY -m pytest -q -x -p no:cacheprovider tests/conformance 2>&1)
             if [ $? -eq 0 ]; then
                 echo "PASSED with $member $what on $config: the suite misses it"
                 status=1

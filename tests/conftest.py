@@ -68,19 +68,23 @@ def hypervisor() -> Iterator[LibvirtDriver]:
     pytest_twisted.blockon(driver.stopService())
 
 
+def boot_vm(hypervisor: LibvirtDriver, image: GuestImage, name: str) -> Iterator[BootedVM]:
+    """Define and start ``name`` from ``image`` and yield it; undefine it afterwards."""
+    pytest_twisted.blockon(hypervisor.define(image.vm_spec(name)))
+    try:
+        pytest_twisted.blockon(hypervisor.start(name))
+        yield BootedVM(hypervisor, name, image)
+    finally:
+        teardown_vm(hypervisor, name)
+
+
 @pytest.fixture(scope="session")
 def booted_vm(hypervisor: LibvirtDriver, guest_image: GuestImage) -> Iterator[BootedVM]:
     """
     The session's guest, defined and started once (not waited for: the agent's clients wait for
     the agent), undefined at the end of the session.
     """
-    name = f"{TEST_VM_PREFIX}shared-{os.getpid()}"
-    pytest_twisted.blockon(hypervisor.define(guest_image.vm_spec(name)))
-    try:
-        pytest_twisted.blockon(hypervisor.start(name))
-        yield BootedVM(hypervisor, name, guest_image)
-    finally:
-        teardown_vm(hypervisor, name)
+    yield from boot_vm(hypervisor, guest_image, f"{TEST_VM_PREFIX}shared-{os.getpid()}")
 
 
 def teardown_vm(driver: LibvirtDriver, name: str) -> None:

@@ -297,11 +297,53 @@ def _file_probe(disk_file: Callable[[Any, str], Path]) -> DiskProbe:
     return DiskProbe(write, read)
 
 
+def _vmware_spec(name: str, workdir: Path, image: Any, **overrides: Any) -> VMSpec:
+    from tests.standins import vmware
+
+    spec: VMSpec = vmware.vm_spec(name, vmware.base_image(workdir), **overrides)
+    return spec
+
+
+def _vmware_options(workdir: Path) -> dict[str, Any]:
+    from tests.standins import vmware
+
+    return {
+        "product": "ws",
+        "vmrun": str(vmware.install_vmrun(workdir)),
+        "state_dir": workdir / "vms",
+        "poll_interval": 0.5,
+    }
+
+
+def _vmware_disk(driver: Any, vm: str) -> Path:
+    from tests.standins import vmware
+
+    path: Path = vmware.disk_content_path(driver, vm)
+    return path
+
+
+#: The VMware driver (Workstation Pro) over the vmrun stand-in.
+VMWARE = DriverConfiguration(
+    id="vmware",
+    entry_point="vmware",
+    spec=_vmware_spec,
+    options=_vmware_options,
+    unavailable_options=lambda workdir: {
+        "vmrun": str(workdir / "no-vmrun-here"),
+        "state_dir": workdir / "vms",
+    },
+    no_lock="the vmrun stand-in does not model VMware's .lck files, the only lock vmrun reports",
+    offline_probe=_file_probe(_vmware_disk),
+    online_probe=_file_probe(_vmware_disk),
+    poll_settle=3.0,
+)
+
 CONFIGURATIONS: tuple[DriverConfiguration, ...] = (
     LIBVIRT_QEMU,
     LIBVIRT_TEST,
     THIRDPARTY,
     THIRDPARTY_BARE,
+    VMWARE,
 )
 
 

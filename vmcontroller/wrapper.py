@@ -787,15 +787,21 @@ async def run_job(reactor: Any, slot: Path, job_file: Path) -> int:
     return status
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``vmwrapper``."""
+    p = argparse.ArgumentParser(
         prog="vmwrapper",
         description="Run a BOINC job described by job.xml, on the host or in a VM, resuming "
-        "from its last checkpoint when started again.",
+        "from its last checkpoint when started again. Exit status: the job's; 194 when the "
+        "BOINC client aborted it; 1 on an error (the message says what to do); 2 on bad usage.",
     )
-    parser.add_argument("--job", default="job.xml", help="the job file (default: %(default)s, in the slot)")
-    parser.add_argument("--slot", default=".", help="the slot directory (default: the current one)")
-    args = parser.parse_args(argv)
+    p.add_argument("--job", default="job.xml", help="the job file (default: %(default)s, in the slot)")
+    p.add_argument("--slot", default=".", help="the slot directory (default: the current one)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     slot = Path(args.slot).resolve()
     job_file = slot / args.job
     if not job_file.exists():

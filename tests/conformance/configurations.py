@@ -338,11 +338,45 @@ VMWARE = DriverConfiguration(
     poll_settle=3.0,
 )
 
+
+def _virtualbox_spec(name: str, workdir: Path, image: Any, **overrides: Any) -> VMSpec:
+    # The stand-ins copy no real image: any file is the base a differencing disk grows on.
+    base = workdir / "base.img"
+    if not base.exists():
+        base.write_bytes(b"base image of the conformance suite")
+    # The agent on a serial port (VirtualBox has no virtio-serial).
+    options: dict[str, Any] = {"serial_ports": ("agent",), "agent_transport": "serial"} | overrides
+    return VMSpec(name=name, disk=str(base), **options)
+
+
+def _virtualbox(backend: str) -> DriverConfiguration:
+    from tests.standins import vbox
+
+    probe = _file_probe(vbox.current_disk_file)
+    return DriverConfiguration(
+        id=f"virtualbox-{backend}",
+        entry_point="virtualbox",
+        spec=_virtualbox_spec,
+        options=lambda workdir: vbox.virtualbox_options(backend, workdir),
+        unavailable_options=vbox.unavailable_options,
+        lock=vbox.hold_session,
+        offline_probe=probe,
+        online_probe=probe,
+        poll_settle=3.0,
+    )
+
+
+#: The VirtualBox driver's two backends, over their stand-ins.
+VIRTUALBOX_PYVBOX = _virtualbox("pyvbox")
+VIRTUALBOX_VBOXMANAGE = _virtualbox("vboxmanage")
+
 CONFIGURATIONS: tuple[DriverConfiguration, ...] = (
     LIBVIRT_QEMU,
     LIBVIRT_TEST,
     THIRDPARTY,
     THIRDPARTY_BARE,
+    VIRTUALBOX_PYVBOX,
+    VIRTUALBOX_VBOXMANAGE,
     VMWARE,
 )
 

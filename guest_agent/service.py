@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from twisted.application.service import MultiService
@@ -10,23 +11,38 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 import guest_agent
-from guest_agent.ops import OPERATIONS
+from guest_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError
+from guest_agent.ops import build_operations
 from guest_agent.protocol.connection import SUPPORTED_VERSIONS
+from guest_agent.session import Operation
 from guest_agent.transports import AgentFactory, CharacterDeviceTransport, virtio_port_path
 
 log = Logger()
 HELLO = {"software": f"vmcontroller-agent {guest_agent.__version__}"}
 
 
-def build_service(reactor: object, args: argparse.Namespace) -> MultiService:
+def build_service(
+    reactor: object, args: argparse.Namespace, config: AgentConfig, operations: dict[str, Operation]
+) -> MultiService:
     top = MultiService()
     for name in args.virtio_port:
-        CharacterDeviceTransport(reactor, virtio_port_path(name), OPERATIONS, hello=HELLO).setServiceParent(
-            top
-        )
+        CharacterDeviceTransport(
+            reactor, virtio_port_path(name), operations, limits=config.limits, hello=HELLO
+        ).setServiceParent(top)
     for device in args.serial:
-        CharacterDeviceTransport(reactor, device, OPERATIONS, serial=True, hello=HELLO).setServiceParent(top)
+        CharacterDeviceTransport(
+            reactor, device, operations, serial=True, limits=config.limits, hello=HELLO
+        ).setServiceParent(top)
     return top
+
+
+def load_config(path: str | None) -> AgentConfig:
+    """The configuration at ``path``; without one, the default file if it exists, else the defaults."""
+    if path is None:
+        if not os.path.exists(DEFAULT_CONFIG_PATH):
+            return AgentConfig()
+        path = DEFAULT_CONFIG_PATH
+    return AgentConfig.load(path)
 
 
 def main(argv: list[str]) -> int:
@@ -54,9 +70,21 @@ def main(argv: list[str]) -> int:
         metavar="ENDPOINT",
         help="a Twisted server endpoint, e.g. tcp:9000:interface=127.0.0.1",
     )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"the agent's configuration file (TOML; default {DEFAULT_CONFIG_PATH} if it exists): limits, "
+        "allowed roots for file operations, the programs exec may run",
+    )
     args = parser.parse_args(argv)
     if not (args.virtio_port or args.serial or args.listen):
         parser.error("name at least one channel: --virtio-port, --serial or --listen")
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"vmcontroller agent: {e}", file=sys.stderr)
+        return 2
+    operations = build_operations(config)
 
     from twisted.internet import reactor
 
@@ -66,9 +94,14 @@ def main(argv: list[str]) -> int:
         version=guest_agent.__version__,
         versions=list(SUPPORTED_VERSIONS),
     )
-    top = build_service(reactor, args)
+    log.info("Limits {limits}, at most {n} processes; file operations under {roots}; exec of {allow}",
+             limits=config.limits, n=config.max_processes, roots=config.allowed_roots or "any path",
+             allow=sorted(config.exec_allow) if config.exec_allow is not None else "any program")
+    top = build_service(reactor, args, config, operations)
     for description in args.listen:
-        serverFromString(reactor, description).listen(AgentFactory(reactor, OPERATIONS, hello=HELLO))
+        serverFromString(reactor, description).listen(
+            AgentFactory(reactor, operations, config.limits, HELLO, config.tcp)
+        )
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()

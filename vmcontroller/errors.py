@@ -50,6 +50,13 @@ class ProcessFailed(VMControllerError):
         self.result = result
 
 
+class LimitExceeded(VMControllerError):
+    """
+    Something the guest sent went past a limit the host set (collected output, a pulled
+    file's size); what was received so far was discarded and the guest operation stopped.
+    """
+
+
 class AgentUnreachable(VMControllerError):
     """No agent answered on the channel within the time given."""
 
@@ -127,6 +134,7 @@ __all__ = [
     "IntegrityError",
     "InternalError",
     "IsADirectory",
+    "LimitExceeded",
     "NotADirectory",
     "OperationCancelled",
     "OperationError",

@@ -548,6 +548,11 @@ async def test_missing_capability_is_refused(harness: Harness, capability: Capab
     if name in await driver.list_vms():
         # Refused at the call: the VM is as it was.
         assert await driver.state(name) is (VMState.RUNNING if running else VMState.SHUTOFF)
+    else:
+        # Refused at define: the call itself must refuse too, on a VM without the feature.
+        plain = await (harness.running if running else harness.define)()
+        error = await _call_fails_with(CapabilityUnsupported, lambda: call(driver, plain))
+        assert isinstance(error, CapabilityUnsupported) and error.capability == capability.value
 
 
 @pytest.mark.parametrize("capability", _CAPABILITY_PARAMS)

@@ -178,7 +178,8 @@ def _guest_spec(name: str, workdir: Path, image: Any, **overrides: Any) -> VMSpe
 
 
 async def _guest_client(driver: Any, vm: str) -> Any:
-    return await connect(reactor, await driver.agent_endpoint(vm), timeout=300)
+    # Generous: a TCG guest on a busy host (other VMs booting) can take minutes to boot.
+    return await connect(reactor, await driver.agent_endpoint(vm), timeout=600)
 
 
 async def _guest_boots(driver: Any, vm: str) -> None:

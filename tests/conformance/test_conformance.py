@@ -358,7 +358,7 @@ async def test_agent_endpoint(harness: Harness) -> None:
     assert IStreamClientEndpoint.providedBy(endpoint)
     if not harness.configuration.agent_reachable:
         pytest.skip(f"no agent runs behind {harness.configuration.id}'s channel")
-    client = await connect(reactor, endpoint, timeout=300)
+    client = await connect(reactor, endpoint, timeout=600)
     try:
         answer = await client.ping()
         assert "version" in answer

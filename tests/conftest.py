@@ -20,7 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from hypervisors.interface import VMState
-from hypervisors.libvirt_driver import LibvirtDriver
+from hypervisors.libvirt import LibvirtDriver
 from vmcontroller.errors import VMControllerError
 from vmcontroller.images import GuestImage, build_image
 

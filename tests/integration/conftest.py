@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
-from hypervisors.libvirt_driver import LibvirtDriver
+from hypervisors.libvirt import LibvirtDriver
 from tests.conftest import TEST_VM_PREFIX, BootedVM, boot_vm, teardown_vm
 from vmcontroller.client import GuestClient
 from vmcontroller.images import GuestImage, build_image

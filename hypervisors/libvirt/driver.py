@@ -740,7 +740,11 @@ class LibvirtDriver(Service):
             self._exclusive(
                 name,
                 lambda: self._simple(
-                    name, "pause", lambda d: d.suspend(), (VMState.RUNNING, VMState.BLOCKED)
+                    # Pausing a paused VM is done already, as libvirt takes it.
+                    name,
+                    "pause",
+                    lambda d: d.suspend(),
+                    (VMState.RUNNING, VMState.BLOCKED, VMState.PAUSED),
                 ),
             )
         )

@@ -1,7 +1,9 @@
 """
 Fakes for code that uses vmcontroller: a guest client joined in memory to a real agent
 session, driven by a :class:`~twisted.internet.task.Clock` and an
-:class:`~twisted.test.iosim.IOPump` instead of a reactor.
+:class:`~twisted.test.iosim.IOPump` instead of a reactor (:class:`InMemoryLink`), and a
+hypervisor that lives in memory (:class:`FakeHypervisor`), held to the same conformance suite
+as the real drivers.
 
 ``twisted.test.iosim`` is not public API: this module is the one place that imports it.
 """
@@ -17,6 +19,7 @@ from twisted.test import iosim
 from guest_agent.protocol.connection import SUPPORTED_VERSIONS, Limits
 from guest_agent.session import Operation
 from guest_agent.transports import AgentProtocol
+from vmcontroller._fakehypervisor import FakeHypervisor, FakeVM
 from vmcontroller.client import ClientLimits, GuestClient, _AgentProtocol
 
 
@@ -53,4 +56,4 @@ class InMemoryLink:
         self.pump.flush()
 
 
-__all__ = ["InMemoryLink"]
+__all__ = ["FakeHypervisor", "FakeVM", "InMemoryLink"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
@@ -11,21 +13,33 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 import guest_agent
 from guest_agent.ops import OPERATIONS
+from guest_agent.ops.commands import CommandRegistry, RetentionLimits
 from guest_agent.protocol.connection import SUPPORTED_VERSIONS
+from guest_agent.session import Operation
 from guest_agent.transports import AgentFactory, CharacterDeviceTransport, virtio_port_path
 
 log = Logger()
 HELLO = {"software": f"vmcontroller-agent {guest_agent.__version__}"}
+#: Where retained commands spill their output (see guest_agent.ops.commands).
+DEFAULT_SPOOL_DIR = "/var/lib/vmcontroller-agent/spool"
 
 
-def build_service(reactor: object, args: argparse.Namespace) -> MultiService:
+def serving(reactor: Any, args: argparse.Namespace) -> dict[str, Operation]:
+    """Every operation, with one registry of retained commands for all channels."""
+    limits = RetentionLimits(args.max_commands, args.memory_per_stream, args.spool_bytes)
+    return {**OPERATIONS, **CommandRegistry(reactor, args.spool_dir, limits).operations()}
+
+
+def build_service(
+    reactor: object, args: argparse.Namespace, operations: Mapping[str, Operation]
+) -> MultiService:
     top = MultiService()
     for name in args.virtio_port:
-        CharacterDeviceTransport(reactor, virtio_port_path(name), OPERATIONS, hello=HELLO).setServiceParent(
+        CharacterDeviceTransport(reactor, virtio_port_path(name), operations, hello=HELLO).setServiceParent(
             top
         )
     for device in args.serial:
-        CharacterDeviceTransport(reactor, device, OPERATIONS, serial=True, hello=HELLO).setServiceParent(top)
+        CharacterDeviceTransport(reactor, device, operations, serial=True, hello=HELLO).setServiceParent(top)
     return top
 
 
@@ -54,6 +68,15 @@ def main(argv: list[str]) -> int:
         metavar="ENDPOINT",
         help="a Twisted server endpoint, e.g. tcp:9000:interface=127.0.0.1",
     )
+    defaults = RetentionLimits()
+    parser.add_argument("--spool-dir", default=DEFAULT_SPOOL_DIR, metavar="DIR",
+                        help="where retained commands spill output beyond memory (emptied at start)")
+    parser.add_argument("--max-commands", type=int, default=defaults.max_commands, metavar="N",
+                        help="retained commands kept at once")
+    parser.add_argument("--memory-per-stream", type=int, default=defaults.memory_per_stream, metavar="BYTES",
+                        help="bytes of a retained command's stdout (or stderr) kept in memory")
+    parser.add_argument("--spool-bytes", type=int, default=defaults.disk_bytes, metavar="BYTES",
+                        help="bytes of spilled output kept on disk, all commands together")
     args = parser.parse_args(argv)
     if not (args.virtio_port or args.serial or args.listen):
         parser.error("name at least one channel: --virtio-port, --serial or --listen")
@@ -66,9 +89,10 @@ def main(argv: list[str]) -> int:
         version=guest_agent.__version__,
         versions=list(SUPPORTED_VERSIONS),
     )
-    top = build_service(reactor, args)
+    operations = serving(reactor, args)
+    top = build_service(reactor, args, operations)
     for description in args.listen:
-        serverFromString(reactor, description).listen(AgentFactory(reactor, OPERATIONS, hello=HELLO))
+        serverFromString(reactor, description).listen(AgentFactory(reactor, operations, hello=HELLO))
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()

@@ -35,7 +35,7 @@ from guest_agent.protocol.connection import (
     SessionReset,
 )
 from vmcontroller import _exec, _files
-from vmcontroller._exec import ExecHandle, ExecResult
+from vmcontroller._exec import CommandInfo, ExecHandle, ExecResult
 from vmcontroller._files import Progress, TransferResult
 from vmcontroller.errors import AgentUnreachable, ConnectionLost, ProtocolError, VMControllerError
 
@@ -269,6 +269,7 @@ class GuestClient:
         timeout: float | None = None,
         on_stdout: _exec.OutputCallback | None = None,
         on_stderr: _exec.OutputCallback | None = None,
+        exec_id: str | None = None,
     ) -> ExecHandle:
         """
         Start ``argv`` in the guest.  Output goes to ``on_stdout``/``on_stderr`` as it is
@@ -276,6 +277,15 @@ class GuestClient:
         or, without a callback, is collected whole in the :class:`ExecResult`.
         ``stdin`` is bytes to feed, None for none, or :data:`STREAM` to write it through
         the handle.  ``timeout`` kills the process group in the guest.
+
+        With an ``exec_id`` (1 to 128 letters, digits or ``._:@-``, chosen by the caller)
+        the agent retains the command: it runs on when the channel or this controller goes
+        away, and its output and exit status wait in the guest until :meth:`acknowledge`;
+        :meth:`attach` collects them, and ``exec`` with the same id and ``argv`` again
+        streams the same command from the start instead of starting another.
+
+        :raises LimitExceeded: (from the result) the agent retains as many commands as it may.
+        :raises AlreadyExists: (from the result) ``exec_id`` names a command with another argv.
         """
         return _exec.start(
             self,
@@ -286,7 +296,49 @@ class GuestClient:
             timeout=timeout,
             on_stdout=on_stdout,
             on_stderr=on_stderr,
+            exec_id=exec_id,
         )
+
+    def attach(
+        self,
+        exec_id: str,
+        *,
+        stdout_offset: int = 0,
+        stderr_offset: int = 0,
+        on_stdout: _exec.OutputCallback | None = None,
+        on_stderr: _exec.OutputCallback | None = None,
+    ) -> ExecHandle:
+        """
+        Stream a retained command's output from the given byte offsets (what the caller
+        has already) and then its result, live while it runs.  Cancelling the handle
+        kills the command, as for :meth:`exec`; losing the channel does not.
+
+        :raises UnknownCommand: (from the result) the agent retains no such command.
+        """
+        return _exec.attach(self, exec_id, stdout_offset=stdout_offset, stderr_offset=stderr_offset,
+                            on_stdout=on_stdout, on_stderr=on_stderr)
+
+    def commands(self) -> Deferred[list[CommandInfo]]:
+        """The commands the agent retains (started with an ``exec_id``), oldest first."""
+
+        async def listing() -> list[CommandInfo]:
+            reply = await self.call("commands")
+            entries = reply.get("commands") if isinstance(reply, dict) else None
+            if not isinstance(entries, list):
+                raise ProtocolError(f"the agent's command list is malformed: {reply!r}")
+            return [CommandInfo.from_wire(entry) for entry in entries]
+
+        return Deferred.fromCoroutine(listing())
+
+    def acknowledge(self, exec_id: str) -> Deferred[None]:
+        """
+        Tell the agent the result of retained command ``exec_id`` is safe with the
+        caller: it forgets the command and its output.
+
+        :raises UnknownCommand: the agent retains no such command.
+        :raises BadRequest: the command is still running.
+        """
+        return Deferred.fromCoroutine(self.call("acknowledge", {"exec_id": exec_id}))
 
     def run(
         self,
@@ -415,4 +467,4 @@ def connect(
     return Deferred.fromCoroutine(_connect(reactor, endpoint, timeout, limits, versions))
 
 
-__all__ = ["ExecHandle", "ExecResult", "GuestClient", "Progress", "TransferResult", "connect"]
+__all__ = ["CommandInfo", "ExecHandle", "ExecResult", "GuestClient", "Progress", "TransferResult", "connect"]

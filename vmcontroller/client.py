@@ -13,14 +13,21 @@ from dataclasses import dataclass
 from functools import partial
 from typing import IO, Any
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint, ITransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+    ITransport,
+)
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from guest_agent.link import Link, RequestIO
 from guest_agent.protocol.connection import (
@@ -42,7 +49,10 @@ from vmcontroller.errors import AgentUnreachable, ConnectionLost, ProtocolError,
 #: How often the handshake's SYNC is repeated until the agent answers: the agent may
 #: still be booting, or a stale partial frame may have swallowed the first one.
 SYNC_RETRY_INTERVAL = 1.0
+#: The first delay before connecting again, doubled (with jitter) after each failure ...
 CONNECT_RETRY_INTERVAL = 0.5
+#: ... up to this.
+RECONNECT_MAX_DELAY = 10.0
 
 
 @dataclass
@@ -71,8 +81,14 @@ class GuestClient:
         self._link = Link(self._connection, self._write)
         self._transport: ITransport | None = None
         self._pending: dict[int, _Pending] = {}
-        self._ready: Deferred[None] | None = None
         self._ready_waiters: list[Deferred[None]] = []
+        #: Fires when the current transport's session opens, fails when it cannot.
+        self._session_opened: Deferred[None] | None = None
+        #: Set by connect(): reconnects the transport, with backoff, whenever it is lost.
+        self._service: ClientService | None = None
+        self._closing = False
+        #: Why the last connection attempt failed, for the error of a connect() that gives up.
+        self.last_connect_error: BaseException | None = None
         self._sync_timer: IDelayedCall | None = None
         self._closed: BaseException | None = None
         self._slots: DeferredSemaphore | None = None
@@ -88,7 +104,21 @@ class GuestClient:
 
     def _transport_connected(self, transport: ITransport) -> None:
         self._transport = transport
+        self._session_opened = Deferred()
         self._resync()
+
+    def _prepare_connection(self, protocol: IProtocol) -> Deferred[None]:
+        """``ClientService``'s ``prepareConnection``: a connection counts once its session opens."""
+        opened = self._session_opened
+        assert opened is not None, "connectionMade comes before prepareConnection"
+        result: Deferred[None] = Deferred()
+
+        def failed(reason: Failure) -> None:
+            self.last_connect_error = reason.value
+            result.errback(reason)
+
+        opened.addCallbacks(result.callback, failed)
+        return result
 
     def _resync(self) -> None:
         """Start a new session: SYNC, repeated until the agent answers."""
@@ -135,10 +165,19 @@ class GuestClient:
     def _transport_lost(self, reason: Failure) -> None:
         self._transport = None
         self._stop_sync_timer()
-        error = self._closed or ConnectionLost(f"the channel to the agent closed: {reason.getErrorMessage()}")
-        self._closed = error
+        reconnecting = self._service is not None and not self._closing and self._closed is None
+        error = self._closed or ConnectionLost(
+            f"the channel to the agent closed: {reason.getErrorMessage()}; what was in flight has an "
+            "unknown outcome in the guest" + ("; reconnecting" if reconnecting else ""))
+        opened, self._session_opened = self._session_opened, None
+        if opened is not None and not opened.called:
+            opened.errback(Failure(error))
+        # In flight: failed at once.  Later operations wait for the next session, unless
+        # nothing will reconnect.
         self._fail_pending(error)
-        self._fire_ready(error)
+        if not reconnecting:
+            self._closed = error
+            self._fire_ready(error)
 
     # ---- session state -------------------------------------------------------------
 
@@ -150,12 +189,19 @@ class GuestClient:
     def _handshake_complete(self, event: HandshakeComplete) -> None:
         self._stop_sync_timer()
         self.agent_hello = event.peer
-        self._slots = DeferredSemaphore(self._connection.peer_limits.max_inflight)
+        max_inflight = self._connection.peer_limits.max_inflight
+        # One semaphore across sessions: callers waiting on it keep their place.
+        if self._slots is None or self._slots.limit != max_inflight:
+            self._slots = DeferredSemaphore(max_inflight)
+        if self._session_opened is not None and not self._session_opened.called:
+            self._session_opened.callback(None)
         self._fire_ready(None)
 
     def _handshake_failed(self, error: VMControllerError) -> None:
         self._stop_sync_timer()
         self._closed = error
+        if self._session_opened is not None and not self._session_opened.called:
+            self._session_opened.errback(Failure(error))
         self._fire_ready(error)
         self.close()
 
@@ -390,11 +436,31 @@ class GuestClient:
     def reboot(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self.call("reboot"))
 
-    def close(self) -> None:
-        """Close the channel; what is in flight fails with :class:`ConnectionLost`."""
+    @property
+    def connected(self) -> bool:
+        """A session with the agent is open now."""
+        return self._connection.is_open and self._transport is not None
+
+    def close(self) -> Deferred[None]:
+        """
+        Close the channel and stop reconnecting; what is in flight, and what waits for a
+        session, fails with :class:`ConnectionLost`.  Fires once the channel is closed.
+        """
+        self._closing = True
         self._stop_sync_timer()
-        if self._transport is not None:
-            self._transport.loseConnection()
+        closed: Deferred[None]
+        if self._service is not None:
+            service, self._service = self._service, None
+            closed = maybeDeferred(service.stopService)
+        else:
+            closed = succeed(None)
+            if self._transport is not None:
+                self._transport.loseConnection()
+        if self._transport is None and self._closed is None:
+            self._closed = ConnectionLost("the client was closed")
+            self._fire_ready(self._closed)
+        return closed
+
 
 
 class _AgentProtocol(Protocol):
@@ -414,6 +480,22 @@ class _AgentProtocol(Protocol):
         self.client._transport_lost(reason or Failure(ConnectionLost("closed")))
 
 
+@implementer(IStreamClientEndpoint)
+class _RecordingEndpoint:
+    """An endpoint whose failed connection attempts the client remembers, to explain giving up."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, client: GuestClient) -> None:
+        self._endpoint = endpoint
+        self._client = client
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        def failed(reason: Failure) -> Failure:
+            self._client.last_connect_error = reason.value
+            return reason
+
+        return self._endpoint.connect(protocolFactory).addErrback(failed)
+
+
 async def _connect(
     reactor: IReactorTime,
     endpoint: IStreamClientEndpoint,
@@ -421,32 +503,29 @@ async def _connect(
     limits: Limits | None,
     versions: tuple[int, ...],
 ) -> GuestClient:
-    deadline = reactor.seconds() + timeout
-    last_error: Exception | None = None
-    while reactor.seconds() < deadline:
-        client = GuestClient(reactor, limits, versions)
-        try:
-            await endpoint.connect(Factory.forProtocol(partial(_AgentProtocol, client))).addTimeout(
-                max(deadline - reactor.seconds(), 0.01), reactor
-            )
-            ready = Deferred.fromCoroutine(client.wait_ready())
-            await ready.addTimeout(max(deadline - reactor.seconds(), 0.01), reactor)
-        except (ConnectError, ConnectionLost) as e:
-            # Retried until the deadline: a VM's channel socket appears only once the VM
-            # runs, and a NAT port forward accepts a connection and drops it while nothing
-            # listens behind it yet.
-            last_error = e
-            await deferLater(reactor, CONNECT_RETRY_INTERVAL, lambda: None)
-            continue
-        except (CancelledError, DeferredTimeoutError):
-            client.close()
-            break
-        return client
-    why = f" (last error: {last_error})" if last_error else ""
-    raise AgentUnreachable(
-        f"no agent answered within {timeout:g} s{why}: check that the guest has booted and that "
-        "the vmcontroller-agent service runs in it (journalctl -u vmcontroller-agent)"
+    client = GuestClient(reactor, limits, versions)
+    # Connections are retried with backoff, at first and whenever one is lost: a VM's channel
+    # socket appears only once the VM runs, a NAT port forward accepts a connection and drops
+    # it while nothing listens behind it yet, and a guest that reboots comes back.
+    client._service = ClientService(
+        _RecordingEndpoint(endpoint, client),
+        Factory.forProtocol(partial(_AgentProtocol, client)),
+        retryPolicy=backoffPolicy(initialDelay=CONNECT_RETRY_INTERVAL, maxDelay=RECONNECT_MAX_DELAY),
+        clock=reactor,
+        prepareConnection=client._prepare_connection,
     )
+    client._service.startService()
+    try:
+        await Deferred.fromCoroutine(client.wait_ready()).addTimeout(timeout, reactor)
+    except (CancelledError, DeferredTimeoutError):
+        await client.close()
+        last_error = client.last_connect_error
+        why = f" (last error: {last_error})" if last_error else ""
+        raise AgentUnreachable(
+            f"no agent answered within {timeout:g} s{why}: check that the guest has booted and that "
+            "the vmcontroller-agent service runs in it (journalctl -u vmcontroller-agent)"
+        ) from None
+    return client
 
 
 def connect(
@@ -460,6 +539,11 @@ def connect(
     """
     Connect to an agent through ``endpoint`` (e.g. the unix socket of a VM's virtio-serial
     channel, or TCP) and complete the handshake.
+
+    The client reconnects by itself, with backoff (at most :data:`RECONNECT_MAX_DELAY`
+    between attempts), whenever the channel is lost, until :meth:`GuestClient.close`.
+    Operations in flight when the channel or the agent's session goes fail at once with
+    :class:`ConnectionLost`; later ones wait for the next session.
 
     :raises AgentUnreachable: nothing answered within ``timeout`` seconds.
     :raises UnsupportedProtocolVersion: the agent speaks none of ``versions``.

@@ -82,8 +82,8 @@ class GuestClient:
         self._transport: ITransport | None = None
         self._pending: dict[int, _Pending] = {}
         self._ready_waiters: list[Deferred[None]] = []
-        #: Fires when the current transport's session opens, fails when it cannot.
-        self._session_opened: Deferred[None] | None = None
+        #: The current transport has carried a session: if not, its loss is a failed attempt.
+        self._handshaken = False
         #: Set by connect(): reconnects the transport, with backoff, whenever it is lost.
         self._service: ClientService | None = None
         self._closing = False
@@ -104,21 +104,8 @@ class GuestClient:
 
     def _transport_connected(self, transport: ITransport) -> None:
         self._transport = transport
-        self._session_opened = Deferred()
+        self._handshaken = False
         self._resync()
-
-    def _prepare_connection(self, protocol: IProtocol) -> Deferred[None]:
-        """``ClientService``'s ``prepareConnection``: a connection counts once its session opens."""
-        opened = self._session_opened
-        assert opened is not None, "connectionMade comes before prepareConnection"
-        result: Deferred[None] = Deferred()
-
-        def failed(reason: Failure) -> None:
-            self.last_connect_error = reason.value
-            result.errback(reason)
-
-        opened.addCallbacks(result.callback, failed)
-        return result
 
     def _resync(self) -> None:
         """Start a new session: SYNC, repeated until the agent answers."""
@@ -169,9 +156,8 @@ class GuestClient:
         error = self._closed or ConnectionLost(
             f"the channel to the agent closed: {reason.getErrorMessage()}; what was in flight has an "
             "unknown outcome in the guest" + ("; reconnecting" if reconnecting else ""))
-        opened, self._session_opened = self._session_opened, None
-        if opened is not None and not opened.called:
-            opened.errback(Failure(error))
+        if not self._handshaken:
+            self.last_connect_error = error
         # In flight: failed at once.  Later operations wait for the next session, unless
         # nothing will reconnect.
         self._fail_pending(error)
@@ -193,15 +179,12 @@ class GuestClient:
         # One semaphore across sessions: callers waiting on it keep their place.
         if self._slots is None or self._slots.limit != max_inflight:
             self._slots = DeferredSemaphore(max_inflight)
-        if self._session_opened is not None and not self._session_opened.called:
-            self._session_opened.callback(None)
+        self._handshaken = True
         self._fire_ready(None)
 
     def _handshake_failed(self, error: VMControllerError) -> None:
         self._stop_sync_timer()
         self._closed = error
-        if self._session_opened is not None and not self._session_opened.called:
-            self._session_opened.errback(Failure(error))
         self._fire_ready(error)
         self.close()
 
@@ -231,7 +214,7 @@ class GuestClient:
         """Wait until a session is open (after a resynchronisation, say)."""
         if self._closed is not None:
             raise self._closed
-        if self._connection.is_open:
+        if self.connected:
             return
         waiter: Deferred[None] = Deferred()
         self._ready_waiters.append(waiter)
@@ -507,12 +490,15 @@ async def _connect(
     # Connections are retried with backoff, at first and whenever one is lost: a VM's channel
     # socket appears only once the VM runs, a NAT port forward accepts a connection and drops
     # it while nothing listens behind it yet, and a guest that reboots comes back.
+    # The handshake is the client's own (wait_ready below), not a prepareConnection:
+    # ClientService (Twisted 26) has no transition for a connection lost while it is being
+    # prepared, which is what a NAT forward or a rebooting guest does.  A connection lost
+    # before its handshake is retried after the backoff's first delay.
     client._service = ClientService(
         _RecordingEndpoint(endpoint, client),
         Factory.forProtocol(partial(_AgentProtocol, client)),
         retryPolicy=backoffPolicy(initialDelay=CONNECT_RETRY_INTERVAL, maxDelay=RECONNECT_MAX_DELAY),
         clock=reactor,
-        prepareConnection=client._prepare_connection,
     )
     client._service.startService()
     try:

@@ -251,10 +251,11 @@ class RetainedCommand(ProcessProtocol):
                 await sender
             while self.outcome is None:
                 await self._next_change()
-        finally:
+        except Exception:  # not GeneratorExit: a coroutine collected as garbage cancels nothing
             for sender in senders:
                 sender.cancel()
                 sender.addErrback(lambda _: None)  # the one awaited above told its error already
+            raise
         for channel in _STREAMS:
             io.send_eof(channel, {"size": self.spools[channel].size, "dropped": self.spools[channel].dropped})
         if isinstance(self.outcome, OperationError):

@@ -254,3 +254,42 @@ async def test_output_is_consumed_as_a_stream(agent: GuestClient) -> None:
     await agent.run(["touch", gate], check=True)
     result = await handle.result(check=True)
     assert b"".join(chunks) == b"first\nsecond\n" and result.stdout == b""  # the callback took it all
+
+
+@pytest_twisted.ensureDeferred
+async def test_killing_qemu_in_the_middle_of_a_push_leaves_no_partial_file(
+        booted_vm: Any, agent: GuestClient, tmp_path: Path) -> None:
+    """Last: it kills the guest, then boots it again."""
+    from hypervisors.interface import VMState
+
+    driver, name = booted_vm.driver, booted_vm.name
+    directory = f"/root/crash-{os.getpid()}"
+    await agent.mkdir(directory)
+    kept = tmp_path / "kept.bin"
+    kept.write_bytes(os.urandom(2 * 1024 * 1024))
+    await agent.push(str(kept), f"{directory}/kept.bin")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(64 * 1024 * 1024))
+    qemu = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text())
+    killed: list[int] = []
+
+    def progress(done: int, total: int | None) -> None:
+        if done >= 4 * 1024 * 1024 and not killed:
+            os.kill(qemu, signal.SIGKILL)
+            killed.append(done)
+
+    with pytest.raises(ConnectionLost, match="channel to the agent closed"):
+        await agent.push(str(big), f"{directory}/big.bin", progress=progress)
+    assert killed
+    await agent.close()
+    await driver.wait_for_state(name, VMState.SHUTOFF, timeout=120)
+    await driver.start(name)
+    path = await driver.agent_socket_path(name)  # a new one for the new QEMU
+    again = await connect(reactor, UNIXClientEndpoint(reactor, path), timeout=300)
+    try:
+        assert [entry["name"] for entry in await again.list(directory)] == ["kept.bin"]
+        digest = (await again.run(["sha256sum", f"{directory}/kept.bin"], check=True)).stdout.split()[0]
+        assert digest.decode() == hashlib.sha256(kept.read_bytes()).hexdigest()
+        await again.remove(directory, recursive=True)
+    finally:
+        await again.close()

@@ -17,6 +17,7 @@ import hashlib
 import os
 import stat
 import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, cast
@@ -28,6 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from guest_agent.link import RequestIO
 from guest_agent.protocol.frames import Channel
 from vmcontroller.errors import (
+    ConnectionLost,
     IncompleteTransfer,
     IntegrityError,
     IsADirectory,
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int | None], None]
 
 CHUNK_SIZE = 256 * 1024
+#: How many times one push resumes after a dropped channel before it gives up.
+MAX_RESUMES = 3
 
 
 @dataclass(frozen=True)
@@ -118,10 +122,10 @@ def _describe(source: IO[bytes]) -> tuple[int | None, int | None]:
     return info.st_size - source.tell(), stat.S_IMODE(info.st_mode)
 
 
-async def _send_file(io: RequestIO, source: IO[bytes], total: int | None,
-                     progress: Progress | None) -> tuple[str, int]:
-    hasher = hashlib.sha256()
-    sent = 0
+async def _send_file(io: RequestIO, source: IO[bytes], total: int | None, progress: Progress | None,
+                     hasher: Any = None, sent: int = 0) -> tuple[str, int]:
+    """Send the rest of ``source``; ``hasher`` and ``sent`` cover what was sent before."""
+    hasher = hasher or hashlib.sha256()
     while chunk := source.read(CHUNK_SIZE):
         hasher.update(chunk)
         await io.send(Channel.INPUT, chunk)
@@ -148,18 +152,32 @@ async def push(client: GuestClient, source: str | os.PathLike[str] | IO[bytes], 
     f = source if not isinstance(source, str | os.PathLike) else _open_source(source)
     try:
         size, host_mode = _describe(f)
-        args = {"path": destination, "mode": host_mode if mode is None else mode, "size": size}
-        io, result = await client.open_request("push", args)
-        try:
-            digest, sent = await _send_file(io, f, size, progress)
-        except VMControllerError:
-            # E.g. the guest directory is missing: the agent answered with an error at
-            # once, RequestIO raises that error, and the file is not read any further.
-            _stream_failed(result)
-            raise
-        except BaseException:
-            _abandon(result)
-            raise
+        args: dict[str, Any] = {"path": destination, "mode": host_mode if mode is None else mode,
+                                "size": size}
+        # A reconnecting client resumes a push whose channel dropped, from a regular file.
+        resumable = client.reconnects and size is not None
+        if resumable:
+            args["transfer_id"] = uuid.uuid4().hex
+        begin = f.tell()
+        hasher, done = hashlib.sha256(), 0
+        for attempt in range(MAX_RESUMES + 1):
+            io, result = await client.open_request("push", {**args, "offset": done} if done else args)
+            try:
+                digest, sent = await _send_file(io, f, size, progress, hasher, done)
+                break
+            except ConnectionLost:
+                _stream_failed(result)
+                if not resumable or attempt == MAX_RESUMES:
+                    raise
+            except VMControllerError:
+                # E.g. the guest directory is missing: the agent answered with an error at
+                # once, RequestIO raises that error, and the file is not read any further.
+                _stream_failed(result)
+                raise
+            except BaseException:
+                _abandon(result)
+                raise
+            hasher, done = await _verified_part(client, args["transfer_id"], f, begin)
     finally:
         if f is not source:
             f.close()
@@ -169,6 +187,29 @@ async def push(client: GuestClient, source: str | os.PathLike[str] | IO[bytes], 
             f"sent {sent} bytes with sha256 {digest} to {destination} but the agent stored "
             f"{reply.get('size')} bytes with sha256 {reply.get('sha256')}: push again", {"path": destination})
     return TransferResult(destination, sent, digest, int(reply["mode"]), client.reactor.seconds() - started)
+
+
+async def _verified_part(client: GuestClient, transfer_id: str, source: IO[bytes],
+                         begin: int) -> tuple[Any, int]:
+    """
+    After a dropped channel: how much of the file the agent holds, checked against the
+    host file's own bytes.  Returns the hash state and the offset to send from (0, to
+    start over, when the agent holds nothing or something else), with ``source`` there.
+    """
+    held = await client.call("push_offset", {"transfer_id": transfer_id})
+    offset = held.get("offset") if isinstance(held, dict) else None
+    hasher = hashlib.sha256()
+    source.seek(begin)
+    if isinstance(offset, int) and offset > 0:
+        remaining = offset
+        while remaining and (chunk := source.read(min(CHUNK_SIZE, remaining))):
+            hasher.update(chunk)
+            remaining -= len(chunk)
+        if remaining == 0 and hasher.hexdigest() == held.get("sha256"):
+            return hasher, offset
+        hasher = hashlib.sha256()
+        source.seek(begin)
+    return hasher, 0
 
 
 async def _receive_file(client: GuestClient, source: str, sink: IO[bytes],

@@ -420,6 +420,11 @@ class GuestClient:
         return Deferred.fromCoroutine(self.call("reboot"))
 
     @property
+    def reconnects(self) -> bool:
+        """The client connects again by itself when its channel is lost (see :func:`connect`)."""
+        return self._service is not None
+
+    @property
     def connected(self) -> bool:
         """A session with the agent is open now."""
         return self._connection.is_open and self._transport is not None

@@ -14,6 +14,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 import guest_agent
 from guest_agent.ops import OPERATIONS
 from guest_agent.ops.commands import CommandRegistry, RetentionLimits
+from guest_agent.ops.files import PartialUploads
 from guest_agent.protocol.connection import SUPPORTED_VERSIONS
 from guest_agent.session import Operation
 from guest_agent.transports import AgentFactory, CharacterDeviceTransport, virtio_port_path
@@ -25,9 +26,10 @@ DEFAULT_SPOOL_DIR = "/var/lib/vmcontroller-agent/spool"
 
 
 def serving(reactor: Any, args: argparse.Namespace) -> dict[str, Operation]:
-    """Every operation, with one registry of retained commands for all channels."""
+    """Every operation, with the retained commands and partial pushes of all channels."""
     limits = RetentionLimits(args.max_commands, args.memory_per_stream, args.spool_bytes)
-    return {**OPERATIONS, **CommandRegistry(reactor, args.spool_dir, limits).operations()}
+    return {**OPERATIONS, **CommandRegistry(reactor, args.spool_dir, limits).operations(),
+            **PartialUploads().operations()}
 
 
 def build_service(

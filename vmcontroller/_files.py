@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 
@@ -47,8 +48,10 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int | None], None]
 
 CHUNK_SIZE = 256 * 1024
-#: How many times one push resumes after a dropped channel before it gives up.
+#: How many times one push resumes after a dropped channel before it gives up ...
 MAX_RESUMES = 3
+#: ... and how long it waits each time for the agent to be back.
+RESUME_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -165,10 +168,16 @@ async def push(client: GuestClient, source: str | os.PathLike[str] | IO[bytes], 
             try:
                 digest, sent = await _send_file(io, f, size, progress, hasher, done)
                 break
-            except ConnectionLost:
+            except ConnectionLost as lost:
                 _stream_failed(result)
                 if not resumable or attempt == MAX_RESUMES:
                     raise
+                try:
+                    await Deferred.fromCoroutine(client.wait_ready()).addTimeout(RESUME_WAIT, client.reactor)
+                except DeferredTimeoutError:
+                    raise ConnectionLost(
+                        f"{lost}; the agent was not back within {RESUME_WAIT:g} s to resume the push to "
+                        f"{destination}, which was not written: push again") from None
             except VMControllerError:
                 # E.g. the guest directory is missing: the agent answered with an error at
                 # once, RequestIO raises that error, and the file is not read any further.

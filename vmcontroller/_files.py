@@ -167,17 +167,9 @@ async def push(client: GuestClient, source: str | os.PathLike[str] | IO[bytes], 
             io, result = await client.open_request("push", {**args, "offset": done} if done else args)
             try:
                 digest, sent = await _send_file(io, f, size, progress, hasher, done)
-                break
-            except ConnectionLost as lost:
+            except ConnectionLost as e:
                 _stream_failed(result)
-                if not resumable or attempt == MAX_RESUMES:
-                    raise
-                try:
-                    await Deferred.fromCoroutine(client.wait_ready()).addTimeout(RESUME_WAIT, client.reactor)
-                except DeferredTimeoutError:
-                    raise ConnectionLost(
-                        f"{lost}; the agent was not back within {RESUME_WAIT:g} s to resume the push to "
-                        f"{destination}, which was not written: push again") from None
+                lost = e
             except VMControllerError:
                 # E.g. the guest directory is missing: the agent answered with an error at
                 # once, RequestIO raises that error, and the file is not read any further.
@@ -186,11 +178,24 @@ async def push(client: GuestClient, source: str | os.PathLike[str] | IO[bytes], 
             except BaseException:
                 _abandon(result)
                 raise
+            else:
+                try:
+                    reply = await result
+                    break
+                except ConnectionLost as e:  # after the last byte: the agent may hold it all
+                    lost = e
+            if not resumable or attempt == MAX_RESUMES:
+                raise lost
+            try:
+                await Deferred.fromCoroutine(client.wait_ready()).addTimeout(RESUME_WAIT, client.reactor)
+            except DeferredTimeoutError:
+                raise ConnectionLost(
+                    f"{lost}; the agent was not back within {RESUME_WAIT:g} s to resume the push to "
+                    f"{destination}, which was not written: push again") from None
             hasher, done = await _verified_part(client, args["transfer_id"], f, begin)
     finally:
         if f is not source:
             f.close()
-    reply = await result
     if reply.get("sha256") != digest or reply.get("size") != sent:
         raise IntegrityError(
             f"sent {sent} bytes with sha256 {digest} to {destination} but the agent stored "

@@ -5,6 +5,8 @@ backoff and :class:`InMemoryAgentEndpoint` playing an agent that goes away and c
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,10 @@ from twisted.internet.task import Clock
 from guest_agent.ops import OPERATIONS
 from guest_agent.ops import exec as agent_exec
 from guest_agent.ops.commands import CommandRegistry
+from guest_agent.ops.files import PartialUploads
+from guest_agent.session import OperationContext
 from tests.unit.test_exec_ops import FakeProcessReactor, fake_session_spawns, outcome
+from vmcontroller._files import CHUNK_SIZE
 from vmcontroller.client import RECONNECT_MAX_DELAY, GuestClient, connect
 from vmcontroller.errors import AgentUnreachable, ConnectionLost, UnsupportedProtocolVersion
 from vmcontroller.testing import InMemoryAgentEndpoint
@@ -122,3 +127,64 @@ def test_an_agent_without_a_common_version_is_not_retried(controller: Controller
     assert isinstance(outcome(connecting), UnsupportedProtocolVersion)
     controller.wait_out_backoff()
     assert controller.endpoint.attempts == 1
+
+
+def test_a_push_resumes_from_the_agent_s_verified_offset_after_a_dropped_channel(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    controller = Controller(monkeypatch, tmp_path / "spool")
+    requests: list[dict[str, object]] = []
+    uploads = PartialUploads()
+
+    async def recording_push(ctx: OperationContext) -> dict[str, object]:
+        requests.append(dict(ctx.args))
+        return await uploads.push(ctx)
+
+    operations = {**OPERATIONS, **uploads.operations(), "push": recording_push}
+    controller.endpoint = InMemoryAgentEndpoint(operations, agent_reactor=controller.agent_reactor)
+    client = controller.connect(timeout=10)
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(8 * 1024 * 1024 + 17))  # more than the window of 4 MiB
+    destination = tmp_path / "pushed.bin"
+    progress: list[int] = []
+    pushing = client.push(str(source), str(destination), progress=lambda done, total: progress.append(done))
+    pump = controller.endpoint.pump
+    assert pump is not None
+    while not progress or progress[-1] < 5 * 1024 * 1024:  # past the window: the agent has some
+        pump.pump()
+    controller.endpoint.drop()
+    before = len(progress)
+    assert not pushing.called and not destination.exists()
+    controller.wait_out_backoff()
+    result = outcome(pushing)
+    assert destination.read_bytes() == source.read_bytes()
+    assert result.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+    first, resumed = requests
+    assert "offset" not in first and resumed["transfer_id"] == first["transfer_id"]
+    assert isinstance(resumed["offset"], int) and resumed["offset"] > 0  # not started over
+    assert min(progress[before:]) > CHUNK_SIZE  # what was sent after the drop continued the file
+    assert list(tmp_path.glob(".pushed.bin.*")) == []
+
+
+def test_a_resume_whose_held_part_does_not_match_starts_over(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    controller = Controller(monkeypatch, tmp_path / "spool")
+    uploads = PartialUploads()
+    controller.endpoint = InMemoryAgentEndpoint({**OPERATIONS, **uploads.operations()},
+                                                agent_reactor=controller.agent_reactor)
+    client = controller.connect(timeout=10)
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(2 * 1024 * 1024))
+    progress: list[int] = []
+    pushing = client.push(str(source), str(tmp_path / "pushed.bin"),
+                          progress=lambda done, _: progress.append(done))
+    pump = controller.endpoint.pump
+    assert pump is not None
+    while not progress or progress[-1] < 512 * 1024:
+        pump.pump()
+    controller.endpoint.drop()
+    before = len(progress)
+    source.write_bytes(b"\0" * len(source.read_bytes()))  # the host file changed meanwhile
+    controller.wait_out_backoff()
+    outcome(pushing)
+    assert (tmp_path / "pushed.bin").read_bytes() == source.read_bytes()
+    assert min(progress[before:]) == CHUNK_SIZE  # the agent's part was not the file's: sent from the start

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import io
 import os
+import shutil
 import stat
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -359,7 +360,17 @@ def test_list_and_stat(link: InMemoryLink, tmp_path: Path) -> None:
         result_of(start(link, link.client.list(str(tmp_path / "f"))))
 
 
-def test_remove(link: InMemoryLink, tmp_path: Path) -> None:
+def test_remove(link: InMemoryLink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tests run as root: should the agent's refusal of "/" break (a mutant does exactly
+    # that), the removal below must fail the test, not empty the host's file system.
+    real_rmtree = shutil.rmtree
+
+    def rmtree_below_tmp(path: str, *args: object, **kwargs: object) -> None:
+        if not Path(path).resolve().is_relative_to(tmp_path):
+            raise AssertionError(f"the agent tried to remove {path} recursively")
+        real_rmtree(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_below_tmp)
     (tmp_path / "f").write_bytes(b"")
     (tmp_path / "l").symlink_to("f")
     (tmp_path / "empty").mkdir()

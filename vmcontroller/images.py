@@ -8,8 +8,14 @@ source, the package list and the guest agent's source files) under
 ``/var/lib/vmcontroller/images/<hash>/``; each VM writes to a qcow2 overlay of its own, so a
 cached image is never modified.
 
-Command line: ``python -m vmcontroller.images build [--force] [--cache-dir DIR]`` prints the
-image's paths; ``... prune`` deletes the cached images that no VM uses any more.
+The agent goes in as one of two forms (:data:`AgentForm`): ``"package"``, this checkout's
+``guest_agent`` package over Debian's ``python3-twisted``; or ``"bundle"``, the single-file
+agent (:mod:`vmcontroller.agent_bundle`) on a bare ``python3``, as in an image that has no
+Twisted package (a CernVM or any non-Debian image).
+
+Command line: ``python -m vmcontroller.images build [--force] [--cache-dir DIR] [--agent
+FORM]`` prints the image's paths; ``... prune`` deletes the cached images that no VM uses any
+more.
 """
 
 from __future__ import annotations
@@ -26,15 +32,17 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from twisted.internet import utils
 from twisted.internet.interfaces import IReactorProcess
 
 from hypervisors.interface import VMSpec
+from vmcontroller import agent_bundle
 from vmcontroller.errors import ImageBuildError
 
 __all__ = [
+    "AGENT_FORMS",
     "DEFAULT_CACHE_DIR",
     "DEFAULT_CMDLINE",
     "PACKAGES",
@@ -67,6 +75,15 @@ PACKAGES: tuple[str, ...] = (
     "iproute2",
     "coreutils",
 )
+
+#: How the agent goes into the image: the package over Debian's Twisted, or the single file.
+AgentForm = Literal["package", "bundle"]
+AGENT_FORMS: tuple[AgentForm, ...] = ("package", "bundle")
+
+
+def packages(agent: AgentForm = "package") -> tuple[str, ...]:
+    """The image's Debian packages: the single-file agent brings its own Twisted."""
+    return PACKAGES if agent == "package" else tuple(p for p in PACKAGES if p != "python3-twisted")
 
 #: ``quiet`` keeps the kernel off the slow emulated serial port; ``systemd.show_status`` still
 #: puts one line per unit in the console log, which is what one reads when a boot goes wrong.
@@ -195,21 +212,25 @@ def _agent_files(agent_dir: Path) -> list[Path]:
     )
 
 
-def recipe_hash(agent_dir: Path | None = None) -> str:
+def recipe_hash(agent_dir: Path | None = None, agent: AgentForm = "package") -> str:
     """
     The hash that names the image: it changes when anything that goes into the image does.
 
-    Covers this module's source (packages, hooks, build steps) and every file of the guest
-    agent package. The Debian mirror is left out on purpose: it serves the same suite.
+    Covers this module's source (packages, hooks, build steps), every file of the guest
+    agent package and, for the single-file agent, everything bundled with it (Twisted and its
+    dependencies as installed here). The Debian mirror is left out on purpose: it serves the
+    same suite.
     """
     agent_dir = agent_dir or _agent_dir()
     h = hashlib.sha256()
     h.update(b"vmcontroller-image-v1\0")
     h.update(Path(__file__).read_bytes())
-    h.update(json.dumps([SUITE, PACKAGES, _ESSENTIAL_HOOK, _CUSTOMIZE_HOOKS, _DPKG_OPTS]).encode())
+    h.update(json.dumps([SUITE, packages(agent), _ESSENTIAL_HOOK, _CUSTOMIZE_HOOKS, _DPKG_OPTS]).encode())
     for path in _agent_files(agent_dir):
         h.update(str(path.relative_to(agent_dir)).encode() + b"\0")
         h.update(path.read_bytes() + b"\0")
+    if agent == "bundle":
+        h.update(b"bundle\0" + agent_bundle.bundle_fingerprint().encode())
     return h.hexdigest()[:16]
 
 
@@ -232,9 +253,11 @@ def _image_from_dir(directory: Path) -> GuestImage | None:
     return None
 
 
-def cached_image(cache_dir: Path | str = DEFAULT_CACHE_DIR) -> GuestImage | None:
+def cached_image(
+    cache_dir: Path | str = DEFAULT_CACHE_DIR, agent: AgentForm = "package"
+) -> GuestImage | None:
     """The image for the current recipe if it was built already, else ``None``."""
-    return _image_from_dir(Path(cache_dir) / recipe_hash())
+    return _image_from_dir(Path(cache_dir) / recipe_hash(agent=agent))
 
 
 # -- Debian sources ---------------------------------------------------------------------------
@@ -358,29 +381,41 @@ async def _build(
     *,
     image_id: str,
     disk_size_mib: int,
+    agent: AgentForm,
     log: Callable[[str], object],
 ) -> None:
     rootfs = work / "rootfs"
     agent_parent = _agent_dir().parent
     sources = debian_sources()
+    included = packages(agent)
+    if agent == "package":
+        # The agent goes in with the host's python from this checkout, exactly as a user would
+        # install it into any Debian tree.
+        install_hook = (
+            f"cd {_shell_quote(str(agent_parent))} && "
+            f'{_shell_quote(sys.executable)} -m guest_agent install --root "$1"'
+        )
+    else:
+        # The single file, installed by itself as an image builder would: `python3 FILE install`.
+        bundle = work / agent_bundle.BUNDLE_NAME
+        agent_bundle.build_bundle(bundle)
+        install_hook = f'{_shell_quote(sys.executable)} {_shell_quote(str(bundle))} install --root "$1"'
+
     started = time.monotonic()
 
     def step(message: str) -> None:
         log(f"[{time.monotonic() - started:6.1f}s] {message}")
 
-    step(f"mmdebstrap {SUITE} ({len(PACKAGES)} packages) from {', '.join(s.split()[1] for s in sources)}")
+    step(f"mmdebstrap {SUITE} ({len(included)} packages) from {', '.join(s.split()[1] for s in sources)}")
     argv = [
         _tool("mmdebstrap"),
         "--mode=root",
         "--variant=minbase",
         "--format=directory",
-        "--include=" + ",".join(PACKAGES),
+        "--include=" + ",".join(included),
         *(f"--dpkgopt={opt}" for opt in _DPKG_OPTS),
         f"--essential-hook={_ESSENTIAL_HOOK}",
-        # The agent goes in with the host's python from this checkout, exactly as a user would
-        # install it into any Debian tree.
-        f"--customize-hook=cd {_shell_quote(str(agent_parent))} && "
-        f'{_shell_quote(sys.executable)} -m guest_agent install --root "$1"',
+        f"--customize-hook={install_hook}",
         *(f"--customize-hook={hook}" for hook in _CUSTOMIZE_HOOKS),
         SUITE,
         str(rootfs),
@@ -406,6 +441,11 @@ async def _build(
         raise ImageBuildError(
             "the guest agent's unit is not enabled in the image: `python3 -m guest_agent install` "
             "did not do its job; run it by hand with --root on an empty directory to see why"
+        )
+    if agent == "bundle" and list(rootfs.glob("usr/lib/python3*/dist-packages/twisted")):
+        raise ImageBuildError(
+            "the image for the single-file agent has Debian's Twisted, which it must not need: a "
+            "package in vmcontroller.images.PACKAGES depends on python3-twisted; drop it"
         )
     listing = await _run(
         reactor,
@@ -444,7 +484,8 @@ async def _build(
     manifest = {
         "image_id": image_id,
         "suite": SUITE,
-        "packages": list(PACKAGES),
+        "packages": list(included),
+        "agent": agent,
         "kernel_version": kernels[-1].name[len("vmlinuz-") :],
         "cmdline": DEFAULT_CMDLINE,
         "sources": sources,
@@ -466,6 +507,7 @@ async def build_image(
     cache_dir: Path | str = DEFAULT_CACHE_DIR,
     force: bool = False,
     disk_size_mib: int = DEFAULT_DISK_SIZE_MIB,
+    agent: AgentForm = "package",
     log: Callable[[str], object] = print,
 ) -> GuestImage:
     """
@@ -481,11 +523,15 @@ async def build_image(
         ``libvirt-qemu`` user, which is why the default is under ``/var/lib``.
     :param force: rebuild even if the image is cached; refused while VM disks are overlays on it.
     :param disk_size_mib: size of the guest's root filesystem.
+    :param agent: how the agent goes in (:data:`AgentForm`): the package over Debian's
+        Twisted, or the single-file agent with no Twisted package in the image.
     :param log: called with one line per build step.
     :raises ImageBuildError: a tool failed; the message has its last output lines.
     """
+    if agent not in AGENT_FORMS:
+        raise ValueError(f"agent={agent!r}: use one of {', '.join(AGENT_FORMS)}")
     cache = Path(cache_dir)
-    image_id = recipe_hash()
+    image_id = recipe_hash(agent=agent)
     final = cache / image_id
     if not force:
         image = _image_from_dir(final)
@@ -515,8 +561,8 @@ async def build_image(
     work.mkdir(mode=0o755)
     log(f"building guest image {image_id} in {work}")
     try:
-        await _build(reactor, work, image_id=image_id, disk_size_mib=disk_size_mib, log=log)
-        if recipe_hash() != image_id:
+        await _build(reactor, work, image_id=image_id, disk_size_mib=disk_size_mib, agent=agent, log=log)
+        if recipe_hash(agent=agent) != image_id:
             # The image holds whatever the agent's files were when mmdebstrap copied them; it
             # must not be cached under a name that says otherwise.
             raise ImageBuildError(
@@ -592,7 +638,7 @@ def _prunable(
     """The cache entries :func:`prune_images` deletes (see there); reads a little, deletes nothing."""
     if not cache.is_dir():
         return []
-    in_use = {str((cache / recipe_hash()).resolve())}
+    in_use = {str((cache / recipe_hash(agent=form)).resolve()) for form in AGENT_FORMS}
     for overlay in Path(vms_dir).glob("*/*.qcow2"):
         try:
             backing = _qcow2_backing_file(overlay)
@@ -655,13 +701,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
     build.add_argument("--json", action="store_true", help="print the paths as JSON")
-    sub.add_parser("hash", help="print the recipe hash that names the image")
+    build.add_argument(
+        "--agent",
+        choices=AGENT_FORMS,
+        default="package",
+        help="the agent as this checkout's package over Debian's Twisted (default), or as the "
+        "single-file agent in an image without Twisted",
+    )
+    hash_ = sub.add_parser("hash", help="print the recipe hash that names the image")
+    hash_.add_argument("--agent", choices=AGENT_FORMS, default="package")
     prune = sub.add_parser("prune", help="delete cached images no VM uses, except the current one")
     prune.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
     prune.add_argument("--keep", type=int, default=0, metavar="N", help="also keep the N most recently used")
     args = parser.parse_args(argv)
     if args.command == "hash":
-        print(recipe_hash())
+        print(recipe_hash(agent=args.agent))
         return 0
     if args.command == "prune":
         for path in prune_images(args.cache_dir, keep_recent=args.keep):
@@ -676,7 +730,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def run(reactor: Any) -> None:
         result.append(
             await build_image(
-                reactor, cache_dir=args.cache_dir, force=args.force, log=lambda m: print(m, file=sys.stderr)
+                reactor,
+                cache_dir=args.cache_dir,
+                force=args.force,
+                agent=args.agent,
+                log=lambda m: print(m, file=sys.stderr),
             )
         )
 

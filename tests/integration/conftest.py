@@ -85,19 +85,38 @@ def hypervisor() -> Iterator[LibvirtDriver]:
     pytest_twisted.blockon(driver.stopService())
 
 
+def _boot(hypervisor: LibvirtDriver, image: GuestImage, name: str) -> Iterator[BootedVM]:
+    pytest_twisted.blockon(hypervisor.define(image.vm_spec(name)))
+    try:
+        pytest_twisted.blockon(hypervisor.start(name))
+        yield BootedVM(hypervisor, name, image)
+    finally:
+        teardown_vm(hypervisor, name)
+
+
 @pytest.fixture(scope="session")
 def booted_vm(hypervisor: LibvirtDriver, guest_image: GuestImage) -> Iterator[BootedVM]:
     """
     The session's guest, defined and started once (not waited for: the agent's clients wait for
     the agent), undefined at the end of the session.
     """
-    name = f"{TEST_VM_PREFIX}shared-{os.getpid()}"
-    pytest_twisted.blockon(hypervisor.define(guest_image.vm_spec(name)))
-    try:
-        pytest_twisted.blockon(hypervisor.start(name))
-        yield BootedVM(hypervisor, name, guest_image)
-    finally:
-        teardown_vm(hypervisor, name)
+    yield from _boot(hypervisor, guest_image, f"{TEST_VM_PREFIX}shared-{os.getpid()}")
+
+
+@pytest.fixture(scope="session")
+def bundle_image() -> GuestImage:
+    """An image without Debian's Twisted, running the single-file agent (about a minute to build)."""
+    return pytest_twisted.blockon(
+        Deferred.fromCoroutine(
+            build_image(reactor, agent="bundle", log=lambda line: print(f"bundle image: {line}"))
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def bundle_vm(hypervisor: LibvirtDriver, bundle_image: GuestImage) -> Iterator[BootedVM]:
+    """A guest of :func:`bundle_image`, booted once for the session like :func:`booted_vm`."""
+    yield from _boot(hypervisor, bundle_image, f"{TEST_VM_PREFIX}bundle-{os.getpid()}")
 
 
 def teardown_vm(driver: LibvirtDriver, name: str) -> None:

@@ -1,6 +1,7 @@
 """
 Every agent operation, and the bad input the acceptance list names, against the real
-agent in a real QEMU guest booted once for the session (``booted_vm`` in conftest).
+agent in a real QEMU guest booted once for the session (``booted_vm`` in conftest), and again
+against the single-file agent in a guest without Debian's Twisted (``bundle_vm``).
 
 The channel takes one host at a time, so each test connects its own client and closes
 it; tests that damage the guest revert it to the ``clean`` snapshot afterwards.
@@ -36,9 +37,15 @@ from vmcontroller.machine import connect_vm_agent
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(params=["package", "bundle"])
+def guest(request: pytest.FixtureRequest) -> Any:
+    """The guest with the agent as a package over Debian's Twisted, then as the single file."""
+    return request.getfixturevalue("booted_vm" if request.param == "package" else "bundle_vm")
+
+
 @pytest_twisted.async_yield_fixture()
-async def agent(booted_vm: Any) -> AsyncIterator[GuestClient]:
-    client = await connect_vm_agent(reactor, booted_vm.driver, booted_vm.name, timeout=180)
+async def agent(guest: Any) -> AsyncIterator[GuestClient]:
+    client = await connect_vm_agent(reactor, guest.driver, guest.name, timeout=180)
     yield client
     client.close()
 
@@ -197,12 +204,12 @@ async def _agent_cpu_ticks(client: GuestClient) -> int:
 
 
 @pytest_twisted.ensureDeferred
-async def test_agent_waits_for_the_host_without_spinning(agent: GuestClient, booted_vm: Any) -> None:
+async def test_agent_waits_for_the_host_without_spinning(agent: GuestClient, guest: Any) -> None:
     """With no host on the port (which then polls as hang-up), the agent must sleep, not spin."""
     before = await _agent_cpu_ticks(agent)
     agent.close()
     await deferLater(reactor, 10, lambda: None)
-    again = await connect_vm_agent(reactor, booted_vm.driver, booted_vm.name, timeout=60)
+    again = await connect_vm_agent(reactor, guest.driver, guest.name, timeout=60)
     try:
         used = await _agent_cpu_ticks(again) - before
         ticks_per_second = int((await again.run(["getconf", "CLK_TCK"], check=True)).stdout)
@@ -213,8 +220,8 @@ async def test_agent_waits_for_the_host_without_spinning(agent: GuestClient, boo
 
 
 @pytest_twisted.ensureDeferred
-async def test_snapshot_revert_restores_disk_state(agent: GuestClient, booted_vm: Any) -> None:
-    driver, name = booted_vm.driver, booted_vm.name
+async def test_snapshot_revert_restores_disk_state(agent: GuestClient, guest: Any) -> None:
+    driver, name = guest.driver, guest.name
     await agent.run(["sh", "-c", "echo before > /root/state.txt && sync"], check=True)
     await driver.snapshot_create(name, "agent-test")
     try:
@@ -233,7 +240,21 @@ async def test_snapshot_revert_restores_disk_state(agent: GuestClient, booted_vm
 
 
 @pytest_twisted.ensureDeferred
-async def test_reboot_and_shutdown(agent: GuestClient, booted_vm: Any) -> None:
+async def test_the_single_file_agent_needs_no_twisted_package(bundle_vm: Any) -> None:
+    client = await connect_vm_agent(reactor, bundle_vm.driver, bundle_vm.name, timeout=180)
+    try:
+        probe = await client.run(["python3", "-c", "import twisted"])
+        assert probe.exit_code != 0 and b"No module named 'twisted'" in probe.stderr
+        listed = await client.run(["dpkg-query", "-W", "python3-twisted"])
+        assert listed.exit_code != 0
+        unit = await client.run(["systemctl", "show", "-p", "ExecStart", "--value", "vmcontroller-agent"])
+        assert b"/usr/local/lib/vmcontroller/vmcontroller-agent.pyz run" in unit.stdout
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reboot_and_shutdown(agent: GuestClient, guest: Any) -> None:
     """Last: both take the guest away; the agent is back after each."""
     from hypervisors.interface import VMState
 
@@ -254,9 +275,9 @@ async def test_reboot_and_shutdown(agent: GuestClient, booted_vm: Any) -> None:
     assert new_boot_id != boot_id
 
     await agent.shutdown()
-    await booted_vm.driver.wait_for_state(booted_vm.name, VMState.SHUTOFF, timeout=180)
+    await guest.driver.wait_for_state(guest.name, VMState.SHUTOFF, timeout=180)
     agent.close()
-    await booted_vm.driver.start(booted_vm.name)
-    again = await connect_vm_agent(reactor, booted_vm.driver, booted_vm.name, timeout=300)
+    await guest.driver.start(guest.name)
+    again = await connect_vm_agent(reactor, guest.driver, guest.name, timeout=300)
     assert (await again.ping())["version"]
     again.close()

@@ -41,8 +41,9 @@ class _AgentAfterHangUps(Factory):
 async def test_a_connection_dropped_before_the_handshake_is_retried() -> None:
     listener = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(_AgentAfterHangUps(2))
     try:
-        client = await connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getHost().port),
-                               timeout=30)
+        client = await connect(
+            reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getHost().port), timeout=30
+        )
         assert (await client.ping())["version"]
         client.close()
     finally:
@@ -54,7 +55,8 @@ async def test_only_hang_ups_until_the_deadline_are_unreachable() -> None:
     listener = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(_AgentAfterHangUps(10**6))
     try:
         with pytest.raises(AgentUnreachable, match=r"no agent answered within 1\.5 s \(last error: .*closed"):
-            await connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getHost().port),
-                          timeout=1.5)
+            await connect(
+                reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getHost().port), timeout=1.5
+            )
     finally:
         await listener.stopListening()

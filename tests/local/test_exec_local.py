@@ -137,8 +137,12 @@ async def test_a_slow_consumer_holds_the_process_back(client: GuestClient) -> No
 
 @pytest_twisted.ensureDeferred
 async def test_stdin_bytes_env_cwd_exit_code(client: GuestClient, tmp_path: object) -> None:
-    result = await client.run(["sh", "-c", 'cat; echo "$GREETING"; echo "$PATH"; pwd; exit 3'],
-                              stdin=b"from stdin\n", env={"GREETING": "hello"}, cwd=str(tmp_path))
+    result = await client.run(
+        ["sh", "-c", 'cat; echo "$GREETING"; echo "$PATH"; pwd; exit 3'],
+        stdin=b"from stdin\n",
+        env={"GREETING": "hello"},
+        cwd=str(tmp_path),
+    )
     assert result.stdout == f"from stdin\nhello\n{agent_exec.DEFAULT_PATH}\n{tmp_path}\n".encode()
     assert result.exit_code == 3 and result.signal is None
     with pytest.raises(ProcessFailed, match="exited with status 3") as failed:
@@ -180,12 +184,14 @@ async def _assert_timeout_kills_grandchild(client: GuestClient, tmp_path: object
 
 @pytest.mark.parametrize("launcher", ["setsid", "python"])
 @pytest_twisted.ensureDeferred
-async def test_timeout_kills_the_process_group(client: GuestClient, tmp_path: object,
-                                               monkeypatch: pytest.MonkeyPatch, launcher: str) -> None:
+async def test_timeout_kills_the_process_group(
+    client: GuestClient, tmp_path: object, monkeypatch: pytest.MonkeyPatch, launcher: str
+) -> None:
     if launcher == "python":
         # The shim a guest without setsid(1) gets.
-        monkeypatch.setattr(agent_exec, "_launcher",
-                            lambda: (sys.executable, "-I", "-S", "-c", agent_exec._SETSID_SHIM))
+        monkeypatch.setattr(
+            agent_exec, "_launcher", lambda: (sys.executable, "-I", "-S", "-c", agent_exec._SETSID_SHIM)
+        )
     await _assert_timeout_kills_grandchild(client, tmp_path, "sleep 300 & echo $! > $PID_FILE; sleep 300")
 
 
@@ -199,8 +205,10 @@ async def test_timeout_when_a_background_child_keeps_the_pipes(client: GuestClie
 async def test_cancel_kills_the_process_group(client: GuestClient, tmp_path: object) -> None:
     pid_file = f"{tmp_path}/child.pid"
     started: Deferred[None] = Deferred()
-    handle = client.exec(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; echo started; sleep 300"],
-                         on_stdout=lambda chunk: None if started.called else started.callback(None))
+    handle = client.exec(
+        ["sh", "-c", f"sleep 300 & echo $! > {pid_file}; echo started; sleep 300"],
+        on_stdout=lambda chunk: None if started.called else started.callback(None),
+    )
     await started
     with open(pid_file) as f:
         grandchild = int(f.read())
@@ -215,8 +223,10 @@ async def test_cancel_kills_the_process_group(client: GuestClient, tmp_path: obj
 async def test_host_gone_kills_the_process_group(client: GuestClient, tmp_path: object) -> None:
     pid_file = f"{tmp_path}/child.pid"
     started: Deferred[None] = Deferred()
-    handle = client.exec(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; echo started; sleep 300"],
-                         on_stdout=lambda chunk: None if started.called else started.callback(None))
+    handle = client.exec(
+        ["sh", "-c", f"sleep 300 & echo $! > {pid_file}; echo started; sleep 300"],
+        on_stdout=lambda chunk: None if started.called else started.callback(None),
+    )
     await started
     with open(pid_file) as f:
         grandchild = int(f.read())
@@ -229,7 +239,8 @@ async def test_host_gone_kills_the_process_group(client: GuestClient, tmp_path: 
 @pytest.mark.parametrize("in_tmp", [False, True], ids=["posix_spawn", "setsid(1) with cwd"])
 @pytest_twisted.ensureDeferred
 async def test_the_program_leads_a_session_and_inherits_nothing_else(
-        client: GuestClient, tmp_path: object, in_tmp: bool) -> None:
+    client: GuestClient, tmp_path: object, in_tmp: bool
+) -> None:
     """Its own session and group, only fds 0-2, default signal handling: as a forked child had."""
     leaked = os.open("/dev/null", os.O_RDONLY)
     os.set_inheritable(leaked, True)
@@ -251,8 +262,9 @@ async def test_the_program_leads_a_session_and_inherits_nothing_else(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_script_without_an_interpreter_line_runs_with_sh(client: GuestClient,
-                                                                tmp_path: object) -> None:
+async def test_a_script_without_an_interpreter_line_runs_with_sh(
+    client: GuestClient, tmp_path: object
+) -> None:
     script = f"{tmp_path}/script"
     with open(script, "w") as f:
         f.write('echo "from sh: $1"\n')
@@ -294,9 +306,9 @@ async def test_missing_program_or_directory(client: GuestClient, tmp_path: objec
 
 @pytest_twisted.ensureDeferred
 async def test_many_at_once(client: GuestClient) -> None:
-    results = await gatherResults([
-        client.run(["sh", "-c", f"echo out {i}; echo err {i} >&2; exit {i % 7}"]) for i in range(100)
-    ])
+    results = await gatherResults(
+        [client.run(["sh", "-c", f"echo out {i}; echo err {i} >&2; exit {i % 7}"]) for i in range(100)]
+    )
     for i, result in enumerate(results):
         expected = (f"out {i}\n".encode(), f"err {i}\n".encode(), i % 7)
         assert (result.stdout, result.stderr, result.exit_code) == expected

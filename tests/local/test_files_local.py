@@ -109,8 +109,9 @@ async def test_missing_paths(tmp_path: Path) -> None:
 async def test_wrong_checksum_writes_nothing(tmp_path: Path) -> None:
     data = os.urandom(3 * 1024 * 1024)
     async with agent() as client:
-        stream, result = await client.open_request("push", {"path": str(tmp_path / "f"), "mode": None,
-                                                            "size": len(data)})
+        stream, result = await client.open_request(
+            "push", {"path": str(tmp_path / "f"), "mode": None, "size": len(data)}
+        )
         await stream.send(Channel.INPUT, data)
         stream.send_eof(Channel.INPUT, {"sha256": hashlib.sha256(b"else").hexdigest(), "size": len(data)})
         with pytest.raises(IntegrityError):
@@ -192,7 +193,15 @@ async def test_ping_and_info() -> None:
         pong = await client.ping()
         info = await client.info()
     assert pong["version"] == __version__ and pong["time"] >= before
-    assert {"hostname", "kernel", "os_release", "uptime", "load", "memory", "disk", "agent_version",
-            "protocol_versions"} <= set(info)
+    assert {
+        "hostname",
+        "kernel",
+        "os_release",
+        "uptime",
+        "load",
+        "memory",
+        "disk",
+        "agent_version",
+        "protocol_versions",
+    } <= set(info)
     assert info["memory"]["total"] > 0 and info["disk"]["total"] > 0
-

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import time
 from pathlib import Path
 from typing import cast
 
@@ -93,7 +95,7 @@ def test_an_image_whose_recipe_changed_during_the_build_is_not_cached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hashes = iter(["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"])
-    monkeypatch.setattr(images, "recipe_hash", lambda: next(hashes))
+    monkeypatch.setattr(images, "recipe_hash", lambda **kwargs: next(hashes))
 
     async def build(reactor: object, work: Path, **kwargs: object) -> None:
         for name in ("root.qcow2", "vmlinuz", "initrd.img"):
@@ -193,3 +195,89 @@ def test_prune_keeps_the_most_recently_used(tmp_path: Path) -> None:
         fake_image(cache / name, last_used)
     removed = images.prune_images(cache, tmp_path / "vms", keep_recent=2)
     assert sorted(p.name for p in removed) == ["a", "d"]
+
+
+def test_init_system_of_a_root(tmp_path: Path) -> None:
+    assert install.init_system(tmp_path) == "systemd"  # an empty tree being built
+    (tmp_path / "etc/init.d").mkdir(parents=True)
+    assert install.init_system(tmp_path) == "sysv"
+    (tmp_path / "lib/systemd").mkdir(parents=True)
+    (tmp_path / "lib/systemd/systemd").write_bytes(b"")
+    assert install.init_system(tmp_path) == "systemd"
+    (tmp_path / "sbin").mkdir()
+    (tmp_path / "sbin/openrc-run").write_bytes(b"")
+    assert install.init_system(tmp_path) == "openrc"
+
+
+def test_the_agent_command_keeps_the_units_options() -> None:
+    unit = (
+        "[Service]\nExecStart=/usr/bin/python3 -m guest_agent run --serial /dev/ttyS1 --listen 'tcp:9000'\n"
+    )
+    options = ["run", "--serial", "/dev/ttyS1", "--listen", "tcp:9000"]
+    assert install.agent_command(False, unit) == ["/usr/bin/python3", "-m", "guest_agent", *options]
+    assert install.agent_command(True, unit) == [
+        "/usr/bin/python3",
+        f"/{install.BUNDLE_DIR}/{install.BUNDLE_FILE}",
+        *options,
+    ]
+
+
+@pytest.mark.parametrize("manager", ["openrc", "sysv"])
+def test_install_without_systemd(tmp_path: Path, manager: str, capsys: pytest.CaptureFixture[str]) -> None:
+    root = fake_debian_root(tmp_path / "root")
+    assert install.main(["--root", str(root), "--init", manager]) == 0
+    script = root / "etc/init.d/vmcontroller-agent"
+    assert script.stat().st_mode & 0o777 == 0o755
+    text = script.read_text()
+    # The same command as the systemd unit's, and a script the shell accepts.
+    assert "/usr/bin/python3" in text and "-m guest_agent run --virtio-port org.vmcontroller.agent.0" in text
+    subprocess.run(["sh", "-n", str(script)], check=True)
+    assert not (root / "etc/systemd").exists()
+    if manager == "openrc":
+        assert text.startswith("#!/sbin/openrc-run\n")
+        assert "supervisor=supervise-daemon" in text
+        link = root / "etc/runlevels/default/vmcontroller-agent"
+        assert os.readlink(link) == "/etc/init.d/vmcontroller-agent"
+    else:
+        assert "### BEGIN INIT INFO" in text
+        for level in "2345":
+            assert (
+                os.readlink(root / f"etc/rc{level}.d/S20vmcontroller-agent") == "../init.d/vmcontroller-agent"
+            )
+        for level in "016":
+            assert (
+                os.readlink(root / f"etc/rc{level}.d/K01vmcontroller-agent") == "../init.d/vmcontroller-agent"
+            )
+    assert ("OpenRC" if manager == "openrc" else "SysV") in capsys.readouterr().out
+
+
+def test_the_sysv_script_supervises_and_stops_the_agent(tmp_path: Path) -> None:
+    # Run the script for real with a stand-in agent command, its pid file and log moved into
+    # tmp_path: start restarts the command when it exits, stop ends the loop and the command.
+    marker = tmp_path / "runs"
+    # The first two runs exit at once (to be restarted); the third stays, to be stopped.
+    agent = f"echo $$ >> {marker}; [ $(wc -l < {marker}) -ge 3 ] && exec sleep 60; exec sleep 0.1"
+    script_text = install._SYSV_SCRIPT.format(command=f"sh -c '{agent}'")
+    script_text = script_text.replace("/run/vmcontroller-agent.pid", str(tmp_path / "pid")).replace(
+        "/var/log/vmcontroller-agent.log", str(tmp_path / "log")
+    )
+    script = tmp_path / "vmcontroller-agent"
+    script.write_text(script_text)
+    script.chmod(0o755)
+    subprocess.run([str(script), "start"], check=True)
+    try:
+        for _ in range(200):
+            if marker.exists() and len(marker.read_text().split()) >= 3:
+                break
+            time.sleep(0.05)
+        assert len(marker.read_text().split()) >= 3  # restarted after each exit
+        assert subprocess.run([str(script), "status"], check=False).returncode == 0
+    finally:
+        subprocess.run([str(script), "stop"], check=True)
+    assert subprocess.run([str(script), "status"], check=False, capture_output=True).returncode == 3
+    pids = marker.read_text().split()
+    time.sleep(1.5)
+    assert marker.read_text().split() == pids  # nothing restarts it after stop
+    # And the agent running at stop was ended with the loop (gone, or a zombie nobody reaped).
+    stat_file = Path(f"/proc/{pids[-1]}/stat")
+    assert not stat_file.exists() or stat_file.read_text().split(") ")[1][0] == "Z"

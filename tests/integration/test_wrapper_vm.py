@@ -1,0 +1,127 @@
+"""
+``vmwrapper`` running a job in a real guest under a stand-in BOINC client: killed with SIGKILL
+after its first checkpoint and started again, it finishes the job without starting it over;
+the client's suspend and resume pause and resume the VM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from hypervisors.interface import VMState
+from tests.local.test_wrapper_host import StandInClient
+from vmcontroller.errors import VMNotFound
+
+pytestmark = pytest.mark.integration
+
+STEPS = 30
+# The job: counts to STEPS, a second a step; "started" is written once per start of the job,
+# so a job that started over shows it twice.
+JOB_SCRIPT = f"""#!/bin/sh
+echo started >> /root/starts.txt
+i=0
+while [ $i -lt {STEPS} ]; do
+    i=$((i + 1))
+    echo "step $i" >> /root/out.txt
+    echo "$i {STEPS}" | awk '{{print $1 / $2}}' > /root/progress
+    sleep 1
+done
+echo finished
+"""
+
+
+def job_xml() -> str:
+    return """<job_desc>
+  <task>
+    <application>/bin/sh</application>
+    <command_line>/root/job.sh</command_line>
+    <stdout_filename>stdout.txt</stdout_filename>
+    <fraction_done_filename>/root/progress</fraction_done_filename>
+  </task>
+  <vm>
+    <copy_in host="job.sh" guest="/root/job.sh"/>
+    <copy_out guest="/root/out.txt" host="out.txt"/>
+    <copy_out guest="/root/starts.txt" host="starts.txt"/>
+    <minimum_checkpoint_interval>5</minimum_checkpoint_interval>
+  </vm>
+</job_desc>"""
+
+
+def history(slot: Path) -> list[str]:
+    try:
+        return list(json.loads((slot / "vmwrapper_state.json").read_text())["history"])
+    except (OSError, ValueError):
+        return []
+
+
+def start_wrapper(slot: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vmcontroller.wrapper", "--slot", str(slot)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+@pytest.fixture
+def slot(tmp_path: Path, hypervisor: Any) -> Iterator[Path]:
+    (tmp_path / "job.sh").write_text(JOB_SCRIPT)
+    (tmp_path / "job.xml").write_text(job_xml())
+    yield tmp_path
+    name = f"vmwrapper-vmc-test-wrapper-{os.getpid()}"
+    with contextlib.suppress(VMNotFound):
+        pytest_twisted.blockon(hypervisor.undefine(name))
+
+
+def test_killed_after_a_checkpoint_it_finishes_the_job_without_starting_over(
+    slot: Path, hypervisor: Any, guest_image: Any
+) -> None:
+    client = StandInClient(slot)
+    (slot / "init_data.xml").write_text(
+        f"<app_init_data><wu_name>vmc-test-wrapper-{os.getpid()}</wu_name>"
+        "<checkpoint_period>5</checkpoint_period></app_init_data>"
+    )
+    name = f"vmwrapper-vmc-test-wrapper-{os.getpid()}"
+    first = start_wrapper(slot)
+    try:
+        client.wait_for(lambda: any(h.startswith("checkpoint ") for h in history(slot)), "a checkpoint")
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        print(first.communicate()[0].decode(errors="replace"))
+    assert not (slot / "boinc_finish_called").exists()
+
+    second = start_wrapper(slot)
+    try:
+        client.wait_for(lambda: any(h.startswith("re-attached") for h in history(slot)), "the re-attach")
+        client.ask("suspend")
+        client.wait_for(lambda: "suspended" in history(slot), "the suspend")
+        assert pytest_twisted.blockon(hypervisor.state(name)) is VMState.PAUSED
+        client.ask("resume")
+        client.wait_for(lambda: "resumed" in history(slot), "the resume")
+        assert pytest_twisted.blockon(hypervisor.state(name)).is_active
+        client.wait_for(lambda: second.poll() is not None, "the job's end")
+    finally:
+        if second.poll() is None:
+            second.kill()
+        print(second.communicate()[0].decode(errors="replace"))
+    assert second.returncode == 0
+    assert (slot / "boinc_finish_called").read_text() == "0\n"
+    # Each step once, and the job started once: the second wrapper went on with the job.
+    assert (slot / "out.txt").read_text() == "".join(f"step {i}\n" for i in range(1, STEPS + 1))
+    assert (slot / "starts.txt").read_text() == "started\n"
+    assert (slot / "stdout.txt").read_text() == "finished\n"
+    assert client.fractions and max(client.fractions) > 0.1
+    with pytest.raises(VMNotFound):
+        pytest_twisted.blockon(hypervisor.state(name))
+
+

@@ -1,0 +1,147 @@
+"""BOINC's app-client conventions and the wrapper's job file, without a reactor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vmcontroller import boinc
+from vmcontroller.wrapper import GuestTaskStatus, JobFile, JobFileError, Task, WrapperState
+
+
+def test_channels_follow_boincs_flag_protocol(tmp_path: Path) -> None:
+    client_side = boinc.ClientChannels.create(tmp_path)
+    app_side = boinc.ClientChannels(tmp_path)
+    assert app_side.requests() == []
+    assert client_side.send_msg("process_control_request", "<suspend/>")
+    # A second message waits until the first is read: the sender never overwrites.
+    assert not client_side.send_msg("process_control_request", "<resume/>")
+    assert app_side.requests() == [boinc.ClientRequest.SUSPEND]
+    assert app_side.requests() == []
+    assert client_side.send_msg("process_control_request", "<quit/>")
+    assert app_side.requests() == [boinc.ClientRequest.QUIT]
+    raw = (tmp_path / boinc.MMAP_FILE).read_bytes()
+    assert len(raw) == 8 * 1024 and raw[0] == 0  # read: the flag is clear for the client
+
+    assert app_side.send_msg("app_status", boinc.app_status_message(12.5, 10.0, 0.25))
+    status = client_side.get_msg("app_status")
+    assert status is not None and "<fraction_done>2.500000e-01</fraction_done>" in status
+    assert "<current_cpu_time>1.250000e+01</current_cpu_time>" in status
+    assert raw[5 * 1024] == 0 and (tmp_path / boinc.MMAP_FILE).read_bytes()[5 * 1024] == 0
+
+
+def test_a_channel_full_of_garbage_reads_as_text(tmp_path: Path) -> None:
+    boinc.ClientChannels.create(tmp_path)
+    data = bytearray((tmp_path / boinc.MMAP_FILE).read_bytes())
+    data[0] = 7
+    data[1:1024] = b"\xff" * 1023  # no NUL anywhere: the read stops at the channel's end
+    (tmp_path / boinc.MMAP_FILE).write_bytes(bytes(data))
+    assert boinc.ClientChannels(tmp_path).requests() == []
+
+
+def test_a_short_mmap_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / boinc.MMAP_FILE).write_bytes(b"\0" * 100)
+    with pytest.raises(ValueError, match="not a BOINC client's shared memory"):
+        boinc.ClientChannels(tmp_path)
+
+
+def test_init_data_and_finish_file(tmp_path: Path) -> None:
+    init = boinc.InitData.parse(
+        "<app_init_data><slot>3</slot><wu_name>wu_7</wu_name><checkpoint_period>120</checkpoint_period>"
+        "<wu_cpu_time>5.5</wu_cpu_time></app_init_data>"
+    )
+    assert (init.slot, init.wu_name, init.checkpoint_period, init.wu_cpu_time) == (3, "wu_7", 120.0, 5.5)
+    assert boinc.InitData.parse("<app_init_data/>").checkpoint_period == 300.0
+    with pytest.raises(ValueError, match="checkpoint_period"):
+        boinc.InitData.parse("<app_init_data><checkpoint_period>soon</checkpoint_period></app_init_data>")
+    boinc.write_finish_file(tmp_path, 3, "bad input")
+    assert (tmp_path / boinc.FINISH_FILE).read_text() == "3\nbad input\n"
+
+
+PLAIN_JOB = """
+<job_desc>
+  <task>
+    <application>worker</application>
+    <command_line>--steps 3 "two words"</command_line>
+    <stdout_filename>out.txt</stdout_filename>
+    <fraction_done_filename>progress</fraction_done_filename>
+    <weight>2</weight>
+    <setenv>MODE=fast</setenv>
+  </task>
+  <task><application>/bin/true</application></task>
+</job_desc>
+"""
+
+
+def test_a_plain_boinc_job_file_has_no_vm() -> None:
+    job = JobFile.parse(PLAIN_JOB)
+    assert job.vm is None
+    first = job.tasks[0]
+    assert first.argv == ["worker", "--steps", "3", "two words"]
+    assert (first.stdout_filename, first.fraction_done_filename, first.weight) == ("out.txt", "progress", 2.0)
+    assert first.setenv == (("MODE", "fast"),)
+    assert job.tasks[1] == Task(application="/bin/true")
+
+
+def test_vm_tags_and_vboxwrapper_options() -> None:
+    job = JobFile.parse(
+        """<job_desc>
+          <task><application>sh</application><command_line>run.sh</command_line></task>
+          <vm><image>bundle</image><memory_mb>768</memory_mb><vcpus>2</vcpus><network>1</network>
+              <copy_in host="in.dat" guest="/root/in.dat"/><copy_out guest="/root/out.dat" host="out.dat"/>
+              <checkpoint>save</checkpoint><minimum_checkpoint_interval>60</minimum_checkpoint_interval></vm>
+        </job_desc>""",
+        "<vbox_job><minimum_checkpoint_interval>90</minimum_checkpoint_interval>"
+        "<job_duration>3600</job_duration><completion_trigger_file>/root/done</completion_trigger_file>"
+        "<fraction_done_filename>/root/progress</fraction_done_filename></vbox_job>",
+    )
+    vm = job.vm
+    assert vm is not None
+    assert (vm.image, vm.memory_mib, vm.vcpus, vm.network, vm.checkpoint) == ("bundle", 768, 2, True, "save")
+    assert vm.copy_in == (("in.dat", "/root/in.dat"),) and vm.copy_out == (("/root/out.dat", "out.dat"),)
+    # vbox_job.xml comes last and wins, as vboxwrapper reads it for these options.
+    assert vm.minimum_checkpoint_interval == 90.0 and vm.job_duration == 3600.0
+    assert (vm.completion_trigger_file, vm.fraction_done_filename) == ("/root/done", "/root/progress")
+
+
+APP = "<application>a</application>"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("<job_desc>", "not well-formed"),
+        ("<job_desc/>", "no <task>"),
+        ("<job_desc><task><command_line>x</command_line></task></job_desc>", "no <application>"),
+        ("<job_desc><task><application>a</application><weight>x</weight></task></job_desc>", "give a number"),
+        (f"<job_desc><task>{APP}<setenv>novalue</setenv></task></job_desc>", "NAME=VALUE"),
+        (f'<job_desc><task>{APP}</task><vm><copy_out guest="/x" host="../x"/></vm></job_desc>', "relative"),
+        (
+            '<job_desc><task><application>a</application></task><vm><copy_out guest="/x" host="/etc/x"/></vm>'
+            "</job_desc>",
+            "relative to the slot",
+        ),
+        (f"<job_desc><task>{APP}</task><vm><copy_in host='x'/></vm></job_desc>", "both"),
+    ],
+)
+def test_bad_job_files(text: str, message: str) -> None:
+    with pytest.raises(JobFileError, match=message):
+        JobFile.parse(text)
+
+
+def test_guest_status_is_parsed_defensively() -> None:
+    assert GuestTaskStatus.parse(b"exit 3\ncpu 12.5\nfraction 0.4\n") == GuestTaskStatus(3, 12.5, 0.4)
+    hostile = b"exit 99999\ncpu -5\nfraction 7\ntrigger\nexit nonsense\ncpu nan-ish\n" + b"x" * 10_000
+    status = GuestTaskStatus.parse(hostile)
+    assert status == GuestTaskStatus(exit_code=255, cpu=0.0, fraction=1.0, triggered=True)
+
+
+def test_state_survives_in_its_file(tmp_path: Path) -> None:
+    state = WrapperState(tasks_done=1, vm="vmwrapper-x", checkpoint="vmwrapper-checkpoint-2")
+    state.note(tmp_path, "checkpoint vmwrapper-checkpoint-2")
+    again = WrapperState.load(tmp_path)
+    assert again == state and again.history == ["checkpoint vmwrapper-checkpoint-2"]
+    (tmp_path / "vmwrapper_state.json").write_text("{not json")
+    with pytest.raises(JobFileError, match="remove it to start the job over"):
+        WrapperState.load(tmp_path)

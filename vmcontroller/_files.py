@@ -37,6 +37,7 @@ from vmcontroller.errors import (
     NotADirectory,
     PathNotFound,
     PermissionDenied,
+    UnknownOperation,
     VMControllerError,
 )
 
@@ -193,6 +194,11 @@ async def push(client: GuestClient, source: str | os.PathLike[str] | IO[bytes], 
                     f"{lost}; the agent was not back within {RESUME_WAIT:g} s to resume the push to "
                     f"{destination}, which was not written: push again") from None
             hasher, done = await _verified_part(client, args["transfer_id"], f, begin)
+            if not done:
+                raise ConnectionLost(
+                    f"{lost}; the agent holds no part of the push to {destination} that matches the host "
+                    "file to resume from (it restarted, the file changed, or all of it had arrived): the "
+                    "outcome in the guest is unknown; push again (a push replaces the destination whole)")
     finally:
         if f is not source:
             f.close()
@@ -207,10 +213,13 @@ async def _verified_part(client: GuestClient, transfer_id: str, source: IO[bytes
                          begin: int) -> tuple[Any, int]:
     """
     After a dropped channel: how much of the file the agent holds, checked against the
-    host file's own bytes.  Returns the hash state and the offset to send from (0, to
-    start over, when the agent holds nothing or something else), with ``source`` there.
+    host file's own bytes.  Returns the hash state and the offset to send from, with
+    ``source`` there; offset 0 when the agent holds nothing, or something else.
     """
-    held = await client.call("push_offset", {"transfer_id": transfer_id})
+    try:
+        held = await client.call("push_offset", {"transfer_id": transfer_id})
+    except UnknownOperation:  # an agent from before resumable pushes
+        held = {}
     offset = held.get("offset") if isinstance(held, dict) else None
     hasher = hashlib.sha256()
     source.seek(begin)

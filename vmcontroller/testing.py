@@ -94,9 +94,14 @@ class InMemoryAgentEndpoint:
             self.pump.flush()
 
     def drop(self) -> None:
-        """Close the current connection, as a guest that rebooted or a killed QEMU does."""
+        """
+        Cut the current connection, as a killed QEMU does: bytes in flight either way are
+        lost, and both sides see the connection closed.
+        """
         assert self.pump is not None
-        self.pump.serverIO.loseConnection()
+        for transport in (self.pump.clientIO, self.pump.serverIO):
+            transport.stream = []
+            transport.disconnecting = True
         self.pump.flush()
         self.pump = None
 

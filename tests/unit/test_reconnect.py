@@ -165,7 +165,7 @@ def test_a_push_resumes_from_the_agent_s_verified_offset_after_a_dropped_channel
     assert list(tmp_path.glob(".pushed.bin.*")) == []
 
 
-def test_a_resume_whose_held_part_does_not_match_starts_over(
+def test_a_push_whose_held_part_does_not_match_fails_with_a_clear_error(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     controller = Controller(monkeypatch, tmp_path / "spool")
     uploads = PartialUploads()
@@ -173,18 +173,19 @@ def test_a_resume_whose_held_part_does_not_match_starts_over(
                                                 agent_reactor=controller.agent_reactor)
     client = controller.connect(timeout=10)
     source = tmp_path / "source.bin"
-    source.write_bytes(os.urandom(2 * 1024 * 1024))
+    source.write_bytes(os.urandom(8 * 1024 * 1024))
     progress: list[int] = []
     pushing = client.push(str(source), str(tmp_path / "pushed.bin"),
                           progress=lambda done, _: progress.append(done))
     pump = controller.endpoint.pump
     assert pump is not None
-    while not progress or progress[-1] < 512 * 1024:
+    while not progress or progress[-1] < 5 * 1024 * 1024:  # past the window: the agent has some
         pump.pump()
     controller.endpoint.drop()
     before = len(progress)
     source.write_bytes(b"\0" * len(source.read_bytes()))  # the host file changed meanwhile
     controller.wait_out_backoff()
-    outcome(pushing)
-    assert (tmp_path / "pushed.bin").read_bytes() == source.read_bytes()
-    assert min(progress[before:]) == CHUNK_SIZE  # the agent's part was not the file's: sent from the start
+    error = outcome(pushing)
+    assert isinstance(error, ConnectionLost) and "no part of the push" in str(error), error
+    assert len(progress) == before  # nothing sent again
+    assert not (tmp_path / "pushed.bin").exists() and list(tmp_path.glob(".pushed.bin.*")) == []

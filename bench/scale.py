@@ -85,11 +85,15 @@ def serve_agents(directory: Path, first: int, count: int) -> None:
     from twisted.internet import reactor
     from twisted.internet.endpoints import UNIXServerEndpoint
 
+    from guest_agent.config import TCPLimits
     from guest_agent.ops import OPERATIONS
     from guest_agent.transports import AgentFactory
 
     _raise_fd_limit()
-    factory = AgentFactory(reactor, OPERATIONS, hello={"software": "bench.scale"})
+    # One factory stands for ``count`` agents, each with one host: the TCP limits of one
+    # agent (connections at once, handshake time under this load) do not apply.
+    tcp = TCPLimits(handshake_timeout=600, max_connections=count)
+    factory = AgentFactory(reactor, OPERATIONS, hello={"software": "bench.scale"}, tcp=tcp)
     listening = [
         UNIXServerEndpoint(reactor, str(directory / f"agent-{i}.sock")).listen(factory)
         for i in range(first, first + count)

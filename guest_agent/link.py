@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 
 from guest_agent.protocol.connection import (
     DataReceived,
@@ -45,6 +47,8 @@ class RequestIO:
         """Send all of ``data``, waiting for the peer's credit as needed."""
         view = memoryview(data)
         while True:
+            self._raise_if_failed()
+            await self._link.writable()
             self._raise_if_failed()
             taken = self._link.connection.send_data(self.request_id, channel, view)
             self._link.flush()
@@ -111,6 +115,23 @@ class RequestIO:
                 waiter.errback(reason)
 
 
+@implementer(IPushProducer)
+class SendGate:
+    """Registered with a transport: its buffer filling pauses the link's stream data."""
+
+    def __init__(self, link: Link) -> None:
+        self._link = link
+
+    def pauseProducing(self) -> None:
+        self._link.pause_sending()
+
+    def resumeProducing(self) -> None:
+        self._link.resume_sending()
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class Link:
     """
     A session's engine plus the function that writes to the transport.
@@ -131,6 +152,29 @@ class Link:
         self.write = write
         self.write_sequence = write_sequence
         self._io: dict[int, RequestIO] = {}
+        # Waiters for the transport to take more data, while it is paused.
+        self._unpaused: list[Deferred[None]] | None = None
+
+    def pause_sending(self) -> None:
+        """
+        The transport's buffer is full: stream data waits (nothing else does, and reading
+        goes on, so both ends pausing cannot deadlock).  Credit alone would not bound it: a
+        peer may grant credit for data it never reads.
+        """
+        if self._unpaused is None:
+            self._unpaused = []
+
+    def resume_sending(self) -> None:
+        waiters, self._unpaused = self._unpaused or [], None
+        for waiter in waiters:
+            waiter.callback(None)
+
+    async def writable(self) -> None:
+        """Return once stream data may be sent (at once unless the transport is paused)."""
+        if self._unpaused is not None:
+            waiter: Deferred[None] = Deferred()
+            self._unpaused.append(waiter)
+            await waiter
 
     def flush(self) -> None:
         pieces = self.connection.pieces_to_send()
@@ -172,6 +216,12 @@ class Link:
         self._io.clear()
         for io in ios:
             io.fail(reason)
+        # Writers waiting for the transport wake and see their stream's failure; the
+        # transport stays paused for the writers of the next session.
+        if self._unpaused:
+            waiters, self._unpaused = self._unpaused, []
+            for waiter in waiters:
+                waiter.callback(None)
 
 
-__all__ = ["ConnectionLost", "Link", "RequestIO"]
+__all__ = ["ConnectionLost", "Link", "RequestIO", "SendGate"]

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Mapping
-from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 import guest_agent
-from guest_agent.ops import OPERATIONS
+from guest_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError
+from guest_agent.ops import build_operations
 from guest_agent.ops.commands import CommandRegistry, RetentionLimits
 from guest_agent.ops.files import PartialUploads
 from guest_agent.protocol.connection import SUPPORTED_VERSIONS
@@ -25,24 +25,34 @@ HELLO = {"software": f"vmcontroller-agent {guest_agent.__version__}"}
 DEFAULT_SPOOL_DIR = "/var/lib/vmcontroller-agent/spool"
 
 
-def serving(reactor: Any, args: argparse.Namespace) -> dict[str, Operation]:
-    """Every operation, with the retained commands and partial pushes of all channels."""
+def durable_operations(args: argparse.Namespace) -> dict[str, Operation]:
+    """The retained commands and partial pushes, one set shared by every channel."""
     limits = RetentionLimits(args.max_commands, args.memory_per_stream, args.spool_bytes)
-    return {**OPERATIONS, **CommandRegistry(reactor, args.spool_dir, limits).operations(),
-            **PartialUploads().operations()}
+    return {**CommandRegistry(args.spool_dir, limits).operations(), **PartialUploads().operations()}
 
 
 def build_service(
-    reactor: object, args: argparse.Namespace, operations: Mapping[str, Operation]
+    reactor: object, args: argparse.Namespace, config: AgentConfig, operations: dict[str, Operation]
 ) -> MultiService:
     top = MultiService()
     for name in args.virtio_port:
-        CharacterDeviceTransport(reactor, virtio_port_path(name), operations, hello=HELLO).setServiceParent(
-            top
-        )
+        CharacterDeviceTransport(
+            reactor, virtio_port_path(name), operations, limits=config.limits, hello=HELLO
+        ).setServiceParent(top)
     for device in args.serial:
-        CharacterDeviceTransport(reactor, device, operations, serial=True, hello=HELLO).setServiceParent(top)
+        CharacterDeviceTransport(
+            reactor, device, operations, serial=True, limits=config.limits, hello=HELLO
+        ).setServiceParent(top)
     return top
+
+
+def load_config(path: str | None) -> AgentConfig:
+    """The configuration at ``path``; without one, the default file if it exists, else the defaults."""
+    if path is None:
+        if not os.path.exists(DEFAULT_CONFIG_PATH):
+            return AgentConfig()
+        path = DEFAULT_CONFIG_PATH
+    return AgentConfig.load(path)
 
 
 def main(argv: list[str]) -> int:
@@ -70,6 +80,12 @@ def main(argv: list[str]) -> int:
         metavar="ENDPOINT",
         help="a Twisted server endpoint, e.g. tcp:9000:interface=127.0.0.1",
     )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"the agent's configuration file (TOML; default {DEFAULT_CONFIG_PATH} if it exists): limits, "
+        "allowed roots for file operations, the programs exec may run",
+    )
     defaults = RetentionLimits()
     parser.add_argument("--spool-dir", default=DEFAULT_SPOOL_DIR, metavar="DIR",
                         help="where retained commands spill output beyond memory (emptied at start)")
@@ -82,6 +98,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not (args.virtio_port or args.serial or args.listen):
         parser.error("name at least one channel: --virtio-port, --serial or --listen")
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"vmcontroller agent: {e}", file=sys.stderr)
+        return 2
+    operations = build_operations(config, durable_operations(args))
 
     from twisted.internet import reactor
 
@@ -91,10 +113,14 @@ def main(argv: list[str]) -> int:
         version=guest_agent.__version__,
         versions=list(SUPPORTED_VERSIONS),
     )
-    operations = serving(reactor, args)
-    top = build_service(reactor, args, operations)
+    log.info("Limits {limits}, at most {n} processes; file operations under {roots}; exec of {allow}",
+             limits=config.limits, n=config.max_processes, roots=config.allowed_roots or "any path",
+             allow=sorted(config.exec_allow) if config.exec_allow is not None else "any program")
+    top = build_service(reactor, args, config, operations)
     for description in args.listen:
-        serverFromString(reactor, description).listen(AgentFactory(reactor, operations, hello=HELLO))
+        serverFromString(reactor, description).listen(
+            AgentFactory(reactor, operations, config.limits, HELLO, config.tcp)
+        )
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()

@@ -103,6 +103,11 @@ class AgentSession:
         self.link = Link(self.connection, write, write_sequence)
         self._running: dict[int, OperationContext] = {}
 
+    @property
+    def busy(self) -> bool:
+        """Whether an operation is running."""
+        return bool(self._running)
+
     def announce_restart(self) -> None:
         self.connection.announce_restart()
         self.link.flush()

@@ -13,17 +13,19 @@ import signal
 import termios
 import tty
 from collections import deque
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import abstract
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from guest_agent.config import TCPLimits
 from guest_agent.protocol.connection import Limits
 from guest_agent.session import AgentSession, Operation
 
@@ -41,8 +43,34 @@ _WRITE_PIECES = 64
 _JOIN_BELOW = 4096
 
 
+@implementer(IPushProducer)
+class _ReadGate:
+    """
+    Registered with the transport: when what the agent writes piles up because the peer
+    does not read, the transport pauses it, and it stops reading the peer's requests.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class AgentProtocol(Protocol):
-    """One host over one TCP (or other stream) connection."""
+    """
+    One host over one TCP (or other stream) connection.  A peer that has not completed
+    the handshake within ``tcp.handshake_timeout``, or sends nothing for
+    ``tcp.idle_timeout`` while no operation runs, is disconnected.
+    """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -50,11 +78,16 @@ class AgentProtocol(Protocol):
         operations: Mapping[str, Operation],
         limits: Limits | None,
         hello: dict[str, Any],
+        tcp: TCPLimits | None = None,
+        on_lost: Callable[[AgentProtocol], None] | None = None,
     ) -> None:
         self._reactor = reactor
         self._operations = operations
         self._limits = limits
         self._hello = hello
+        self._tcp = tcp or TCPLimits()
+        self._on_lost = on_lost
+        self._timer: IDelayedCall | None = None
         self.session: AgentSession | None = None
 
     def connectionMade(self) -> None:
@@ -62,18 +95,57 @@ class AgentProtocol(Protocol):
         self.session = AgentSession(
             self._reactor, self._operations, self.transport.write, self._limits, self._hello
         )
+        cast(IConsumer, self.transport).registerProducer(_ReadGate(self.transport), True)
+        self._timer = self._reactor.callLater(self._tcp.handshake_timeout, self._handshake_expired)
 
     def dataReceived(self, data: bytes) -> None:
         assert self.session is not None
         self.session.data_received(data)
+        if self.session.connection.is_open and self._timer is not None:
+            self._timer.reset(self._tcp.idle_timeout)  # from now on it is the idle timer
+
+    def _handshake_expired(self) -> None:
+        assert self.session is not None
+        if self.session.connection.is_open:
+            self._idle_expired()
+        else:
+            self._disconnect(f"no completed handshake within {self._tcp.handshake_timeout:g} s "
+                             "(tcp.handshake_timeout)")
+
+    def _idle_expired(self) -> None:
+        assert self.session is not None
+        if self.session.busy:
+            self._timer = self._reactor.callLater(self._tcp.idle_timeout, self._idle_expired)
+        else:
+            self._disconnect(f"nothing received for {self._tcp.idle_timeout:g} s while idle "
+                             "(tcp.idle_timeout)")
+
+    def _disconnect(self, why: str) -> None:
+        self._timer = None
+        peer = self.transport.getPeer() if self.transport is not None else None
+        self.log.warn("Disconnecting {peer}: {why}", peer=peer, why=why)
+        if self.transport is not None:
+            # A registered producer would keep a closing transport open while it produces.
+            cast(IConsumer, self.transport).unregisterProducer()
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         if self.session is not None:
             self.session.host_disconnected()
+        if self._on_lost is not None:
+            self._on_lost(self)
 
 
 class AgentFactory(Factory):
-    """Serves agent sessions on a listening endpoint (``tcp:PORT:interface=ADDR``)."""
+    """
+    Serves agent sessions on a listening endpoint (``tcp:PORT:interface=ADDR``), at most
+    ``tcp.max_connections`` at once: a connection beyond is closed at once, logged.
+    """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -81,14 +153,24 @@ class AgentFactory(Factory):
         operations: Mapping[str, Operation],
         limits: Limits | None = None,
         hello: dict[str, Any] | None = None,
+        tcp: TCPLimits | None = None,
     ) -> None:
         self.reactor = reactor
         self.operations = operations
         self.limits = limits
         self.hello = hello or {}
+        self.tcp = tcp or TCPLimits()
+        self.connections: set[AgentProtocol] = set()
 
-    def buildProtocol(self, addr: Any) -> AgentProtocol:
-        return AgentProtocol(self.reactor, self.operations, self.limits, self.hello)
+    def buildProtocol(self, addr: Any) -> AgentProtocol | None:
+        if len(self.connections) >= self.tcp.max_connections:
+            self.log.warn("Refusing {addr}: {n} connections are open already (tcp.max_connections)",
+                          addr=addr, n=len(self.connections))
+            return None
+        protocol = AgentProtocol(self.reactor, self.operations, self.limits, self.hello, self.tcp,
+                                 self.connections.discard)
+        self.connections.add(protocol)
+        return protocol
 
 
 class _DeviceReader(abstract.FileDescriptor):

@@ -19,6 +19,7 @@ from guest_agent.protocol.errors import error_from_wire
 from guest_agent.protocol.frames import Channel
 from vmcontroller.errors import (
     BadRequest,
+    LimitExceeded,
     OperationCancelled,
     ProcessFailed,
     ProtocolError,
@@ -84,18 +85,19 @@ class ExecHandle:
 
     def __init__(self, client: GuestClient, argv: list[str], args: dict[str, Any],
                  stdin: bytes | type[STREAM] | None, on_stdout: OutputCallback | None,
-                 on_stderr: OutputCallback | None, op: str = "exec") -> None:
+                 on_stderr: OutputCallback | None, max_output: int, op: str = "exec") -> None:
         self._argv = tuple(argv)
+        self._max_output = max_output
         self._op = op
         self._stdin = stdin
         self._callbacks: dict[int, OutputCallback | None] = {
             Channel.STDOUT: on_stdout, Channel.STDERR: on_stderr}
-        self._collected: dict[int, list[bytes]] = {Channel.STDOUT: [], Channel.STDERR: []}
+        self._collected: dict[int, bytearray] = {Channel.STDOUT: bytearray(), Channel.STDERR: bytearray()}
         self._io: RequestIO | None = None
         self._io_waiters: list[Deferred[RequestIO]] = []
         self._stdin_lock = DeferredLock()
         self._stdin_closed = False
-        self._callback_failure: Failure | None = None
+        self._local_failure: Failure | None = None
         self._outcome: Failure | ExecResult | None = None
         self._waiters: list[Deferred[ExecResult]] = []
         self._task = Deferred.fromCoroutine(self._run(client, args))
@@ -194,11 +196,11 @@ class ExecHandle:
             for reader in readers:
                 await reader
         except CancelledError:
-            if self._callback_failure is not None:
-                self._callback_failure.raiseException()
+            if self._local_failure is not None:
+                self._local_failure.raiseException()
             raise OperationCancelled(f"{list(self._argv)!r} was cancelled: "
                                      "the agent kills its process group in the guest") from None
-        stdout, stderr = (b"".join(self._collected[channel]) for channel in (Channel.STDOUT, Channel.STDERR))
+        stdout, stderr = (bytes(self._collected[channel]) for channel in (Channel.STDOUT, Channel.STDERR))
         dropped = {name: int(count) for name, count in (status.get("output_dropped") or {}).items()}
         return ExecResult(tuple(status.get("argv") or self._argv), status.get("exit_code"),
                           status.get("signal"), stdout, stderr, status.get("exec_id"), dropped)
@@ -214,7 +216,17 @@ class ExecHandle:
         try:
             while (chunk := await io.receive(channel)) is not None:
                 if callback is None:
-                    self._collected[channel].append(chunk)
+                    collected = self._collected[channel]
+                    if len(collected) + len(chunk) > self._max_output:
+                        collected.clear()  # not wanted any more
+                        name = Channel(channel).name.lower()
+                        self._local_failure = Failure(LimitExceeded(
+                            f"{list(self._argv)!r} wrote more than {self._max_output} bytes to {name}; "
+                            f"it was cancelled in the guest: pass on_{name} to stream its output, or a "
+                            "larger max_output"))
+                        self.cancel()
+                        return
+                    collected += chunk
                     continue
                 try:
                     waiting = callback(chunk)
@@ -223,7 +235,7 @@ class ExecHandle:
                 except CancelledError:
                     return
                 except Exception:  # any error of the user's callback ends the exec
-                    self._callback_failure = Failure()
+                    self._local_failure = Failure()
                     self.cancel()
                     return
         except (VMControllerError, CancelledError):
@@ -246,7 +258,8 @@ class ExecHandle:
 
 def start(client: GuestClient, argv: list[str], *, env: dict[str, str] | None, cwd: str | None,
           stdin: bytes | type[STREAM] | None, timeout: float | None, on_stdout: OutputCallback | None,
-          on_stderr: OutputCallback | None, exec_id: str | None = None) -> ExecHandle:
+          on_stderr: OutputCallback | None, max_output: int | None = None,
+          exec_id: str | None = None) -> ExecHandle:
     """
     Start ``argv`` in the guest; see :meth:`GuestClient.exec`.
 
@@ -258,14 +271,16 @@ def start(client: GuestClient, argv: list[str], *, env: dict[str, str] | None, c
             "timeout": timeout}
     if exec_id is not None:
         args["exec_id"] = exec_id
-    return ExecHandle(client, list(argv), args, stdin, on_stdout, on_stderr)
+    limit = client.client_limits.max_output if max_output is None else max_output
+    return ExecHandle(client, list(argv), args, stdin, on_stdout, on_stderr, limit)
 
 
 def attach(client: GuestClient, exec_id: str, *, stdout_offset: int, stderr_offset: int,
            on_stdout: OutputCallback | None, on_stderr: OutputCallback | None) -> ExecHandle:
     """Stream a retained command's output and result; see :meth:`GuestClient.attach`."""
     args = {"exec_id": exec_id, "stdout_offset": stdout_offset, "stderr_offset": stderr_offset}
-    return ExecHandle(client, [], args, None, on_stdout, on_stderr, op="attach")
+    return ExecHandle(client, [], args, None, on_stdout, on_stderr, client.client_limits.max_output,
+                      op="attach")
 
 
 @dataclass(frozen=True)

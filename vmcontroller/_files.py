@@ -30,10 +30,12 @@ from twisted.internet.threads import deferToThreadPool
 from guest_agent.link import RequestIO
 from guest_agent.protocol.frames import Channel
 from vmcontroller.errors import (
+    BadRequest,
     ConnectionLost,
     IncompleteTransfer,
     IntegrityError,
     IsADirectory,
+    LimitExceeded,
     NotADirectory,
     PathNotFound,
     PermissionDenied,
@@ -62,7 +64,8 @@ class TransferResult:
 
     :ivar path: the file's path in the guest (the destination of a push, the source of
         a pull).
-    :ivar mode: the permission bits of the guest file.
+    :ivar mode: the permission bits of the guest file (as the agent reports them; a pulled
+        host file's mode is the caller's choice, see :func:`pull`).
     :ivar seconds: how long the transfer took, by the client's clock.
     """
 
@@ -235,7 +238,7 @@ async def _verified_part(client: GuestClient, transfer_id: str, source: IO[bytes
     return hasher, 0
 
 
-async def _receive_file(client: GuestClient, source: str, sink: IO[bytes],
+async def _receive_file(client: GuestClient, source: str, sink: IO[bytes], max_size: int,
                         progress: Progress | None) -> TransferResult:
     started = client.reactor.seconds()
     io, result = await client.open_request("pull", {"path": source})
@@ -243,6 +246,12 @@ async def _receive_file(client: GuestClient, source: str, sink: IO[bytes],
     received = 0
     try:
         while (chunk := await io.receive(Channel.INPUT)) is not None:
+            if received + len(chunk) > max_size:
+                # A local error: the agent must be told to stop, as for a cancel.
+                _abandon(result)
+                raise LimitExceeded(
+                    f"the guest file {source} is larger than the pull's limit of {max_size} bytes; "
+                    "the pull was stopped: pass a larger max_size")
             sink.write(chunk)
             hasher.update(chunk)
             received += len(chunk)
@@ -257,31 +266,64 @@ async def _receive_file(client: GuestClient, source: str, sink: IO[bytes],
     digest = hasher.hexdigest()
     trailer = io.trailer(Channel.INPUT) or {}
     reply = await result
+    error: IncompleteTransfer | IntegrityError | None = None
     if trailer.get("size") != received or reply.get("size") != received:
-        raise IncompleteTransfer(
+        error = IncompleteTransfer(
             f"received {received} bytes of the guest file {source} but the agent says it sent "
             f"{trailer.get('size')}: pull again", {"path": source})
-    if trailer.get("sha256") != digest or reply.get("sha256") != digest:
-        raise IntegrityError(
+    elif trailer.get("sha256") != digest or reply.get("sha256") != digest:
+        error = IntegrityError(
             f"the {received} bytes received of the guest file {source} hash to sha256 {digest} but the "
             f"agent sent {trailer.get('sha256')}: the data was corrupted in transit; pull again",
             {"path": source})
+    if error is not None:
+        # The channel is reliable: an agent whose account differs from its bytes lies.
+        client._drop(error)
+        raise error
     return TransferResult(source, received, digest, int(reply["mode"]), client.reactor.seconds() - started)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for all threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _host_mode(mode: int | None) -> int:
+    if mode is None:
+        return 0o666 & ~_umask()  # what open() would give a new file
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+        raise BadRequest(f"mode must be permission bits (0 to 0o7777), got {mode!r}")
+    return mode
+
+
 async def pull(client: GuestClient, source: str, destination: str | os.PathLike[str] | IO[bytes], *,
+               mode: int | None = None, max_size: int | None = None,
                progress: Progress | None) -> TransferResult:
     """
-    Copy the guest file ``source`` to ``destination``.  A host path gets the guest file's
-    permission bits and appears whole or not at all (a temp file in its directory is
-    renamed into place once the sha256 checks out); a file object is written to as the
-    data arrives, so it holds what was received even when the pull fails.
+    Copy the guest file ``source`` to ``destination``.  A host path appears whole or not
+    at all (a temp file in its directory is renamed into place once the size and sha256
+    check out); a file object is written to as the data arrives, so it holds what was
+    received even when the pull fails.
 
+    :param mode: the host file's permission bits, set-id and sticky bits only when given
+        here; None: ``0o666`` less the umask, as for any new file.  The guest's mode is
+        never used: the guest is not trusted.
+    :param max_size: the most bytes accepted; None: the client's ``max_pull``.
     :raises PathNotFound: the guest file, or the host destination's directory, is missing.
     :raises IntegrityError: the received bytes do not hash to the agent's sha256.
+    :raises LimitExceeded: the file is larger than ``max_size``; the guest stopped sending.
     """
+    limit = client.client_limits.max_pull if max_size is None else max_size
     if not isinstance(destination, str | os.PathLike):
-        return await _receive_file(client, source, destination, progress)
+        return await _receive_file(client, source, destination, limit, progress)
+    host_mode = _host_mode(mode)
     path = os.path.abspath(os.fspath(destination))
     directory = os.path.dirname(path)
     if not os.path.exists(directory):
@@ -299,10 +341,10 @@ async def pull(client: GuestClient, source: str, destination: str | os.PathLike[
                                {"path": directory}) from None
     try:
         with os.fdopen(fd, "wb") as sink:
-            transfer = await _receive_file(client, source, sink, progress)
+            transfer = await _receive_file(client, source, sink, limit, progress)
             sink.flush()
+            os.fchmod(sink.fileno(), host_mode)
             await _fsync(client, sink.fileno())
-        os.chmod(temp, transfer.mode)
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

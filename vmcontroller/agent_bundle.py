@@ -37,7 +37,7 @@ import sys
 
 if sys.version_info < {minimum!r}:
     sys.exit(
-        "vmcontroller-agent needs Python {minimum_text} or newer (its Twisted does); this is "
+        "vmcontroller-agent needs Python {minimum_text} or newer; this is "
         + sys.version.split()[0]
         + ": install a newer python3 in the guest"
     )
@@ -84,10 +84,15 @@ def bundled_distributions() -> list[Distribution]:
     return [found[k] for k in sorted(found)]
 
 
+#: The agent's own floor (enum.StrEnum, tomllib), whatever Twisted's is.
+AGENT_MINIMUM_PYTHON = (3, 11)
+
+
 def _minimum_python() -> tuple[int, ...]:
     requires = distribution(ROOT_REQUIREMENT).metadata["Requires-Python"] or ">=3.8"
     match = re.search(r">=\s*(\d+)\.(\d+)", requires)
-    return (int(match.group(1)), int(match.group(2))) if match else (3, 8)
+    twisted = (int(match.group(1)), int(match.group(2))) if match else (3, 8)
+    return max(twisted, AGENT_MINIMUM_PYTHON)
 
 
 def _wanted(path: PurePosixPath) -> bool:

@@ -486,12 +486,23 @@ class _Progress:
             self._bar.stop()
 
 
-async def _walk_guest(client: GuestClient, top: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+#: How deep cp follows a guest directory tree: the guest says what is in it, and a hostile one
+#: could report directories without end.
+MAX_GUEST_TREE_DEPTH = 64
+
+
+async def _walk_guest(
+    client: GuestClient, top: str, depth: int = 0
+) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    if depth >= MAX_GUEST_TREE_DEPTH:
+        raise UsageError(
+            f"the guest directory {top} is more than {MAX_GUEST_TREE_DEPTH} levels deep: copy a part of it"
+        )
     for entry in await client.list(top):
         path = f"{top.rstrip('/')}/{entry['name']}"
         yield path, entry
         if entry["type"] == "dir":
-            async for item in _walk_guest(client, path):
+            async for item in _walk_guest(client, path, depth + 1):
                 yield item
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import (
+    IConsumer,
     IDelayedCall,
     IProtocol,
     IProtocolFactory,
@@ -25,11 +26,12 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from guest_agent.link import Link, RequestIO
+from guest_agent.link import Link, RequestIO, SendGate
 from guest_agent.protocol.connection import (
     SUPPORTED_VERSIONS,
     ErrorReceived,
@@ -44,7 +46,14 @@ from guest_agent.protocol.connection import (
 from vmcontroller import _exec, _files
 from vmcontroller._exec import CommandInfo, ExecHandle, ExecResult
 from vmcontroller._files import Progress, TransferResult
-from vmcontroller.errors import AgentUnreachable, ConnectionLost, ProtocolError, VMControllerError
+from vmcontroller._results import check_result
+from vmcontroller.errors import (
+    AgentUnreachable,
+    ConnectionLost,
+    OperationTimeout,
+    ProtocolError,
+    VMControllerError,
+)
 
 #: How often the handshake's SYNC is repeated until the agent answers: the agent may
 #: still be booting, or a stale partial frame may have swallowed the first one.
@@ -54,9 +63,45 @@ CONNECT_RETRY_INTERVAL = 0.5
 #: ... up to this.
 RECONNECT_MAX_DELAY = 10.0
 
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """
+    What the host lets one agent make it spend, beyond the wire limits of
+    :class:`~guest_agent.protocol.connection.Limits`.  An agent that breaks one is
+    disconnected, with the reason logged and raised to what was in flight.
+
+    :ivar call_timeout: seconds an operation that streams nothing (ping, stat, mkdir...)
+        may take before it is cancelled with :class:`OperationTimeout`; None: no limit.
+    :ivar cancel_grace: seconds the agent has to answer a CANCEL; an agent that has not
+        is disconnected (its in-flight slot would otherwise be held for ever).
+    :ivar partial_frame_timeout: seconds a frame may stay partly received.
+    :ivar notification_rate: notifications per second the agent may send (a burst of as
+        many is allowed).
+    :ivar max_notification: bytes of one notification's payload; with the rate, this bounds
+        the decoding work an agent's notifications cost the controller.
+    :ivar liveness_interval: seconds of silence from the agent, while operations are in
+        flight, after which it is pinged; one that does not answer within ``call_timeout``
+        is disconnected (streaming operations have no timeout of their own).  None: never.
+    :ivar max_output: bytes of one output stream ``exec``/``run`` collect without a callback.
+    :ivar max_pull: bytes a pull accepts unless the call gives its own limit.
+    """
+
+    call_timeout: float | None = 300.0
+    cancel_grace: float = 30.0
+    partial_frame_timeout: float = 30.0
+    notification_rate: float = 100.0
+    max_notification: int = 16 * 1024
+    liveness_interval: float | None = 60.0
+    max_output: int = 64 * MIB
+    max_pull: int = 16 * 1024 * MIB
+
 
 @dataclass
 class _Pending:
+    op: str
     io: RequestIO
     result: Deferred[Any]
 
@@ -75,8 +120,10 @@ class GuestClient:
         reactor: IReactorTime,
         limits: Limits | None = None,
         versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+        client_limits: ClientLimits | None = None,
     ) -> None:
         self.reactor = reactor
+        self.client_limits = client_limits or ClientLimits()
         self._connection = HostConnection(limits, versions, {"software": "vmcontroller"})
         self._link = Link(self._connection, self._write)
         self._transport: ITransport | None = None
@@ -92,6 +139,15 @@ class GuestClient:
         self._sync_timer: IDelayedCall | None = None
         self._closed: BaseException | None = None
         self._slots: DeferredSemaphore | None = None
+        # Requests cancelled and not yet answered: each holds its in-flight slot, and a
+        # timer that disconnects an agent that ignores the CANCEL.
+        self._cancelled: dict[int, tuple[DeferredSemaphore, IDelayedCall]] = {}
+        self._partial_frame_timer: IDelayedCall | None = None
+        self._last_heard = reactor.seconds()
+        self._liveness: LoopingCall | None = None
+        self._probing = False
+        self._notification_tokens = self.client_limits.notification_rate
+        self._notification_time = reactor.seconds()
         self.notifications: list[Callable[[str, dict[str, Any]], None]] = []
         #: The agent's HELLO: its version, limits and software.
         self.agent_hello: dict[str, Any] = {}
@@ -116,23 +172,27 @@ class GuestClient:
         self._sync_timer = self.reactor.callLater(SYNC_RETRY_INTERVAL, self._resync)
 
     def _data_received(self, data: bytes) -> None:
+        if self._closed is not None:
+            return  # dropped: what still arrives before the channel closes is ignored
+        self._last_heard = self.reactor.seconds()
         try:
             events = self._connection.receive_data(data)
         except ProtocolError as e:
-            self.log.warn("Agent broke the protocol ({error}); resynchronising", error=e)
-            self._session_failed(e)
+            self._drop(e)
             return
         for event in events:
+            if self._closed is not None:
+                return  # an event before dropped the agent
             if self._link.route_stream_event(event):
                 continue
             if isinstance(event, ResponseReceived):
-                self._complete(event.request_id, event.result)
+                self._answered(event.request_id, event.result)
             elif isinstance(event, ErrorReceived):
                 if event.request_id == 0:
                     self.log.warn("Agent rejected the session: {error}", error=event.error)
                     self._session_failed(event.error)
                 else:
-                    self._complete(event.request_id, Failure(event.error))
+                    self._answered(event.request_id, Failure(event.error))
             elif isinstance(event, HandshakeComplete):
                 self._handshake_complete(event)
             elif isinstance(event, HandshakeFailed):
@@ -145,13 +205,69 @@ class GuestClient:
                     )
                 )
             elif isinstance(event, NotificationReceived):
+                if event.size > self.client_limits.max_notification:
+                    self._drop(ProtocolError(
+                        f"the agent sent a notification of {event.size} bytes, more than "
+                        f"{self.client_limits.max_notification} (the limit max_notification)"))
+                    return
+                if not self._take_notification_token():
+                    self._drop(ProtocolError(
+                        f"the agent sent notifications faster than {self.client_limits.notification_rate:g} "
+                        "per second (the limit notification_rate)"))
+                    return
                 for observer in list(self.notifications):
                     observer(event.name, event.body)
         self._link.flush()
+        self._time_partial_frame()
+
+    def _take_notification_token(self) -> bool:
+        """A token bucket: ``notification_rate`` per second, as many at once."""
+        rate = self.client_limits.notification_rate
+        now = self.reactor.seconds()
+        refill = (now - self._notification_time) * rate
+        self._notification_tokens = min(rate, self._notification_tokens + refill)
+        self._notification_time = now
+        if self._notification_tokens < 1:
+            return False
+        self._notification_tokens -= 1
+        return True
+
+    def _time_partial_frame(self) -> None:
+        """
+        A timer runs from the first byte of a frame to its last, not reset as bytes trickle
+        in: an agent sending one byte a second must not hold a frame open for ever.
+        """
+        if not self._connection.is_open or not self._connection.partial_frame_bytes:
+            if self._partial_frame_timer is not None and self._partial_frame_timer.active():
+                self._partial_frame_timer.cancel()
+            self._partial_frame_timer = None
+        elif self._partial_frame_timer is None:
+            timeout = self.client_limits.partial_frame_timeout
+            self._partial_frame_timer = self.reactor.callLater(timeout, self._partial_frame_expired, timeout)
+
+    def _partial_frame_expired(self, timeout: float) -> None:
+        self._partial_frame_timer = None
+        self._drop(ProtocolError(
+            f"the agent left a frame unfinished for {timeout:g} s "
+            f"({self._connection.partial_frame_bytes} bytes of it arrived; the limit partial_frame_timeout)"))
+
+    def _drop(self, error: VMControllerError) -> None:
+        """
+        Disconnect an agent that broke the protocol or one of the host's limits: log why,
+        fail everything in flight with ``error`` and close the channel.
+        """
+        if self._closed is not None:
+            return
+        self.log.warn("Disconnecting the agent: {error}", error=error)
+        self._closed = error
+        self._fail_pending(error)
+        self._fire_ready(error)
+        self.close()
 
     def _transport_lost(self, reason: Failure) -> None:
         self._transport = None
         self._stop_sync_timer()
+        self._stop_liveness()
         reconnecting = self._service is not None and not self._closing and self._closed is None
         error = self._closed or ConnectionLost(
             f"the channel to the agent closed: {reason.getErrorMessage()}; what was in flight has an "
@@ -180,7 +296,41 @@ class GuestClient:
         if self._slots is None or self._slots.limit != max_inflight:
             self._slots = DeferredSemaphore(max_inflight)
         self._handshaken = True
+        interval = self.client_limits.liveness_interval
+        if interval is not None and self._liveness is None:
+            self._liveness = LoopingCall(self._check_liveness, interval)
+            self._liveness.clock = self.reactor
+            self._liveness.start(interval, now=False)
         self._fire_ready(None)
+
+    def _stop_liveness(self) -> None:
+        if self._liveness is not None and self._liveness.running:
+            self._liveness.stop()
+        self._liveness = None
+
+    def _check_liveness(self, interval: float) -> None:
+        """Ping an agent silent for ``interval`` while operations wait on it."""
+        silent = self.reactor.seconds() - self._last_heard
+        # With every slot taken a ping would only queue: liveness is then unknown.
+        if self._probing or not self._pending or silent < interval:
+            return
+        if self._slots is None or not self._slots.tokens:
+            return
+        self._probing = True
+        timeout = self.client_limits.call_timeout or interval
+        waiting = len(self._pending)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(OperationTimeout):
+                self._drop(ProtocolError(
+                    f"the agent sent nothing for {silent:g} s while {waiting} operations waited on it, "
+                    f"and did not answer a ping within {timeout:g} s (the limit liveness_interval)"))
+
+        def probed(outcome: object) -> None:
+            self._probing = False
+
+        probe = Deferred.fromCoroutine(self.call("ping", timeout=timeout))
+        probe.addErrback(failed).addBoth(probed)
 
     def _handshake_failed(self, error: VMControllerError) -> None:
         self._stop_sync_timer()
@@ -198,6 +348,11 @@ class GuestClient:
 
     def _fail_pending(self, error: BaseException) -> None:
         pending, self._pending = self._pending, {}
+        cancelled, self._cancelled = self._cancelled, {}
+        for slots, timer in cancelled.values():
+            if timer.active():
+                timer.cancel()
+            slots.release()
         for request in pending.values():
             request.result.errback(Failure(error))
         self._link.fail_all(error)
@@ -219,6 +374,22 @@ class GuestClient:
         waiter: Deferred[None] = Deferred()
         self._ready_waiters.append(waiter)
         await waiter
+
+    def _answered(self, request_id: int, outcome: Any) -> None:
+        """The agent answered: a request still wanted completes, a cancelled one frees its slot."""
+        cancelled = self._cancelled.pop(request_id, None)
+        if cancelled is not None:
+            slots, timer = cancelled
+            timer.cancel()
+            slots.release()
+        pending = self._pending.get(request_id)
+        if pending is not None and not isinstance(outcome, Failure):
+            try:
+                check_result(pending.op, outcome)
+            except ProtocolError as e:
+                self._drop(e)
+                return
+        self._complete(request_id, outcome)
 
     def _complete(self, request_id: int, outcome: Any) -> None:
         pending = self._pending.pop(request_id, None)
@@ -255,28 +426,53 @@ class GuestClient:
         io = self._link.open_io(request_id)
 
         def cancel(result: Deferred[Any]) -> None:
-            # The agent stops the operation; its reply is then ignored.
+            # The agent stops the operation; its reply is then ignored.  The slot stays
+            # taken until that reply: the agent still counts the request as in flight.
             if self._pending.pop(request_id, None) is not None:
                 self._connection.send_cancel(request_id, {"reason": "cancelled by the host"})
                 self._link.flush()
                 self._link.close_io(request_id)
                 io.fail(CancelledError())
+                grace = self.client_limits.cancel_grace
+                self._cancelled[request_id] = (slots, self.reactor.callLater(
+                    grace, self._cancel_ignored, request_id, op, grace))
 
         result: Deferred[Any] = Deferred(cancel)
 
         def release(outcome: Any) -> Any:
-            slots.release()
+            if request_id not in self._cancelled:
+                slots.release()
             return outcome
 
         result.addBoth(release)
-        self._pending[request_id] = _Pending(io, result)
+        self._pending[request_id] = _Pending(op, io, result)
         self._link.flush()
         return io, result
 
-    async def call(self, op: str, args: dict[str, Any] | None = None) -> Any:
-        """Run an operation that streams nothing and return its result."""
+    def _cancel_ignored(self, request_id: int, op: str, grace: float) -> None:
+        # Dropping frees every slot, this one's too, once waiters can only fail.
+        self._drop(ProtocolError(
+            f"the agent did not answer the CANCEL of {op} (request {request_id}) within {grace:g} s "
+            "(the limit cancel_grace)"))
+
+    async def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        """
+        Run an operation that streams nothing and return its result.
+
+        :param timeout: seconds before the operation is cancelled; None: the client's
+            ``call_timeout`` (see :class:`ClientLimits`).
+        :raises OperationTimeout: it took longer.
+        """
+        timeout = self.client_limits.call_timeout if timeout is None else timeout
         _, result = await self.open_request(op, args)
-        return await result
+        if timeout is None:
+            return await result
+        try:
+            return await result.addTimeout(timeout, self.reactor)
+        except DeferredTimeoutError:
+            raise OperationTimeout(
+                f"the agent did not answer {op} within {timeout:g} s; it was cancelled "
+                "(pass a longer timeout, or check the guest's load)", {"timeout": timeout}) from None
 
     # ---- operations ----------------------------------------------------------------
 
@@ -299,13 +495,17 @@ class GuestClient:
         on_stdout: _exec.OutputCallback | None = None,
         on_stderr: _exec.OutputCallback | None = None,
         exec_id: str | None = None,
+        max_output: int | None = None,
     ) -> ExecHandle:
         """
         Start ``argv`` in the guest.  Output goes to ``on_stdout``/``on_stderr`` as it is
         produced (a callback that returns a Deferred holds the output back until it fires)
         or, without a callback, is collected whole in the :class:`ExecResult`.
         ``stdin`` is bytes to feed, None for none, or :data:`STREAM` to write it through
-        the handle.  ``timeout`` kills the process group in the guest.
+        the handle.  ``timeout`` kills the process group in the guest.  Collected output
+        is limited to ``max_output`` bytes per stream (by default
+        :attr:`ClientLimits.max_output`): past it the process is cancelled and the result
+        fails with :class:`LimitExceeded`.
 
         With an ``exec_id`` (1 to 128 letters, digits or ``._:@-``, chosen by the caller)
         the agent retains the command: it runs on when the channel or this controller goes
@@ -313,7 +513,7 @@ class GuestClient:
         :meth:`attach` collects them, and ``exec`` with the same id and ``argv`` again
         streams the same command from the start instead of starting another.
 
-        :raises LimitExceeded: (from the result) the agent retains as many commands as it may.
+        :raises TooManyCommands: (from the result) the agent retains as many commands as it may.
         :raises AlreadyExists: (from the result) ``exec_id`` names a command with another argv.
         """
         return _exec.start(
@@ -326,6 +526,7 @@ class GuestClient:
             on_stdout=on_stdout,
             on_stderr=on_stderr,
             exec_id=exec_id,
+            max_output=max_output,
         )
 
     def attach(
@@ -378,9 +579,16 @@ class GuestClient:
         stdin: bytes | None = None,
         timeout: float | None = None,
         check: bool = False,
+        max_output: int | None = None,
     ) -> Deferred[ExecResult]:
-        """Run ``argv`` to completion and fire with its whole output and exit status."""
-        return self.exec(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout).result(check=check)
+        """
+        Run ``argv`` to completion and fire with its whole output and exit status.
+
+        :raises LimitExceeded: it wrote more than ``max_output`` bytes to one stream (see
+            :meth:`exec`).
+        """
+        return self.exec(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
+                         max_output=max_output).result(check=check)
 
     def push(
         self,
@@ -394,10 +602,22 @@ class GuestClient:
         return Deferred.fromCoroutine(_files.push(self, source, destination, mode=mode, progress=progress))
 
     def pull(
-        self, source: str, destination: str | IO[bytes], *, progress: Progress | None = None
+        self,
+        source: str,
+        destination: str | IO[bytes],
+        *,
+        mode: int | None = None,
+        max_size: int | None = None,
+        progress: Progress | None = None,
     ) -> Deferred[TransferResult]:
-        """Copy the guest file ``source`` to a host path or binary file object."""
-        return Deferred.fromCoroutine(_files.pull(self, source, destination, progress=progress))
+        """
+        Copy the guest file ``source`` to a host path or binary file object.  The host
+        decides the file's ``mode`` (by default ``0o666`` less the umask) and the largest
+        size accepted (by default :attr:`ClientLimits.max_pull`); see :func:`_files.pull`.
+        """
+        return Deferred.fromCoroutine(
+            _files.pull(self, source, destination, mode=mode, max_size=max_size, progress=progress)
+        )
 
     def mkdir(self, path: str, *, parents: bool = False, mode: int = 0o755) -> Deferred[None]:
         return Deferred.fromCoroutine(self.call("mkdir", {"path": path, "parents": parents, "mode": mode}))
@@ -436,6 +656,10 @@ class GuestClient:
         """
         self._closing = True
         self._stop_sync_timer()
+        self._stop_liveness()
+        if self._transport is not None:
+            # A registered producer would keep a closing transport open while it produces.
+            cast(IConsumer, self._transport).unregisterProducer()
         closed: Deferred[None]
         if self._service is not None:
             service, self._service = self._service, None
@@ -450,7 +674,6 @@ class GuestClient:
         return closed
 
 
-
 class _AgentProtocol(Protocol):
     """Feeds a :class:`GuestClient`; all protocol logic is in the client's engine."""
 
@@ -459,6 +682,8 @@ class _AgentProtocol(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        # Reading goes on while the transport's buffer is full: only stream data waits.
+        cast(IConsumer, self.transport).registerProducer(SendGate(self.client._link), True)
         self.client._transport_connected(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
@@ -490,8 +715,9 @@ async def _connect(
     timeout: float,
     limits: Limits | None,
     versions: tuple[int, ...],
+    client_limits: ClientLimits | None,
 ) -> GuestClient:
-    client = GuestClient(reactor, limits, versions)
+    client = GuestClient(reactor, limits, versions, client_limits)
     # Connections are retried with backoff, at first and whenever one is lost: a VM's channel
     # socket appears only once the VM runs, a NAT port forward accepts a connection and drops
     # it while nothing listens behind it yet, and a guest that reboots comes back.
@@ -526,10 +752,13 @@ def connect(
     timeout: float = 60.0,
     limits: Limits | None = None,
     versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+    client_limits: ClientLimits | None = None,
 ) -> Deferred[GuestClient]:
     """
     Connect to an agent through ``endpoint`` (e.g. the unix socket of a VM's virtio-serial
-    channel, or TCP) and complete the handshake.
+    channel, or TCP) and complete the handshake.  ``timeout`` also bounds the handshake;
+    ``limits`` are what the host accepts on the wire, ``client_limits`` what else it lets
+    the agent make it spend (see :class:`ClientLimits` and docs/security.md).
 
     The client reconnects by itself, with backoff (at most :data:`RECONNECT_MAX_DELAY`
     between attempts), whenever the channel is lost, until :meth:`GuestClient.close`.
@@ -539,7 +768,16 @@ def connect(
     :raises AgentUnreachable: nothing answered within ``timeout`` seconds.
     :raises UnsupportedProtocolVersion: the agent speaks none of ``versions``.
     """
-    return Deferred.fromCoroutine(_connect(reactor, endpoint, timeout, limits, versions))
+    return Deferred.fromCoroutine(_connect(reactor, endpoint, timeout, limits, versions, client_limits))
 
 
-__all__ = ["CommandInfo", "ExecHandle", "ExecResult", "GuestClient", "Progress", "TransferResult", "connect"]
+__all__ = [
+    "ClientLimits",
+    "CommandInfo",
+    "ExecHandle",
+    "ExecResult",
+    "GuestClient",
+    "Progress",
+    "TransferResult",
+    "connect",
+]

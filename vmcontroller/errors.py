@@ -20,7 +20,6 @@ from guest_agent.protocol.errors import (
     IntegrityError,
     InternalError,
     IsADirectory,
-    LimitExceeded,
     NotADirectory,
     OperationCancelled,
     OperationError,
@@ -29,6 +28,7 @@ from guest_agent.protocol.errors import (
     PermissionDenied,
     ProtocolError,
     ResultTooLarge,
+    TooManyCommands,
     TooManyRequests,
     UnknownCommand,
     UnknownOperation,
@@ -50,6 +50,13 @@ class ProcessFailed(VMControllerError):
     def __init__(self, message: str, result: "ExecResult") -> None:
         super().__init__(message)
         self.result = result
+
+
+class LimitExceeded(VMControllerError):
+    """
+    Something the guest sent went past a limit the host set (collected output, a pulled
+    file's size); what was received so far was discarded and the guest operation stopped.
+    """
 
 
 class AgentUnreachable(VMControllerError):
@@ -140,6 +147,7 @@ __all__ = [
     "ProtocolError",
     "ResultTooLarge",
     "SnapshotNotFound",
+    "TooManyCommands",
     "TooManyRequests",
     "UnknownCommand",
     "UnknownOperation",

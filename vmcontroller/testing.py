@@ -22,7 +22,7 @@ from zope.interface import implementer
 from guest_agent.protocol.connection import SUPPORTED_VERSIONS, Limits
 from guest_agent.session import Operation
 from guest_agent.transports import AgentProtocol
-from vmcontroller.client import GuestClient, _AgentProtocol
+from vmcontroller.client import ClientLimits, GuestClient, _AgentProtocol
 
 
 class InMemoryLink:
@@ -37,9 +37,10 @@ class InMemoryLink:
         agent_limits: Limits | None = None,
         versions: tuple[int, ...] = SUPPORTED_VERSIONS,
         agent_reactor: Any = None,
+        host_limits: ClientLimits | None = None,
     ) -> None:
         self.clock = clock or Clock()
-        self.client = GuestClient(self.clock, client_limits, versions)
+        self.client = GuestClient(self.clock, client_limits, versions, host_limits)
         self.agent = AgentProtocol(
             agent_reactor or self.clock, operations, agent_limits, {"software": "in-memory"}
         )

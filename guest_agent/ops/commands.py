@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -33,8 +33,8 @@ from guest_agent.protocol.errors import (
     AlreadyExists,
     BadRequest,
     ConnectionLost,
-    LimitExceeded,
     OperationError,
+    TooManyCommands,
     UnknownCommand,
 )
 from guest_agent.protocol.frames import Channel
@@ -313,8 +313,7 @@ class CommandRegistry:
         missing, and emptied at start: an earlier agent's commands died with it.
     """
 
-    def __init__(self, reactor: IReactorTime, spool_dir: str, limits: RetentionLimits | None = None) -> None:
-        self._reactor = reactor
+    def __init__(self, spool_dir: str, limits: RetentionLimits | None = None) -> None:
         self._spool_dir = spool_dir
         self.limits = limits or RetentionLimits()
         self._budget = _DiskBudget(self.limits.disk_bytes)
@@ -334,7 +333,7 @@ class CommandRegistry:
         streams the command that has it instead of starting another.
 
         :raises AlreadyExists: the id names a command with another ``argv``.
-        :raises LimitExceeded: ``max_commands`` are kept already.
+        :raises TooManyCommands: ``max_commands`` are kept already.
         """
         if ctx.args.get("exec_id") is None:
             return await _exec.run_exec(ctx)
@@ -348,7 +347,7 @@ class CommandRegistry:
                     "choose a new id, or acknowledge the old command first", {"exec_id": exec_id})
             return await self._stream(ctx, command, {channel: 0 for channel in _STREAMS})
         if len(self._commands) >= self.limits.max_commands:
-            raise LimitExceeded(
+            raise TooManyCommands(
                 f"the agent keeps {len(self._commands)} commands, its limit: acknowledge finished ones "
                 "(list them with 'commands')", {"max_commands": self.limits.max_commands})
         environment = request.environment()

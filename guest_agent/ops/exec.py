@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from guest_agent.link import RequestIO
+from guest_agent.ops._checks import os_string
 from guest_agent.protocol.errors import (
     AgentOSError,
     BadRequest,
@@ -92,19 +93,20 @@ class ExecRequest:
     def from_wire(cls, args: dict[str, Any]) -> ExecRequest:
         """:raises BadRequest: an argument is missing or of the wrong type."""
         argv = args.get("argv")
-        if not (isinstance(argv, list) and argv and all(isinstance(a, str) and "\0" not in a for a in argv)):
-            raise BadRequest(
-                f"exec needs 'argv', a non-empty list of strings without NUL bytes; got {argv!r}")
+        if not (isinstance(argv, list) and argv):
+            raise BadRequest(f"exec needs 'argv', a non-empty list of strings; got {str(argv)[:200]}")
+        for number, arg in enumerate(argv):
+            os_string(arg, f"exec 'argv[{number}]'")
         env = args.get("env")
-        if env is not None and not (
-            isinstance(env, dict)
-            and all(isinstance(k, str) and k and "=" not in k and "\0" not in k for k in env)
-            and all(isinstance(v, str) and "\0" not in v for v in env.values())
-        ):
-            raise BadRequest("exec 'env' must be null or an object of names (without '=') to string values")
+        if env is not None:
+            if not isinstance(env, dict) or not all(k and "=" not in k for k in env):
+                raise BadRequest("exec 'env' must be null or an object of names (without '=') to strings")
+            for name, value in env.items():
+                os_string(name, "an exec 'env' name")
+                os_string(value, f"exec 'env' value of {name[:100]!r}")
         cwd = args.get("cwd")
-        if cwd is not None and not isinstance(cwd, str):
-            raise BadRequest(f"exec 'cwd' must be null or a path; got {cwd!r}")
+        if cwd is not None:
+            os_string(cwd, "exec 'cwd'")
         stdin = args.get("stdin", "none")
         if stdin not in ("none", "stream"):
             raise BadRequest(f"exec 'stdin' must be \"none\" or \"stream\"; got {stdin!r}")

@@ -24,6 +24,7 @@ from typing import Any, TypeVar, cast
 from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 
+from guest_agent.ops._checks import mode_arg, os_string
 from guest_agent.protocol.errors import (
     AgentOSError,
     AlreadyExists,
@@ -91,10 +92,11 @@ async def _blocking(ctx: OperationContext, work: Callable[[], _T]) -> _T:
 # ---- arguments ----------------------------------------------------------------------
 
 
-def _path_arg(args: dict[str, Any]) -> str:
-    path = args.get("path")
-    if not isinstance(path, str) or not os.path.isabs(path):
-        raise BadRequest(f"'path' must be an absolute guest path, got {path!r}")
+def path_arg(args: dict[str, Any]) -> str:
+    """The ``path`` argument, absolute and normalised."""
+    path = os_string(args.get("path"), "'path'")
+    if not os.path.isabs(path):
+        raise BadRequest(f"'path' must be an absolute guest path, got {path[:200]!r}")
     return os.path.normpath(path)
 
 
@@ -315,8 +317,8 @@ async def push(ctx: OperationContext, uploads: PartialUploads | None = None) -> 
     ``transfer_id`` (and ``uploads``), what arrived before the session ended is kept for
     a push with the same id and an ``offset`` to continue.
     """
-    destination = _path_arg(ctx.args)
-    mode = _int_arg(ctx.args, "mode", None)
+    destination = path_arg(ctx.args)
+    mode = mode_arg(ctx.args, None)
     announced = _int_arg(ctx.args, "size", None)
     transfer_id = _transfer_id(ctx.args)
     offset = _int_arg(ctx.args, "offset", 0) or 0
@@ -356,7 +358,7 @@ async def push(ctx: OperationContext, uploads: PartialUploads | None = None) -> 
         _check_trailer(ctx.io.trailer(Channel.INPUT), received, announced, digest, destination)
         try:
             if mode is not None:
-                os.fchmod(incoming.fd, mode & 0o7777)
+                os.fchmod(incoming.fd, mode)
             final_mode = stat.S_IMODE(os.fstat(incoming.fd).st_mode)
             await _blocking(ctx, lambda: os.fsync(incoming.fd))
             if ctx.cancel_reason is not None:
@@ -393,7 +395,7 @@ def _open_for_pull(path: str) -> tuple[int, os.stat_result]:
 
 async def pull(ctx: OperationContext) -> dict[str, Any]:
     """Stream the file at ``path`` on INPUT, then EOF with its sha256 and size."""
-    path = _path_arg(ctx.args)
+    path = path_arg(ctx.args)
     fd, info = _open_for_pull(path)
     _stop_on_cancel(ctx)
     hasher = hashlib.sha256()
@@ -433,9 +435,9 @@ def _file_type(st_mode: int) -> str:
 async def mkdir(ctx: OperationContext) -> None:
     """Create ``path`` with exactly ``mode``; with ``parents``, missing parents too and no
     error when it exists as a directory (``mkdir -p``)."""
-    path = _path_arg(ctx.args)
+    path = path_arg(ctx.args)
     parents = _bool_arg(ctx.args, "parents")
-    mode = _int_arg(ctx.args, "mode", 0o755)
+    mode = mode_arg(ctx.args, 0o755)
     assert mode is not None
     try:
         try:
@@ -449,7 +451,7 @@ async def mkdir(ctx: OperationContext) -> None:
             if parents and os.path.isdir(path):
                 return
             raise
-        os.chmod(path, mode & 0o7777)  # the umask narrowed what mkdir set
+        os.chmod(path, mode)  # the umask narrowed what mkdir set
     except OSError as e:
         hint = "a parent directory does not exist; pass parents=True" if e.errno == errno.ENOENT else ""
         raise os_error(e, "cannot create directory", path, hint) from None
@@ -457,7 +459,7 @@ async def mkdir(ctx: OperationContext) -> None:
 
 async def list_(ctx: OperationContext) -> list[dict[str, Any]]:
     """The entries of directory ``path``, sorted by name, symlinks not followed."""
-    path = _path_arg(ctx.args)
+    path = path_arg(ctx.args)
     entries: list[dict[str, Any]] = []
     try:
         with os.scandir(path) as scan:
@@ -476,7 +478,7 @@ async def list_(ctx: OperationContext) -> list[dict[str, Any]]:
 
 async def stat_(ctx: OperationContext) -> dict[str, Any]:
     """What ``lstat`` says of ``path``; ``target`` is a symlink's target, else null."""
-    path = _path_arg(ctx.args)
+    path = path_arg(ctx.args)
     try:
         info = os.lstat(path)
         target = os.readlink(path) if stat.S_ISLNK(info.st_mode) else None
@@ -490,7 +492,7 @@ async def stat_(ctx: OperationContext) -> dict[str, Any]:
 async def remove(ctx: OperationContext) -> None:
     """Remove a file, a symlink (not its target) or an empty directory; with
     ``recursive``, a directory and everything in it."""
-    path = _path_arg(ctx.args)
+    path = path_arg(ctx.args)
     recursive = _bool_arg(ctx.args, "recursive")
     if path == "/":
         raise BadRequest("refusing to remove the guest's root directory")

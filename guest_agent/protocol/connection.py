@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from guest_agent.protocol.errors import (
     ErrorCode,
@@ -42,8 +42,15 @@ SUPPORTED_VERSIONS = (1,)
 DEFAULT_MAX_FRAME = 256 * 1024
 DEFAULT_WINDOW = 4 * 1024 * 1024
 DEFAULT_MAX_INFLIGHT = 64
+#: Received stream bytes the application has not read yet, across all requests of a
+#: connection; a peer that sends more is cut off (each stream's window bounds its own).
+DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024
 #: Hard ceilings on what a peer may ask us to accept, whatever it announces.
 MAX_WINDOW = 64 * 1024 * 1024
+MAX_FRAME = 16 * 1024 * 1024
+MAX_INFLIGHT = 4096
+#: How much of an error message is kept when the whole would not fit in the peer's frame.
+_ERROR_MESSAGE_CUTS = (512, 128, 32, 0)
 
 
 # ---- events ------------------------------------------------------------------------
@@ -114,6 +121,7 @@ class WindowOpened:
 class NotificationReceived:
     name: str
     body: dict[str, Any]
+    size: int = 0  # of the frame's payload: what decoding it cost
 
 
 @dataclass(frozen=True)
@@ -150,11 +158,20 @@ Event = (
 
 @dataclass
 class Limits:
-    """What this side accepts; the peer learns them in HELLO."""
+    """
+    What this side accepts; the peer learns all but ``max_buffered`` in HELLO.
+
+    :ivar max_frame: the largest frame payload accepted.
+    :ivar window: bytes a peer may send on one stream before it is given credit.
+    :ivar max_inflight: requests the agent serves at once (the host's own is unused).
+    :ivar max_buffered: stream bytes received and not yet read by the application, across
+        the connection; exceeding it is a protocol violation.
+    """
 
     max_frame: int = DEFAULT_MAX_FRAME
     window: int = DEFAULT_WINDOW
     max_inflight: int = DEFAULT_MAX_INFLIGHT
+    max_buffered: int = DEFAULT_MAX_BUFFERED
 
     def to_wire(self) -> dict[str, int]:
         return {"max_frame": self.max_frame, "window": self.window, "max_inflight": self.max_inflight}
@@ -166,6 +183,7 @@ class _Stream:
 
     credit: int  # sending: bytes the peer still accepts; receiving: bytes we still accept
     unacknowledged: int = 0  # receiving: consumed bytes not yet granted back
+    held: int = 0  # receiving: bytes received and not yet consumed
 
 
 @dataclass
@@ -188,6 +206,11 @@ class _Connection:
         self._outgoing: list[bytes | memoryview] = []
         self._requests: dict[int, _Request] = {}
         self._open = False
+        # Sum of every receiving stream's ``held``, checked against limits.max_buffered.
+        self._buffered = 0
+        # The host knows every id it asked: a frame about any other is a violation.  The
+        # agent drops them: the host may still stream to a request the agent has ended.
+        self._unknown_ids_are_violations = False
         # Learnt from the peer's HELLO.
         self.version = 0
         self.peer_limits = Limits()
@@ -199,6 +222,16 @@ class _Connection:
     @property
     def open_requests(self) -> int:
         return len(self._requests)
+
+    @property
+    def partial_frame_bytes(self) -> int:
+        """Bytes of a frame or marker that has begun and not yet arrived whole."""
+        return self._decoder.buffered
+
+    @property
+    def buffered(self) -> int:
+        """Stream bytes received and not yet consumed, plus a partial frame's bytes."""
+        return self._buffered + self._decoder.buffered
 
     def data_to_send(self) -> bytes:
         """Bytes the transport must write, in order; the buffer is emptied."""
@@ -227,6 +260,7 @@ class _Connection:
 
     def _reset_session(self) -> None:
         self._requests.clear()
+        self._buffered = 0
         self._open = False
         self.version = 0
 
@@ -287,6 +321,9 @@ class _Connection:
         stream = request.receiving.get(channel)
         if stream is None:
             return
+        count = min(count, stream.held)
+        stream.held -= count
+        self._buffered -= count
         stream.unacknowledged += count
         if stream.unacknowledged >= self.limits.window // 4:
             grant, stream.unacknowledged = stream.unacknowledged, 0
@@ -294,7 +331,9 @@ class _Connection:
             self._send(FrameType.CREDIT, request_id, grant.to_bytes(4, "big"), channel)
 
     def _forget(self, request_id: int) -> None:
-        self._requests.pop(request_id, None)
+        request = self._requests.pop(request_id, None)
+        if request is not None:
+            self._buffered -= sum(stream.held for stream in request.receiving.values())
 
     # -- receiving ----------------------------------------------------------------
 
@@ -311,6 +350,8 @@ class _Connection:
         """Stream frames, shared by both roles; False when the frame is not one of them."""
         if frame.type in (FrameType.DATA, FrameType.EOF, FrameType.CREDIT) and frame.flags not in _CHANNELS:
             raise ProtocolError(f"{frame.type.name} frame names unknown channel {frame.flags}")
+        if frame.type in (FrameType.DATA, FrameType.EOF, FrameType.CREDIT):
+            self._check_known(frame)
         if frame.type is FrameType.DATA:
             request = self._requests.get(frame.request_id)
             if request is None:
@@ -323,7 +364,14 @@ class _Connection:
                     f"peer sent {len(frame.payload)} bytes on request {frame.request_id} "
                     f"channel {frame.flags} with only {stream.credit} bytes of window left"
                 )
+            if self._buffered + len(frame.payload) > self.limits.max_buffered:
+                raise ProtocolError(
+                    f"peer sent more than {self.limits.max_buffered} bytes that are not read yet "
+                    "across the connection's streams (the limit max_buffered)"
+                )
             stream.credit -= len(frame.payload)
+            stream.held += len(frame.payload)
+            self._buffered += len(frame.payload)
             events.append(DataReceived(frame.request_id, frame.flags, frame.payload))
         elif frame.type is FrameType.EOF:
             if frame.request_id in self._requests:
@@ -346,20 +394,43 @@ class _Connection:
             return False
         return True
 
+    def _check_known(self, frame: Frame) -> None:
+        if self._unknown_ids_are_violations and frame.request_id not in self._requests:
+            raise ProtocolError(
+                f"peer sent {frame.type.name} for request {frame.request_id}, which is not in flight"
+            )
+
     def _accept_peer_limits(self, hello: dict[str, Any]) -> None:
-        try:
-            peer = Limits(int(hello["max_frame"]), int(hello["window"]), int(hello["max_inflight"]))
-        except (KeyError, TypeError, ValueError):
-            raise ProtocolError("HELLO lacks max_frame, window or max_inflight") from None
-        if not (peer.max_frame >= 1024 and 1024 <= peer.window <= MAX_WINDOW and peer.max_inflight >= 1):
+        values = [hello.get(name) for name in ("max_frame", "window", "max_inflight")]
+        # bool is an int, and int() would take "5", 1.5 and (with OverflowError) 1e308.
+        if not all(type(value) is int for value in values):
+            raise ProtocolError("HELLO must give max_frame, window and max_inflight as integers")
+        peer = Limits(*cast(list[int], values))
+        if not (
+            1024 <= peer.max_frame <= MAX_FRAME
+            and 1024 <= peer.window <= MAX_WINDOW
+            and 1 <= peer.max_inflight <= MAX_INFLIGHT
+        ):
             raise ProtocolError(f"HELLO announces unusable limits {peer.to_wire()}")
         self.peer_limits = peer
 
 
-def _error_payload(code: ErrorCode | str, message: str, details: dict[str, Any] | None = None) -> bytes:
-    return encode_json(
-        {"code": str(code), "message": message, "details": details or {}}
-    )
+def _error_payload(
+    code: ErrorCode | str, message: str, details: dict[str, Any] | None = None, limit: int | None = None
+) -> bytes:
+    """
+    An ERROR frame's payload; over ``limit`` bytes (a message that quotes a huge argument),
+    the details are dropped and the message cut, so that the error still reaches the peer.
+    """
+    payload = encode_json({"code": str(code), "message": message, "details": details or {}})
+    # Escaped non-ASCII takes up to 12 bytes a character: shorter cuts until one fits (the
+    # last, without the message, fits any frame limit a HELLO may announce).
+    for keep in _ERROR_MESSAGE_CUTS:
+        if limit is None or len(payload) <= limit:
+            break
+        cut = f"{message[:keep]}... ({len(message)} characters, cut to fit a frame)"
+        payload = encode_json({"code": str(code), "message": cut, "details": {}})
+    return payload
 
 
 def _decode_error(frame: Frame) -> VMControllerError:
@@ -387,6 +458,7 @@ class HostConnection(_Connection):
         hello_extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(limits)
+        self._unknown_ids_are_violations = True
         self._versions = versions
         self._hello_extra = hello_extra or {}
         self._nonce: bytes | None = None
@@ -411,9 +483,11 @@ class HostConnection(_Connection):
                 f"{self.peer_limits.max_inflight}: wait for some to finish"
             )
         request_id = self._next_id
+        # Sent before the request is registered: one too large for the agent's frame
+        # limit raises here and must not hold an in-flight slot.
+        self._send(FrameType.REQUEST, request_id, encode_json({"op": op, "args": args or {}}))
         self._next_id = self._next_id % 0xFFFFFFFF + 1
         self._requests[request_id] = _Request()
-        self._send(FrameType.REQUEST, request_id, encode_json({"op": op, "args": args or {}}))
         return request_id
 
     def send_cancel(self, request_id: int, body: dict[str, Any] | None = None) -> None:
@@ -452,8 +526,9 @@ class HostConnection(_Connection):
         if self._awaiting_hello:
             if frame.type is FrameType.HELLO:
                 hello = frame.json()
-                if not isinstance(hello, dict) or hello.get("version") not in self._versions:
-                    raise ProtocolError(f"agent chose a version the host did not offer: {hello!r}")
+                version = hello.get("version") if isinstance(hello, dict) else None
+                if type(version) is not int or version not in self._versions:
+                    raise ProtocolError(f"agent chose a version the host did not offer: {version!r}")
                 self._accept_peer_limits(hello)
                 self.version = hello["version"]
                 self._awaiting_hello = False
@@ -469,21 +544,27 @@ class HostConnection(_Connection):
         if self._handle_common(frame, events):
             return
         if frame.type is FrameType.RESPONSE:
-            if frame.request_id in self._requests:
-                self._forget(frame.request_id)
-                events.append(ResponseReceived(frame.request_id, frame.json()))
+            self._check_known(frame)
+            result = frame.json()
+            self._forget(frame.request_id)
+            events.append(ResponseReceived(frame.request_id, result))
         elif frame.type is FrameType.ERROR:
             error = _decode_error(frame)
             if frame.request_id == 0:
                 events.append(ErrorReceived(0, error))
-            elif frame.request_id in self._requests:
+            else:
+                self._check_known(frame)
                 self._forget(frame.request_id)
                 events.append(ErrorReceived(frame.request_id, error))
         elif frame.type is FrameType.NOTIFY:
             body = frame.json()
-            if not isinstance(body, dict) or not isinstance(body.get("name"), str):
-                raise ProtocolError("NOTIFY must carry a JSON object with a name")
-            events.append(NotificationReceived(body["name"], body.get("body") or {}))
+            if (
+                not isinstance(body, dict)
+                or not isinstance(body.get("name"), str)
+                or not isinstance(body.get("body", {}), dict)
+            ):
+                raise ProtocolError("NOTIFY must carry a JSON object with a name and an object body")
+            events.append(NotificationReceived(body["name"], body.get("body") or {}, len(frame.payload)))
         else:
             raise ProtocolError(f"the agent may not send {frame.type.name}")
 
@@ -544,12 +625,18 @@ class AgentConnection(_Connection):
             try:
                 self._send(FrameType.RESPONSE, request_id, encode_json(result))
             except FrameTooLarge as e:
-                self._send(FrameType.ERROR, request_id, _error_payload(ErrorCode.RESULT_TOO_LARGE, str(e)))
+                self._send_error(request_id, ErrorCode.RESULT_TOO_LARGE, str(e))
 
     def send_error(self, request_id: int, error: OperationError) -> None:
         if request_id in self._requests:
             self._forget(request_id)
-            self._send(FrameType.ERROR, request_id, _error_payload(error.code, error.message, error.details))
+            self._send_error(request_id, error.code, error.message, error.details)
+
+    def _send_error(
+        self, request_id: int, code: ErrorCode, message: str, details: dict[str, Any] | None = None
+    ) -> None:
+        payload = _error_payload(code, message, details, self.peer_limits.max_frame)
+        self._send(FrameType.ERROR, request_id, payload)
 
     def send_notification(self, name: str, body: dict[str, Any] | None = None) -> None:
         if self._open:
@@ -578,7 +665,7 @@ class AgentConnection(_Connection):
 
     def _resynchronise(self, error: ProtocolError, events: list[Event]) -> None:
         """Tell the host why, then drop the session and hunt for the next SYNC."""
-        self._send(FrameType.ERROR, 0, _error_payload(error.code, str(error)))
+        self._send_error(0, error.code, str(error))
         self._reset_session()
         self._synced = False
         self._decoder.clear()
@@ -598,20 +685,16 @@ class AgentConnection(_Connection):
                 raise ProtocolError(f"expected HELLO from the host, got {frame.type.name}")
             hello = frame.json()
             offered = hello.get("versions") if isinstance(hello, dict) else None
-            if not isinstance(offered, list):
-                raise ProtocolError("HELLO must list the host's versions")
+            if not isinstance(offered, list) or not all(type(v) is int for v in offered):
+                raise ProtocolError("HELLO must list the host's versions as integers")
             common = set(offered) & set(self._versions)
             if not common:
                 message = (
                     f"the host speaks protocol versions {sorted(offered)} and this agent speaks "
                     f"{list(self._versions)}: install a matching vmcontroller agent in the guest"
                 )
-                self._send(
-                    FrameType.ERROR,
-                    0,
-                    _error_payload(
-                        ErrorCode.UNSUPPORTED_VERSION, message, {"supported": list(self._versions)}
-                    ),
+                self._send_error(
+                    0, ErrorCode.UNSUPPORTED_VERSION, message, {"supported": list(self._versions)}
                 )
                 self._synced = False  # the host must SYNC again to retry
                 return
@@ -642,21 +725,15 @@ class AgentConnection(_Connection):
             or not isinstance(body.get("op"), str)
             or not isinstance(body.get("args", {}), dict)
         ):
-            self._send(
-                FrameType.ERROR,
-                frame.request_id,
-                _error_payload(ErrorCode.BAD_REQUEST, "a request must be a JSON object with 'op' and 'args'"),
-            )
+            message = "a request must be a JSON object with 'op' and 'args'"
+            self._send_error(frame.request_id, ErrorCode.BAD_REQUEST, message)
             return
         if len(self._requests) >= self.limits.max_inflight:
-            self._send(
-                FrameType.ERROR,
+            self._send_error(
                 frame.request_id,
-                _error_payload(
-                    ErrorCode.TOO_MANY_REQUESTS,
-                    f"{len(self._requests)} operations are in flight, the agent's limit is "
-                    f"{self.limits.max_inflight}: wait for some to finish",
-                ),
+                ErrorCode.TOO_MANY_REQUESTS,
+                f"{len(self._requests)} operations are in flight, the agent's limit is "
+                f"{self.limits.max_inflight}: wait for some to finish",
             )
             return
         self._requests[frame.request_id] = _Request()

@@ -39,7 +39,7 @@ class ErrorCode(enum.StrEnum):
     INCOMPLETE = "incomplete"
     OS_ERROR = "os-error"
     RESULT_TOO_LARGE = "result-too-large"
-    LIMIT_EXCEEDED = "limit-exceeded"
+    TOO_MANY_COMMANDS = "too-many-commands"
     UNKNOWN_COMMAND = "unknown-command"
     INTERNAL = "internal"
 
@@ -171,10 +171,10 @@ class ResultTooLarge(OperationError):
     code = ErrorCode.RESULT_TOO_LARGE
 
 
-class LimitExceeded(OperationError):
-    """The agent keeps no more of this resource (e.g. retained commands): free some first."""
+class TooManyCommands(OperationError):
+    """The agent retains as many commands as it may: acknowledge finished ones first."""
 
-    code = ErrorCode.LIMIT_EXCEEDED
+    code = ErrorCode.TOO_MANY_COMMANDS
 
 
 class UnknownCommand(OperationError):
@@ -213,7 +213,7 @@ _BY_CODE: dict[str, type[OperationError]] = {
         IntegrityError,
         IncompleteTransfer,
         ResultTooLarge,
-        LimitExceeded,
+        TooManyCommands,
         UnknownCommand,
         AgentOSError,
         InternalError,

@@ -23,6 +23,7 @@ import json
 import json.decoder
 import json.encoder
 import json.scanner
+import math
 import struct
 import zlib
 from collections.abc import Callable
@@ -112,9 +113,22 @@ _encode_c = (
         None, _JSON_ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True
     )
 )
-_scan: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
-    cast(Any, json.decoder.JSONDecoder())
-)
+
+
+def _reject_constant(name: str) -> Any:
+    # JSON has no NaN or Infinity; Python's json accepts them, and int(inf) raises OverflowError.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise ValueError(f"{text} is out of a float's range")
+    return value
+
+
+_DECODER = json.decoder.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_scan: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(cast(Any, _DECODER))
 
 
 def encode_json(value: Any) -> bytes:
@@ -127,16 +141,21 @@ def decode_json(payload: bytes) -> Any:
     """
     ``json.loads`` for a UTF-8 payload.
 
-    :raises ValueError: not one JSON value (``json.loads`` says why).
+    :raises ValueError: not one JSON value (``json.loads`` says why), NaN or Infinity, or
+        nested deeper than the interpreter's recursion limit.
     """
     try:
-        text = payload.decode()
-        value, end = _scan(text, 0)
-        if end == len(text):
-            return value
-    except (StopIteration, ValueError):  # UnicodeDecodeError is a ValueError
-        pass
-    return json.loads(payload)  # whitespace around the value, or an error for json.loads to explain
+        try:
+            text = payload.decode()
+            value, end = _scan(text, 0)
+            if end == len(text):
+                return value
+        except (StopIteration, ValueError):  # UnicodeDecodeError is a ValueError
+            pass
+        # Whitespace around the value, another encoding, or an error for json.loads to explain.
+        return json.loads(payload, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 @dataclass(frozen=True)

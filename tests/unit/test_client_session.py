@@ -7,6 +7,7 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
 from guest_agent.protocol.connection import Limits
@@ -113,14 +114,18 @@ def test_agent_restart_fails_in_flight_and_resyncs() -> None:
     assert result_of(call(link, "echo", {"after": True})) == {"after": True}
 
 
-def test_oversized_frame_from_agent_fails_pending_and_recovers() -> None:
+def test_oversized_frame_from_agent_fails_pending_and_disconnects() -> None:
     gate = Gate()
     link = InMemoryLink({"wait": gate, "echo": echo}, client_limits=Limits(max_frame=4096))
     pending = call(link, "wait")
-    link.client._data_received(encode_frame(FrameType.NOTIFY, 0, b"x" * 5000))
+    with capturedLogs() as logs:
+        link.client._data_received(encode_frame(FrameType.NOTIFY, 0, b"x" * 5000))
     assert isinstance(error_of(pending), FrameTooLarge)
     link.flush()
-    assert result_of(call(link, "echo", {"ok": 1})) == {"ok": 1}
+    assert link.client._transport is None  # the agent was disconnected
+    assert any("Disconnecting the agent" in event["log_format"] and "4096" in str(event["error"])
+               for event in logs)
+    assert isinstance(error_of(call(link, "echo", {"ok": 1})), FrameTooLarge)
 
 
 def test_cancel_reaches_the_operation() -> None:

@@ -24,9 +24,9 @@ from vmcontroller.errors import (
     AlreadyExists,
     BadRequest,
     ConnectionLost,
-    LimitExceeded,
     OperationCancelled,
     OperationTimeout,
+    TooManyCommands,
     UnknownCommand,
 )
 from vmcontroller.testing import InMemoryLink
@@ -41,7 +41,7 @@ class Agent:
         self.killed_groups: list[int] = []
         monkeypatch.setattr(agent_exec, "_kill_group", self.killed_groups.append)
         self.spool = spool
-        self.registry = CommandRegistry(self.reactor, str(spool), limits)
+        self.registry = CommandRegistry(str(spool), limits)
         self.operations = {**OPERATIONS, **self.registry.operations()}
         self.link = self.controller()
 
@@ -179,7 +179,7 @@ def test_the_number_of_retained_commands_is_limited(monkeypatch: pytest.MonkeyPa
     agent.exec(["true"], "a")
     agent.process.end(ProcessDone(0))
     error = outcome(agent.exec(["true"], "b").result())
-    assert isinstance(error, LimitExceeded) and "acknowledge" in str(error)
+    assert isinstance(error, TooManyCommands) and "acknowledge" in str(error)
     assert len(agent.reactor.processes) == 1
     agent.call(agent.link.client.acknowledge("a"))
     agent.exec(["true"], "b")
@@ -250,5 +250,5 @@ def test_the_spool_of_an_earlier_agent_is_emptied_at_start(tmp_path: Path) -> No
     spool = tmp_path / "spool"
     spool.mkdir()
     (spool / "old.stdout").write_bytes(b"x")
-    CommandRegistry(FakeProcessReactor(), str(spool))
+    CommandRegistry(str(spool))
     assert os.listdir(spool) == [] and (spool.stat().st_mode & 0o777) == 0o700

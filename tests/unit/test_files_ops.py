@@ -46,6 +46,12 @@ from guest_agent.session import Operation, OperationContext
 from vmcontroller.testing import InMemoryLink
 
 _T = TypeVar("_T")
+
+
+def current_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 OPERATIONS: dict[str, Operation] = {**files.OPERATIONS, **system.OPERATIONS}
 
 
@@ -140,7 +146,8 @@ def test_push_pull_round_trip(link: InMemoryLink, tmp_path: Path) -> None:
     pulled = result_of(start(link, link.client.pull(str(guest / "copy.bin"), str(back),
                                                     progress=lambda done, total: seen.append((done, total)))))
     assert back.read_bytes() == data
-    assert stat.S_IMODE(back.stat().st_mode) == 0o640
+    # The host decides the mode: a new file's default, not the guest's 0o640.
+    assert stat.S_IMODE(back.stat().st_mode) == 0o666 & ~current_umask()
     assert (pulled.size, pulled.sha256, pulled.mode) == (len(data), sha(data), 0o640)
     assert seen[-1] == (len(data), None)
     assert sorted(os.listdir(tmp_path)) == ["back.bin", "guest", "source.bin"]
@@ -426,8 +433,9 @@ class ProcessClock(Clock):
 
 def test_ping_and_info() -> None:
     link = InMemoryLink(OPERATIONS)
-    link.clock.advance(1234.5)
-    assert result_of(start(link, link.client.ping())) == {"time": 1234.5, "version": __version__}
+    link.flush()  # the handshake, before the agent's handshake timeout
+    link.clock.advance(123.5)
+    assert result_of(start(link, link.client.ping())) == {"time": 123.5, "version": __version__}
     info = result_of(start(link, link.client.info()))
     assert info["hostname"] == os.uname().nodename
     assert info["kernel"].startswith(f"{os.uname().sysname} {os.uname().release} ")

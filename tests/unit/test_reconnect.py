@@ -31,7 +31,7 @@ class Controller:
         self.agent_reactor = FakeProcessReactor()
         fake_session_spawns(monkeypatch)
         monkeypatch.setattr(agent_exec, "_kill_group", lambda group: None)
-        registry = CommandRegistry(self.agent_reactor, str(spool))
+        registry = CommandRegistry(str(spool))
         self.endpoint = InMemoryAgentEndpoint({**OPERATIONS, **registry.operations()},
                                               agent_reactor=self.agent_reactor)
 

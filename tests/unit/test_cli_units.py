@@ -1,0 +1,74 @@
+"""The command line's pure parts, and its guest tree walk against a guest that lies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+
+from guest_agent.session import OperationContext
+from vmcontroller import cli
+from vmcontroller.errors import VMNotFound, VMStateError
+from vmcontroller.testing import InMemoryLink
+
+
+async def endless_directories(ctx: OperationContext) -> list[dict[str, Any]]:
+    # Every directory holds another: a guest that would keep cp walking for ever.
+    return [{"name": "d", "type": "dir", "size": 0, "mode": 0o755, "mtime": 0.0}]
+
+
+def test_cp_stops_at_a_guest_tree_deeper_than_its_bound() -> None:
+    link = InMemoryLink({"list": endless_directories})
+    seen: list[str] = []
+
+    async def walk() -> None:
+        async for path, _ in cli._walk_guest(link.client, "/top"):
+            seen.append(path)
+
+    failures: list[Any] = []
+    Deferred.fromCoroutine(walk()).addErrback(failures.append)
+    for _ in range(cli.MAX_GUEST_TREE_DEPTH + 5):
+        link.flush()
+    assert failures and failures[0].check(cli.UsageError)
+    assert "more than 64 levels deep" in failures[0].getErrorMessage()
+    assert len(seen) == cli.MAX_GUEST_TREE_DEPTH
+
+
+@pytest.mark.parametrize(
+    ("text", "vm", "path"),
+    [("vm1:/root/x", "vm1", "/root/x"), ("./vm1:x", None, "./vm1:x"), ("/tmp/a:b", None, "/tmp/a:b")],
+)
+def test_guest_locations(text: str, vm: str | None, path: str) -> None:
+    assert cli._location(text) == cli._Location(vm, path)
+
+
+def test_a_relative_guest_path_is_refused() -> None:
+    with pytest.raises(cli.UsageError, match="must be absolute"):
+        cli._location("vm1:root/x")
+
+
+def test_errors_become_one_line_with_cli_hints_and_their_exit_codes() -> None:
+    error = VMNotFound("no VM named 'x'\n(call list_vms() to see them)")
+    assert cli._one_line(error) == "no VM named 'x' (call `vmcontroller list` to see them)"
+    assert cli._exit_code(error) == 3
+    assert cli._exit_code(VMStateError("off")) == 4
+
+
+def test_every_command_has_a_description_and_json_where_it_reads() -> None:
+    parser = cli.parser()
+    help_text = parser.format_help()
+    assert "``" not in help_text  # no raw reST
+    for name in ("list", "info", "ping", "image", "watch", "cp"):
+        args = parser.parse_args(
+            [name, "--json"]
+            + (["vm"] if name in ("info", "ping") else [])
+            + (["a", "vm:/b"] if name == "cp" else [])
+        )
+        assert args.json
+    # The command's own options need no "--" before them.
+    args = parser.parse_args(["exec", "vm", "uname", "-a"])
+    assert args.argv == ["uname", "-a"]
+    # --driver before or after the command name.
+    assert parser.parse_args(["list", "--driver", "vmware"]).driver == "vmware"
+    assert parser.parse_args(["--driver", "vmware", "list"]).driver == "vmware"

@@ -1,0 +1,360 @@
+"""
+The host client against a misbehaving agent, joined in memory with a Clock: each test is
+one defect class found by trying, with its clear error and proof that nothing was lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+
+from guest_agent.ops import files, system
+from guest_agent.protocol.connection import Limits
+from guest_agent.protocol.frames import Channel, FrameType, encode_header
+from guest_agent.session import Operation, OperationContext
+from tests.unit.test_client_session import call, error_of, result_of
+from tests.unit.test_files_ops import current_umask
+from vmcontroller.client import ClientLimits
+from vmcontroller.errors import (
+    ConnectionLost,
+    IncompleteTransfer,
+    IntegrityError,
+    LimitExceeded,
+    OperationTimeout,
+    ProtocolError,
+)
+from vmcontroller.testing import InMemoryLink
+
+SHA_OF_NOTHING = hashlib.sha256(b"").hexdigest()
+
+
+def dropped(link: InMemoryLink, logs: Sequence[Mapping[str, Any]], why: str) -> None:
+    """The client disconnected the agent and logged ``why``."""
+    link.flush()
+    assert link.client._transport is None
+    assert any("Disconnecting the agent" in event["log_format"] and why in str(event.get("error"))
+               for event in logs), [str(event.get("error")) for event in logs]
+
+
+class Silent:
+    """An operation that never answers; with ``ignore_cancel``, not even a CANCEL."""
+
+    def __init__(self, ignore_cancel: bool) -> None:
+        self.ignore_cancel = ignore_cancel
+        self.cancels: list[dict[str, Any]] = []
+
+    async def __call__(self, ctx: OperationContext) -> Any:
+        forever: Deferred[None] = Deferred()
+
+        def on_cancel(reason: dict[str, Any]) -> None:
+            self.cancels.append(reason)
+            if not self.ignore_cancel:
+                forever.callback(None)
+
+        ctx.on_cancel(on_cancel)
+        await forever
+        raise files.OperationCancelled("stopped")
+
+
+# ---- pulls ------------------------------------------------------------------------
+
+
+def test_pull_never_gives_the_host_file_the_guests_set_id_bits(tmp_path: Path) -> None:
+    guest = tmp_path / "suid"
+    guest.write_bytes(b"#!/bin/sh\n")
+    guest.chmod(0o6777)
+    assert stat.S_IMODE(guest.stat().st_mode) == 0o6777
+    link = InMemoryLink(files.OPERATIONS)
+    link.flush()
+    pulled = result_of(start(link, link.client.pull(str(guest), str(tmp_path / "host"))))
+    assert pulled.mode == 0o6777  # what the guest reported, for information
+    assert stat.S_IMODE((tmp_path / "host").stat().st_mode) == 0o666 & ~current_umask()
+    # Only a caller that asks gets set-id bits.
+    result_of(start(link, link.client.pull(str(guest), str(tmp_path / "asked"), mode=0o4750)))
+    assert stat.S_IMODE((tmp_path / "asked").stat().st_mode) == 0o4750
+
+
+def start(link: InMemoryLink, d: Deferred[Any]) -> Deferred[Any]:
+    link.flush()
+    return d
+
+
+def lying_pull(data: bytes, trailer: dict[str, Any], reply: dict[str, Any]) -> Operation:
+    async def pull(ctx: OperationContext) -> dict[str, Any]:
+        await ctx.io.send(Channel.INPUT, data)
+        ctx.io.send_eof(Channel.INPUT, trailer)
+        return reply
+    return pull
+
+
+GOOD = hashlib.sha256(b"payload").hexdigest()
+
+
+@pytest.mark.parametrize(("trailer", "reply", "error"), [
+    ({"size": 7, "sha256": SHA_OF_NOTHING}, {"size": 7, "sha256": SHA_OF_NOTHING}, IntegrityError),
+    ({"size": 7, "sha256": GOOD}, {"size": 7, "sha256": SHA_OF_NOTHING}, IntegrityError),
+    ({"size": 8, "sha256": GOOD}, {"size": 8, "sha256": GOOD}, IncompleteTransfer),
+    ({"size": 7, "sha256": GOOD}, {"size": 6, "sha256": GOOD}, IncompleteTransfer),
+], ids=["wrong-sha", "reply-sha", "wrong-size", "reply-size"])
+def test_a_tampered_pull_leaves_nothing(tmp_path: Path, trailer: dict[str, Any], reply: dict[str, Any],
+                                        error: type[Exception]) -> None:
+    reply = {"path": "/f", "mode": 0o644, **reply}
+    link = InMemoryLink({"pull": lying_pull(b"payload", trailer, reply)})
+    link.flush()
+    failed = start(link, link.client.pull("/f", str(tmp_path / "dest")))
+    assert isinstance(error_of(failed), error)
+    assert os.listdir(tmp_path) == []
+    link.flush()
+    assert link.client._transport is None  # an agent whose account differs from its bytes lies
+
+
+def test_pull_stops_at_its_size_limit_and_leaves_nothing(tmp_path: Path) -> None:
+    async def pull(ctx: OperationContext) -> Any:
+        ctx.on_cancel(lambda reason: ctx.io.fail(files.OperationCancelled("stopped")))
+        while True:  # a guest file that never ends
+            await ctx.io.send(Channel.INPUT, b"x" * 65536)
+
+    link = InMemoryLink({"pull": pull})
+    link.flush()
+    failed = start(link, link.client.pull("/dev/zero-ish", str(tmp_path / "dest"), max_size=1_000_000))
+    error = error_of(failed)
+    assert isinstance(error, LimitExceeded) and "1000000 bytes" in str(error)
+    assert os.listdir(tmp_path) == []
+    assert link.agent.session is not None and not link.agent.session._running  # the guest stopped
+
+
+def test_stream_data_waits_while_the_transport_is_full(tmp_path: Path) -> None:
+    """
+    Credit does not bound what the host buffers: an agent may grant credit and never read.
+    So while the transport's buffer is full (it pauses its producer) push data waits.
+    """
+    received: list[int] = []
+
+    async def push(ctx: OperationContext) -> dict[str, Any]:
+        while (chunk := await ctx.io.receive(Channel.INPUT)) is not None:
+            received.append(len(chunk))
+        digest = hashlib.sha256(data).hexdigest()
+        return {"path": "/f", "size": sum(received), "sha256": digest, "mode": 0o644}
+
+    data = os.urandom(300_000)
+    link = InMemoryLink({"push": push})
+    link.flush()
+    link.client._link.pause_sending()  # what the transport does once its buffer is full
+    pushed = start(link, link.client.push(io.BytesIO(data), "/f"))
+    assert received == [] and not pushed.called  # the request went out, no data
+    link.client._link.resume_sending()
+    link.flush()
+    assert result_of(pushed).size == sum(received) == len(data)
+
+
+def test_a_stream_waiting_for_a_full_transport_fails_with_the_session() -> None:
+    link = InMemoryLink({"push": Silent(ignore_cancel=False)})
+    link.flush()
+    link.client._link.pause_sending()
+    pushed = start(link, link.client.push(io.BytesIO(b"x" * 1000), "/f"))
+    link.client._transport_lost(Failure(ConnectionDone()))
+    assert isinstance(error_of(pushed), ConnectionLost)
+
+
+# ---- exec output ------------------------------------------------------------------
+
+
+def test_run_without_callbacks_caps_the_collected_output() -> None:
+    sent = [0]
+    cancels: list[dict[str, Any]] = []
+
+    async def exec_(ctx: OperationContext) -> Any:
+        ctx.on_cancel(cancels.append)
+        ctx.on_cancel(lambda reason: ctx.io.fail(files.OperationCancelled("stopped")))
+        while True:
+            await ctx.io.send(Channel.STDOUT, b"o" * 65536)
+            sent[0] += 65536
+
+    link = InMemoryLink({"exec": exec_}, host_limits=ClientLimits(max_output=1024 * 1024))
+    link.flush()
+    ran = start(link, link.client.run(["yes"]))
+    error = error_of(ran)
+    assert isinstance(error, LimitExceeded) and "more than 1048576 bytes to stdout" in str(error)
+    assert cancels  # the guest process was stopped
+    # It stopped about one window after the cap, not at the guest's pleasure.
+    assert sent[0] <= 1024 * 1024 + Limits().window + 65536
+
+
+# ---- timeouts and cancels ----------------------------------------------------------
+
+
+def test_a_silent_agent_times_out_with_a_clear_error() -> None:
+    silent = Silent(ignore_cancel=False)
+    link = InMemoryLink({"ping": silent}, host_limits=ClientLimits(call_timeout=10))
+    link.flush()
+    pending = call(link, "ping")
+    link.clock.advance(9)
+    assert not pending.called
+    link.clock.advance(1)
+    link.flush()
+    error = error_of(pending)
+    assert isinstance(error, OperationTimeout) and "within 10 s" in str(error)
+    assert silent.cancels and link.client._transport is not None  # it answered the CANCEL: kept
+
+
+def test_an_agent_ignoring_cancel_keeps_its_slots_and_is_dropped() -> None:
+    silent = Silent(ignore_cancel=True)
+    link = InMemoryLink({"wait": silent}, agent_limits=Limits(max_inflight=2),
+                        host_limits=ClientLimits(call_timeout=5, cancel_grace=20))
+    link.flush()
+    first, second = call(link, "wait"), call(link, "wait")
+    link.clock.advance(5)
+    link.flush()
+    assert isinstance(error_of(first), OperationTimeout) and isinstance(error_of(second), OperationTimeout)
+    assert len(silent.cancels) == 2
+    # The agent still counts both as in flight: a third call waits for a slot instead of
+    # failing with a misleading "too many requests".
+    third = call(link, "wait")
+    assert not third.called
+    with capturedLogs() as logs:
+        link.clock.advance(20)
+        dropped(link, logs, "did not answer the CANCEL of wait")
+    error = error_of(third)
+    assert isinstance(error, ProtocolError) and "CANCEL" in str(error)
+
+
+def test_an_agent_silent_during_a_stream_and_to_pings_is_dropped(tmp_path: Path) -> None:
+    stuck = Silent(ignore_cancel=True)
+    link = InMemoryLink({"pull": stuck, "ping": stuck},
+                        host_limits=ClientLimits(liveness_interval=60, call_timeout=10, cancel_grace=1000))
+    link.flush()
+    pulling = start(link, link.client.pull("/f", str(tmp_path / "dest")))
+    link.clock.advance(60)  # silent for a minute: pinged
+    link.flush()
+    assert not pulling.called
+    with capturedLogs() as logs:
+        link.clock.advance(10)
+        dropped(link, logs, "did not answer a ping within 10 s")
+    assert isinstance(error_of(pulling), ProtocolError) and os.listdir(tmp_path) == []
+
+
+def test_a_quiet_operation_of_an_agent_that_answers_pings_is_left_alone() -> None:
+    quiet = Silent(ignore_cancel=False)  # a guest process that prints nothing for a long time
+    link = InMemoryLink({**system.OPERATIONS, "exec": quiet},
+                        host_limits=ClientLimits(liveness_interval=60, call_timeout=10))
+    link.flush()
+    running = start(link, link.client.run(["sleep", "1000"]))
+    for _ in range(20):
+        link.clock.advance(30)
+        link.flush()
+    assert not running.called and link.client._transport is not None
+    running.cancel()
+    link.flush()
+
+
+# ---- malformed results --------------------------------------------------------------
+
+
+def answering(result: Any) -> Operation:
+    return lambda ctx: result
+
+
+@pytest.mark.parametrize(("op", "result", "why"), [
+    ("ping", ["not", "an", "object"], "a JSON object was expected, got list"),
+    ("ping", None, "got NoneType"),
+    ("stat", {"path": "/x", "type": "file", "size": 1, "mtime": 0, "uid": 0, "gid": 0, "target": None},
+     "'mode' is missing"),
+    ("stat", {"path": "/x", "type": "file", "size": 1, "mode": 2**80, "mtime": 0, "uid": 0, "gid": 0,
+              "target": None}, "'mode' is missing or invalid"),
+    ("list", [{"name": "a", "type": "file", "size": 1, "mode": -1, "mtime": 0}], "'mode'"),
+    ("list", {"a": 1}, "a JSON array was expected"),
+    # A name is one path component: a caller joins it to a host directory.
+    ("list", [{"name": "../../etc/cron.d/x", "type": "file", "size": 1, "mode": 0, "mtime": 0}], "'name'"),
+    ("list", [{"name": "..", "type": "dir", "size": 1, "mode": 0, "mtime": 0}], "'name'"),
+    ("list", [{"name": "", "type": "file", "size": 1, "mode": 0, "mtime": 0}], "'name'"),
+    ("list", [{"name": "a", "type": "fifo", "size": 1, "mode": 0, "mtime": 0}], "'type'"),
+    ("exec", {"exit_code": "0", "signal": None}, "'exit_code'"),
+    ("push", {"path": "/x", "size": 0, "sha256": SHA_OF_NOTHING, "mode": 1e300}, "'mode'"),
+    ("mkdir", {"surprise": True}, "no result was expected"),
+])
+def test_a_malformed_result_is_our_protocol_error_and_drops_the_agent(op: str, result: Any, why: str) -> None:
+    link = InMemoryLink({op: answering(result)})
+    link.flush()
+    with capturedLogs() as logs:
+        pending = call(link, op, {})
+        dropped(link, logs, why)
+    error = error_of(pending)
+    assert isinstance(error, ProtocolError) and f"answered {op} with a malformed result" in str(error)
+
+
+def test_malformed_results_reach_the_public_methods_as_protocol_errors(tmp_path: Path) -> None:
+    link = InMemoryLink({"exec": answering({"exit_code": "0"}), "pull": answering("no")})
+    link.flush()
+    assert isinstance(error_of(start(link, link.client.run(["true"]))), ProtocolError)
+    link = InMemoryLink({"pull": answering({"path": "/f", "size": 0, "sha256": SHA_OF_NOTHING})})
+    link.flush()
+    assert isinstance(error_of(start(link, link.client.pull("/f", str(tmp_path / "f")))), ProtocolError)
+    assert os.listdir(tmp_path) == []
+
+
+# ---- floods and trickles ------------------------------------------------------------
+
+
+def test_a_notification_flood_drops_the_agent() -> None:
+    def flood(ctx: OperationContext) -> None:
+        for _ in range(1000):
+            ctx.notify("spam", {"n": 1})
+
+    link = InMemoryLink({"flood": flood}, host_limits=ClientLimits(notification_rate=50))
+    link.flush()
+    seen: list[str] = []
+    link.client.notifications.append(lambda name, body: seen.append(name))
+    with capturedLogs() as logs:
+        pending = call(link, "flood")
+        dropped(link, logs, "faster than 50 per second")
+    assert len(seen) == 50 and isinstance(error_of(pending), ProtocolError)
+
+
+def test_notifications_within_the_rate_are_delivered() -> None:
+    def some(ctx: OperationContext) -> None:
+        for _ in range(40):
+            ctx.notify("event", {})
+
+    link = InMemoryLink({"some": some}, host_limits=ClientLimits(notification_rate=50))
+    link.flush()
+    seen: list[str] = []
+    link.client.notifications.append(lambda name, body: seen.append(name))
+    for _ in range(3):
+        assert result_of(call(link, "some")) is None
+        link.clock.advance(1)  # the bucket refills
+    assert len(seen) == 120 and link.client._transport is not None
+
+
+def test_a_large_notification_drops_the_agent() -> None:
+    link = InMemoryLink({"big": lambda ctx: ctx.notify("big", {"x": "y" * 2000})},
+                        host_limits=ClientLimits(max_notification=2000))
+    link.flush()
+    with capturedLogs() as logs:
+        pending = call(link, "big")
+        dropped(link, logs, "more than 2000 (the limit max_notification)")
+    assert isinstance(error_of(pending), ProtocolError)
+
+
+def test_a_frame_sent_one_byte_a_second_drops_the_agent() -> None:
+    link = InMemoryLink({}, host_limits=ClientLimits(partial_frame_timeout=30))
+    link.flush()
+    frame = encode_header(FrameType.NOTIFY, 0, 100) + b"x" * 100
+    with capturedLogs() as logs:
+        for byte in range(29):
+            link.client._data_received(frame[byte:byte + 1])
+            link.clock.advance(1)
+        assert link.client._transport is not None
+        link.client._data_received(frame[29:30])
+        link.clock.advance(1)
+        dropped(link, logs, "left a frame unfinished for 30 s")

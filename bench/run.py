@@ -21,6 +21,7 @@ from bench.echo import EchoClient, connect_echo, echo_rtt, echo_throughput, wait
 from bench.stats import Latency, Throughput
 from hypervisors import load_driver
 from hypervisors.interface import Accel, IHypervisorDriver, VMState
+from hypervisors.libvirt import LibvirtDriver
 from vmcontroller.client import ExecHandle, GuestClient
 from vmcontroller.errors import OperationCancelled, VMControllerError
 from vmcontroller.images import build_image
@@ -252,10 +253,20 @@ async def _start_echo(reactor: Any, client: GuestClient, echo: EchoClient, timeo
     return handle
 
 
+async def _echo_socket_path(driver: IHypervisorDriver, name: str) -> str:
+    # The raw echo runs on an extra virtio-serial port, not the agent's channel: only the
+    # libvirt driver hands out such a port (its host socket).
+    if not isinstance(driver, LibvirtDriver):
+        raise BenchError(
+            f"the raw echo needs the libvirt driver's extra virtio-serial ports, not {driver.name}'s"
+        )
+    return await driver.agent_socket_path(name, channel=ECHO_CHANNEL)
+
+
 async def _raw_echo(
     reactor: Any, client: GuestClient, driver: IHypervisorDriver, settings: Settings, say: Say
 ) -> tuple[Latency, Throughput]:
-    path = await driver.agent_socket_path(settings.name, channel=ECHO_CHANNEL)
+    path = await _echo_socket_path(driver, settings.name)
     # The host end first: a port whose host side is closed reads as end-of-file in the guest.
     echo = await connect_echo(reactor, path)
     say(f"start the echo on {ECHO_CHANNEL} in the guest (host end {path})")
@@ -317,7 +328,7 @@ async def _prepare_vm(reactor: Any, driver: IHypervisorDriver, settings: Setting
     existing = name in await driver.list_vms()
     if existing and settings.reuse and (await driver.state(name)) is VMState.RUNNING:
         try:
-            await driver.agent_socket_path(name, channel=ECHO_CHANNEL)
+            await _echo_socket_path(driver, name)
         except VMControllerError:
             say(f"VM {name} runs but has no {ECHO_CHANNEL} port: redefining it")
         else:

@@ -7,7 +7,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 URI="qemu:///system"
 PACKAGES=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils mmdebstrap
-          libvirt-dev pkg-config python3-dev python3-venv e2fsprogs gcc)
+          libvirt-dev pkg-config python3-dev python3-venv e2fsprogs gcc tini)
 
 step() { echo "setup-host: $*"; }
 die() { echo "setup-host: error: $*" >&2; exit 1; }
@@ -41,14 +41,7 @@ if [ -c /dev/kvm ] && getent group kvm >/dev/null; then
 fi
 
 # PID 1 may not be systemd (containers, CI): start the daemons ourselves when not running.
-for daemon in virtlogd libvirtd; do
-    if pgrep -x "$daemon" >/dev/null; then
-        step "$daemon is running"
-    else
-        step "starting $daemon"
-        "/usr/sbin/$daemon" -d || die "$daemon -d failed; see journalctl or /var/log/libvirt"
-    fi
-done
+bash "$REPO/scripts/start-daemons.sh" || die "the libvirt daemons did not start; see /var/log/libvirt"
 for _ in $(seq 1 60); do
     virsh -c "$URI" version >/dev/null 2>&1 && break
     sleep 0.5

@@ -19,7 +19,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from hypervisors.interface import VMState
-from hypervisors.libvirt_driver import LibvirtDriver
+from hypervisors.libvirt import LibvirtDriver
 from vmcontroller.client import GuestClient
 from vmcontroller.errors import VMControllerError
 from vmcontroller.images import GuestImage, build_image

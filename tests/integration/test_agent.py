@@ -17,7 +17,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.task import deferLater
 
 from guest_agent.protocol.frames import FrameType, encode_frame
@@ -167,10 +166,10 @@ async def test_frame_over_the_size_limit(agent: GuestClient) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_unknown_protocol_version(booted_vm: Any) -> None:
-    path = await booted_vm.driver.agent_socket_path(booted_vm.name)
+    endpoint = await booted_vm.driver.agent_endpoint(booted_vm.name)
     with pytest.raises(UnsupportedProtocolVersion, match="install a matching"):
-        await connect(reactor, UNIXClientEndpoint(reactor, path), versions=(99,), timeout=60)
-    client = await connect(reactor, UNIXClientEndpoint(reactor, path), timeout=60)
+        await connect(reactor, endpoint, versions=(99,), timeout=60)
+    client = await connect(reactor, endpoint, timeout=60)
     assert (await client.ping())["version"]
     client.close()
 

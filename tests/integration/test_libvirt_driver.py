@@ -18,11 +18,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
 from hypervisors.interface import IHypervisorDriver, SnapshotInfo, VMState
-from hypervisors.libvirt_driver import LibvirtDriver
+from hypervisors.libvirt import LibvirtDriver
 from tests.integration.conftest import TEST_VM_PREFIX, BootedVM
 from vmcontroller.errors import (
     HypervisorError,
@@ -96,11 +97,19 @@ async def test_unknown_vm(booted_vm: BootedVM) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_agent_socket_path(booted_vm: BootedVM) -> None:
+async def test_agent_endpoint_is_the_virtio_serial_socket(booted_vm: BootedVM) -> None:
     driver, name, _ = booted_vm
     path = await driver.agent_socket_path(name)
     assert path.endswith("org.vmcontroller.agent.0")
     assert stat.S_ISSOCK(os.stat(path).st_mode)
+    for transport in ("auto", "virtio-serial"):
+        endpoint = await driver.agent_endpoint(name, transport)
+        assert isinstance(endpoint, UNIXClientEndpoint)
+        assert endpoint._path == path
+    with pytest.raises(HypervisorError, match="no serial port for the agent"):
+        await driver.agent_endpoint(name, "serial")
+    with pytest.raises(HypervisorError, match="no NAT network card"):
+        await driver.agent_endpoint(name, "tcp")
 
 
 @pytest_twisted.ensureDeferred
@@ -228,7 +237,7 @@ async def test_lifecycle(hypervisor: LibvirtDriver, own_vm: str) -> None:
     driver, name = hypervisor, own_vm
     assert await driver.state(name) is VMState.SHUTOFF
     with pytest.raises(VMStateError):
-        await driver.agent_socket_path(name)
+        await driver.agent_endpoint(name)
     with pytest.raises(VMStateError):
         await driver.power_off(name)
 

@@ -23,7 +23,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.task import deferLater
 
 from hypervisors.interface import VMSpec
-from hypervisors.libvirt_driver import LibvirtDriver
+from hypervisors.libvirt import LibvirtDriver
 from tests.integration.conftest import (
     TEST_VM_PREFIX,
     print_journal,
@@ -31,7 +31,7 @@ from tests.integration.conftest import (
     start_second_agent,
     teardown_vm,
 )
-from vmcontroller.client import GuestClient, connect
+from vmcontroller.client import GuestClient
 from vmcontroller.errors import ConnectionLost, HypervisorError
 from vmcontroller.images import GuestImage
 from vmcontroller.machine import connect_vm_agent
@@ -89,7 +89,8 @@ def serial_vm(hypervisor: LibvirtDriver, guest_image: GuestImage) -> Iterator[Se
 
 
 async def connect_serial(vm: SerialVM, timeout: float = 120.0) -> GuestClient:
-    return await connect(reactor, UNIXClientEndpoint(reactor, vm.socket), timeout=timeout)
+    """The agent on the serial port, reached through the driver's agent_endpoint."""
+    return await connect_vm_agent(reactor, vm.driver, vm.name, transport="serial", timeout=timeout)
 
 
 @pytest_twisted.async_yield_fixture()
@@ -118,6 +119,9 @@ async def test_serial_socket_path(serial_vm: SerialVM) -> None:
         await driver.serial_socket_path(name, "nope")
     # The virtio agent channel is still where it was.
     assert await driver.agent_socket_path(name) != path
+    endpoint = await driver.agent_endpoint(name, "serial")
+    assert isinstance(endpoint, UNIXClientEndpoint)
+    assert endpoint._path == path
 
 
 # -- the agent over the serial port -------------------------------------------------------------

@@ -19,8 +19,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
-from hypervisors.interface import NAT_GATEWAY, NAT_GUEST_ADDRESS
-from hypervisors.libvirt_driver import LibvirtDriver
+from hypervisors.interface import DEFAULT_AGENT_TCP_PORT, NAT_GATEWAY, NAT_GUEST_ADDRESS
+from hypervisors.libvirt import LibvirtDriver
 from tests.integration.conftest import (
     TEST_VM_PREFIX,
     BootedVM,
@@ -36,7 +36,7 @@ from vmcontroller.machine import connect_vm_agent
 
 pytestmark = pytest.mark.integration
 
-AGENT_PORT = 9000
+AGENT_PORT = DEFAULT_AGENT_TCP_PORT
 TCP_UNIT = "vmc-tcp-agent"
 BOOT_TIMEOUT = 300.0
 
@@ -92,13 +92,22 @@ def endpoint(port: int) -> TCP4ClientEndpoint:
 
 @pytest_twisted.async_yield_fixture()
 async def tcp(nat_vm: NatVM) -> AsyncIterator[GuestClient]:
-    """A client of the agent in the guest, over TCP through the forwarded port."""
-    client = await connect(reactor, endpoint(nat_vm.port), timeout=120)
+    """A client of the agent in the guest, over TCP through a port agent_endpoint forwards."""
+    client = await connect_vm_agent(reactor, nat_vm.driver, nat_vm.name, transport="tcp", timeout=120)
     yield client
     client.close()
 
 
 # -- the driver's side ------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_endpoint_forwards_the_agent_port_once(nat_vm: NatVM) -> None:
+    first = await nat_vm.driver.agent_endpoint(nat_vm.name, "tcp")
+    again = await nat_vm.driver.agent_endpoint(nat_vm.name, "tcp")
+    assert isinstance(first, TCP4ClientEndpoint) and isinstance(again, TCP4ClientEndpoint)
+    assert (first._host, again._host) == ("127.0.0.1", "127.0.0.1")
+    assert first._port == again._port != nat_vm.port
 
 
 @pytest_twisted.ensureDeferred

@@ -5,6 +5,8 @@ and channel parsing; also driver loading and the not-started error. No reactor, 
 
 from __future__ import annotations
 
+import os
+import stat
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,23 +15,25 @@ from typing import Any
 import libvirt
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from hypervisors import installed_drivers, load_driver
-from hypervisors.interface import IHypervisorDriver, VMSpec, VMState
-from hypervisors.libvirt_driver import (
+from hypervisors.interface import Capability, IHypervisorDriver, VMSpec, VMState
+from hypervisors.libvirt import LibvirtDriver
+from hypervisors.libvirt.driver import capabilities_for, translate_error
+from hypervisors.libvirt.host import kvm_device_problem, kvm_usable, select_accel
+from hypervisors.libvirt.xml import (
     METADATA_NS,
-    LibvirtDriver,
+    agent_transport,
     channel_socket_path,
     channel_state,
     domain_xml,
-    kvm_usable,
     nat_netdev,
     parse_snapshot_xml,
-    select_accel,
+    serial_port_names,
     serial_port_socket_path,
-    translate_error,
 )
 from vmcontroller.errors import (
     DriverNotFound,
@@ -190,6 +194,24 @@ def test_serial_socket_path_too_long() -> None:
         )
 
 
+def test_cpu_cap_is_a_cfs_quota_per_vcpu() -> None:
+    root = render(spec(cpu_cap_percent=40, vcpus=2))
+    assert root.findtext("cputune/period") == "100000"
+    assert root.findtext("cputune/quota") == "40000"
+    assert render(spec()).find("cputune") is None
+
+
+def test_the_agent_transport_and_serial_ports_are_kept_in_the_metadata() -> None:
+    xml = ET.tostring(render(spec(serial_ports=("b", "a"), agent_transport="serial")), encoding="unicode")
+    assert agent_transport(xml) == "serial"
+    assert serial_port_names(xml) == ["b", "a"]
+    plain = ET.tostring(render(spec()), encoding="unicode")
+    assert (agent_transport(plain), serial_port_names(plain)) == ("auto", [])
+    # A domain defined before the transport was recorded, or with a value we do not know.
+    assert agent_transport("<domain><name>x</name></domain>") == "auto"
+    assert agent_transport(plain.replace(">auto<", ">carrier-pigeon<")) == "auto"
+
+
 def test_nat_network_card() -> None:
     assert render(spec()).find("devices/interface") is None
     nic = render(spec(nat_network=True)).find("devices/interface")
@@ -260,6 +282,48 @@ def test_kvm_usable_needs_device_and_cpu_flag(tmp_path: Path) -> None:
     assert kvm_usable(str(dev), AMD)
     # /dev/kvm without vmx/svm: a VM without nested virtualisation, where KVM guests hang.
     assert not kvm_usable(str(dev), NO_VIRT)
+
+
+def device(mode: int, uid: int = 0, gid: int = 0) -> os.stat_result:
+    return os.stat_result((stat.S_IFCHR | mode, 0, 0, 1, uid, gid, 0, 0, 0, 0))
+
+
+QEMU_UID, KVM_GID = 64055, 107
+
+
+@pytest.mark.parametrize(
+    ("dev", "problem"),
+    [
+        (device(0o600), True),  # root:root 0600, as found on this machine kind without udev
+        (device(0o660, gid=KVM_GID), False),  # root:kvm 0660, Debian's udev rule
+        (device(0o600, gid=KVM_GID), True),
+        (device(0o666), False),
+        (device(0o600, uid=QEMU_UID), False),
+        (None, False),  # no KVM at all: TCG, nothing to warn about
+        (os.stat_result((stat.S_IFREG | 0o600, 0, 0, 1, 0, 0, 0, 0, 0, 0)), False),
+    ],
+)
+def test_kvm_device_problem(dev: os.stat_result | None, problem: bool) -> None:
+    assert kvm_device_problem(dev, QEMU_UID, {QEMU_UID, KVM_GID}) is problem
+
+
+def test_the_driver_warns_once_at_start_about_an_unopenable_dev_kvm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("hypervisors.libvirt.driver._kvm_device_problem", lambda: True)
+    with capturedLogs() as logs:
+        LibvirtDriver(Clock(), uri="qemu:///system")._check_host()
+        LibvirtDriver(Clock(), uri="test:///default")._check_host()
+    assert len(logs) == 1
+    message = formatEvent(logs[0])
+    assert "each define takes about a minute" in message
+    assert "chgrp kvm /dev/kvm && chmod 0660 /dev/kvm" in message
+
+
+def test_capabilities_per_uri() -> None:
+    assert capabilities_for("qemu:///system") == set(Capability)
+    assert capabilities_for("qemu:///session") == set(Capability)
+    simulated = capabilities_for("test:///default")
+    assert Capability.PUSHED_EVENTS in simulated and Capability.SAVE_STATE in simulated
+    assert not simulated & {Capability.VIRTIO_SERIAL, Capability.SERIAL_PORTS, Capability.PORT_FORWARD}
 
 
 @pytest.mark.parametrize(

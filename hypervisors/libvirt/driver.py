@@ -3,12 +3,16 @@ The libvirt/QEMU hypervisor driver.
 
 libvirt's Python binding blocks, so every call runs in the driver's own thread pool (never the
 reactor thread, never the reactor's shared pool) and ``libvirtError`` becomes one of our
-exceptions inside the worker thread, where libvirt keeps the per-thread error details.
+exceptions inside the worker thread, where libvirt keeps the per-thread error details. libvirt's
+events arrive through its event loop on the reactor (:mod:`hypervisors.libvirt.events`).
 
 Each VM gets a directory ``/var/lib/vmcontroller/vms/<name>/`` with its qcow2 overlay of the
 base image (``disk.qcow2``), its serial console log (``console.log``, written by virtlogd) and
 the host sockets of its extra serial ports (``serial-<port>.sock``), so the base image is never
 modified and several VMs can share it.
+
+Only local URIs are supported: the agent's channels are unix sockets on this host. A remote
+URI (``qemu+tcp://``) would reach them with ``virDomainOpenChannel`` in :meth:`agent_endpoint`.
 """
 
 from __future__ import annotations
@@ -16,70 +20,76 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import pwd
 import shutil
 import socket
 import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Coroutine, Mapping
-from datetime import UTC, datetime
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlparse
 
 import libvirt
 import libvirt_qemu
 from twisted.application.service import Service
 from twisted.internet import utils
 from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
-from twisted.internet.interfaces import IReactorCore, IReactorProcess, IReactorThreads, IReactorTime
-from twisted.internet.task import deferLater
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorCore,
+    IReactorProcess,
+    IReactorThreads,
+    IStreamClientEndpoint,
+)
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from hypervisors.base import EventHub, event_for_transition, require_capability
 from hypervisors.interface import (
-    DEFAULT_AGENT_CHANNEL,
+    DEFAULT_AGENT_TCP_PORT,
     NAT_GUEST_ADDRESS,
     Accel,
+    AgentTransport,
+    Capability,
     IHypervisorDriver,
+    ISubscription,
     SnapshotInfo,
+    VMEvent,
     VMSpec,
     VMState,
 )
+from hypervisors.libvirt.events import LifecycleTranslator, event_loop
+from hypervisors.libvirt.host import KVM_DEVICE_FIX, kvm_device_problem, kvm_usable, select_accel
+from hypervisors.libvirt.xml import (
+    METADATA_NS,
+    agent_channel,
+    agent_transport,
+    channel_socket_path,
+    channel_state,
+    domain_xml,
+    nat_netdev,
+    parse_snapshot_xml,
+    serial_port_names,
+    serial_port_socket_path,
+)
 from vmcontroller.errors import (
     HypervisorError,
+    HypervisorUnavailable,
     SnapshotNotFound,
     VMAlreadyExists,
     VMNotFound,
     VMStateError,
-    VMTimeout,
 )
 
-__all__ = [
-    "DEFAULT_STATE_DIR",
-    "METADATA_NS",
-    "LibvirtDriver",
-    "channel_socket_path",
-    "channel_state",
-    "domain_xml",
-    "kvm_usable",
-    "nat_netdev",
-    "parse_snapshot_xml",
-    "select_accel",
-    "serial_port_socket_path",
-    "serial_socket_name",
-    "translate_error",
-]
+__all__ = ["DEFAULT_STATE_DIR", "LibvirtDriver", "capabilities_for", "translate_error"]
 
 T = TypeVar("T")
 
 DEFAULT_STATE_DIR = Path("/var/lib/vmcontroller/vms")
-
-#: XML namespace of the ``<metadata>`` element that marks a domain as one of ours.
-METADATA_NS = "https://vmcontroller.readthedocs.io/xmlns/vm/1"
-_METADATA_KEY = "vmcontroller"
-
-ET.register_namespace(_METADATA_KEY, METADATA_NS)
 
 
 def _ignore_libvirt_error(_context: object, _error: object) -> None:
@@ -90,205 +100,39 @@ def _ignore_libvirt_error(_context: object, _error: object) -> None:
 
 libvirt.registerErrorHandler(_ignore_libvirt_error, None)
 
-#: How often :meth:`LibvirtDriver.wait_for_state` polls. Polling, not libvirt events: it needs
-#: no event loop integration and a state change is seen within this delay.
-POLL_INTERVAL = 0.25
-
-
-# -- pure helpers (unit-tested without libvirt or a reactor) ----------------------------------
-
-
-def kvm_usable(dev_kvm: str = "/dev/kvm", cpuinfo: str | None = None) -> bool:
-    """
-    Whether hardware virtualisation can be used: ``/dev/kvm`` exists and the CPU flags show
-    ``vmx`` (Intel) or ``svm`` (AMD).
-
-    Both are needed: inside a VM without nested virtualisation ``/dev/kvm`` may exist while
-    the guest kernel hangs at boot.
-
-    :param cpuinfo: the text of ``/proc/cpuinfo``; read from the system when ``None``.
-    """
-    if not os.path.exists(dev_kvm):
-        return False
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags" and {"vmx", "svm"} & set(value.split()):
-            return True
-    return False
-
-
-def select_accel(
-    spec_accel: Accel,
-    driver_accel: Accel,
-    *,
-    environ: Mapping[str, str],
-    kvm_available: bool,
-) -> Literal["kvm", "tcg"]:
-    """
-    Decide between KVM and TCG (pure emulation).
-
-    The first choice that is not ``"auto"`` wins, in this order: the VM's spec, the driver's
-    ``accel`` argument, the ``VMCONTROLLER_ACCEL`` environment variable. If all say ``auto``,
-    KVM is used when it is usable (see :func:`kvm_usable`), else TCG.
-
-    :raises HypervisorError: KVM was asked for but is not usable, or the variable is invalid.
-    """
-    env_accel = environ.get("VMCONTROLLER_ACCEL", "auto").strip().lower() or "auto"
-    if env_accel not in ("auto", "kvm", "tcg"):
-        raise HypervisorError(
-            f"VMCONTROLLER_ACCEL={env_accel!r} is not valid: set it to 'kvm', 'tcg' or 'auto'"
-        )
-    for choice, source in (
-        (spec_accel, "the VM spec"),
-        (driver_accel, "the driver"),
-        (env_accel, "VMCONTROLLER_ACCEL"),
-    ):
-        if choice == "kvm":
-            if not kvm_available:
-                raise HypervisorError(
-                    f"{source} asks for KVM, but this host cannot use it (no /dev/kvm, or no vmx/svm "
-                    "CPU flag, e.g. in a VM without nested virtualisation); use accel='tcg' or 'auto'"
-                )
-            return "kvm"
-        if choice == "tcg":
-            return "tcg"
-    return "kvm" if kvm_available else "tcg"
-
-
-#: The longest unix socket path the kernel takes (``sun_path`` holds 108 bytes with the NUL).
-_MAX_SOCKET_PATH = 107
 #: Free host ports forward_port() tries before it gives up.
 _FORWARD_ATTEMPTS = 3
+#: Seconds between attempts to reconnect to a libvirtd that went away: doubling up to the last.
+_RECONNECT_FIRST, _RECONNECT_MAX = 0.5, 10.0
+#: libvirt's errors that mean the connection to libvirtd is gone or unusable.
+_CONNECTION_ERRORS = frozenset(
+    {
+        libvirt.VIR_ERR_NO_CONNECT,
+        libvirt.VIR_ERR_INVALID_CONN,
+        libvirt.VIR_ERR_RPC,
+        libvirt.VIR_ERR_SYSTEM_ERROR,
+    }
+)
+#: The user QEMU runs as under ``qemu:///system`` (Debian's libvirt-daemon-system).
+_QEMU_USER = "libvirt-qemu"
+
+_ALL_CAPABILITIES = frozenset(Capability)
+#: libvirt's ``test:///`` driver simulates domains: no emulator, so no sockets, ports or CPU
+#: time; its domain events, managed save and snapshots behave like QEMU's.
+_TEST_CAPABILITIES = frozenset(
+    {
+        Capability.SNAPSHOTS,
+        Capability.LIVE_SNAPSHOTS,
+        Capability.SAVE_STATE,
+        Capability.PUSHED_EVENTS,
+    }
+)
 
 
-def serial_socket_name(port: str) -> str:
-    """The file name of the host socket of serial port ``port`` in the VM's directory."""
-    return f"serial-{port}.sock"
-
-
-def domain_xml(
-    spec: VMSpec,
-    *,
-    accel: Literal["kvm", "tcg"],
-    disk_path: str,
-    console_log: str,
-    disk_cache: str = "unsafe",
-    serial_dir: str | None = None,
-) -> str:
-    """
-    The libvirt domain XML for ``spec``.
-
-    :param accel: ``kvm`` gives ``<domain type='kvm'>`` with the host CPU passed through,
-        ``tcg`` gives ``<domain type='qemu'>``.
-    :param disk_path: the VM's writable qcow2 overlay.
-    :param console_log: file the serial console is copied to (by virtlogd).
-    :param disk_cache: QEMU cache mode of the disk. ``unsafe`` (the default) ignores the
-        guest's flushes: the overlay is a throwaway copy-on-write layer, so a host crash costs
-        only the VM, while fsync-heavy guest work (dpkg, databases) runs much faster,
-        especially under TCG. Use ``writeback`` for VMs whose disks must survive host crashes.
-    :param serial_dir: where the host sockets of ``spec.serial_ports`` go (named by
-        :func:`serial_socket_name`); by default the console log's directory.
-    :raises HypervisorError: a serial socket path is too long for a unix socket.
-    """
-    domain = ET.Element("domain", type="kvm" if accel == "kvm" else "qemu")
-    ET.SubElement(domain, "name").text = spec.name
-    metadata = ET.SubElement(domain, "metadata")
-    ours = ET.SubElement(metadata, f"{{{METADATA_NS}}}vm")
-    ET.SubElement(ours, f"{{{METADATA_NS}}}base-disk").text = spec.disk
-    ET.SubElement(ours, f"{{{METADATA_NS}}}agent-channel").text = spec.agent_channel
-    ET.SubElement(ours, f"{{{METADATA_NS}}}accel").text = accel
-    for index, port in enumerate(spec.serial_ports, start=1):
-        ET.SubElement(ours, f"{{{METADATA_NS}}}serial-port", name=port, port=str(index))
-    ET.SubElement(domain, "memory", unit="MiB").text = str(spec.memory_mib)
-    ET.SubElement(domain, "vcpu").text = str(spec.vcpus)
-
-    os_ = ET.SubElement(domain, "os")
-    ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
-    if spec.kernel:
-        ET.SubElement(os_, "kernel").text = spec.kernel
-        if spec.initrd:
-            ET.SubElement(os_, "initrd").text = spec.initrd
-        cmdline = f"{spec.cmdline} {spec.tcg_cmdline}" if accel == "tcg" else spec.cmdline
-        if cmdline.strip():
-            ET.SubElement(os_, "cmdline").text = cmdline.strip()
-    else:
-        ET.SubElement(os_, "boot", dev="hd")
-
-    # ACPI is what lets the guest see the power button that shutdown() presses.
-    features = ET.SubElement(domain, "features")
-    ET.SubElement(features, "acpi")
-    ET.SubElement(features, "apic")
-    if accel == "kvm":
-        ET.SubElement(domain, "cpu", mode="host-passthrough")
-    ET.SubElement(domain, "clock", offset="utc")
-    ET.SubElement(domain, "on_poweroff").text = "destroy"
-    ET.SubElement(domain, "on_reboot").text = "restart"
-    ET.SubElement(domain, "on_crash").text = "destroy"
-
-    devices = ET.SubElement(domain, "devices")
-    disk = ET.SubElement(devices, "disk", type="file", device="disk")
-    ET.SubElement(disk, "driver", name="qemu", type="qcow2", cache=disk_cache, discard="unmap")
-    ET.SubElement(disk, "source", file=disk_path)
-    # The base image, spelled out so that libvirt leaves its owner alone: by default its DAC
-    # driver chowns the whole backing chain to libvirt-qemu (and does not always give it back),
-    # which would let QEMU write to the shared, cached image. Read-only access as root:root
-    # 0644 is all QEMU needs for a backing file.
-    backing = ET.SubElement(disk, "backingStore", type="file")
-    ET.SubElement(backing, "format", type="qcow2")
-    backing_source = ET.SubElement(backing, "source", file=spec.disk)
-    ET.SubElement(backing_source, "seclabel", model="dac", relabel="no")
-    ET.SubElement(backing, "backingStore")
-    ET.SubElement(disk, "target", dev="vda", bus="virtio")
-
-    # No USB: libvirt adds a controller by default that only costs boot time.
-    ET.SubElement(devices, "controller", type="usb", model="none")
-    ET.SubElement(devices, "controller", type="virtio-serial", index="0")
-    for name in (spec.agent_channel, *spec.extra_channels):
-        channel = ET.SubElement(devices, "channel", type="unix")
-        # No path: libvirt makes one per running domain (under /var/lib/libvirt/qemu/channel/),
-        # and agent_socket_path() reads it back from the live XML.
-        ET.SubElement(channel, "source", mode="bind")
-        ET.SubElement(channel, "target", type="virtio", name=name)
-
-    serial = ET.SubElement(devices, "serial", type="pty")
-    ET.SubElement(serial, "log", file=console_log, append="off")
-    ET.SubElement(serial, "target", port="0")
-    console = ET.SubElement(devices, "console", type="pty")
-    ET.SubElement(console, "target", type="serial", port="0")
-    # The extra serial ports: ttyS1, ttyS2, ... in the guest (port 0, ttyS0, is the console
-    # above, which libvirt aliases to serial0), each a listening unix socket on the host that
-    # libvirtd creates and hands to QEMU; their names are in the metadata.
-    directory = serial_dir if serial_dir is not None else os.path.dirname(console_log)
-    for index, port in enumerate(spec.serial_ports, start=1):
-        path = os.path.join(directory, serial_socket_name(port))
-        if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
-            raise HypervisorError(
-                f"cannot define VM {spec.name!r}: the socket of its serial port {port!r} would be "
-                f"{path}, longer than a unix socket path may be ({_MAX_SOCKET_PATH} bytes); use a "
-                "shorter VM name, port name or state directory"
-            )
-        extra = ET.SubElement(devices, "serial", type="unix")
-        ET.SubElement(extra, "source", mode="bind", path=path)
-        ET.SubElement(extra, "target", port=str(index))
-
-    if spec.nat_network:
-        # QEMU's user-mode network (slirp): NAT through the host's sockets, no bridge, no
-        # privileges; forward_port() adds ways in.
-        nic = ET.SubElement(devices, "interface", type="user")
-        ET.SubElement(nic, "model", type="virtio")
-
-    # Seeds the guest's entropy pool at once, so nothing in early boot waits for randomness.
-    rng = ET.SubElement(devices, "rng", model="virtio")
-    ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
-    ET.SubElement(devices, "memballoon", model="none")
-    ET.indent(domain)
-    return ET.tostring(domain, encoding="unicode")
+def capabilities_for(uri: str) -> frozenset[Capability]:
+    """What the driver can do on the hypervisor behind ``uri``."""
+    scheme = urlparse(uri).scheme.split("+")[0]
+    return _TEST_CAPABILITIES if scheme == "test" else _ALL_CAPABILITIES
 
 
 def translate_error(
@@ -323,88 +167,16 @@ def translate_error(
             f"cannot {what} in its current state: {message}; check state() and start, resume or "
             "stop the VM first"
         )
+    if code in _CONNECTION_ERRORS:
+        return HypervisorUnavailable(
+            f"cannot {what}: the connection to libvirt failed: {message} (error code {code}); the "
+            "driver reconnects by itself: try again, and check that libvirtd runs "
+            "(`virsh -c qemu:///system version`)"
+        )
     return HypervisorError(
         f"cannot {what}: libvirt says: {message} (error code {code}); check that libvirtd runs "
         "(`virsh -c qemu:///system version`) and read its log and the VM's console.log"
     )
-
-
-def _snapshot_state(text: str | None) -> VMState:
-    # libvirt's snapshot <state> uses the domain state names, plus "disk-snapshot" for an
-    # external disk-only snapshot of a running VM (no memory saved).
-    if not text or text == "disk-snapshot":
-        return VMState.SHUTOFF
-    try:
-        return VMState(text)
-    except ValueError:
-        return VMState.NOSTATE
-
-
-def parse_snapshot_xml(xml: str, *, current: bool = False) -> SnapshotInfo:
-    """Read a :class:`SnapshotInfo` from libvirt's ``<domainsnapshot>`` XML."""
-    root = ET.fromstring(xml)
-    created = root.findtext("creationTime")
-    return SnapshotInfo(
-        name=root.findtext("name") or "",
-        description=root.findtext("description") or "",
-        created=datetime.fromtimestamp(int(created or 0), tz=UTC),
-        state=_snapshot_state(root.findtext("state")),
-        parent=root.findtext("parent/name"),
-        current=current,
-    )
-
-
-def channel_state(xml: str, channel: str) -> str | None:
-    """
-    Whether the guest has the virtio-serial port ``channel`` open, from a live domain XML:
-    ``"connected"`` or ``"disconnected"`` (QEMU reports it), ``None`` when unknown.
-    """
-    root = ET.fromstring(xml)
-    for element in root.iterfind("devices/channel/target"):
-        if element.get("name") == channel:
-            return element.get("state")
-    return None
-
-
-def serial_port_socket_path(xml: str, port: str) -> str | None:
-    """
-    The host socket path of the serial port named ``port`` (see ``VMSpec.serial_ports``) in a
-    domain XML, or ``None`` when the domain has no such port.
-    """
-    root = ET.fromstring(xml)
-    number = None
-    for element in root.iterfind(f"metadata/{{{METADATA_NS}}}vm/{{{METADATA_NS}}}serial-port"):
-        if element.get("name") == port:
-            number = element.get("port")
-    if number is None:
-        return None
-    for element in root.iterfind("devices/serial"):
-        target = element.find("target")
-        source = element.find("source")
-        if element.get("type") == "unix" and target is not None and target.get("port") == number:
-            return source.get("path") if source is not None else None
-    return None
-
-
-def channel_socket_path(xml: str, channel: str) -> str | None:
-    """The host socket path of the unix channel named ``channel`` in a live domain XML."""
-    root = ET.fromstring(xml)
-    for element in root.iterfind("devices/channel"):
-        target = element.find("target")
-        source = element.find("source")
-        if target is not None and target.get("name") == channel and source is not None:
-            return source.get("path")
-    return None
-
-
-def nat_netdev(xml: str) -> str | None:
-    """QEMU's id of the user-mode (NAT) network of a live domain XML, or None without one."""
-    root = ET.fromstring(xml)
-    for element in root.iterfind("devices/interface[@type='user']"):
-        alias = element.find("alias")
-        if alias is not None and alias.get("name"):
-            return f"host{alias.get('name')}"  # libvirt names a NIC's backend host<alias>
-    return None
 
 
 def _require_running(d: libvirt.virDomain, name: str, consequence: str) -> None:
@@ -420,7 +192,53 @@ def _free_loopback_port() -> int:
         return port
 
 
-# -- the driver -------------------------------------------------------------------------------
+def _with_optional_flag(call: Callable[[int], object], flags: int, optional: int) -> None:
+    """
+    ``call(flags | optional)``, or ``call(flags)`` where the hypervisor refuses the optional
+    flag ("unsupported flags": libvirt's test driver has no checkpoints, no ACPI button).
+    """
+    try:
+        call(flags | optional)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() != libvirt.VIR_ERR_INVALID_ARG:
+            raise
+        call(flags)
+
+
+def _domain_state(d: libvirt.virDomain) -> VMState:
+    state, reason = d.state()
+    if state == libvirt.VIR_DOMAIN_SHUTOFF:
+        if d.hasManagedSaveImage(0):
+            return VMState.SAVED
+        # A killed or crashed emulator: libvirt says shut off, for the reason "crashed" (or
+        # "failed", when the emulator did not start).
+        if reason in (libvirt.VIR_DOMAIN_SHUTOFF_CRASHED, libvirt.VIR_DOMAIN_SHUTOFF_FAILED):
+            return VMState.CRASHED
+    return VMState.from_libvirt(state)
+
+
+def _is_ours(d: libvirt.virDomain) -> bool:
+    """Whether the domain carries our metadata (defined by a vmcontroller driver)."""
+    try:
+        d.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+            return False
+        raise
+    return True
+
+
+def _kvm_device_problem() -> bool:
+    try:
+        device: os.stat_result | None = os.stat("/dev/kvm")
+    except OSError:
+        device = None
+    try:
+        user = pwd.getpwnam(_QEMU_USER)
+    except KeyError:
+        return False
+    gids = {user.pw_gid, *os.getgrouplist(_QEMU_USER, user.pw_gid)}
+    return kvm_device_problem(device, user.pw_uid, gids)
 
 
 @implementer(IHypervisorDriver)
@@ -428,13 +246,16 @@ class LibvirtDriver(Service):
     """
     Controls QEMU VMs through libvirt.
 
-    A :class:`~twisted.application.service.Service`: ``startService()`` starts its thread pool,
-    ``stopService()`` closes the libvirt connection and stops the pool. Cancelling one of its
-    Deferreds does not stop a libvirt call already running in the pool.
+    A :class:`~twisted.application.service.Service`: ``startService()`` starts its thread pool
+    and hooks libvirt's event loop to the reactor, ``stopService()`` closes the libvirt
+    connection and stops the pool. Cancelling one of its Deferreds does not stop a libvirt call
+    already running in the pool. When libvirtd goes away the driver reconnects by itself (with
+    backoff), registers for events again, and reports the state changes it missed.
 
-    :param reactor: the reactor; its clock drives ``wait_for_state`` and it runs ``qemu-img``.
+    :param reactor: the reactor; its clock drives ``wait_for_state``, it runs ``qemu-img`` and
+        libvirt's event loop.
     :param uri: the libvirt URI; ``qemu:///system`` when running as root, else
-        ``qemu:///session``.
+        ``qemu:///session``; ``test:///default`` is libvirt's simulated hypervisor.
     :param accel: the default for VMs whose spec says ``accel='auto'`` (see :func:`select_accel`).
     :param state_dir: where each VM's directory (overlay disk, console log) goes; it and its
         parents must be searchable by the user QEMU runs as (``libvirt-qemu``).
@@ -459,24 +280,57 @@ class LibvirtDriver(Service):
             raise ValueError(f"accel={accel!r}: use 'auto', 'kvm' or 'tcg'")
         self._reactor = reactor
         self.uri = uri or ("qemu:///system" if os.geteuid() == 0 else "qemu:///session")
+        self.capabilities = capabilities_for(self.uri)
         self.accel: Accel = accel
         self.state_dir = Path(state_dir)
         self.disk_cache = disk_cache
         self._pool = ThreadPool(minthreads=0, maxthreads=max_threads, name="vmcontroller-libvirt")
         self._conn: libvirt.virConnect | None = None
+        self._conn_events: list[int] = []
+        #: Whether a connection was open before: the next one must catch up on missed events.
+        self._connected_before = False
         self._conn_lock = threading.Lock()
         self._locks: dict[str, DeferredLock] = {}
         self._shutdown_trigger: Any = None
+        # Events: touched on the reactor thread only.
+        self._hub = EventHub()
+        self._translator = LifecycleTranslator()
+        #: Domain UUID -> whether it is one of ours; unknown ones are looked up once.
+        self._ours: dict[str, bool] = {}
+        #: Events of domains being looked up, in order, with the VM's name.
+        self._unsorted: dict[str, list[tuple[str, Callable[[str], VMEvent | None]]]] = {}
+        #: Names this driver is defining right now: their events are ours before define returns.
+        self._defining: set[str] = set()
+        #: The last state each of our VMs was reported in, to report what a reconnect missed.
+        self._last_state: dict[str, VMState] = {}
+        self._reconnect_call: IDelayedCall | None = None
+        #: VM -> (libvirt's domain id, forwarded host port) of its agent's TCP forward.
+        self._agent_forwards: dict[str, tuple[int, int]] = {}
 
     # -- service --------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
+        # Before this driver's first connection: libvirt events need the loop registered.
+        event_loop().attach(self._reactor)
         self._pool.start()
         # Stop the pool's threads if the reactor stops without stopping this service first,
         # so that the process can exit.
         core: IReactorCore = self._reactor
         self._shutdown_trigger = core.addSystemEventTrigger("during", "shutdown", self.stopService)
+        # Connected from the start, so that subscribers get events before any other call.
+        self._connect_soon(0)
+        self._check_host()
+
+    def _check_host(self) -> None:
+        if self.uri.startswith("qemu:///system") and _kvm_device_problem():
+            self.log.warn(
+                "/dev/kvm exists but {user} (the user QEMU runs as) cannot open it, while libvirtd "
+                "can: libvirtd then probes QEMU's capabilities again at every lookup and each define "
+                "takes about a minute. Fix: {fix}",
+                user=_QEMU_USER,
+                fix=KVM_DEVICE_FIX,
+            )
 
     def stopService(self) -> Deferred[None]:
         if not self.running:
@@ -487,6 +341,9 @@ class LibvirtDriver(Service):
             with contextlib.suppress(ValueError, KeyError):
                 self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
+        if self._reconnect_call is not None and self._reconnect_call.active():
+            self._reconnect_call.cancel()
+        self._hub.close()
         done: Deferred[None] = Deferred()
 
         def stop() -> None:
@@ -497,34 +354,174 @@ class LibvirtDriver(Service):
             self._reactor.callFromThread(done.callback, None)
 
         threading.Thread(target=stop, name="vmcontroller-libvirt-stop", daemon=True).start()
+        done.addCallback(lambda _: event_loop().detach(self._reactor))
         return done
 
-    # -- plumbing -------------------------------------------------------------------------
+    # -- the connection -------------------------------------------------------------------
 
     def _connection(self) -> libvirt.virConnect:
         # Called in worker threads; a virConnect may be shared by threads.
         with self._conn_lock:
             if self._conn is not None and self._conn.isAlive() != 1:
                 # libvirtd restarted: reconnect instead of failing every later call.
-                with contextlib.suppress(libvirt.libvirtError):
-                    self._conn.close()
-                self._conn = None
+                self._drop_connection()
             if self._conn is None:
                 try:
-                    self._conn = libvirt.open(self.uri)
+                    conn = libvirt.open(self.uri)
                 except libvirt.libvirtError as e:
-                    raise HypervisorError(
+                    raise HypervisorUnavailable(
                         f"cannot connect to libvirt at {self.uri}: {e.get_error_message() or e}; "
                         "start libvirtd (`libvirtd -d`, and `virtlogd -d`) or run scripts/setup-host.sh"
                     ) from e
+                # Delivered on the reactor thread by the event loop.
+                conn.registerCloseCallback(self._on_connection_closed, None)
+                self._conn_events = [
+                    conn.domainEventRegisterAny(
+                        None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+                    ),
+                    conn.domainEventRegisterAny(
+                        None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, None
+                    ),
+                ]
+                self._conn = conn
+                if self._connected_before:
+                    self._reactor.callFromThread(self._catch_up)
+                self._connected_before = True
             return self._conn
+
+    def _drop_connection(self) -> None:
+        # With _conn_lock held, in a worker thread.
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(libvirt.libvirtError):
+            for callback_id in self._conn_events:
+                conn.domainEventDeregisterAny(callback_id)
+            conn.unregisterCloseCallback()
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+        self._conn_events = []
 
     def _close_connection(self) -> None:
         with self._conn_lock:
-            if self._conn is not None:
-                with contextlib.suppress(libvirt.libvirtError):
-                    self._conn.close()
-                self._conn = None
+            self._drop_connection()
+
+    def _on_connection_closed(self, conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
+        # On the reactor thread. Our own close says CLIENT; anything else lost libvirtd.
+        if not self.running or reason == libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT:
+            return
+        self.log.warn(
+            "Lost the connection to libvirt at {uri} (close reason {reason}); reconnecting",
+            uri=self.uri,
+            reason=reason,
+        )
+        self._connect_soon(_RECONNECT_FIRST)
+
+    def _connect_soon(self, delay: float) -> None:
+        """Connect to libvirt in ``delay`` seconds, and again with backoff until it works."""
+
+        def attempt() -> None:
+            self._reconnect_call = None
+            if not self.running:
+                return
+            d = self._in_pool(lambda conn: None, action="connect to libvirt")
+
+            def failed(failure: Any) -> None:
+                retry = min(max(delay * 2, _RECONNECT_FIRST), _RECONNECT_MAX)
+                self.log.warn(
+                    "Connecting to libvirt at {uri} failed ({error}); next try in {retry:g} s",
+                    uri=self.uri,
+                    error=failure.value,
+                    retry=retry,
+                )
+                self._connect_soon(retry)
+
+            d.addErrback(failed)
+
+        if self._reconnect_call is None or not self._reconnect_call.active():
+            self._reconnect_call = self._reactor.callLater(delay, attempt)
+
+    def _catch_up(self) -> None:
+        """After a reconnect: report the state changes libvirt's events could not tell us."""
+
+        def states(conn: libvirt.virConnect) -> dict[str, VMState]:
+            return {d.name(): _domain_state(d) for d in conn.listAllDomains(0) if _is_ours(d)}
+
+        def report(now: dict[str, VMState]) -> None:
+            self.log.info("Reconnected to libvirt at {uri}", uri=self.uri)
+            # Only the VMs whose state was reported: for the others there is nothing to compare.
+            for vm in sorted(self._last_state):
+                kind = event_for_transition(self._last_state.get(vm), now.get(vm))
+                if kind is not None:
+                    self._publish(VMEvent(vm, kind, now.get(vm, VMState.NOSTATE), "seen after reconnecting"))
+
+        self._in_pool(states, action="read the VMs' states after reconnecting").addCallbacks(
+            report, lambda f: self.log.failure("Reading the VMs' states after reconnecting failed", f)
+        )
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _on_lifecycle(
+        self, _conn: libvirt.virConnect, domain: libvirt.virDomain, event: int, detail: int, _opaque: object
+    ) -> None:
+        self._sort(domain, lambda vm: self._translator.lifecycle(vm, event, detail))
+
+    def _on_reboot(self, _conn: libvirt.virConnect, domain: libvirt.virDomain, _opaque: object) -> None:
+        self._sort(domain, self._translator.reboot)
+
+    def _sort(self, domain: libvirt.virDomain, translate: Callable[[str], VMEvent | None]) -> None:
+        # On the reactor thread: the UUID and name are in the domain object, no call to libvirtd.
+        uuid, vm = domain.UUIDString(), domain.name()
+        if vm in self._defining:
+            self._ours[uuid] = True
+        ours = self._ours.get(uuid)
+        if ours is not None:
+            if ours:
+                self._deliver(vm, translate)
+            return
+        waiting = self._unsorted.get(uuid)
+        if waiting is None:
+            waiting = self._unsorted[uuid] = []
+            self._look_up(uuid)
+        waiting.append((vm, translate))
+
+    def _look_up(self, uuid: str) -> None:
+        # Whether an unknown domain is ours: its metadata says, in the pool.
+        def check(conn: libvirt.virConnect) -> bool | None:
+            try:
+                return _is_ours(conn.lookupByUUIDString(uuid))
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None  # gone already: nobody can tell any more
+                raise
+
+        def sorted_(ours: bool | None) -> None:
+            events = self._unsorted.pop(uuid, [])
+            if ours is not None:
+                self._ours[uuid] = ours
+            if ours:
+                for vm, translate in events:
+                    self._deliver(vm, translate)
+
+        def failed(failure: Any) -> None:
+            self._unsorted.pop(uuid, None)
+            self.log.failure("Could not tell whether domain {uuid} is a vmcontroller VM", failure, uuid=uuid)
+
+        self._in_pool(check, action="read a domain's metadata").addCallbacks(sorted_, failed)
+
+    def _deliver(self, vm: str, translate: Callable[[str], VMEvent | None]) -> None:
+        event = translate(vm)
+        if event is not None:
+            self._publish(event)
+
+    def _publish(self, event: VMEvent) -> None:
+        if event.state is VMState.NOSTATE:
+            self._last_state.pop(event.vm, None)
+        else:
+            self._last_state[event.vm] = event.state
+        self._hub.publish(event)
+
+    # -- plumbing -------------------------------------------------------------------------
 
     def _in_pool(
         self,
@@ -589,6 +586,15 @@ class LibvirtDriver(Service):
     # -- IHypervisorDriver ----------------------------------------------------------------
 
     def define(self, spec: VMSpec) -> Deferred[str]:
+        try:
+            if spec.cpu_cap_percent < 100:
+                require_capability(self, Capability.CPU_CAP, f"{self.uri} runs no emulator to cap")
+            if spec.serial_ports:
+                require_capability(self, Capability.SERIAL_PORTS, f"{self.uri} has no serial port sockets")
+            if spec.nat_network:
+                require_capability(self, Capability.PORT_FORWARD, f"{self.uri} has no NAT network")
+        except HypervisorError:
+            return fail()
         return self._run(self._exclusive(spec.name, lambda: self._define(spec)))
 
     async def _define(self, spec: VMSpec) -> str:
@@ -622,6 +628,7 @@ class LibvirtDriver(Service):
             return accel
 
         accel = await self._in_pool(prepare, action="define VM", vm=spec.name)
+        self._defining.add(spec.name)
         try:
             xml = domain_xml(
                 spec,
@@ -632,10 +639,15 @@ class LibvirtDriver(Service):
                 serial_dir=str(vm_dir),
             )
             await self._create_overlay(spec, overlay)
-            await self._in_pool(lambda conn: conn.defineXML(xml), action="define VM", vm=spec.name)
+            uuid = await self._in_pool(
+                lambda conn: conn.defineXML(xml).UUIDString(), action="define VM", vm=spec.name
+            )
+            self._ours[uuid] = True
         except BaseException:
             await self._in_pool(lambda conn: shutil.rmtree(vm_dir, ignore_errors=True), action="clean up")
             raise
+        finally:
+            self._defining.discard(spec.name)
         self.log.info(
             "Defined VM {vm} ({accel}, {memory} MiB)", vm=spec.name, accel=accel, memory=spec.memory_mib
         )
@@ -663,7 +675,14 @@ class LibvirtDriver(Service):
         overlay.chmod(0o644)
 
     def start(self, name: str) -> Deferred[None]:
-        return self._run(self._exclusive(name, lambda: self._simple(name, "start", lambda d: d.create())))
+        def start(d: libvirt.virDomain) -> None:
+            # Checked here: libvirt's test driver reports a running domain as an internal error.
+            if d.isActive():
+                raise VMStateError(f"cannot start VM {name!r}: it runs already; see state()")
+            # create() resumes the managed save image when the domain has one.
+            d.create()
+
+        return self._run(self._exclusive(name, lambda: self._simple(name, "start", start)))
 
     async def _simple(self, name: str, action: str, fn: Callable[[libvirt.virDomain], object]) -> None:
         await self._domain_call(name, action, fn)
@@ -671,12 +690,15 @@ class LibvirtDriver(Service):
 
     def shutdown(self, name: str, wait: bool = True, timeout: float = 120.0) -> Deferred[None]:
         async def go() -> None:
+            self._translator.host_shutdown(name)
             await self._exclusive(
                 name,
                 lambda: self._simple(
                     name,
                     "shut down",
-                    lambda d: d.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN),
+                    lambda d: _with_optional_flag(
+                        d.shutdownFlags, 0, libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
+                    ),
                 ),
             )
             # Waiting outside the lock: other operations (power_off above all) may go ahead.
@@ -697,31 +719,48 @@ class LibvirtDriver(Service):
         return self._run(self._exclusive(name, lambda: self._simple(name, "resume", lambda d: d.resume())))
 
     def reset(self, name: str) -> Deferred[None]:
-        return self._run(self._exclusive(name, lambda: self._simple(name, "reset", lambda d: d.reset(0))))
+        async def go() -> None:
+            self._translator.host_reset(name)
+            try:
+                await self._simple(name, "reset", lambda d: d.reset(0))
+            except BaseException:
+                self._translator.host_reset(name, asked=False)
+                raise
+
+        return self._run(self._exclusive(name, go))
+
+    def save_state(self, name: str) -> Deferred[None]:
+        try:
+            require_capability(self, Capability.SAVE_STATE, f"{self.uri} cannot save a VM's state")
+        except HypervisorError:
+            return fail()
+        # A managed save: libvirt keeps the image with the domain and start() restores it.
+        return self._run(
+            self._exclusive(name, lambda: self._simple(name, "save the state of", lambda d: d.managedSave(0)))
+        )
 
     def state(self, name: str) -> Deferred[VMState]:
         return self._run(self._state(name))
 
     async def _state(self, name: str) -> VMState:
-        return await self._domain_call(name, "get the state of", lambda d: VMState.from_libvirt(d.state()[0]))
+        return await self._domain_call(name, "get the state of", _domain_state)
+
+    def subscribe(self, callback: Callable[[VMEvent], object], name: str | None = None) -> ISubscription:
+        return self._hub.subscribe(callback, name)
 
     def wait_for_state(self, name: str, state: VMState, timeout: float = 60.0) -> Deferred[None]:
         return self._run(self._wait_for_state(name, state, timeout))
 
     async def _wait_for_state(self, name: str, state: VMState, timeout: float, hint: str = "") -> None:
-        clock: IReactorTime = self._reactor
-        deadline = clock.seconds() + timeout
-        while True:
-            current = await self._state(name)
-            if current is state:
-                return
-            if clock.seconds() >= deadline:
-                raise VMTimeout(
-                    f"VM {name!r} did not become {state.value} within {timeout:g} s (it is "
-                    f"{current.value}); give it more time{', or ' + hint if hint else ''}, and read "
-                    f"{self._vm_dir(name) / 'console.log'} to see what the guest is doing"
-                )
-            await deferLater(clock, POLL_INTERVAL, lambda: None)
+        console = f"read {self.console_log_path(name)} to see what the guest is doing"
+        await self._hub.wait_for_state(
+            self._reactor,
+            name,
+            state,
+            timeout,
+            lambda: self._state(name),
+            hint=f"give it more time, {hint + ', ' if hint else ''}or {console}",
+        )
 
     def snapshot_create(self, name: str, snapshot_name: str, description: str = "") -> Deferred[SnapshotInfo]:
         root = ET.Element("domainsnapshot")
@@ -753,7 +792,16 @@ class LibvirtDriver(Service):
                 parse_snapshot_xml(s.getXMLDesc(0), current=s.isCurrent(0) == 1)
                 for s in d.listAllSnapshots(0)
             ]
-            return sorted(infos, key=lambda i: (i.created, i.name))
+            # Taken within one second, a parent still comes before its children.
+            parents = {i.name: i.parent for i in infos}
+
+            def depth(info: SnapshotInfo) -> int:
+                steps, parent = 0, info.parent
+                while parent is not None and steps <= len(parents):
+                    steps, parent = steps + 1, parents.get(parent)
+                return steps
+
+            return sorted(infos, key=lambda i: (i.created, depth(i), i.name))
 
         return self._run(self._domain_call(name, "list the snapshots of", snapshots))
 
@@ -790,15 +838,16 @@ class LibvirtDriver(Service):
             if d.isActive():
                 d.destroy()
             # The snapshots' data lives in the overlay deleted below; drop libvirt's records of them.
-            d.undefineFlags(
-                libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+            _with_optional_flag(
+                d.undefineFlags,
+                libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE,
+                libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA,
             )
             shutil.rmtree(vm_dir, ignore_errors=True)
 
         async def go() -> None:
             await self._domain_call(name, "undefine", remove)
+            self._agent_forwards.pop(name, None)
             self.log.info("Undefined VM {vm}", vm=name)
 
         return self._run(self._exclusive(name, go))
@@ -808,21 +857,77 @@ class LibvirtDriver(Service):
             names = []
             for d in conn.listAllDomains(0):
                 try:
-                    d.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
-                except libvirt.libvirtError as e:
-                    # Not one of ours (no metadata), or undefined meanwhile.
-                    if e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_ERR_NO_DOMAIN):
+                    if not _is_ours(d):
                         continue
+                except libvirt.libvirtError as e:
+                    if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                        continue  # undefined meanwhile
                     raise
                 names.append(d.name())
             return sorted(names)
 
         return self._in_pool(ours, action="list the VMs")
 
+    def agent_endpoint(
+        self, name: str, transport: AgentTransport = "auto"
+    ) -> Deferred[IStreamClientEndpoint]:
+        """
+        See :meth:`IHypervisorDriver.agent_endpoint`. ``"auto"``: the spec's
+        ``agent_transport`` (kept in the domain's metadata), else the virtio-serial channel
+        every VM of this driver has. ``"tcp"`` forwards :data:`DEFAULT_AGENT_TCP_PORT` once per
+        emulator process and reuses that forward.
+        """
+
+        def chosen(d: libvirt.virDomain) -> tuple[AgentTransport, str, int]:
+            xml = d.XMLDesc(0)
+            wanted = transport if transport != "auto" else agent_transport(xml)
+            if wanted == "auto":
+                wanted = "virtio-serial"
+            _require_running(d, name, f"it has no {wanted} agent channel")
+            if wanted == "virtio-serial":
+                path = channel_socket_path(xml, agent_channel(xml))
+            elif wanted == "serial":
+                ports = serial_port_names(xml)
+                path = serial_port_socket_path(xml, ports[0]) if ports else None
+                if path is None:
+                    raise HypervisorError(
+                        f"VM {name!r} has no serial port for the agent; define it with "
+                        "VMSpec(serial_ports=(...))"
+                    )
+            else:
+                path = ""
+            return wanted, path or "", d.ID()
+
+        async def go() -> IStreamClientEndpoint:
+            if transport != "auto":
+                require_capability(self, _TRANSPORT_CAPABILITY[transport], f"{self.uri} has no such channel")
+            wanted, path, domain_id = await self._domain_call(name, "find the agent channel of", chosen)
+            require_capability(self, _TRANSPORT_CAPABILITY[wanted], f"{self.uri} has no such channel")
+            if wanted == "tcp":
+                known = self._agent_forwards.get(name)
+                if known is None or known[0] != domain_id:
+                    port = await self.forward_port(name, DEFAULT_AGENT_TCP_PORT)
+                    known = self._agent_forwards[name] = (domain_id, port)
+                return TCP4ClientEndpoint(self._reactor, "127.0.0.1", known[1])
+            if not path:
+                raise HypervisorError(
+                    f"VM {name!r} has no socket for its agent channel; it was defined without it "
+                    "(see VMSpec.agent_channel)"
+                )
+            return UNIXClientEndpoint(self._reactor, path)
+
+        return self._run(go())
+
     def agent_socket_path(self, name: str, channel: str | None = None) -> Deferred[str]:
+        """
+        The host socket of VM ``name``'s virtio-serial port ``channel`` (by default the agent's):
+        for extra channels (``VMSpec.extra_channels``); the agent is reached with
+        :meth:`agent_endpoint`.
+        """
+
         def path(d: libvirt.virDomain) -> str:
             xml = d.XMLDesc(0)
-            wanted = channel or _agent_channel(xml)
+            wanted = channel or agent_channel(xml)
             _require_running(d, name, f"its channel {wanted!r} has no socket")
             found = channel_socket_path(xml, wanted)
             if found is None:
@@ -853,6 +958,10 @@ class LibvirtDriver(Service):
                 f"guest_address={guest_address!r}: give an IPv4 address on the VM's NAT network, such as "
                 f"{NAT_GUEST_ADDRESS}"
             ) from None
+        try:
+            require_capability(self, Capability.PORT_FORWARD, f"{self.uri} has no NAT network")
+        except HypervisorError:
+            return fail()
 
         def forward(d: libvirt.virDomain) -> int:
             _require_running(d, name, "it has no network to forward a port to")
@@ -879,6 +988,8 @@ class LibvirtDriver(Service):
         return self._run(self._domain_call(name, f"forward a port to {address}:{guest_port} of", forward))
 
     def serial_socket_path(self, name: str, port: str) -> Deferred[str]:
+        """The host socket of VM ``name``'s serial port ``port`` (``VMSpec.serial_ports``)."""
+
         def path(d: libvirt.virDomain) -> str:
             xml = d.XMLDesc(0)
             found = serial_port_socket_path(xml, port)
@@ -900,12 +1011,13 @@ class LibvirtDriver(Service):
 
         def is_open(d: libvirt.virDomain) -> bool:
             xml = d.XMLDesc(0)
-            return channel_state(xml, channel or _agent_channel(xml)) == "connected"
+            return channel_state(xml, channel or agent_channel(xml)) == "connected"
 
         return self._run(self._domain_call(name, "read the channel state of", is_open))
 
 
-def _agent_channel(xml: str) -> str:
-    root = ET.fromstring(xml)
-    found = root.findtext(f"metadata/{{{METADATA_NS}}}vm/{{{METADATA_NS}}}agent-channel")
-    return found or DEFAULT_AGENT_CHANNEL
+_TRANSPORT_CAPABILITY: dict[str, Capability] = {
+    "virtio-serial": Capability.VIRTIO_SERIAL,
+    "serial": Capability.SERIAL_PORTS,
+    "tcp": Capability.PORT_FORWARD,
+}

@@ -583,7 +583,12 @@ async def build_image(
             await _run(reactor, ["rm", "-rf", str(old)], what="removing the old image", hint="")
         for entry in _prunable(cache, DEFAULT_VMS_DIR, keep_recent=KEEP_RECENT_IMAGES):
             log(f"removing the cached image {entry}, which no VM uses")
-            await _run(reactor, ["rm", "-rf", "--one-file-system", str(entry)], what="pruning", hint="")
+            try:
+                await _run(reactor, ["rm", "-rf", "--one-file-system", str(entry)], what="pruning", hint="")
+            except ImageBuildError as e:
+                # Housekeeping: the image just built is good whatever an old entry holds (a build
+                # that died inside mmdebstrap leaves /proc and /sys mounted in its tree).
+                log(f"could not remove {entry}, left as it is: {e}")
     finally:
         if work.exists():
             await _run(reactor, ["rm", "-rf", "--one-file-system", str(work)], what="cleaning up", hint="")

@@ -119,6 +119,38 @@ def test_an_image_whose_recipe_changed_during_the_build_is_not_cached(
     assert list(cache.iterdir()) == []  # neither a cache entry nor a leftover build
 
 
+def test_an_old_entry_that_cannot_be_removed_does_not_fail_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(images, "recipe_hash", lambda **kwargs: "cccccccccccccccc")
+    cache = tmp_path / "images"
+    stuck = fake_image(cache / "dddddddddddddddd", 1)  # an old image no VM uses: pruned
+
+    async def build(reactor: object, work: Path, **kwargs: object) -> None:
+        for name in ("root.qcow2", "vmlinuz", "initrd.img"):
+            (work / name).write_bytes(b"")
+        (work / "manifest.json").write_text(json.dumps({"image_id": "cccccccccccccccc"}))
+
+    async def run(reactor: object, argv: list[str], **kwargs: object) -> bytes:
+        if argv[-1] == str(stuck):
+            raise images.ImageBuildError("rm: cannot remove 'proc': Device or resource busy")
+        shutil.rmtree(argv[-1])
+        return b""
+
+    monkeypatch.setattr(images, "_build", build)
+    monkeypatch.setattr(images, "_run", run)
+    monkeypatch.setattr(images, "KEEP_RECENT_IMAGES", 0)
+    lines: list[str] = []
+    reactor = cast(IReactorProcess, Clock())
+    built: list[images.GuestImage] = []
+    Deferred.fromCoroutine(images.build_image(reactor, cache_dir=cache, log=lines.append)).addCallback(
+        built.append
+    )
+    assert built and built[0].image_id == "cccccccccccccccc"
+    assert any(line.startswith(f"could not remove {stuck}") for line in lines)
+    assert stuck.exists()
+
+
 def fake_debian_root(root: Path) -> Path:
     (root / "usr/bin").mkdir(parents=True)
     (root / "usr/lib/python3.11").mkdir(parents=True)

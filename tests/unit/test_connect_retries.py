@@ -1,0 +1,119 @@
+"""
+``connect()`` with a Clock and a scripted endpoint: its retries, its deadline and its error,
+without a reactor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from guest_agent.protocol.connection import AgentConnection, Limits
+from vmcontroller.client import CONNECT_RETRY_INTERVAL, GuestClient, connect
+from vmcontroller.errors import AgentUnreachable, UnsupportedProtocolVersion
+
+from .test_client_session import error_of, result_of
+
+
+class ScriptedEndpoint:
+    """Each connect takes the next outcome: an exception, "hang", or "connect"."""
+
+    def __init__(self, clock: Clock, outcomes: list[Any]) -> None:
+        self.clock = clock
+        self.outcomes = outcomes
+        self.attempts: list[float] = []
+        self.transports: list[StringTransport] = []
+        self.protocols: list[Any] = []
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        self.attempts.append(self.clock.seconds())
+        outcome = self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
+        if isinstance(outcome, Exception):
+            return fail(outcome)
+        if outcome == "hang":
+            return Deferred()
+        protocol = factory.buildProtocol(None)  # type: ignore[arg-type]
+        assert protocol is not None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.transports.append(transport)
+        self.protocols.append(protocol)
+        return succeed(protocol)
+
+
+def answer_handshake(endpoint: ScriptedEndpoint, agent: AgentConnection) -> None:
+    """Play the agent's side of the handshake on the last connection."""
+    transport, protocol = endpoint.transports[-1], endpoint.protocols[-1]
+    for _ in range(2):
+        agent.receive_data(transport.value())
+        transport.clear()
+        protocol.dataReceived(agent.data_to_send())
+
+
+def test_connect_retries_refusals_then_returns_a_ready_client() -> None:
+    clock = Clock()
+    clock.advance(1000)
+    endpoint = ScriptedEndpoint(clock, [ConnectionRefusedError(), ConnectionRefusedError(), "connect"])
+    limits = Limits(max_frame=8192, window=65536, max_inflight=3)
+    d = connect(clock, endpoint, timeout=10, limits=limits)  # type: ignore[arg-type]
+    clock.advance(CONNECT_RETRY_INTERVAL)
+    clock.advance(CONNECT_RETRY_INTERVAL)
+    assert endpoint.attempts == [1000, 1000 + CONNECT_RETRY_INTERVAL, 1000 + 2 * CONNECT_RETRY_INTERVAL]
+    answer_handshake(endpoint, AgentConnection())
+    client = result_of(d)
+    assert isinstance(client, GuestClient) and client._connection.is_open
+    assert client._connection.limits == limits
+    assert client.agent_hello["version"] == 1
+
+
+def test_connect_gives_up_at_its_deadline_naming_the_last_error() -> None:
+    clock = Clock()
+    endpoint = ScriptedEndpoint(clock, [ConnectionRefusedError("nobody listens")])
+    d = connect(clock, endpoint, timeout=5)  # type: ignore[arg-type]
+    clock.pump([CONNECT_RETRY_INTERVAL] * 20)
+    error = error_of(d)
+    assert isinstance(error, AgentUnreachable)
+    assert str(error).startswith("no agent answered within 5 s (last error: Connection was refused")
+    assert "nobody listens" in str(error) and "journalctl -u vmcontroller-agent" in str(error)
+    # One attempt every half second, the last one before the deadline.
+    assert endpoint.attempts == [i * CONNECT_RETRY_INTERVAL for i in range(10)]
+
+
+def test_connect_stops_waiting_for_an_endpoint_that_hangs() -> None:
+    clock = Clock()
+    clock.advance(100)
+    endpoint = ScriptedEndpoint(clock, ["hang"])
+    d = connect(clock, endpoint)  # type: ignore[arg-type]
+    clock.advance(59.9)
+    assert not d.called
+    clock.advance(0.1)
+    error = error_of(d)
+    assert str(error).startswith("no agent answered within 60 s: check that the guest has booted")
+    assert endpoint.attempts == [100]
+
+
+def test_connect_closes_a_channel_whose_agent_never_answers() -> None:
+    clock = Clock()
+    clock.advance(100)
+    endpoint = ScriptedEndpoint(clock, ["connect"])
+    d = connect(clock, endpoint, timeout=3)  # type: ignore[arg-type]
+    clock.pump([1.0] * 2)
+    assert not d.called and not endpoint.transports[0].disconnecting
+    clock.advance(1.0)
+    assert isinstance(error_of(d), AgentUnreachable)
+    assert endpoint.transports[0].disconnecting  # closed, not left open
+    assert endpoint.attempts == [100]
+
+
+def test_connect_offers_the_versions_it_was_given() -> None:
+    clock = Clock()
+    endpoint = ScriptedEndpoint(clock, ["connect"])
+    d = connect(clock, endpoint, timeout=3, versions=(99,))  # type: ignore[arg-type]
+    answer_handshake(endpoint, AgentConnection())
+    error = error_of(d)
+    assert isinstance(error, UnsupportedProtocolVersion) and "[99]" in str(error)

@@ -66,7 +66,10 @@ def test_connect_retries_refusals_then_returns_a_ready_client() -> None:
         clock.advance(0.05)
     # At once, then after a backoff of at least the first interval each time.
     assert endpoint.attempts[0] == 1000
-    assert all(b - a >= CONNECT_RETRY_INTERVAL for a, b in zip(endpoint.attempts, endpoint.attempts[1:]))
+    assert all(
+        b - a >= CONNECT_RETRY_INTERVAL
+        for a, b in zip(endpoint.attempts, endpoint.attempts[1:], strict=False)
+    )
     answer_handshake(endpoint, AgentConnection())
     client = result_of(d)
     assert isinstance(client, GuestClient) and client._connection.is_open
@@ -85,7 +88,10 @@ def test_connect_gives_up_at_its_deadline_naming_the_last_error() -> None:
     assert "nobody listens" in str(error) and "journalctl -u vmcontroller-agent" in str(error)
     # Tried again with backoff until the deadline, and not after it.
     assert len(endpoint.attempts) >= 3 and max(endpoint.attempts) < 5
-    assert all(b - a >= CONNECT_RETRY_INTERVAL for a, b in zip(endpoint.attempts, endpoint.attempts[1:]))
+    assert all(
+        b - a >= CONNECT_RETRY_INTERVAL
+        for a, b in zip(endpoint.attempts, endpoint.attempts[1:], strict=False)
+    )
 
 
 def test_connect_stops_waiting_for_an_endpoint_that_hangs() -> None:

@@ -179,6 +179,10 @@ def translate_error(
     )
 
 
+#: The states of a domain whose emulator runs (paused included).
+_LIVE_STATES = (VMState.RUNNING, VMState.BLOCKED, VMState.PAUSED, VMState.SHUTDOWN, VMState.PMSUSPENDED)
+
+
 def _require_running(d: libvirt.virDomain, name: str, consequence: str) -> None:
     """:raises VMStateError: the domain is not running (or paused), so ``consequence``."""
     if not d.isActive():
@@ -684,8 +688,26 @@ class LibvirtDriver(Service):
 
         return self._run(self._exclusive(name, lambda: self._simple(name, "start", start)))
 
-    async def _simple(self, name: str, action: str, fn: Callable[[libvirt.virDomain], object]) -> None:
-        await self._domain_call(name, action, fn)
+    async def _simple(
+        self,
+        name: str,
+        action: str,
+        fn: Callable[[libvirt.virDomain], object],
+        allowed: tuple[VMState, ...] | None = None,
+    ) -> None:
+        def checked(d: libvirt.virDomain) -> object:
+            # Checked here, not left to libvirt: its test driver reports a wrong state as an
+            # internal error, where QEMU's says "operation invalid".
+            if allowed is not None:
+                now = _domain_state(d)
+                if now not in allowed:
+                    raise VMStateError(
+                        f"cannot {action} VM {name!r}: it is {now.value}, not "
+                        f"{' or '.join(s.value for s in allowed)}; check state() first"
+                    )
+            return fn(d)
+
+        await self._domain_call(name, action, checked)
         self.log.info("{action} {vm}: done", action=action, vm=name)
 
     def shutdown(self, name: str, wait: bool = True, timeout: float = 120.0) -> Deferred[None]:
@@ -699,6 +721,7 @@ class LibvirtDriver(Service):
                     lambda d: _with_optional_flag(
                         d.shutdownFlags, 0, libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
                     ),
+                    _LIVE_STATES,
                 ),
             )
             # Waiting outside the lock: other operations (power_off above all) may go ahead.
@@ -713,10 +736,25 @@ class LibvirtDriver(Service):
         )
 
     def pause(self, name: str) -> Deferred[None]:
-        return self._run(self._exclusive(name, lambda: self._simple(name, "pause", lambda d: d.suspend())))
+        return self._run(
+            self._exclusive(
+                name,
+                lambda: self._simple(
+                    # Pausing a paused VM is done already, as libvirt takes it.
+                    name,
+                    "pause",
+                    lambda d: d.suspend(),
+                    (VMState.RUNNING, VMState.BLOCKED, VMState.PAUSED),
+                ),
+            )
+        )
 
     def resume(self, name: str) -> Deferred[None]:
-        return self._run(self._exclusive(name, lambda: self._simple(name, "resume", lambda d: d.resume())))
+        return self._run(
+            self._exclusive(
+                name, lambda: self._simple(name, "resume", lambda d: d.resume(), (VMState.PAUSED,))
+            )
+        )
 
     def reset(self, name: str) -> Deferred[None]:
         async def go() -> None:

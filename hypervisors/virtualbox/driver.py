@@ -432,6 +432,11 @@ class VirtualBoxDriver(Service):
         else:
             self._known[vm] = after
         kind = event_for_transition(before, after)
+        if before is None and after not in (None, VMState.SHUTOFF):
+            # Defined and started before its first event reached us (the listener comes up
+            # after the subscription): report both, not a VM that was born running.
+            self._hub.publish(VMEvent(vm, VMEventType.DEFINED, VMState.SHUTOFF, "VirtualBox event"))
+            kind = event_for_transition(VMState.SHUTOFF, after)
         if kind is VMEventType.SHUTOFF and vm not in self._host_stopping:
             kind = VMEventType.GUEST_SHUTDOWN
         if after in (VMState.SHUTOFF, VMState.CRASHED, VMState.SAVED, None):

@@ -703,7 +703,9 @@ class _RecordingEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         def failed(reason: Failure) -> Failure:
-            self._client.last_connect_error = reason.value
+            # An attempt cancelled by close() is the client giving up, not why it could not connect.
+            if not reason.check(CancelledError):
+                self._client.last_connect_error = reason.value
             return reason
 
         return self._endpoint.connect(protocolFactory).addErrback(failed)

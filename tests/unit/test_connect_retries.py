@@ -5,16 +5,18 @@ without a reactor.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from guest_agent.protocol.connection import AgentConnection, Limits
-from vmcontroller.client import CONNECT_RETRY_INTERVAL, GuestClient, connect
+from vmcontroller.client import CONNECT_RETRY_INTERVAL, RECONNECT_MAX_DELAY, GuestClient, connect
 from vmcontroller.errors import AgentUnreachable, UnsupportedProtocolVersion
 
 from .test_client_session import error_of, result_of
@@ -55,15 +57,22 @@ def answer_handshake(endpoint: ScriptedEndpoint, agent: AgentConnection) -> None
         protocol.dataReceived(agent.data_to_send())
 
 
+def assert_backoff(attempts: list[float]) -> None:
+    """Attempts wait at least CONNECT_RETRY_INTERVAL, growing, at most the cap plus jitter (< 1 s)."""
+    gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    assert gaps and all(CONNECT_RETRY_INTERVAL <= gap < RECONNECT_MAX_DELAY + 1 for gap in gaps), gaps
+
+
 def test_connect_retries_refusals_then_returns_a_ready_client() -> None:
     clock = Clock()
     clock.advance(1000)
     endpoint = ScriptedEndpoint(clock, [ConnectionRefusedError(), ConnectionRefusedError(), "connect"])
     limits = Limits(max_frame=8192, window=65536, max_inflight=3)
     d = connect(clock, endpoint, timeout=10, limits=limits)  # type: ignore[arg-type]
-    clock.advance(CONNECT_RETRY_INTERVAL)
-    clock.advance(CONNECT_RETRY_INTERVAL)
-    assert endpoint.attempts == [1000, 1000 + CONNECT_RETRY_INTERVAL, 1000 + 2 * CONNECT_RETRY_INTERVAL]
+    while len(endpoint.attempts) < 3:
+        clock.advance(0.1)
+    assert endpoint.attempts[0] == 1000
+    assert_backoff(endpoint.attempts)
     answer_handshake(endpoint, AgentConnection())
     client = result_of(d)
     assert isinstance(client, GuestClient) and client._connection.is_open
@@ -75,13 +84,19 @@ def test_connect_gives_up_at_its_deadline_naming_the_last_error() -> None:
     clock = Clock()
     endpoint = ScriptedEndpoint(clock, [ConnectionRefusedError("nobody listens")])
     d = connect(clock, endpoint, timeout=5)  # type: ignore[arg-type]
-    clock.pump([CONNECT_RETRY_INTERVAL] * 20)
+    clock.pump([0.1] * 45)
+    assert not d.called
+    clock.advance(5 - clock.seconds())
     error = error_of(d)
     assert isinstance(error, AgentUnreachable)
     assert str(error).startswith("no agent answered within 5 s (last error: Connection was refused")
     assert "nobody listens" in str(error) and "journalctl -u vmcontroller-agent" in str(error)
-    # One attempt every half second, the last one before the deadline.
-    assert endpoint.attempts == [i * CONNECT_RETRY_INTERVAL for i in range(10)]
+    # Attempts with backoff, none after the deadline, and none once the client gave up.
+    assert endpoint.attempts[0] == 0 and endpoint.attempts[-1] <= 5
+    assert_backoff(endpoint.attempts)
+    attempts = list(endpoint.attempts)
+    clock.pump([1.0] * 30)
+    assert endpoint.attempts == attempts
 
 
 def test_connect_stops_waiting_for_an_endpoint_that_hangs() -> None:
@@ -105,8 +120,10 @@ def test_connect_closes_a_channel_whose_agent_never_answers() -> None:
     clock.pump([1.0] * 2)
     assert not d.called and not endpoint.transports[0].disconnecting
     clock.advance(1.0)
-    assert isinstance(error_of(d), AgentUnreachable)
     assert endpoint.transports[0].disconnecting  # closed, not left open
+    # Giving up waits for the channel to close, as a real transport reports it.
+    endpoint.protocols[0].connectionLost(Failure(ConnectionDone()))
+    assert isinstance(error_of(d), AgentUnreachable)
     assert endpoint.attempts == [100]
 
 

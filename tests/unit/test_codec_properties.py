@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -154,7 +155,7 @@ def test_hunting_for_a_nonce_skips_other_acks(junk: bytes, stale: bytes, nonce: 
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
     max_leaves=20,
 )
@@ -163,6 +164,18 @@ json_values = st.recursive(
 @given(json_values)
 def test_json_round_trip(value: object) -> None:
     assert decode_json(encode_json(value)) == value
+
+
+@given(
+    json_values,
+    st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999"]),
+    st.sampled_from([b"[%s]", b'{"a":%s}', b"%s"]),
+)
+def test_json_refuses_what_is_not_a_finite_number(value: object, number: bytes, where: bytes) -> None:
+    """JSON has no NaN or Infinity (and 1e999 overflows a float): our ProtocolError, not a float."""
+    payload = b"[" + encode_json(value) + b"," + where.replace(b"%s", number) + b"]"
+    with pytest.raises(ProtocolError, match=r"^NOTIFY frame carries malformed JSON"):
+        Frame(FrameType.NOTIFY, 0, payload).json()
 
 
 @given(st.binary(max_size=200))

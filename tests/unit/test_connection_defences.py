@@ -46,6 +46,7 @@ from guest_agent.protocol.frames import (
 )
 
 HELLO_LIMITS = {"max_frame": 1024, "window": 1024, "max_inflight": 1}
+NOT_INTEGERS = "HELLO must give max_frame, window and max_inflight as integers"
 
 
 def handshake(host: HostConnection, agent: AgentConnection) -> None:
@@ -192,10 +193,20 @@ def test_hello_limits_at_their_bounds(field: str, value: int, accepted: bool) ->
 @pytest.mark.parametrize("missing", ["max_frame", "window", "max_inflight"])
 def test_hello_without_a_limit_is_refused(missing: str) -> None:
     limits = {k: v for k, v in HELLO_LIMITS.items() if k != missing}
-    with pytest.raises(ProtocolError, match="lacks max_frame, window or max_inflight"):
+    with pytest.raises(ProtocolError, match=f"^{NOT_INTEGERS}$"):
         hello_from_agent({"version": 1, **limits})
     _, (failure,) = hello_to_agent({"versions": [1], **limits, missing: "many"})
-    assert isinstance(failure, ProtocolFailure) and "lacks" in str(failure.error)
+    assert isinstance(failure, ProtocolFailure) and str(failure.error) == NOT_INTEGERS
+
+
+@pytest.mark.parametrize("value", [True, 4096.0, "4096", None])
+def test_hello_limits_must_be_plain_integers(value: object) -> None:
+    """bool is an int to Python and int() takes "4096" or 4096.0: none of them is a limit."""
+    limits = {**HELLO_LIMITS, "window": value}
+    with pytest.raises(ProtocolError, match=f"^{NOT_INTEGERS}$"):
+        hello_from_agent({"version": 1, **limits})
+    _, (failure,) = hello_to_agent({"versions": [1], **limits})
+    assert isinstance(failure, ProtocolFailure) and str(failure.error) == NOT_INTEGERS
 
 
 def test_agent_picks_the_highest_common_version_and_says_so() -> None:
@@ -391,9 +402,10 @@ def test_credit_must_be_four_bytes(payload: bytes) -> None:
         host.receive_data(encode_frame(FrameType.CREDIT, rid, payload, Channel.INPUT))
 
 
-def test_credit_for_an_unknown_request_is_ignored() -> None:
+def test_credit_for_an_unknown_request_is_a_violation() -> None:
     host, _ = opened()
-    assert host.receive_data(encode_frame(FrameType.CREDIT, 9, b"\x00\x00\x10\x00", Channel.INPUT)) == []
+    with pytest.raises(ProtocolError, match=r"^peer sent CREDIT for request 9, which is not in flight$"):
+        host.receive_data(encode_frame(FrameType.CREDIT, 9, b"\x00\x00\x10\x00", Channel.INPUT))
     assert host.send_credit_available(9, Channel.INPUT) == 0
 
 
@@ -463,10 +475,17 @@ def test_eof_carries_its_trailer_and_must_be_an_object() -> None:
         host.receive_data(encode_frame(FrameType.EOF, rid, b"[1]", Channel.STDERR))
 
 
-def test_stream_frames_for_unknown_requests_are_dropped() -> None:
-    host, _ = opened()
-    assert host.receive_data(encode_frame(FrameType.DATA, 5, b"late", Channel.STDOUT)) == []
-    assert host.receive_data(encode_frame(FrameType.EOF, 5, b"[]", Channel.STDOUT)) == []
+@pytest.mark.parametrize(("frame_type", "payload"), [(FrameType.DATA, b"late"), (FrameType.EOF, b"{}")])
+def test_stream_frames_for_unknown_requests(frame_type: FrameType, payload: bytes) -> None:
+    # The agent only answers: a frame for a request it never had, or one it answered, is a lie.
+    host, agent = opened()
+    with pytest.raises(
+        ProtocolError, match=rf"^peer sent {frame_type.name} for request 5, which is not in flight$"
+    ):
+        host.receive_data(encode_frame(frame_type, 5, payload, Channel.STDOUT))
+    # The host may still be sending when the agent's answer ends a request: the agent drops it.
+    assert agent.receive_data(encode_frame(frame_type, 5, payload, Channel.INPUT)) == []
+    assert agent.is_open and agent.data_to_send() == b""
 
 
 @pytest.mark.parametrize("frame_type", [FrameType.DATA, FrameType.EOF, FrameType.CREDIT])
@@ -501,10 +520,15 @@ def test_notifications() -> None:
     host, agent = opened()
     agent.send_notification("event", {"a": 1})
     agent.send_notification("bare")
-    assert host.receive_data(agent.data_to_send()) == [
-        NotificationReceived("event", {"a": 1}),
-        NotificationReceived("bare", {}),
+    wire = agent.data_to_send()
+    sizes = [len(frame.payload) for frame in frames_in(wire)]
+    assert host.receive_data(wire) == [
+        NotificationReceived("event", {"a": 1}, sizes[0]),
+        NotificationReceived("bare", {}, sizes[1]),
     ]
+    # The size is what decoding cost, whatever the body holds: the client's limit is on it.
+    (padded,) = host.receive_data(encode_frame(FrameType.NOTIFY, 0, b'{"name":"bare"}' + b" " * 100))
+    assert padded == NotificationReceived("bare", {}, 115)
     for body in (b'{"name":1}', b'["n"]', b'{"body":{}}'):
         with pytest.raises(ProtocolError, match="NOTIFY must carry a JSON object with a name"):
             host.receive_data(encode_frame(FrameType.NOTIFY, 0, body))
@@ -538,8 +562,9 @@ def test_errors_from_the_agent() -> None:
     )
     with pytest.raises(ProtocolError, match="ERROR frame must carry a JSON object with a code"):
         host.receive_data(encode_frame(FrameType.ERROR, 1, b'{"message":"m"}'))
-    # An error for a request not in flight is dropped; one for the connection (0) is reported.
-    assert host.receive_data(encode_frame(FrameType.ERROR, 99, b'{"code":"internal"}')) == []
+    # An error for a request not in flight is a violation; one for the connection (0) is reported.
+    with pytest.raises(ProtocolError, match=r"^peer sent ERROR for request 99, which is not in flight$"):
+        host.receive_data(encode_frame(FrameType.ERROR, 99, b'{"code":"internal"}'))
     (connection_error,) = host.receive_data(
         encode_frame(FrameType.ERROR, 0, b'{"code":"protocol-violation","message":"bad"}')
     )

@@ -28,6 +28,7 @@ from guest_agent.ops import files
 from guest_agent.protocol.connection import Limits
 from guest_agent.protocol.errors import (
     AgentOSError,
+    BadRequest,
     IncompleteTransfer,
     IntegrityError,
     IsADirectory,
@@ -36,6 +37,7 @@ from guest_agent.protocol.errors import (
     OperationError,
     PathNotFound,
     PermissionDenied,
+    ProtocolError,
 )
 from guest_agent.protocol.frames import Channel
 from guest_agent.session import OperationContext
@@ -111,7 +113,6 @@ def lying(
     [
         {"sha256": sha(b"other"), "size": 5, "mode": 0o644},
         {"sha256": sha(b"hello"), "size": 6, "mode": 0o644},
-        {"size": 5, "mode": 0o644},
     ],
 )
 def test_push_checks_the_agents_size_and_sha256(answer: dict[str, Any]) -> None:
@@ -119,6 +120,24 @@ def test_push_checks_the_agents_size_and_sha256(answer: dict[str, Any]) -> None:
     with pytest.raises(
         IntegrityError,
         match=f"sent 5 bytes with sha256 {sha(b'hello')} to /g/f but the agent stored {answer['size']} bytes",
+    ):
+        result_of(start(link, link.client.push(io.BytesIO(b"hello"), "/g/f")))
+
+
+@pytest.mark.parametrize(
+    ("answer", "field"),
+    [
+        ({"size": 5, "mode": 0o644}, "sha256"),
+        ({"sha256": sha(b"hello").upper(), "size": 5, "mode": 0o644}, "sha256"),
+        ({"sha256": sha(b"hello"), "size": "5", "mode": 0o644}, "size"),
+        ({"sha256": sha(b"hello"), "size": 5, "mode": 0o10000}, "mode"),
+    ],
+)
+def test_a_malformed_push_answer_is_a_protocol_error(answer: dict[str, Any], field: str) -> None:
+    link = lying("push", answer)
+    with pytest.raises(
+        ProtocolError,
+        match=rf"^the agent answered push with a malformed result: '{field}' is missing or invalid",
     ):
         result_of(start(link, link.client.push(io.BytesIO(b"hello"), "/g/f")))
 
@@ -133,7 +152,7 @@ def test_push_result_and_what_the_agent_is_told(tmp_path: Path) -> None:
             data += chunk
         seen["trailer"] = ctx.io.trailer(Channel.INPUT)
         ctx.reactor.advance(2.5)  # type: ignore[attr-defined]
-        return {"sha256": sha(data), "size": len(data), "mode": 0o604}
+        return {"path": ctx.args["path"], "sha256": sha(data), "size": len(data), "mode": 0o604}
 
     link = InMemoryLink({"push": recording})
     link.clock.advance(100)
@@ -184,20 +203,25 @@ def test_pull_checks_both_the_trailer_and_the_answer(
     tmp_path: Path, trailer: dict[str, Any] | None, answer: dict[str, Any], error: type[Exception]
 ) -> None:
     link = lying("pull", {**answer, "mode": 0o644}, b"hello", trailer)
-    with pytest.raises(error, match="pull again"):
+    with pytest.raises(error, match="pull again") as raised:
         result_of(start(link, link.client.pull("/g/f", str(tmp_path / "f"))))
     assert os.listdir(tmp_path) == []
+    # An agent whose account differs from its bytes lies: the client disconnects it.
+    assert link.client._transport is None
+    assert error_of(start(link, link.client.ping())) is raised.value
+    link = lying("pull", {**answer, "mode": 0o644}, b"hello", trailer)
     sink = io.BytesIO()
     with pytest.raises(error):
         result_of(start(link, link.client.pull("/g/f", sink)))
     assert sink.getvalue() == b"hello"  # a file object holds what arrived
 
 
+@pytest.mark.usefixtures("umask_027")
 def test_pull_result_mode_and_progress(tmp_path: Path) -> None:
     data = os.urandom(300_000)
     link = lying(
         "pull",
-        {"sha256": sha(data), "size": len(data), "mode": 0o640},
+        {"sha256": sha(data), "size": len(data), "mode": 0o4777},
         data,
         {"sha256": sha(data), "size": len(data)},
     )
@@ -206,10 +230,17 @@ def test_pull_result_mode_and_progress(tmp_path: Path) -> None:
         start(link, link.client.pull("/g/f", str(tmp_path / "f"), progress=lambda *a: progress.append(a)))
     )
     assert (tmp_path / "f").read_bytes() == data and os.listdir(tmp_path) == ["f"]
+    # The host file's mode is the host's: 0o666 less the umask, never the guest's set-uid 0o4777.
     assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o640
-    assert (result.path, result.size, result.sha256, result.mode) == ("/g/f", len(data), sha(data), 0o640)
+    assert (result.path, result.size, result.sha256, result.mode) == ("/g/f", len(data), sha(data), 0o4777)
     assert progress[-1] == (len(data), None) and all(total is None for _, total in progress)
     assert [done for done, _ in progress] == sorted({done for done, _ in progress})
+    # A mode given by the caller is the host file's exactly, set-id bits included, umask or not.
+    result_of(start(link, link.client.pull("/g/f", str(tmp_path / "g"), mode=0o2700)))
+    assert stat.S_IMODE((tmp_path / "g").stat().st_mode) == 0o2700
+    with pytest.raises(BadRequest, match=r"^mode must be permission bits"):
+        result_of(start(link, link.client.pull("/g/f", str(tmp_path / "h"), mode=0o10000)))
+    assert sorted(os.listdir(tmp_path)) == ["f", "g"]
 
 
 def test_pull_refuses_host_destinations_it_cannot_use(tmp_path: Path) -> None:
@@ -227,11 +258,25 @@ def test_pull_refuses_host_destinations_it_cannot_use(tmp_path: Path) -> None:
 # ---- the agent's modes and its answer to a cancel ----------------------------------------
 
 
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 @pytest.fixture
 def umask_077() -> Iterator[None]:
-    old = os.umask(0o077)
-    yield
-    os.umask(old)
+    with umask(0o077):
+        yield
+
+
+@pytest.fixture
+def umask_027() -> Iterator[None]:
+    with umask(0o027):
+        yield
 
 
 @pytest.mark.usefixtures("umask_077")
@@ -575,7 +620,7 @@ def test_a_pull_writes_into_a_hidden_temp_file_beside_the_destination(tmp_path: 
         await ctx.io.send(Channel.INPUT, b"data")
         seen.append(sorted(os.listdir(tmp_path)))
         ctx.io.send_eof(Channel.INPUT, {"sha256": sha(b"data"), "size": 4})
-        return {"sha256": sha(b"data"), "size": 4, "mode": 0o644}
+        return {"path": ctx.args["path"], "sha256": sha(b"data"), "size": 4, "mode": 0o644}
 
     link = InMemoryLink({"pull": pull})
     result_of(start(link, link.client.pull("/g/f", str(tmp_path / "result.txt"))))

@@ -299,7 +299,8 @@ async def test_killing_qemu_in_the_middle_of_a_push_leaves_no_partial_file(
         await agent.push(str(big), f"{directory}/big.bin", progress=progress)
     assert killed
     await agent.close()
-    await driver.wait_for_state(name, VMState.SHUTOFF, timeout=120)
+    # A killed emulator is a crash to libvirt (stopped, reason "failed"): the driver says CRASHED.
+    await driver.wait_for_state(name, VMState.CRASHED, timeout=120)
     await driver.start(name)
     path = await driver.agent_socket_path(name)  # a new one for the new QEMU
     again = await connect(reactor, UNIXClientEndpoint(reactor, path), timeout=300)

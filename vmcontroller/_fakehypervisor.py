@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IProtocol,
@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from guest_agent.session import Operation, OperationContext
 from guest_agent.transports import AgentProtocol
-from hypervisors.base import EventHub, require_capability
+from hypervisors.base import EventHub, PerVMQueue, require_capability
 from hypervisors.interface import (
     NAT_GUEST_ADDRESS,
     AgentTransport,
@@ -156,7 +156,7 @@ class FakeHypervisor(Service):
         self._latency = latency
         self._agent_operations = agent_operations
         self._vms: dict[str, FakeVM] = {}
-        self._locks: dict[str, DeferredLock] = {}
+        self._queue = PerVMQueue()
         self._hub = EventHub()
         self._ports = itertools.count(20000)
 
@@ -232,16 +232,9 @@ class FakeHypervisor(Service):
     def _change(self, name: str, action: str, body: Callable[[FakeVM], T]) -> Deferred[T]:
         # One state change per VM at a time, in call order, as the interface promises.
         async def change() -> T:
-            lock = self._locks.setdefault(name, DeferredLock())
-            await lock.acquire()
-            try:
-                return await self._run(lambda: body(self._unlocked(name, action)))
-            finally:
-                lock.release()
-                if not lock.locked and not lock.waiting:
-                    self._locks.pop(name, None)
+            return await self._run(lambda: body(self._unlocked(name, action)))
 
-        return Deferred.fromCoroutine(change())
+        return Deferred.fromCoroutine(self._queue.run(name, change))
 
     def _unlocked(self, name: str, action: str) -> FakeVM:
         vm = self.vm(name)

@@ -34,7 +34,7 @@ import libvirt
 import libvirt_qemu
 from twisted.application.service import Service
 from twisted.internet import utils
-from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -48,7 +48,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from hypervisors.base import EventHub, event_for_transition, require_capability
+from hypervisors.base import EventHub, PerVMQueue, event_for_transition, require_capability
 from hypervisors.interface import (
     DEFAULT_AGENT_TCP_PORT,
     NAT_GUEST_ADDRESS,
@@ -294,7 +294,7 @@ class LibvirtDriver(Service):
         #: Whether a connection was open before: the next one must catch up on missed events.
         self._connected_before = False
         self._conn_lock = threading.Lock()
-        self._locks: dict[str, DeferredLock] = {}
+        self._queue = PerVMQueue()
         self._shutdown_trigger: Any = None
         # Events: touched on the reactor thread only.
         self._hub = EventHub()
@@ -563,16 +563,7 @@ class LibvirtDriver(Service):
         # One state-changing job per domain at a time: libvirt's per-domain job lock makes a
         # second concurrent job wait and then fail after 30 s ("cannot acquire state change
         # lock"), so queue ours here instead, in call order.
-        lock = self._locks.get(vm)
-        if lock is None:
-            lock = self._locks[vm] = DeferredLock()
-        await lock.acquire()
-        try:
-            return await body()
-        finally:
-            lock.release()
-            if not lock.locked and not lock.waiting:
-                self._locks.pop(vm, None)
+        return await self._queue.run(vm, body)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> Deferred[T]:
         return Deferred.fromCoroutine(coro)

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from hypervisors.base import EventHub, StatePoller, event_for_transition, require_capability
+from hypervisors.base import EventHub, PerVMQueue, StatePoller, event_for_transition, require_capability
 from hypervisors.interface import (
     DEFAULT_AGENT_TCP_PORT,
     NAT_GUEST_ADDRESS,
@@ -167,7 +167,7 @@ class VirtualBoxDriver(Service):
             self._poller = StatePoller(reactor, self._poll_states, poll_interval)
             self._hub = self._poller.hub
         self.capabilities = frozenset(capabilities)
-        self._locks: dict[str, DeferredLock] = {}
+        self._queue = PerVMQueue()
         self._known: dict[str, VMState] = {}
         self._host_stopping: set[str] = set()
         self._stop_watching: Callable[[], None] | None = None
@@ -237,16 +237,7 @@ class VirtualBoxDriver(Service):
     async def _exclusive(self, vm: str, body: Callable[[], Coroutine[Any, Any, T]]) -> T:
         # One state change per VM at a time, in call order: VirtualBox fails a second session
         # lock instead of queueing it.
-        lock = self._locks.get(vm)
-        if lock is None:
-            lock = self._locks[vm] = DeferredLock()
-        await lock.acquire()
-        try:
-            return await body()
-        finally:
-            lock.release()
-            if not lock.locked and not lock.waiting:
-                self._locks.pop(vm, None)
+        return await self._queue.run(vm, body)
 
     async def _ours(self, name: str, action: str) -> tuple[Backend, MachineInfo]:
         backend = await self._ready(f"{action} {name!r}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.run import EXEC_MEDIAN_MAX, PING_RATIO_MAX, TRANSFER_RATIO_MIN, Results
+from bench.run import AUTH_RATIO_MIN, EXEC_MEDIAN_MAX, PING_RATIO_MAX, TRANSFER_RATIO_MIN, Results
 from bench.stats import Latency, Throughput
 
 __all__ = ["table"]
@@ -64,6 +64,25 @@ def table(results: Results) -> str:
     rows.append(pull)
     rows.append(_rate(f"raw echo {_size(results.echo_bulk.size)} (*)", results.echo_bulk))
 
+    development = results.development
+    if development is not None:
+        rows.append(_latency("  development mode: ping", development.ping))
+        rows.append(_latency("  development mode: exec /bin/true", development.exec_true))
+        for name, authenticated, insecure, ratio in (
+            ("push", results.push, development.push, results.auth_push_ratio),
+            ("pull", results.pull, development.pull, results.auth_pull_ratio),
+        ):
+            row = _rate(f"  development mode: {name} {_size(insecure.size)}", insecure)
+            row[5:8] = [
+                f"auth/dev {ratio:.2f}",
+                f">= {AUTH_RATIO_MIN:.2f}",
+                _verdict(met[f"auth_{name}_ratio"]),
+            ]
+            assert authenticated.size == insecure.size
+            rows.append(row)
+    for algorithm, rate in sorted(results.guest_openssl.items()):
+        rows.append(["  guest openssl speed " + algorithm, "", "", "", f"{rate / 1e6:.2f} MB/s", "", "", ""])
+
     widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
     right = {1, 2, 3, 4}
     lines = []
@@ -93,5 +112,9 @@ def table(results: Results) -> str:
         "    through the VM's second virtio-serial port (cat in the guest). MB = 10^6 bytes.",
         "    push and pull are whole API calls: sha256 on both ends, fsync in the guest (push) and on",
         "    the host (pull).",
+        f"Every figure above the indented rows is with authentication (TLS 1.3, {results.tls_cipher});",
+        "    the indented rows: the same operations through a second agent in the same guest started",
+        "    with --development (no TLS), and `openssl speed -evp` in the guest on 16 KiB blocks (one",
+        "    TLS record): the bound of the guest's cryptography.",
     ]
     return "\n".join(head + lines + foot)

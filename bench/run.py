@@ -11,28 +11,32 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, race
+from twisted.internet.endpoints import UNIXClientEndpoint
 
 from bench.echo import EchoClient, connect_echo, echo_rtt, echo_throughput, wait_until_echoing
 from bench.stats import Latency, Throughput
 from hypervisors import load_driver
 from hypervisors.interface import Accel, IHypervisorDriver, VMState
 from hypervisors.libvirt import LibvirtDriver
-from vmcontroller.client import ExecHandle, GuestClient
+from vmcontroller.client import ExecHandle, GuestClient, connect
 from vmcontroller.errors import OperationCancelled, VMControllerError
 from vmcontroller.images import build_image
 from vmcontroller.machine import connect_vm_agent
 
 __all__ = [
+    "AUTH_RATIO_MIN",
+    "DEVELOPMENT_CHANNEL",
     "ECHO_CHANNEL",
     "EXEC_MEDIAN_MAX",
     "PING_RATIO_MAX",
     "TRANSFER_RATIO_MIN",
     "BenchError",
+    "DevelopmentMode",
     "Results",
     "Settings",
     "measure",
@@ -40,6 +44,11 @@ __all__ = [
 ]
 
 ECHO_CHANNEL = "org.vmcontroller.echo.0"
+#: A third port, for an agent in development mode (no TLS) beside the authenticated one.
+DEVELOPMENT_CHANNEL = "org.vmcontroller.dev.0"
+DEVELOPMENT_UNIT = "vmc-bench-development-agent"
+#: What ``openssl speed`` measures in the guest: the AEADs of TLS 1.3 and the suites' hash.
+OPENSSL_ALGORITHMS = ("aes-256-gcm", "aes-128-gcm", "chacha20-poly1305", "sha384")
 #: A virtio-serial port admits one opener, so one read-write descriptor serves both ways.
 ECHO_COMMAND = ["sh", "-c", f"exec 3<>/dev/virtio-ports/{ECHO_CHANNEL}; exec cat <&3 >&3"]
 GUEST_FILE = "/root/bench.bin"
@@ -51,6 +60,8 @@ ECHO_EXIT_TIMEOUT = 10.0
 PING_RATIO_MAX = 3.0
 TRANSFER_RATIO_MIN = 0.60
 EXEC_MEDIAN_MAX = 0.030
+#: Push and pull with authentication, at least this share of their rate without.
+AUTH_RATIO_MIN = 0.80
 
 Say = Callable[[str], None]
 
@@ -88,6 +99,20 @@ class Settings:
 
 
 @dataclass(frozen=True)
+class DevelopmentMode:
+    """
+    The same operations through a second agent in the same guest, started with
+    ``--development`` (no authentication, no TLS) on its own virtio-serial port: what the
+    authentication costs.
+    """
+
+    ping: Latency
+    exec_true: Latency
+    push: Throughput
+    pull: Throughput
+
+
+@dataclass(frozen=True)
 class Results:
     vm: str
     #: What the guest says it runs on (``systemd-detect-virt``): ``qemu`` is TCG.
@@ -107,6 +132,13 @@ class Results:
     #: Seconds from the start of the wait (right after the VM was started, or found running)
     #: to the agent's answer; None when not measured.
     boot_to_agent: float | None = None
+    #: The TLS cipher suite of the measured (authenticated) session.
+    tls_cipher: str | None = None
+    #: The same operations without authentication; None when not measured.
+    development: DevelopmentMode | None = None
+    #: ``openssl speed -evp`` in the guest, bytes per second on 16 KiB blocks (a TLS record's
+    #: size), by algorithm: what bounds the guest's side of an authenticated transfer.
+    guest_openssl: dict[str, float] = field(default_factory=dict)
 
     @property
     def ping_ratio(self) -> float:
@@ -120,13 +152,26 @@ class Results:
     def pull_ratio(self) -> float:
         return self.pull.mb_per_s / self.echo_bulk.mb_per_s
 
+    @property
+    def auth_push_ratio(self) -> float | None:
+        """Push with authentication over push without (development mode)."""
+        return None if self.development is None else self.push.mb_per_s / self.development.push.mb_per_s
+
+    @property
+    def auth_pull_ratio(self) -> float | None:
+        return None if self.development is None else self.pull.mb_per_s / self.development.pull.mb_per_s
+
     def verdicts(self) -> dict[str, bool]:
-        return {
+        verdicts = {
             "ping_ratio": self.ping_ratio <= PING_RATIO_MAX,
             "exec_median": self.exec_true.median <= EXEC_MEDIAN_MAX,
             "push_ratio": self.push_ratio >= TRANSFER_RATIO_MIN,
             "pull_ratio": self.pull_ratio >= TRANSFER_RATIO_MIN,
         }
+        if self.auth_push_ratio is not None and self.auth_pull_ratio is not None:
+            verdicts["auth_push_ratio"] = self.auth_push_ratio >= AUTH_RATIO_MIN
+            verdicts["auth_pull_ratio"] = self.auth_pull_ratio >= AUTH_RATIO_MIN
+        return verdicts
 
     def as_dict(self) -> dict[str, Any]:
         """Everything, with times in seconds and rates in MB/s (10**6 bytes)."""
@@ -138,12 +183,18 @@ class Results:
             "ping_rtt_over_echo_rtt": self.ping_ratio,
             "push_over_echo": self.push_ratio,
             "pull_over_echo": self.pull_ratio,
+            "push_authenticated_over_development": self.auth_push_ratio,
+            "pull_authenticated_over_development": self.auth_pull_ratio,
         }
         data["targets"] = {
             "ping_rtt_over_echo_rtt_max": PING_RATIO_MAX,
             "transfer_over_echo_min": TRANSFER_RATIO_MIN,
             "exec_median_max_s": EXEC_MEDIAN_MAX,
+            "transfer_authenticated_over_development_min": AUTH_RATIO_MIN,
         }
+        if self.development is not None:
+            for name in ("push", "pull"):
+                data["development"][name]["mb_per_s"] = getattr(self.development, name).mb_per_s
         data["met"] = self.verdicts()
         return data
 
@@ -291,6 +342,71 @@ async def _raw_echo(
     return Latency.of(samples), bulk
 
 
+async def _operations(
+    client: GuestClient, settings: Settings, say: Say
+) -> tuple[Latency, Latency, Throughput, Throughput, str]:
+    say(f"ping x {settings.pings}")
+    ping = await _series(settings.pings, settings.warmup, client.ping)
+    say(f"exec /bin/true x {settings.execs}")
+    exec_true = await _series(settings.execs, settings.warmup, lambda: client.run(["/bin/true"], check=True))
+    push, pull, digest = await _transfers(client, settings, say)
+    return ping, exec_true, push, pull, digest
+
+
+async def _development_mode(
+    reactor: Any, client: GuestClient, driver: IHypervisorDriver, settings: Settings, say: Say
+) -> DevelopmentMode | None:
+    """The operations again through an agent in development mode on the third port."""
+    if not isinstance(driver, LibvirtDriver):
+        say(f"the {driver.name} driver has no extra virtio-serial port: no comparison with development mode")
+        return None
+    try:
+        path = await driver.agent_socket_path(settings.name, channel=DEVELOPMENT_CHANNEL)
+    except VMControllerError:
+        say(f"the VM has no {DEVELOPMENT_CHANNEL} port: no comparison with development mode")
+        return None
+    say(f"start an agent in development mode on {DEVELOPMENT_CHANNEL}")
+    await client.run(
+        ["systemd-run", "--unit", DEVELOPMENT_UNIT, "/usr/bin/python3", "-m", "guest_agent", "run",
+         "--development", "--virtio-port", DEVELOPMENT_CHANNEL],
+        check=True,
+    )
+    try:
+        insecure = await connect(reactor, UNIXClientEndpoint(reactor, path), development=True, timeout=120)
+        try:
+            say("the same operations without authentication")
+            ping, exec_true, push, pull, _ = await _operations(insecure, settings, say)
+        finally:
+            insecure.close()
+    finally:
+        await client.run(["systemctl", "stop", DEVELOPMENT_UNIT])
+    return DevelopmentMode(ping, exec_true, push, pull)
+
+
+def parse_openssl_speed(output: str) -> dict[str, float]:
+    """
+    Bytes per second by algorithm from ``openssl speed -mr`` lines, ``+F:n:name:rate...``
+    (one rate per block size asked for; the last one is taken).
+    """
+    rates = {}
+    for line in output.splitlines():
+        fields = line.strip().split(":")
+        if fields[0] == "+F" and len(fields) >= 4:
+            rates[fields[2].lower()] = float(fields[-1])
+    return rates
+
+
+async def _guest_openssl(client: GuestClient, say: Say) -> dict[str, float]:
+    rates: dict[str, float] = {}
+    for algorithm in OPENSSL_ALGORITHMS:
+        say(f"openssl speed {algorithm} in the guest")
+        result = await client.run(
+            ["openssl", "speed", "-mr", "-seconds", "2", "-bytes", "16384", "-evp", algorithm]
+        )
+        rates.update(parse_openssl_speed(result.stdout.decode(errors="replace")))
+    return rates
+
+
 async def measure(
     reactor: Any, client: GuestClient, driver: IHypervisorDriver, settings: Settings, say: Say
 ) -> Results:
@@ -298,12 +414,10 @@ async def measure(
     virt = await client.run(["systemd-detect-virt"])
     virtualization = virt.stdout.decode(errors="replace").strip() or "unknown"
     cmdline = (await client.run(["cat", "/proc/cmdline"], check=True)).stdout.decode(errors="replace").strip()
-    say(f"ping x {settings.pings}")
-    ping = await _series(settings.pings, settings.warmup, client.ping)
-    say(f"exec /bin/true x {settings.execs}")
-    exec_true = await _series(settings.execs, settings.warmup, lambda: client.run(["/bin/true"], check=True))
-    push, pull, digest = await _transfers(client, settings, say)
+    ping, exec_true, push, pull, digest = await _operations(client, settings, say)
     echo_rtt_, echo_bulk = await _raw_echo(reactor, client, driver, settings, say)
+    development = await _development_mode(reactor, client, driver, settings, say)
+    guest_openssl = await _guest_openssl(client, say)
     return Results(
         vm=settings.name,
         virtualization=virtualization,
@@ -317,6 +431,9 @@ async def measure(
         echo_rtt=echo_rtt_,
         echo_bulk=echo_bulk,
         sha256=digest,
+        tls_cipher=client.tls_cipher,
+        development=development,
+        guest_openssl=guest_openssl,
     )
 
 
@@ -340,8 +457,11 @@ async def _prepare_vm(reactor: Any, driver: IHypervisorDriver, settings: Setting
         say(f"remove the VM {name} left by an earlier run")
         await driver.undefine(name)
     overrides: dict[str, Any] = {} if settings.vcpus is None else {"vcpus": settings.vcpus}
-    spec = image.vm_spec(name, accel=settings.accel, extra_channels=(ECHO_CHANNEL,), **overrides)
-    say(f"define {name} (accel={settings.accel}, vcpus={spec.vcpus}) with the extra port {ECHO_CHANNEL}")
+    spec = image.vm_spec(
+        name, accel=settings.accel, extra_channels=(ECHO_CHANNEL, DEVELOPMENT_CHANNEL), **overrides
+    )
+    ports = ", ".join(spec.extra_channels)
+    say(f"define {name} (accel={settings.accel}, vcpus={spec.vcpus}) with the extra ports {ports}")
     await driver.define(spec)
     say("boot it")
     await driver.start(name)

@@ -33,13 +33,17 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater, react
 
 from bench.stats import Latency
+from guest_agent.protocol.tls import Credentials
 from vmcontroller.client import GuestClient, connect
+from vmcontroller.credentials import mint
 
 __all__ = ["ScaleResult", "main", "measure"]
 
 #: The operations of the mixed load and their shares.
 MIX: tuple[tuple[str, float], ...] = (("ping", 0.80), ("exec", 0.10), ("push", 0.05), ("pull", 0.05))
 SMALL_FILE = os.urandom(4096)
+#: The agents' end of the credentials, in the run's directory (never on a command line).
+AGENT_CREDENTIALS = "agent.json"
 #: Targets of the project (issue 8): p99 ping under the mixed load, memory per agent.
 PING_P99_MAX = 0.020
 MEMORY_PER_AGENT_MAX = 200 * 1024
@@ -81,19 +85,30 @@ def _raise_fd_limit() -> None:
 
 
 def serve_agents(directory: Path, first: int, count: int) -> None:
-    """Listen as ``count`` agents on ``directory/agent-<i>.sock``; print ``ready`` once listening."""
+    """
+    Listen as ``count`` agents on ``directory/agent-<i>.sock``, authenticated with the agent's
+    end of the credentials in ``directory/agent.json``; print ``ready`` once listening.
+    """
     from twisted.internet import reactor
     from twisted.internet.endpoints import UNIXServerEndpoint
 
     from guest_agent.config import TCPLimits
     from guest_agent.ops import OPERATIONS
+    from guest_agent.protocol.tls import Authenticator
     from guest_agent.transports import AgentFactory
 
     _raise_fd_limit()
+    credentials = Credentials.from_json((directory / AGENT_CREDENTIALS).read_bytes())
     # One factory stands for ``count`` agents, each with one host: the TCP limits of one
     # agent (connections at once, handshake time under this load) do not apply.
     tcp = TCPLimits(handshake_timeout=600, max_connections=count)
-    factory = AgentFactory(reactor, OPERATIONS, hello={"software": "bench.scale"}, tcp=tcp)
+    factory = AgentFactory(
+        reactor,
+        OPERATIONS,
+        hello={"software": "bench.scale"},
+        tcp=tcp,
+        authenticator=Authenticator.from_credentials(credentials, server_side=True),
+    )
     listening = [
         UNIXServerEndpoint(reactor, str(directory / f"agent-{i}.sock")).listen(factory)
         for i in range(first, first + count)
@@ -176,6 +191,9 @@ async def measure(reactor: Any, agents: int, per_process: int, duration: float, 
     directory = Path(tempfile.mkdtemp(prefix="vmc-scale-"))
     files = directory / "files"
     files.mkdir()
+    # One VM's credentials for all the agents: the cost per session is the same.
+    host_credentials, agent_credentials = mint()
+    (directory / AGENT_CREDENTIALS).write_bytes(agent_credentials.to_json())  # mkdtemp's dir is 0700
     processes: list[tuple[Any, _AgentsProcess]] = []
     clients: list[GuestClient] = []
     try:
@@ -204,7 +222,9 @@ async def measure(reactor: Any, agents: int, per_process: int, duration: float, 
         for batch in range(0, agents, 100):
             clients += await defer.gatherResults(
                 [
-                    Deferred.fromCoroutine(_connect_one(reactor, directory / f"agent-{i}.sock"))
+                    Deferred.fromCoroutine(
+                        _connect_one(reactor, directory / f"agent-{i}.sock", host_credentials)
+                    )
                     for i in range(batch, min(batch + 100, agents))
                 ]
             )
@@ -250,8 +270,9 @@ async def measure(reactor: Any, agents: int, per_process: int, duration: float, 
         shutil.rmtree(directory, ignore_errors=True)
 
 
-async def _connect_one(reactor: Any, socket: Path) -> GuestClient:
-    return await connect(reactor, UNIXClientEndpoint(reactor, str(socket)), timeout=60)
+async def _connect_one(reactor: Any, socket: Path, credentials: Credentials) -> GuestClient:
+    endpoint = UNIXClientEndpoint(reactor, str(socket))
+    return await connect(reactor, endpoint, credentials=credentials, timeout=60)
 
 
 def _table(results: Sequence[ScaleResult]) -> str:

@@ -23,7 +23,14 @@ from guest_agent.protocol.connection import (
     RequestReceived,
     SessionReset,
 )
-from guest_agent.protocol.errors import ConnectionLost, InternalError, OperationError, UnknownOperation
+from guest_agent.protocol.errors import (
+    AuthenticationFailed,
+    ConnectionLost,
+    InternalError,
+    OperationError,
+    UnknownOperation,
+)
+from guest_agent.protocol.tls import Authenticator
 
 #: An operation returns its JSON-able result, or an awaitable of it; it raises
 #: OperationError to fail.  Plain functions answer without a coroutine's overhead.
@@ -84,6 +91,8 @@ class AgentSession:
     :param write: writes to the transport.
     :param operations: handlers by operation name.
     :param write_sequence: writes a sequence of byte strings (see :class:`Link`).
+    :param authenticator: the agent's end of the VM's credentials; None only in development
+        mode (see :class:`~guest_agent.protocol.connection.AgentConnection`).
     """
 
     log = Logger()
@@ -96,10 +105,12 @@ class AgentSession:
         limits: Limits | None = None,
         hello: dict[str, Any] | None = None,
         write_sequence: Callable[[Sequence[bytes | memoryview]], None] | None = None,
+        *,
+        authenticator: Authenticator | None,
     ) -> None:
         self._reactor = reactor
         self._operations = operations
-        self.connection = AgentConnection(limits, hello_extra=hello)
+        self.connection = AgentConnection(limits, hello_extra=hello, authenticator=authenticator)
         self.link = Link(self.connection, write, write_sequence)
         self._running: dict[int, OperationContext] = {}
 
@@ -129,12 +140,23 @@ class AgentSession:
                 context = self._running.get(event.request_id)
                 if context is not None:
                     context.cancel(event.body)
+            elif isinstance(event, ProtocolFailure) and isinstance(event.error, AuthenticationFailed):
+                self.log.warn("Refused a host: {why}", why=str(event.error))
+                self._end_session(str(event.error))
             elif isinstance(event, SessionReset | ProtocolFailure):
                 why = event.reason if isinstance(event, SessionReset) else str(event.error)
                 self.log.warn("Session ended: {why}", why=why)
                 self._end_session(why)
             elif isinstance(event, HandshakeComplete):
-                self.log.info("Host connected, protocol version {v}", v=event.version)
+                self.log.info(
+                    "Host connected, protocol version {v}, {how}",
+                    v=event.version,
+                    how=(
+                        "authenticated"
+                        if self.connection.authenticated
+                        else "NOT AUTHENTICATED (development mode)"
+                    ),
+                )
         self.link.flush()
 
     def host_disconnected(self) -> None:

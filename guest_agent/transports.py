@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from guest_agent.config import TCPLimits
 from guest_agent.protocol.connection import Limits
+from guest_agent.protocol.tls import Authenticator
 from guest_agent.session import AgentSession, Operation
 
 #: A virtio-serial read returns at most one of the port's 4 KiB buffers ...
@@ -80,6 +81,8 @@ class AgentProtocol(Protocol):
         hello: dict[str, Any],
         tcp: TCPLimits | None = None,
         on_lost: Callable[[AgentProtocol], None] | None = None,
+        *,
+        authenticator: Authenticator | None,
     ) -> None:
         self._reactor = reactor
         self._operations = operations
@@ -88,12 +91,18 @@ class AgentProtocol(Protocol):
         self._tcp = tcp or TCPLimits()
         self._on_lost = on_lost
         self._timer: IDelayedCall | None = None
+        self._authenticator = authenticator
         self.session: AgentSession | None = None
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.session = AgentSession(
-            self._reactor, self._operations, self.transport.write, self._limits, self._hello
+            self._reactor,
+            self._operations,
+            self.transport.write,
+            self._limits,
+            self._hello,
+            authenticator=self._authenticator,
         )
         cast(IConsumer, self.transport).registerProducer(_ReadGate(self.transport), True)
         self._timer = self._reactor.callLater(self._tcp.handshake_timeout, self._handshake_expired)
@@ -143,6 +152,9 @@ class AgentFactory(Factory):
     """
     Serves agent sessions on a listening endpoint (``tcp:PORT:interface=ADDR``), at most
     ``tcp.max_connections`` at once: a connection beyond is closed at once, logged.
+
+    :param authenticator: the agent's end of the VM's credentials; None only in
+        development mode.
     """
 
     log = Logger()
@@ -154,6 +166,8 @@ class AgentFactory(Factory):
         limits: Limits | None = None,
         hello: dict[str, Any] | None = None,
         tcp: TCPLimits | None = None,
+        *,
+        authenticator: Authenticator | None,
     ) -> None:
         self.reactor = reactor
         self.operations = operations
@@ -161,6 +175,7 @@ class AgentFactory(Factory):
         self.hello = hello or {}
         self.tcp = tcp or TCPLimits()
         self.connections: set[AgentProtocol] = set()
+        self.authenticator = authenticator
 
     def buildProtocol(self, addr: Any) -> AgentProtocol | None:
         if len(self.connections) >= self.tcp.max_connections:
@@ -168,7 +183,7 @@ class AgentFactory(Factory):
                           addr=addr, n=len(self.connections))
             return None
         protocol = AgentProtocol(self.reactor, self.operations, self.limits, self.hello, self.tcp,
-                                 self.connections.discard)
+                                 self.connections.discard, authenticator=self.authenticator)
         self.connections.add(protocol)
         return protocol
 
@@ -326,6 +341,8 @@ class CharacterDeviceTransport(Service):
 
     :param path: the device node; the agent waits for it to appear.
     :param serial: True for a tty, put in raw mode.
+    :param authenticator: the agent's end of the VM's credentials; None only in
+        development mode.
     """
 
     log = Logger()
@@ -348,6 +365,7 @@ class CharacterDeviceTransport(Service):
         serial: bool = False,
         limits: Limits | None = None,
         hello: dict[str, Any] | None = None,
+        authenticator: Authenticator | None,
     ) -> None:
         self._reactor = reactor
         self.path = path
@@ -356,7 +374,9 @@ class CharacterDeviceTransport(Service):
         self._reader: _DeviceReader | None = None
         self._waiting: LoopingCall | None = None
         self._idle_timer: IDelayedCall | None = None
-        self.session = AgentSession(reactor, operations, self._write, limits, hello, self._write_sequence)
+        self.session = AgentSession(
+            reactor, operations, self._write, limits, hello, self._write_sequence, authenticator=authenticator
+        )
 
     def _write(self, data: bytes) -> None:
         if self._reader is not None:

@@ -17,6 +17,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import Attribute, Interface
 
+from guest_agent.protocol.tls import Credentials
+
 __all__ = [
     "DEFAULT_AGENT_CHANNEL",
     "DEFAULT_AGENT_TCP_PORT",
@@ -430,6 +432,16 @@ class IHypervisorDriver(Interface):
 
     def list_vms() -> Deferred[list[str]]:
         """The names of the VMs this driver manages, sorted."""
+
+    def agent_credentials(name: str) -> Deferred[Credentials]:
+        """
+        The host's end of the VM's credentials, for
+        ``vmcontroller.client.connect(..., credentials=...)``: the driver minted them when it
+        defined the VM, provisions the agent's end into the guest out of band (QEMU fw_cfg,
+        a VirtualBox guest property, VMware guestinfo; never the image or the kernel command
+        line) and removes both with the VM. Fail with
+        :class:`~vmcontroller.errors.CredentialsUnavailable` for a VM that has none.
+        """
 
     def agent_endpoint(name: str, transport: AgentTransport = "auto") -> Deferred[IStreamClientEndpoint]:
         """

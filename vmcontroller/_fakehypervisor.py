@@ -25,6 +25,7 @@ from twisted.internet.task import deferLater
 from twisted.protocols.loopback import loopbackAsync
 from zope.interface import implementer
 
+from guest_agent.protocol.tls import Authenticator, Credentials
 from guest_agent.session import Operation, OperationContext
 from guest_agent.transports import AgentProtocol
 from hypervisors.base import EventHub, PerVMQueue, require_capability
@@ -40,6 +41,7 @@ from hypervisors.interface import (
     VMSpec,
     VMState,
 )
+from vmcontroller.credentials import mint
 from vmcontroller.errors import (
     HypervisorError,
     HypervisorUnavailable,
@@ -79,9 +81,12 @@ class FakeVM:
         snapshot with memory keeps it, a power off or reset clears it.
     :ivar locked_by: the program holding the VM (see :meth:`FakeHypervisor.lock`), if any.
     :ivar ignores_power_button: the guest does not react to ``shutdown`` (a hung guest).
+    :ivar credentials: the host's and the agent's ends, minted at define; its in-memory agent
+        holds the agent's end.
     """
 
     spec: VMSpec
+    credentials: tuple[Credentials, Credentials] = field(default_factory=mint)
     state: VMState = VMState.SHUTOFF
     disk: dict[str, bytes] = field(default_factory=dict)
     memory: dict[str, bytes] = field(default_factory=dict)
@@ -95,19 +100,31 @@ class FakeVM:
 
 @implementer(IStreamClientEndpoint)
 class _InMemoryAgentEndpoint:
-    """Connects a client to a fresh in-memory agent session, joined by a loopback."""
+    """
+    Connects a client to a fresh in-memory agent session, joined by a loopback; the agent
+    authenticates with the VM's credentials.
+    """
 
-    def __init__(self, clock: IReactorTime, operations: Mapping[str, Operation], vm: str) -> None:
+    def __init__(
+        self, clock: IReactorTime, operations: Mapping[str, Operation], vm: str, credentials: Credentials
+    ) -> None:
         self._clock = clock
         self._operations = operations
         self._vm = vm
+        self._authenticator = Authenticator.from_credentials(credentials, server_side=True)
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         address: IAddress = _FakeAddress(self._vm)
         client = protocolFactory.buildProtocol(address)
         if client is None:
             return fail(HypervisorError("the protocol factory refused the agent connection"))
-        agent = AgentProtocol(self._clock, self._operations, None, {"software": "fake", "vm": self._vm})
+        agent = AgentProtocol(
+            self._clock,
+            self._operations,
+            None,
+            {"software": "fake", "vm": self._vm},
+            authenticator=self._authenticator,
+        )
         loopbackAsync(agent, client)
         return succeed(client)
 
@@ -428,6 +445,9 @@ class FakeHypervisor(Service):
     def list_vms(self) -> Deferred[list[str]]:
         return self._run(lambda: sorted(self._vms))
 
+    def agent_credentials(self, name: str) -> Deferred[Credentials]:
+        return self._run(lambda: self.vm(name).credentials[0])
+
     def agent_endpoint(
         self, name: str, transport: AgentTransport = "auto"
     ) -> Deferred[IStreamClientEndpoint]:
@@ -446,7 +466,7 @@ class FakeHypervisor(Service):
             if (chosen == "serial" and not spec.serial_ports) or (chosen == "tcp" and not spec.nat_network):
                 raise HypervisorError(f"VM {name!r} has no {chosen} channel: add one to its VMSpec")
             operations = self._agent_operations or {"ping": _fake_ping}
-            return _InMemoryAgentEndpoint(self._clock, operations, name)
+            return _InMemoryAgentEndpoint(self._clock, operations, name, vm.credentials[1])
 
         return self._run(endpoint)
 

@@ -1,8 +1,9 @@
 """
 The host's client of a guest agent.
 
-``connect(reactor, endpoint)`` returns a Deferred that fires with a :class:`GuestClient`
-once the agent has answered the handshake.  Every operation returns a Deferred (use it
+``connect(reactor, endpoint, credentials=...)`` returns a Deferred that fires with a
+:class:`GuestClient` once the agent has proved it holds the VM's credentials and answered
+the handshake.  Every operation returns a Deferred (use it
 with ``await``); ``exec`` returns an :class:`ExecHandle` at once.
 """
 
@@ -43,6 +44,7 @@ from guest_agent.protocol.connection import (
     ResponseReceived,
     SessionReset,
 )
+from guest_agent.protocol.tls import Authenticator, Credentials
 from vmcontroller import _exec, _files
 from vmcontroller._exec import CommandInfo, ExecHandle, ExecResult
 from vmcontroller._files import Progress, TransferResult
@@ -50,6 +52,7 @@ from vmcontroller._results import check_result
 from vmcontroller.errors import (
     AgentUnreachable,
     ConnectionLost,
+    CredentialsUnavailable,
     OperationTimeout,
     ProtocolError,
     VMControllerError,
@@ -63,6 +66,7 @@ CONNECT_RETRY_INTERVAL = 0.5
 #: ... up to this.
 RECONNECT_MAX_DELAY = 10.0
 
+_log = Logger()
 MIB = 1024 * 1024
 
 
@@ -111,6 +115,9 @@ class GuestClient:
     A session with one guest agent over one transport.
 
     Not made directly: use :func:`connect`.
+
+    :param authenticator: the host's end of the VM's credentials; None only in development
+        mode.
     """
 
     log = Logger()
@@ -121,10 +128,14 @@ class GuestClient:
         limits: Limits | None = None,
         versions: tuple[int, ...] = SUPPORTED_VERSIONS,
         client_limits: ClientLimits | None = None,
+        *,
+        authenticator: Authenticator | None,
     ) -> None:
         self.reactor = reactor
         self.client_limits = client_limits or ClientLimits()
-        self._connection = HostConnection(limits, versions, {"software": "vmcontroller"})
+        self._connection = HostConnection(
+            limits, versions, {"software": "vmcontroller"}, authenticator=authenticator
+        )
         self._link = Link(self._connection, self._write)
         self._transport: ITransport | None = None
         self._pending: dict[int, _Pending] = {}
@@ -151,6 +162,16 @@ class GuestClient:
         self.notifications: list[Callable[[str, dict[str, Any]], None]] = []
         #: The agent's HELLO: its version, limits and software.
         self.agent_hello: dict[str, Any] = {}
+
+    @property
+    def authenticated(self) -> bool:
+        """The session runs inside TLS with this VM's agent (False in development mode)."""
+        return self._connection.authenticated
+
+    @property
+    def tls_cipher(self) -> str | None:
+        """The TLS cipher suite of the session, e.g. ``TLS_AES_256_GCM_SHA384``."""
+        return self._connection.tls_cipher
 
     # ---- transport side ----------------------------------------------------------
 
@@ -711,6 +732,30 @@ class _RecordingEndpoint:
         return self._endpoint.connect(protocolFactory).addErrback(failed)
 
 
+def host_authenticator(credentials: Credentials | None, development: bool) -> Authenticator | None:
+    """
+    The host's TLS configuration from ``credentials``; None in development mode, which must
+    be asked for and is logged as a warning.
+
+    :raises CredentialsUnavailable: no credentials and no development mode.
+    :raises AuthenticationFailed: the credentials do not load.
+    """
+    if development:
+        _log.warn(
+            "DEVELOPMENT MODE: the channel to the agent is neither authenticated nor protected; "
+            "anyone who can reach it runs commands as root in the guest. Never use it on a "
+            "volunteer's machine"
+        )
+        return None
+    if credentials is None:
+        raise CredentialsUnavailable(
+            "no credentials for the agent: pass the VM's (driver.agent_credentials(name), or "
+            "vmcontroller.machine.connect_vm_agent, which does), or development=True for an "
+            "unauthenticated development setup"
+        )
+    return Authenticator.from_credentials(credentials, server_side=False)
+
+
 async def _connect(
     reactor: IReactorTime,
     endpoint: IStreamClientEndpoint,
@@ -718,8 +763,9 @@ async def _connect(
     limits: Limits | None,
     versions: tuple[int, ...],
     client_limits: ClientLimits | None,
+    authenticator: Authenticator | None,
 ) -> GuestClient:
-    client = GuestClient(reactor, limits, versions, client_limits)
+    client = GuestClient(reactor, limits, versions, client_limits, authenticator=authenticator)
     # Connections are retried with backoff, at first and whenever one is lost: a VM's channel
     # socket appears only once the VM runs, a NAT port forward accepts a connection and drops
     # it while nothing listens behind it yet, and a guest that reboots comes back.
@@ -751,6 +797,8 @@ def connect(
     reactor: IReactorTime,
     endpoint: IStreamClientEndpoint,
     *,
+    credentials: Credentials | None = None,
+    development: bool = False,
     timeout: float = 60.0,
     limits: Limits | None = None,
     versions: tuple[int, ...] = SUPPORTED_VERSIONS,
@@ -758,24 +806,38 @@ def connect(
 ) -> Deferred[GuestClient]:
     """
     Connect to an agent through ``endpoint`` (e.g. the unix socket of a VM's virtio-serial
-    channel, or TCP) and complete the handshake.  ``timeout`` also bounds the handshake;
-    ``limits`` are what the host accepts on the wire, ``client_limits`` what else it lets
-    the agent make it spend (see :class:`ClientLimits` and docs/security.md).
+    channel, or TCP), authenticate both ends and complete the handshake.  ``timeout`` also
+    bounds the handshake; ``limits`` are what the host accepts on the wire, ``client_limits``
+    what else it lets the agent make it spend (see :class:`ClientLimits` and docs/security.md).
 
     The client reconnects by itself, with backoff (at most :data:`RECONNECT_MAX_DELAY`
     between attempts), whenever the channel is lost, until :meth:`GuestClient.close`.
     Operations in flight when the channel or the agent's session goes fail at once with
     :class:`ConnectionLost`; later ones wait for the next session.
 
+    :param credentials: the host's end of the VM's credentials
+        (``driver.agent_credentials(name)``); required unless ``development``.
+    :param development: no authentication and no protection, for development only; the
+        agent must run in development mode too. Logged as a warning.
     :raises AgentUnreachable: nothing answered within ``timeout`` seconds.
-    :raises UnsupportedProtocolVersion: the agent speaks none of ``versions``.
+    :raises AuthenticationFailed: the agent is not the one these credentials pin, has no
+        credentials, or does not authenticate (e.g. runs in development mode).
+    :raises UnsupportedProtocolVersion: the agent speaks none of ``versions`` (an agent
+        older than authentication, say).
+    :raises CredentialsUnavailable: neither ``credentials`` nor ``development``.
     """
-    return Deferred.fromCoroutine(_connect(reactor, endpoint, timeout, limits, versions, client_limits))
+
+    async def go() -> GuestClient:
+        authenticator = host_authenticator(credentials, development)
+        return await _connect(reactor, endpoint, timeout, limits, versions, client_limits, authenticator)
+
+    return Deferred.fromCoroutine(go())
 
 
 __all__ = [
     "ClientLimits",
     "CommandInfo",
+    "Credentials",
     "ExecHandle",
     "ExecResult",
     "GuestClient",

@@ -74,6 +74,8 @@ PACKAGES: tuple[str, ...] = (
     "procps",
     "iproute2",
     "coreutils",
+    # The bench compares the channel's TLS cost with `openssl speed` in the guest.
+    "openssl",
 )
 
 #: How the agent goes into the image: the package over Debian's Twisted, or the single file.
@@ -125,9 +127,11 @@ _CUSTOMIZE_HOOKS: tuple[str, ...] = (
     f'printf "127.0.0.1 localhost\\n127.0.1.1 {HOSTNAME}\\n" > "$1/etc/hosts"',
     'printf "/dev/vda / ext4 defaults 0 1\\n" > "$1/etc/fstab"',
     # virtio_console is a module; udev would load it on the device's modalias, but listing it
-    # makes the agent's port appear even if coldplug is slow or skipped.
+    # makes the agent's port appear even if coldplug is slow or skipped. qemu_fw_cfg shows
+    # QEMU's fw_cfg entries in /sys/firmware/qemu_fw_cfg, where the agent reads its credentials
+    # (it has no modalias udev would match).
     'mkdir -p "$1/etc/modules-load.d" && '
-    'printf "virtio_console\\nvirtio_rng\\n" > "$1/etc/modules-load.d/virtio.conf"',
+    'printf "virtio_console\\nvirtio_rng\\nqemu_fw_cfg\\n" > "$1/etc/modules-load.d/virtio.conf"',
     'ln -sf /lib/systemd/system/multi-user.target "$1/etc/systemd/system/default.target"',
     *(f'ln -sf /dev/null "$1/etc/systemd/system/{unit}"' for unit in MASKED_UNITS),
     # Stale enablement links of the masked units would only produce warnings.

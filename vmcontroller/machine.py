@@ -15,11 +15,16 @@ async def connect_vm_agent(
     *,
     transport: AgentTransport = "auto",
     timeout: float = 180.0,
+    development: bool = False,
 ) -> GuestClient:
     """
     Connect to the agent of VM ``name`` through the driver's
-    :meth:`~hypervisors.interface.IHypervisorDriver.agent_endpoint`, waiting up to ``timeout``
-    seconds for the guest to boot and the agent to answer.
+    :meth:`~hypervisors.interface.IHypervisorDriver.agent_endpoint`, authenticated with the
+    VM's credentials from :meth:`~hypervisors.interface.IHypervisorDriver.agent_credentials`,
+    waiting up to ``timeout`` seconds for the guest to boot and the agent to answer.
+
+    :param development: no authentication (an agent started with ``--development``).
     """
+    credentials = None if development else await driver.agent_credentials(name)
     endpoint = await driver.agent_endpoint(name, transport)
-    return await connect(reactor, endpoint, timeout=timeout)
+    return await connect(reactor, endpoint, credentials=credentials, development=development, timeout=timeout)

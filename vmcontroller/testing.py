@@ -22,14 +22,38 @@ from twisted.test import iosim
 from zope.interface import implementer
 
 from guest_agent.protocol.connection import SUPPORTED_VERSIONS, Limits
+from guest_agent.protocol.tls import Authenticator, Credentials
 from guest_agent.session import Operation
 from guest_agent.transports import AgentProtocol
 from vmcontroller._fakehypervisor import FakeHypervisor, FakeVM
 from vmcontroller.client import ClientLimits, GuestClient, _AgentProtocol
+from vmcontroller.credentials import mint
+
+
+def minted() -> tuple[Credentials, Authenticator]:
+    """
+    Fresh credentials of one VM: the host's end, for ``connect(..., credentials=...)``, and
+    the agent's end ready for an agent (``AgentFactory(..., authenticator=...)``).
+    """
+    host, agent = mint()
+    return host, Authenticator.from_credentials(agent, server_side=True)
+
+
+def paired_authenticators() -> tuple[Authenticator, Authenticator]:
+    """The host's and the agent's TLS ends of freshly minted credentials of one VM."""
+    host, agent = mint()
+    return (
+        Authenticator.from_credentials(host, server_side=False),
+        Authenticator.from_credentials(agent, server_side=True),
+    )
 
 
 class InMemoryLink:
-    """A client and an agent session joined by in-memory transports."""
+    """
+    A client and an agent session joined by in-memory transports, authenticated with
+    freshly minted credentials (unless ``development``, or ``authenticators`` gives the
+    host's and the agent's ends).
+    """
 
     def __init__(
         self,
@@ -41,11 +65,21 @@ class InMemoryLink:
         versions: tuple[int, ...] = SUPPORTED_VERSIONS,
         agent_reactor: Any = None,
         host_limits: ClientLimits | None = None,
+        development: bool = False,
+        authenticators: tuple[Authenticator | None, Authenticator | None] | None = None,
     ) -> None:
         self.clock = clock or Clock()
-        self.client = GuestClient(self.clock, client_limits, versions, host_limits)
+        if authenticators is not None:  # e.g. ends that do not belong together
+            host, agent = authenticators
+        else:
+            host, agent = paired_authenticators() if not development else (None, None)
+        self.client = GuestClient(self.clock, client_limits, versions, host_limits, authenticator=host)
         self.agent = AgentProtocol(
-            agent_reactor or self.clock, operations, agent_limits, {"software": "in-memory"}
+            agent_reactor or self.clock,
+            operations,
+            agent_limits,
+            {"software": "in-memory"},
+            authenticator=agent,
         )
         client_protocol = _AgentProtocol(self.client)
         self.pump = iosim.connect(
@@ -66,14 +100,24 @@ class InMemoryAgentEndpoint:
     """
     An endpoint for :func:`vmcontroller.client.connect` that joins each connection, in
     memory, to a new session of one agent serving ``operations`` (so what the agent keeps
-    across sessions, such as retained commands, survives a dropped connection).
+    across sessions, such as retained commands, survives a dropped connection).  The agent
+    authenticates with freshly minted credentials, whose host end is :attr:`credentials`,
+    unless ``development``.
 
+    :ivar credentials: the host's end, for ``connect(..., credentials=endpoint.credentials)``;
+        None in development mode.
+    :ivar agent_authenticator: the agent's end, used by each new session; replace it to play
+        another VM's agent (or one in development mode, with None).
     :ivar down: while true, connection attempts are refused, as by an agent not yet back.
     """
 
     def __init__(self, operations: Mapping[str, Operation], *, agent_reactor: Any = None,
-                 agent_limits: Limits | None = None) -> None:
+                 agent_limits: Limits | None = None, development: bool = False) -> None:
         self._operations = operations
+        self.credentials: Credentials | None = None
+        self.agent_authenticator: Authenticator | None = None
+        if not development:
+            self.credentials, self.agent_authenticator = minted()
         self._agent_reactor = agent_reactor or Clock()
         self._agent_limits = agent_limits
         self.down = False
@@ -87,7 +131,7 @@ class InMemoryAgentEndpoint:
         client_protocol = protocolFactory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
         assert client_protocol is not None
         agent = AgentProtocol(self._agent_reactor, self._operations, self._agent_limits,
-                              {"software": "in-memory"})
+                              {"software": "in-memory"}, authenticator=self.agent_authenticator)
         self.pump = iosim.connect(agent, iosim.makeFakeServer(agent), client_protocol,
                                   iosim.makeFakeClient(client_protocol), greet=True)
         return succeed(client_protocol)
@@ -110,4 +154,11 @@ class InMemoryAgentEndpoint:
         self.pump = None
 
 
-__all__ = ["FakeHypervisor", "FakeVM", "InMemoryAgentEndpoint", "InMemoryLink"]
+__all__ = [
+    "FakeHypervisor",
+    "FakeVM",
+    "InMemoryAgentEndpoint",
+    "InMemoryLink",
+    "minted",
+    "paired_authenticators",
+]

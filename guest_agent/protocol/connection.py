@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from guest_agent.protocol.errors import (
+    AuthenticationFailed,
     ErrorCode,
     FrameTooLarge,
     OperationError,
@@ -36,9 +37,11 @@ from guest_agent.protocol.frames import (
     encode_header,
     encode_json,
 )
+from guest_agent.protocol.tls import Authenticator, TLSSession
 
-#: Protocol versions this code speaks, oldest first.
-SUPPORTED_VERSIONS = (1,)
+#: Protocol versions this code speaks, oldest first.  Version 2 is version 1 inside mutually
+#: authenticated TLS; version 1 (no authentication) is refused.
+SUPPORTED_VERSIONS = (2,)
 DEFAULT_MAX_FRAME = 256 * 1024
 DEFAULT_WINDOW = 4 * 1024 * 1024
 DEFAULT_MAX_INFLIGHT = 64
@@ -47,6 +50,8 @@ DEFAULT_MAX_INFLIGHT = 64
 DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024
 #: Hard ceilings on what a peer may ask us to accept, whatever it announces.
 MAX_WINDOW = 64 * 1024 * 1024
+#: The largest TLS frame (ciphertext) either end sends or accepts: four full TLS records.
+TLS_FRAME_MAX = 64 * 1024 + 1024
 MAX_FRAME = 16 * 1024 * 1024
 MAX_INFLIGHT = 4096
 #: How much of an error message is kept when the whole would not fit in the peer's frame.
@@ -198,12 +203,20 @@ _CHANNELS = frozenset(Channel)
 class _Connection:
     """What both ends share: framing, open requests, streams and their credit."""
 
-    def __init__(self, limits: Limits | None) -> None:
+    def __init__(self, limits: Limits | None, authenticator: Authenticator | None) -> None:
         self.limits = limits or Limits()
-        self._decoder = FrameDecoder(self.limits.max_frame)
+        self._authenticator = authenticator
+        # The wire: markers, and frames (TLS records once authenticating).  Inside TLS, the
+        # plaintext is a stream of frames of its own, cut by ``_inner``.
+        self._decoder = FrameDecoder(TLS_FRAME_MAX if authenticator else self.limits.max_frame)
+        self._inner = FrameDecoder(self.limits.max_frame)
+        self._tls: TLSSession | None = None
         # What to write, in order: frame headers and payloads as separate pieces, so that
         # a DATA payload is never copied into a frame (the transport writes the pieces).
         self._outgoing: list[bytes | memoryview] = []
+        # Frames of the authenticated session waiting to be encrypted, in one batch, when
+        # the transport asks for bytes: TLS records are then few and large.
+        self._plain: list[bytes | memoryview] = []
         self._requests: dict[int, _Request] = {}
         self._open = False
         # Sum of every receiving stream's ``held``, checked against limits.max_buffered.
@@ -220,18 +233,28 @@ class _Connection:
         return self._open
 
     @property
+    def tls_cipher(self) -> str | None:
+        """The session's TLS cipher suite; None before the handshake or in development mode."""
+        return self._tls.cipher if self.authenticated and self._tls is not None else None
+
+    @property
+    def authenticated(self) -> bool:
+        """The session runs inside TLS with the pinned peer (False in development mode)."""
+        return self._tls is not None and self._tls.established
+
+    @property
     def open_requests(self) -> int:
         return len(self._requests)
 
     @property
     def partial_frame_bytes(self) -> int:
         """Bytes of a frame or marker that has begun and not yet arrived whole."""
-        return self._decoder.buffered
+        return self._decoder.buffered + self._inner.buffered  # inside TLS: the frame inside
 
     @property
     def buffered(self) -> int:
         """Stream bytes received and not yet consumed, plus a partial frame's bytes."""
-        return self._buffered + self._decoder.buffered
+        return self._buffered + self.partial_frame_bytes
 
     def data_to_send(self) -> bytes:
         """Bytes the transport must write, in order; the buffer is emptied."""
@@ -242,27 +265,91 @@ class _Connection:
         What :meth:`data_to_send` returns, as the pieces it is made of (for a vectored
         write that spares joining them); the buffer is emptied.
         """
+        self._seal()
         pieces, self._outgoing = self._outgoing, []
         return pieces
 
     def _send(
         self, frame_type: FrameType, request_id: int, payload: bytes | memoryview = b"", flags: int = 0
     ) -> None:
+        """Queue a frame: inside TLS once a session is authenticated, on the wire before."""
         length = len(payload)
         if length > self.peer_limits.max_frame:
             raise FrameTooLarge(
                 f"a {frame_type.name} of {length} bytes exceeds the peer's frame limit of "
                 f"{self.peer_limits.max_frame} bytes: stream large data instead"
             )
-        self._outgoing.append(encode_header(frame_type, request_id, length, flags))
+        queue = self._plain if self.authenticated else self._outgoing
+        queue.append(encode_header(frame_type, request_id, length, flags))
         if length:
-            self._outgoing.append(payload)
+            queue.append(payload)
+
+    def _send_plaintext_error(self, error: ProtocolError, details: dict[str, Any] | None = None) -> None:
+        """
+        A connection-level ERROR on the wire, outside TLS: the peer may have no session (a
+        refused handshake) or a broken one (a tampered record) to read it through.
+        """
+        payload = _error_payload(error.code, str(error), details)
+        self._outgoing.append(encode_header(FrameType.ERROR, 0, len(payload)))
+        self._outgoing.append(payload)
+
+    def _seal(self) -> None:
+        """Encrypt the frames waiting in ``_plain`` into TLS frames on the wire."""
+        if self._plain and self._tls is not None:
+            plain, self._plain = self._plain, []
+            self._tls.send(b"".join(plain))
+        self._emit_tls()
+
+    def _emit_tls(self) -> None:
+        """Put what TLS has to say (handshake messages, records) on the wire, in TLS frames."""
+        if self._tls is None:
+            return
+        records = self._tls.ciphertext()
+        if not records:
+            return
+        view = memoryview(records)
+        for start in range(0, len(records), TLS_FRAME_MAX):
+            piece = view[start : start + TLS_FRAME_MAX]
+            self._outgoing.append(encode_header(FrameType.TLS, 0, len(piece)))
+            self._outgoing.append(piece)
 
     def _reset_session(self) -> None:
         self._requests.clear()
         self._buffered = 0
         self._open = False
         self.version = 0
+        self._tls = None
+        self._plain.clear()
+        self._inner.clear()
+
+    def _start_tls(self) -> None:
+        """A new TLS session for a new protocol session (never resumed: see ``tls.py``)."""
+        assert self._authenticator is not None
+        self._tls = self._authenticator.session()
+
+    def _open_tls_frame(self, frame: Frame, events: list[Event]) -> bool:
+        """
+        Decrypt a TLS frame and handle the frames inside it.  True when this completed the
+        handshake just now.
+
+        :raises AuthenticationFailed: the handshake failed.
+        :raises TamperingDetected: a record did not verify.
+        """
+        if self._tls is None:
+            raise ProtocolError("a TLS frame before the handshake started")
+        was_established = self._tls.established
+        plaintext = self._tls.receive(frame.payload)
+        self._emit_tls()
+        if plaintext:
+            self._inner.feed(plaintext)
+            while (item := self._inner.next()) is not None:
+                if isinstance(item, Marker):
+                    raise ProtocolError("a marker inside the TLS session: only frames may travel there")
+                self._handle_frame(item, events)
+        return self._tls.established and not was_established
+
+    def _handle_frame(self, frame: Frame, events: list[Event]) -> None:
+        raise NotImplementedError
 
     def _require_open(self) -> None:
         if not self._open:
@@ -433,6 +520,13 @@ def _error_payload(
     return payload
 
 
+def _unauthenticated(frame: Frame, sender: str) -> ProtocolError:
+    return ProtocolError(
+        f"the {sender} sent a {frame.type.name} frame outside TLS on an authenticated channel: "
+        f"dropped the session (something other than the {sender} may be writing to the channel)"
+    )
+
+
 def _decode_error(frame: Frame) -> VMControllerError:
     body = frame.json()
     if not isinstance(body, dict) or not isinstance(body.get("code"), str):
@@ -449,6 +543,8 @@ class HostConnection(_Connection):
     sends requests.
 
     :param versions: protocol versions to offer (tests offer unsupported ones).
+    :param authenticator: the host's end of this VM's credentials; None only in
+        development mode, where nothing is authenticated or protected.
     """
 
     def __init__(
@@ -456,12 +552,15 @@ class HostConnection(_Connection):
         limits: Limits | None = None,
         versions: tuple[int, ...] = SUPPORTED_VERSIONS,
         hello_extra: dict[str, Any] | None = None,
+        *,
+        authenticator: Authenticator | None,
     ) -> None:
-        super().__init__(limits)
+        super().__init__(limits, authenticator)
         self._unknown_ids_are_violations = True
         self._versions = versions
         self._hello_extra = hello_extra or {}
         self._nonce: bytes | None = None
+        self._handshaking = False  # TLS, between the ACK and HELLO
         self._awaiting_hello = False
         self._next_id = 1
 
@@ -471,8 +570,22 @@ class HostConnection(_Connection):
         self._decoder.clear()
         self._outgoing.clear()
         self._nonce = os.urandom(NONCE_SIZE)
-        self._awaiting_hello = False
+        self._handshaking = self._awaiting_hello = False
         self._outgoing.append(SYNC_MAGIC + self._nonce)
+
+    def _send_hello(self) -> None:
+        self._awaiting_hello = True
+        hello = {"versions": list(self._versions), **self.limits.to_wire(), **self._hello_extra}
+        self._send(FrameType.HELLO, 0, encode_json(hello))
+
+    def _fail_handshake(self, error: VMControllerError, events: list[Event]) -> None:
+        """The agent could not be authenticated (or refused us): this session is over."""
+        self._emit_tls()  # the alert telling the agent why, if TLS has one
+        self._nonce = None
+        self._handshaking = self._awaiting_hello = False
+        self._tls = None
+        self._decoder.clear()
+        events.append(HandshakeFailed(error))
 
     def send_request(self, op: str, args: dict[str, Any] | None = None) -> int:
         """Send a request and return its id, which every later event about it carries."""
@@ -502,12 +615,17 @@ class HostConnection(_Connection):
             if self._nonce is None:
                 self._decoder.clear()  # nothing is expected before start()
                 return
-            if not self._open and not self._awaiting_hello:
+            if not (self._open or self._awaiting_hello or self._handshaking):
                 if self._decoder.hunt(ACK_MAGIC, self._nonce) is None:
                     return
-                self._awaiting_hello = True
-                hello = {"versions": list(self._versions), **self.limits.to_wire(), **self._hello_extra}
-                self._send(FrameType.HELLO, 0, encode_json(hello))
+                if self._authenticator is None:
+                    self._send_hello()
+                else:
+                    self._handshaking = True
+                    self._start_tls()
+                    assert self._tls is not None
+                    self._tls.start()
+                    self._emit_tls()
                 continue
             item = self._decoder.next()
             if item is None:
@@ -522,7 +640,51 @@ class HostConnection(_Connection):
                     events.append(SessionReset("the agent restarted"))
                     return
                 raise ProtocolError("the agent sent SYNC, which only the host may send")
-            self._handle_frame(item, events)
+            if self._authenticator is None:
+                self._handle_frame(item, events)
+            else:
+                self._handle_wire_frame(item, events)
+
+    def _handle_wire_frame(self, frame: Frame, events: list[Event]) -> None:
+        """What may come outside TLS when authenticating: TLS records, or a plaintext refusal."""
+        if frame.type is FrameType.TLS:
+            try:
+                if self._open_tls_frame(frame, events) and self._handshaking:
+                    self._handshaking = False
+                    self._send_hello()
+            except AuthenticationFailed as e:
+                if not (self._handshaking or self._awaiting_hello):
+                    raise
+                self._fail_handshake(e, events)
+            return
+        if frame.type is FrameType.ERROR and frame.request_id == 0:
+            error = _decode_error(frame)
+            if not self._handshaking:
+                events.append(ErrorReceived(0, error))  # e.g. the agent saw a tampered record
+            elif type(error) is ProtocolError:
+                # What an agent of protocol 1 answers to a TLS frame, a type it does not know.
+                self._fail_handshake(
+                    UnsupportedProtocolVersion(
+                        f"the agent does not speak the authenticated protocol (version "
+                        f"{max(self._versions)}): it answered {error}. Install the current "
+                        "vmcontroller agent in the guest"
+                    ),
+                    events,
+                )
+            else:
+                self._fail_handshake(error, events)
+            return
+        if frame.type is FrameType.HELLO and self._handshaking:
+            self._fail_handshake(
+                AuthenticationFailed(
+                    "the agent answered without authentication: it runs in development mode, or "
+                    "something else answers in its place. Refused; give the agent its credentials "
+                    "(or run both ends in development mode, for development only)"
+                ),
+                events,
+            )
+            return
+        raise _unauthenticated(frame, "agent")
 
     def _handle_frame(self, frame: Frame, events: list[Event]) -> None:
         if self._awaiting_hello:
@@ -574,7 +736,11 @@ class HostConnection(_Connection):
 class AgentConnection(_Connection):
     """
     The agent's end: it hunts for the host's SYNC, answers HELLO and serves requests.
-    A broken stream never ends it: it reports the error to the host and hunts again.
+    A broken stream never ends it: it reports the error to the host and hunts again; so
+    does a failed authentication.
+
+    :param authenticator: the agent's end of this VM's credentials; None only in
+        development mode, where any host that reaches the channel is served.
     """
 
     def __init__(
@@ -582,8 +748,10 @@ class AgentConnection(_Connection):
         limits: Limits | None = None,
         versions: tuple[int, ...] = SUPPORTED_VERSIONS,
         hello_extra: dict[str, Any] | None = None,
+        *,
+        authenticator: Authenticator | None,
     ) -> None:
-        super().__init__(limits)
+        super().__init__(limits, authenticator)
         self._versions = versions
         self._hello_extra = hello_extra or {}
         self._synced = False
@@ -602,7 +770,7 @@ class AgentConnection(_Connection):
     @property
     def holds_partial_frame(self) -> bool:
         """A frame (or marker) from the host has begun and not yet arrived whole."""
-        return self._synced and self._decoder.buffered > 0
+        return self._synced and (self._decoder.buffered > 0 or self._inner.buffered > 0)
 
     def line_idle(self) -> list[Event]:
         """
@@ -661,14 +829,41 @@ class AgentConnection(_Connection):
                         raise ProtocolError("the host sent a marker only the agent may send")
                     self._synced_with(item.nonce, events)
                     continue
-                self._handle_frame(item, events)
+                if self._authenticator is None:
+                    self._handle_frame(item, events)
+                else:
+                    self._handle_wire_frame(item)
+                    self._open_tls_frame(item, events)
             except ProtocolError as e:
                 self._resynchronise(e, events)
 
+    def _handle_wire_frame(self, frame: Frame) -> None:
+        """Only TLS frames may come outside TLS when authenticating: refuse anything else."""
+        if frame.type is FrameType.TLS:
+            return
+        if frame.type is FrameType.HELLO and not self._open:
+            hello = frame.json()
+            offered = hello.get("versions") if isinstance(hello, dict) else None
+            versions = [v for v in offered if isinstance(v, int)] if isinstance(offered, list) else []
+            if max(versions, default=0) < min(self._versions):
+                raise UnsupportedProtocolVersion(
+                    f"the host offered protocol versions {offered!r} without authentication; this "
+                    f"agent speaks {list(self._versions)}, mutually authenticated only: upgrade "
+                    "vmcontroller on the host"
+                )
+            raise AuthenticationFailed(
+                "the host sent an unauthenticated HELLO and this agent requires authentication: "
+                "the host runs in development mode, or something else is impersonating it"
+            )
+        raise _unauthenticated(frame, "host")
+
     def _resynchronise(self, error: ProtocolError, events: list[Event]) -> None:
-        """Tell the host why, then drop the session and hunt for the next SYNC."""
-        self._send_error(0, error.code, str(error))
+        """Tell the host why (outside TLS, which may be broken), then hunt for the next SYNC."""
+        if self._tls is not None and not self._tls.established:
+            self._emit_tls()  # the handshake's alert, which tells a TLS stack why
         self._reset_session()
+        unsupported = isinstance(error, UnsupportedProtocolVersion)
+        self._send_plaintext_error(error, {"supported": list(self._versions)} if unsupported else None)
         self._synced = False
         self._decoder.clear()
         events.append(ProtocolFailure(error))
@@ -678,11 +873,19 @@ class AgentConnection(_Connection):
         self._reset_session()
         self._synced = True
         self._outgoing.append(ACK_MAGIC + nonce)
+        if self._authenticator is not None:
+            self._start_tls()  # the host's ClientHello comes next
         if had_session:
             events.append(SessionReset("the host started a new session"))
 
     def _handle_frame(self, frame: Frame, events: list[Event]) -> None:
         if not self._open:
+            if frame.type is FrameType.TLS and self._authenticator is None:
+                raise AuthenticationFailed(
+                    "the host wants to authenticate and this agent runs in development mode, "
+                    "without credentials: give the agent its credentials (or run the host in "
+                    "development mode too, for development only)"
+                )
             if frame.type is not FrameType.HELLO:
                 raise ProtocolError(f"expected HELLO from the host, got {frame.type.name}")
             hello = frame.json()

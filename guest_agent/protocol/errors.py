@@ -25,6 +25,8 @@ class ErrorCode(enum.StrEnum):
     UNSUPPORTED_VERSION = "unsupported-version"
     FRAME_TOO_LARGE = "frame-too-large"
     PROTOCOL_VIOLATION = "protocol-violation"
+    AUTHENTICATION_FAILED = "authentication-failed"
+    TAMPERING_DETECTED = "tampering-detected"
     TOO_MANY_REQUESTS = "too-many-requests"
     COMMAND_NOT_FOUND = "command-not-found"
     PATH_NOT_FOUND = "path-not-found"
@@ -60,6 +62,25 @@ class UnsupportedProtocolVersion(ProtocolError):
     """Host and agent share no protocol version."""
 
     code = ErrorCode.UNSUPPORTED_VERSION
+
+
+class AuthenticationFailed(ProtocolError):
+    """
+    The TLS handshake failed: a peer without this VM's credentials, with another VM's, a
+    replayed or altered handshake, or an end that does not authenticate at all.
+    """
+
+    code = ErrorCode.AUTHENTICATION_FAILED
+
+
+class TamperingDetected(ProtocolError):
+    """A record of an authenticated session failed its integrity check: the session ends."""
+
+    code = ErrorCode.TAMPERING_DETECTED
+
+
+class CredentialsUnavailable(VMControllerError):
+    """An end has no usable credentials for the VM (missing, unreadable or damaged)."""
 
 
 class ConnectionLost(VMControllerError):
@@ -229,4 +250,8 @@ def error_from_wire(code: str, message: str, details: dict[str, Any] | None = No
         return FrameTooLarge(message)
     if code == ErrorCode.PROTOCOL_VIOLATION.value:
         return ProtocolError(message)
+    if code == ErrorCode.AUTHENTICATION_FAILED.value:
+        return AuthenticationFailed(message)
+    if code == ErrorCode.TAMPERING_DETECTED.value:
+        return TamperingDetected(message)
     return _BY_CODE.get(code, InternalError)(message, details)

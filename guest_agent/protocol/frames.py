@@ -59,6 +59,8 @@ class FrameType(enum.IntEnum):
     CREDIT = 7
     NOTIFY = 8
     CANCEL = 9
+    #: TLS records (ciphertext); after the handshake every other frame travels inside them.
+    TLS = 10
 
 
 class Channel(enum.IntEnum):

@@ -48,6 +48,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from guest_agent.protocol.tls import Credentials
 from hypervisors.base import EventHub, PerVMQueue, event_for_transition, require_capability
 from hypervisors.interface import (
     DEFAULT_AGENT_TCP_PORT,
@@ -76,6 +77,7 @@ from hypervisors.libvirt.xml import (
     serial_port_names,
     serial_port_socket_path,
 )
+from vmcontroller.credentials import CredentialStore
 from vmcontroller.errors import (
     HypervisorError,
     HypervisorUnavailable,
@@ -183,6 +185,43 @@ def translate_error(
 _LIVE_STATES = (VMState.RUNNING, VMState.BLOCKED, VMState.PAUSED, VMState.SHUTDOWN, VMState.PMSUSPENDED)
 
 
+#: The file in a VM's directory that QEMU hands the guest as its fw_cfg credentials entry.
+FW_CFG_FILE = "agent-credentials.json"
+
+
+def qemu_owner(capabilities_xml: str, domain_type: str = "qemu") -> tuple[int, int] | None:
+    """
+    The uid and gid QEMU runs as, from libvirt's host capabilities (the DAC security model's
+    base label, ``+64055:+64055``); None when QEMU runs as root or libvirt does not say.
+    """
+    root = ET.fromstring(capabilities_xml)
+    for secmodel in root.iterfind("host/secmodel"):
+        if secmodel.findtext("model") != "dac":
+            continue
+        for label in secmodel.iterfind("baselabel"):
+            if label.get("type") == domain_type and label.text:
+                uid, _, gid = label.text.partition(":")
+                return int(uid.lstrip("+")), int(gid.lstrip("+"))
+    return None
+
+
+def write_qemu_credentials(path: Path, data: bytes, owner: tuple[int, int] | None) -> None:
+    """
+    The agent's credentials for QEMU to read at start: mode 0600, owned by the user QEMU
+    runs as (libvirt does not relabel fw_cfg files, and QEMU opens them itself).
+    """
+    temp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+
+
 def _require_running(d: libvirt.virDomain, name: str, consequence: str) -> None:
     """:raises VMStateError: the domain is not running (or paused), so ``consequence``."""
     if not d.isActive():
@@ -265,6 +304,9 @@ class LibvirtDriver(Service):
         parents must be searchable by the user QEMU runs as (``libvirt-qemu``).
     :param disk_cache: QEMU cache mode for the VMs' disks (see :func:`domain_xml`).
     :param max_threads: size of the thread pool, i.e. how many libvirt calls run at once.
+    :param credentials_dir: where each VM's credentials are kept (a
+        :class:`~vmcontroller.credentials.CredentialStore`, root only); by default
+        ``credentials`` beside ``state_dir``.
     """
 
     name = "libvirt"
@@ -279,6 +321,7 @@ class LibvirtDriver(Service):
         state_dir: Path | str = DEFAULT_STATE_DIR,
         disk_cache: str = "unsafe",
         max_threads: int = 8,
+        credentials_dir: Path | str | None = None,
     ) -> None:
         if accel not in ("auto", "kvm", "tcg"):
             raise ValueError(f"accel={accel!r}: use 'auto', 'kvm' or 'tcg'")
@@ -287,6 +330,7 @@ class LibvirtDriver(Service):
         self.capabilities = capabilities_for(self.uri)
         self.accel: Accel = accel
         self.state_dir = Path(state_dir)
+        self.credentials = CredentialStore(credentials_dir or self.state_dir.parent / "credentials")
         self.disk_cache = disk_cache
         self._pool = ThreadPool(minthreads=0, maxthreads=max_threads, name="vmcontroller-libvirt")
         self._conn: libvirt.virConnect | None = None
@@ -620,6 +664,10 @@ class LibvirtDriver(Service):
             for d in (self.state_dir.parent, self.state_dir, vm_dir):
                 d.mkdir(parents=True, exist_ok=True)
                 d.chmod(0o755)
+            # The agent's credentials, new for every definition (a VM of the same name
+            # defined again is another VM to the host).
+            self.credentials.create(spec.name)
+            self._provision(conn, spec.name)
             return accel
 
         accel = await self._in_pool(prepare, action="define VM", vm=spec.name)
@@ -632,6 +680,7 @@ class LibvirtDriver(Service):
                 console_log=str(vm_dir / "console.log"),
                 disk_cache=self.disk_cache,
                 serial_dir=str(vm_dir),
+                credentials_file=str(vm_dir / FW_CFG_FILE),
             )
             await self._create_overlay(spec, overlay)
             uuid = await self._in_pool(
@@ -639,7 +688,12 @@ class LibvirtDriver(Service):
             )
             self._ours[uuid] = True
         except BaseException:
-            await self._in_pool(lambda conn: shutil.rmtree(vm_dir, ignore_errors=True), action="clean up")
+
+            def clean_up(conn: libvirt.virConnect) -> None:
+                shutil.rmtree(vm_dir, ignore_errors=True)
+                self.credentials.remove(spec.name)
+
+            await self._in_pool(clean_up, action="clean up")
             raise
         finally:
             self._defining.discard(spec.name)
@@ -873,11 +927,44 @@ class LibvirtDriver(Service):
                 libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA,
             )
             shutil.rmtree(vm_dir, ignore_errors=True)
+            self.credentials.remove(name)
 
         async def go() -> None:
             await self._domain_call(name, "undefine", remove)
             self._agent_forwards.pop(name, None)
             self.log.info("Undefined VM {vm}", vm=name)
+
+        return self._run(self._exclusive(name, go))
+
+    def _provision(self, conn: libvirt.virConnect, name: str) -> None:
+        """Put the agent's end where QEMU reads it at start (in a worker thread)."""
+        owner = qemu_owner(conn.getCapabilities())
+        agent = self.credentials.agent_credentials(name)
+        write_qemu_credentials(self._vm_dir(name) / FW_CFG_FILE, agent.to_json(), owner)
+
+    def agent_credentials(self, name: str) -> Deferred[Credentials]:
+        return self._in_pool(
+            lambda conn: self._host_credentials(conn, name), action="read the credentials of", vm=name
+        )
+
+    def _host_credentials(self, conn: libvirt.virConnect, name: str) -> Credentials:
+        conn.lookupByName(name)  # a VM we do not know fails here, as VMNotFound
+        return self.credentials.host_credentials(name)
+
+    def rotate_credentials(self, name: str) -> Deferred[None]:
+        """
+        Mint new credentials for VM ``name``; the old ones stop working at once. The guest gets
+        the new ones when QEMU next starts (start the VM again after a shutdown; a reboot
+        inside the guest keeps the old QEMU process and its old fw_cfg entry).
+        """
+
+        def rotate(conn: libvirt.virConnect) -> None:
+            conn.lookupByName(name)  # a VM we do not know fails here, with a clear error
+            self.credentials.rotate(name)
+            self._provision(conn, name)
+
+        async def go() -> None:
+            await self._in_pool(rotate, action="rotate the credentials of", vm=name)
 
         return self._run(self._exclusive(name, go))
 

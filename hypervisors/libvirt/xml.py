@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from typing import Literal
 
+from guest_agent.credentials import FW_CFG_NAME
 from hypervisors.interface import DEFAULT_AGENT_CHANNEL, AgentTransport, SnapshotInfo, VMSpec, VMState
 from vmcontroller.errors import HypervisorError
 
@@ -58,6 +59,7 @@ def domain_xml(
     console_log: str,
     disk_cache: str = "unsafe",
     serial_dir: str | None = None,
+    credentials_file: str | None = None,
 ) -> str:
     """
     The libvirt domain XML for ``spec``: everything a VM is made of goes through here.
@@ -72,6 +74,9 @@ def domain_xml(
         especially under TCG. Use ``writeback`` for VMs whose disks must survive host crashes.
     :param serial_dir: where the host sockets of ``spec.serial_ports`` go (named by
         :func:`serial_socket_name`); by default the console log's directory.
+    :param credentials_file: the agent's credentials, handed to the guest as the QEMU fw_cfg
+        entry ``opt/org.vmcontroller/credentials`` (QEMU reads the file when it starts, so the
+        secret is in neither the XML nor the kernel command line).
     :raises HypervisorError: a serial socket path is too long for a unix socket.
     """
     domain = ET.Element("domain", type="kvm" if accel == "kvm" else "qemu")
@@ -86,6 +91,9 @@ def domain_xml(
         ET.SubElement(ours, f"{{{METADATA_NS}}}serial-port", name=port, port=str(index))
     ET.SubElement(domain, "memory", unit="MiB").text = str(spec.memory_mib)
     ET.SubElement(domain, "vcpu").text = str(spec.vcpus)
+    if credentials_file is not None:
+        sysinfo = ET.SubElement(domain, "sysinfo", type="fwcfg")
+        ET.SubElement(sysinfo, "entry", name=FW_CFG_NAME, file=credentials_file)
     if spec.cpu_cap_percent < 100:
         # CFS bandwidth per vCPU thread, as VirtualBox's execution cap is per vCPU.
         cputune = ET.SubElement(domain, "cputune")

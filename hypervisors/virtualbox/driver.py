@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from guest_agent.protocol.tls import Credentials
 from hypervisors.base import EventHub, PerVMQueue, StatePoller, event_for_transition, require_capability
 from hypervisors.interface import (
     DEFAULT_AGENT_TCP_PORT,
@@ -46,6 +47,7 @@ from hypervisors.virtualbox._backend import SPEC_KEY, Backend, ConsoleAction, Ma
 from hypervisors.virtualbox._parsing import SnapshotRecord
 from hypervisors.virtualbox._pyvbox import PyvboxBackend, vboxapi_importable
 from hypervisors.virtualbox._vboxmanage import VBoxManageBackend, find_vboxmanage
+from vmcontroller.credentials import CredentialStore
 from vmcontroller.errors import (
     HypervisorError,
     HypervisorUnavailable,
@@ -131,9 +133,14 @@ class VirtualBoxDriver(Service):
         vbox_user_home: str | None = None,
         state_dir: Path | str = DEFAULT_STATE_DIR,
         poll_interval: float = 1.0,
+        credentials_dir: Path | str | None = None,
     ) -> None:
         self._reactor = reactor
         self.state_dir = Path(state_dir)
+        # Minted at define, removed at undefine. Not provisioned into the guest yet: the guest
+        # property the agent reads (guest_agent.credentials.VBOX_PROPERTY) must be set before
+        # each start, see docs/security.md.
+        self.credentials = CredentialStore(credentials_dir or self.state_dir / ".credentials")
         executable = find_vboxmanage(vboxmanage)
         chosen, self.backend_reason = choose_backend(
             backend,
@@ -311,11 +318,13 @@ class VirtualBoxDriver(Service):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         spec_json = json.dumps(dataclasses.asdict(spec))
         try:
+            self.credentials.create(spec.name)
             await backend.create(spec, str(self.state_dir), serial_paths, spec_json)
         except BaseException:
             # Half made: leave nothing behind that would take the name.
             with contextlib.suppress(HypervisorError):
                 await backend.unregister(spec.name)
+            self.credentials.remove(spec.name)
             raise
         self.log.info(
             "Defined VM {vm} ({backend}, {memory} MiB)",
@@ -534,9 +543,17 @@ class VirtualBoxDriver(Service):
                 self._host_stopping.add(name)
                 await backend.console(name, "poweroff")
             await backend.unregister(name)
+            self.credentials.remove(name)
             self.log.info("Undefined VM {vm}", vm=name)
 
         return self._run(self._exclusive(name, go))
+
+    def agent_credentials(self, name: str) -> Deferred[Credentials]:
+        async def go() -> Credentials:
+            await self._ours(name, "read the credentials of")
+            return self.credentials.host_credentials(name)
+
+        return self._run(go())
 
     def list_vms(self) -> Deferred[list[str]]:
         async def go() -> list[str]:

@@ -17,6 +17,7 @@ what this driver did (``vmrun pause``), as vmrun cannot tell it either.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -34,6 +35,8 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from guest_agent.credentials import VMWARE_VARIABLE
+from guest_agent.protocol.tls import Credentials
 from hypervisors.base import PerVMQueue, StatePoller, require_capability
 from hypervisors.interface import (
     NAT_GUEST_ADDRESS,
@@ -48,6 +51,7 @@ from hypervisors.interface import (
 )
 from hypervisors.vmware._vmrun import PRODUCTS, Product, Vmrun, find_vmrun, parse_list, parse_snapshot_tree
 from hypervisors.vmware.vmx import is_suspended, parse_vmx, render_vmx, serial_socket_name, vmx_entries
+from vmcontroller.credentials import CredentialStore
 from vmcontroller.errors import (
     CapabilityUnsupported,
     HypervisorError,
@@ -60,6 +64,9 @@ from vmcontroller.errors import (
 __all__ = ["DEFAULT_STATE_DIR", "VMwareDriver", "suspended_on_disk", "vm_state"]
 
 T = TypeVar("T")
+
+#: The guestinfo variable (without ``guestinfo.``) the agent reads its credentials from.
+CREDENTIALS_GUESTINFO = VMWARE_VARIABLE.removeprefix("guestinfo.")
 
 DEFAULT_STATE_DIR = (
     Path("/var/lib/vmcontroller/vmware")
@@ -121,6 +128,9 @@ class VMwareDriver(Service):
         makes each VM's delta disk; by default found on PATH.
     :param poll_interval: seconds between state polls while anyone subscribes.
     :param vmrun_timeout: seconds after which a hung vmrun is killed.
+    :param credentials_dir: where each VM's credentials are kept (a
+        :class:`~vmcontroller.credentials.CredentialStore`, root only); by default
+        ``.credentials`` in ``state_dir``.
     """
 
     name = "vmware"
@@ -136,12 +146,14 @@ class VMwareDriver(Service):
         qemu_img: str | None = None,
         poll_interval: float = 1.0,
         vmrun_timeout: float = 300.0,
+        credentials_dir: Path | str | None = None,
     ) -> None:
         if product not in PRODUCTS:
             raise ValueError(f"product={product!r}: use 'ws' (Workstation Pro), 'fusion' or 'player'")
         self._reactor = reactor
         self.product: Product = product
         self.state_dir = Path(state_dir)
+        self.credentials = CredentialStore(credentials_dir or self.state_dir / ".credentials")
         self._qemu_img = qemu_img
         self._vmrun = Vmrun(reactor, vmrun or find_vmrun(), product, vmrun_timeout)
         self._queue = PerVMQueue()
@@ -294,8 +306,19 @@ class VMwareDriver(Service):
             raise HypervisorError(
                 f"cannot define VM {spec.name!r}: its disk {spec.disk} does not exist; build the image first"
             )
-        entries = vmx_entries(spec, vm_dir=str(vm_dir), disk_file=f"{spec.name}.vmdk", guestinfo=guestinfo)
-        base = await self._base_vmdk(spec.disk)
+        # The agent's end of new credentials, as guestinfo (base64: a .vmx value has no '"');
+        # the agent erases it in the guest once read (docs/security.md).
+        self.credentials.create(spec.name)
+        agent_end = base64.b64encode(self.credentials.agent_credentials(spec.name).to_json()).decode()
+        guestinfo = {**guestinfo, CREDENTIALS_GUESTINFO: agent_end}
+        try:
+            entries = vmx_entries(
+                spec, vm_dir=str(vm_dir), disk_file=f"{spec.name}.vmdk", guestinfo=guestinfo
+            )
+            base = await self._base_vmdk(spec.disk)
+        except BaseException:
+            self.credentials.remove(spec.name)
+            raise
         # Left over from a define that did not finish: no .vmx, so no VM uses it.
         shutil.rmtree(vm_dir, ignore_errors=True)
         try:
@@ -336,11 +359,13 @@ class VMwareDriver(Service):
             )
         except OSError as e:
             shutil.rmtree(vm_dir, ignore_errors=True)
+            self.credentials.remove(spec.name)
             raise HypervisorError(
                 f"cannot define VM {spec.name!r}: {e}; check that {vm_dir} is writable"
             ) from e
         except BaseException:
             shutil.rmtree(vm_dir, ignore_errors=True)
+            self.credentials.remove(spec.name)
             raise
         self.log.info(
             "Defined VM {vm} ({memory} MiB, {product})",
@@ -409,6 +434,7 @@ class VMwareDriver(Service):
             # with ours goes after it.
             await self._vmrun_vm("deleteVM", name, action="undefine")
             shutil.rmtree(self._vm_dir(name), ignore_errors=True)
+            self.credentials.remove(name)
             self._paused.discard(name)
             self.log.info("Undefined VM {vm}", vm=name)
 
@@ -416,6 +442,13 @@ class VMwareDriver(Service):
 
     def list_vms(self) -> Deferred[list[str]]:
         return self._run(_value(self._names()))
+
+    def agent_credentials(self, name: str) -> Deferred[Credentials]:
+        async def read() -> Credentials:
+            self._require_vm(name, "read the credentials of")
+            return self.credentials.host_credentials(name)
+
+        return self._run(read())
 
     # -- power ------------------------------------------------------------------------------
 

@@ -19,12 +19,14 @@ from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface.verify import verifyObject
 
+from guest_agent.protocol.tls import Credentials
 from hypervisors import installed_drivers
 from hypervisors.interface import Capability, IHypervisorDriver, SnapshotInfo, VMEventType, VMState
 from tests.conformance.configurations import CONFIGURATIONS, DiskProbe
 from tests.conformance.conftest import EventRecorder, Harness, expect_state, start_driver
 from vmcontroller.client import connect
 from vmcontroller.errors import (
+    AuthenticationFailed,
     CapabilityUnsupported,
     HypervisorError,
     HypervisorUnavailable,
@@ -358,12 +360,40 @@ async def test_agent_endpoint(harness: Harness) -> None:
     assert IStreamClientEndpoint.providedBy(endpoint)
     if not harness.configuration.agent_reachable:
         pytest.skip(f"no agent runs behind {harness.configuration.id}'s channel")
-    client = await connect(reactor, endpoint, timeout=600)
+    reached = booted or name
+    # Another VM's credentials are refused: the agent behind the endpoint is this VM's.
+    stranger = await harness.define()
+    error = await _fails_with(
+        AuthenticationFailed,
+        connect(reactor, endpoint, credentials=await driver.agent_credentials(stranger), timeout=600),
+    )
+    assert "not the one pinned for this VM" in str(error)
+    credentials = await driver.agent_credentials(reached)
+    client = await connect(reactor, endpoint, credentials=credentials, timeout=600)
     try:
         answer = await client.ping()
-        assert "version" in answer
+        assert "version" in answer and client.authenticated
     finally:
-        client.close()
+        await client.close()
+
+
+@exercises("agent_credentials")
+@pytest_twisted.ensureDeferred
+async def test_agent_credentials_are_per_vm_and_go_with_it(harness: Harness) -> None:
+    driver = harness.driver
+    name = await harness.define()
+    other = await harness.define()
+    first = await driver.agent_credentials(name)
+    assert isinstance(first, Credentials) and first.private_key and first.peer_certificate
+    assert await driver.agent_credentials(name) == first  # kept, not minted at each call
+    assert (await driver.agent_credentials(other)).certificate != first.certificate
+    await driver.undefine(name)
+    error = await _fails_with(VMNotFound, driver.agent_credentials(name))
+    assert name in str(error)
+    # A VM defined again under the name is another VM: what pinned the old one is refused.
+    await harness.define(name)
+    again = await driver.agent_credentials(name)
+    assert again.certificate != first.certificate and again.peer_certificate != first.peer_certificate
 
 
 @exercises("forward_port")
@@ -401,6 +431,7 @@ _ON_UNKNOWN_VM: dict[str, Callable[[Any], Any]] = {
     "snapshot_delete": lambda d: d.snapshot_delete(_UNKNOWN, "s"),
     "undefine": lambda d: d.undefine(_UNKNOWN),
     "agent_endpoint": lambda d: d.agent_endpoint(_UNKNOWN),
+    "agent_credentials": lambda d: d.agent_credentials(_UNKNOWN),
     "forward_port": lambda d: d.forward_port(_UNKNOWN, 9000),
 }
 

@@ -130,8 +130,10 @@ class Duel:
     """A host and an agent engine, both real, and the pipes between them."""
 
     def __init__(self, host_limits: Limits, agent_limits: Limits) -> None:
-        self.host = _Side(HostConnection(host_limits))
-        self.agent = _Side(AgentConnection(agent_limits))
+        # The frame protocol in development mode: the steps inject plaintext frames, which
+        # inside TLS would only ever be refused as tampering (tests/unit/test_authentication.py).
+        self.host = _Side(HostConnection(host_limits, authenticator=None))
+        self.agent = _Side(AgentConnection(agent_limits, authenticator=None))
         #: Set once a step injected anything dishonest: end-to-end data checks stop holding.
         self.tampered = False
         self.host_errors = 0
@@ -282,7 +284,7 @@ class Duel:
     def _step_restart(self, step: Step) -> None:
         """The agent process restarts on the same channel."""
         self.tampered = True
-        self.agent = _Side(AgentConnection(self.agent_engine.limits))
+        self.agent = _Side(AgentConnection(self.agent_engine.limits, authenticator=None))
         self.agent_engine.announce_restart()
 
     def _step_idle(self, step: Step) -> None:

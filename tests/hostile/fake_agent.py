@@ -16,6 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
+from guest_agent.credentials import read_credentials_file
 from guest_agent.protocol.connection import (
     AgentConnection,
     HandshakeComplete,
@@ -23,15 +24,17 @@ from guest_agent.protocol.connection import (
     WindowOpened,
 )
 from guest_agent.protocol.frames import Channel, FrameType, encode_frame, encode_header, encode_json
+from guest_agent.protocol.tls import Authenticator
 
 reactor: Any = _reactor
 SHA_OF_DATA = "3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7"  # sha256(b"data")
 
 
 class HostileAgent(Protocol):
-    def __init__(self, behaviour: str) -> None:
+    def __init__(self, behaviour: str, authenticator: Authenticator) -> None:
         self.behaviour = behaviour
-        self.engine = AgentConnection()
+        # A guest that has its VM's credentials, as a hostile guest does.
+        self.engine = AgentConnection(authenticator=authenticator)
         self.loops: list[LoopingCall] = []
         self.streaming: int | None = None
 
@@ -54,8 +57,10 @@ class HostileAgent(Protocol):
         self.transport.write(self.engine.data_to_send())
 
     def write(self, data: bytes) -> None:
+        """Hand-made frames, sent inside the authenticated session as a guest with its keys can."""
         assert self.transport is not None
-        self.transport.write(data)
+        self.engine._plain.append(data)  # the engine encrypts what is queued there
+        self.flush()
 
     def repeat(self, interval: float, work: Callable[[], None]) -> None:
         loop = LoopingCall(work)
@@ -131,18 +136,20 @@ class HostileAgent(Protocol):
 
 
 class HostileFactory(Factory):
-    def __init__(self, behaviour: str) -> None:
+    def __init__(self, behaviour: str, authenticator: Authenticator) -> None:
         self.behaviour = behaviour
+        self.authenticator = authenticator
 
     def buildProtocol(self, addr: Any) -> HostileAgent:
-        return HostileAgent(self.behaviour)
+        return HostileAgent(self.behaviour, self.authenticator)
 
 
-def main(listen: str, behaviour: str) -> None:
-    listening = serverFromString(reactor, listen).listen(HostileFactory(behaviour))
+def main(listen: str, behaviour: str, credentials: str) -> None:
+    authenticator = Authenticator.from_credentials(read_credentials_file(credentials), server_side=True)
+    listening = serverFromString(reactor, listen).listen(HostileFactory(behaviour, authenticator))
     listening.addCallback(lambda _: print("listening", flush=True))
     reactor.run()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -28,7 +28,9 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
 from guest_agent.protocol.connection import Limits
+from guest_agent.protocol.tls import Credentials
 from vmcontroller.client import ClientLimits, GuestClient, connect
+from vmcontroller.credentials import mint
 from vmcontroller.errors import (
     FrameTooLarge,
     IncompleteTransfer,
@@ -95,6 +97,14 @@ async def start_process(argv: list[str], socket: Path) -> subprocess.Popen[bytes
     raise AssertionError(f"{argv!r} never listened on {socket}")
 
 
+def private_agent_credentials(path: Path) -> Credentials:
+    """Mint a VM's credentials, write the agent's end to ``path`` (0600), return the host's."""
+    host, agent = mint()
+    path.touch(mode=0o600)
+    path.write_bytes(agent.to_json())
+    return host
+
+
 def stop_process(process: subprocess.Popen[bytes]) -> None:
     process.terminate()
     process.wait(10)
@@ -105,11 +115,13 @@ def healthy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GuestCli
     """A real agent process on a unix socket and the controller's client of it."""
     directory = tmp_path_factory.mktemp("healthy")
     socket = directory / "agent.sock"
-    argv = [sys.executable, "-m", "guest_agent", "run", "--listen", f"unix:{socket}"]
+    host_end = private_agent_credentials(directory / "credentials.json")
+    argv = [sys.executable, "-m", "guest_agent", "run", "--credentials", str(directory / "credentials.json"),
+            "--listen", f"unix:{socket}"]
     process = pytest_twisted.blockon(Deferred.fromCoroutine(start_process(argv, socket)))
     try:
         endpoint = UNIXClientEndpoint(reactor, str(socket))
-        client = pytest_twisted.blockon(connect(reactor, endpoint, timeout=30))
+        client = pytest_twisted.blockon(connect(reactor, endpoint, credentials=host_end, timeout=30))
         yield client, directory
         client.close()
     finally:
@@ -159,7 +171,11 @@ async def test_a_hostile_agent_hurts_neither_the_controller_nor_its_other_guests
     before = lower_quartile([await healthy_round(client, directory) for _ in range(ROUNDS)])
 
     socket = tmp_path / "hostile.sock"
-    process = await start_process([sys.executable, str(FAKE_AGENT), f"unix:{socket}", behaviour], socket)
+    agent_end = tmp_path / "credentials.json"
+    host_end = private_agent_credentials(agent_end)
+    process = await start_process(
+        [sys.executable, str(FAKE_AGENT), f"unix:{socket}", behaviour, str(agent_end)], socket
+    )
     disconnects: list[dict[str, Any]] = []
 
     @implementer(ILogObserver)
@@ -169,7 +185,8 @@ async def test_a_hostile_agent_hurts_neither_the_controller_nor_its_other_guests
 
     globalLogPublisher.addObserver(observe)
     try:
-        hostile = await connect(reactor, UNIXClientEndpoint(reactor, str(socket)), timeout=30,
+        endpoint = UNIXClientEndpoint(reactor, str(socket))
+        hostile = await connect(reactor, endpoint, timeout=30, credentials=host_end,
                                 limits=HOSTILE_LIMITS, client_limits=HOSTILE_CLIENT_LIMITS)
         peak = sampling_buffered(hostile)
         action, expected = BEHAVIOURS[behaviour]
@@ -196,7 +213,7 @@ async def test_a_hostile_agent_hurts_neither_the_controller_nor_its_other_guests
         error = getattr(result, "value", result)
         assert isinstance(error, expected), error
     # A failed pull left nothing behind, not even its temporary file.
-    assert [name for name in os.listdir(tmp_path) if name != "hostile.sock"] == []
+    assert [name for name in os.listdir(tmp_path) if name not in ("hostile.sock", agent_end.name)] == []
     # The reference brackets the hostile period: the machine's load changes over minutes.
     after = lower_quartile([await healthy_round(client, directory) for _ in range(ROUNDS)])
     baseline = max(before, after)

@@ -2,11 +2,12 @@
 A controller in a process of its own, for the restart test: the test kills it with SIGKILL
 and starts another.
 
-``python controller_process.py SOCKET start EXEC_ID ARGV...`` connects to the agent behind the
-unix socket ``SOCKET``, starts ``ARGV`` as retained command ``EXEC_ID`` and copies its output
+``python controller_process.py CREDENTIALS SOCKET start EXEC_ID ARGV...`` connects to the agent
+behind the unix socket ``SOCKET``, authenticated with the host's end of the VM's credentials in
+the private file ``CREDENTIALS``, starts ``ARGV`` as retained command ``EXEC_ID`` and copies its output
 to stdout as it arrives (until it is killed).
 
-``python controller_process.py SOCKET collect EXEC_ID`` connects, lists the agent's commands,
+``python controller_process.py CREDENTIALS SOCKET collect EXEC_ID`` connects, lists the agent's commands,
 attaches to ``EXEC_ID``, acknowledges it and prints one JSON object: the listing's entry, the
 exit status and the whole output (hex).
 """
@@ -21,6 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.task import react
 
+from guest_agent.credentials import read_credentials_file
 from vmcontroller.client import connect
 
 
@@ -29,8 +31,15 @@ def _write(chunk: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
-async def _main(reactor: Any, socket: str, mode: str, exec_id: str, argv: list[str]) -> None:
-    client = await connect(reactor, UNIXClientEndpoint(reactor, socket), timeout=300)
+async def _main(
+    reactor: Any, credentials: str, socket: str, mode: str, exec_id: str, argv: list[str]
+) -> None:
+    client = await connect(
+        reactor,
+        UNIXClientEndpoint(reactor, socket),
+        credentials=read_credentials_file(credentials),
+        timeout=300,
+    )
     if mode == "start":
         await client.exec(argv, exec_id=exec_id, on_stdout=_write).result()
         return
@@ -51,5 +60,5 @@ async def _main(reactor: Any, socket: str, mode: str, exec_id: str, argv: list[s
 
 
 if __name__ == "__main__":
-    socket, mode, exec_id, *argv = sys.argv[1:]
-    react(lambda reactor: Deferred.fromCoroutine(_main(reactor, socket, mode, exec_id, argv)))
+    credentials, socket, mode, exec_id, *argv = sys.argv[1:]
+    react(lambda reactor: Deferred.fromCoroutine(_main(reactor, credentials, socket, mode, exec_id, argv)))

@@ -172,9 +172,10 @@ async def test_frame_over_the_size_limit(agent: GuestClient) -> None:
 @pytest_twisted.ensureDeferred
 async def test_unknown_protocol_version(booted_vm: Any) -> None:
     endpoint = await booted_vm.driver.agent_endpoint(booted_vm.name)
+    credentials = await booted_vm.driver.agent_credentials(booted_vm.name)
     with pytest.raises(UnsupportedProtocolVersion, match="install a matching"):
-        await connect(reactor, endpoint, versions=(99,), timeout=60)
-    client = await connect(reactor, endpoint, timeout=60)
+        await connect(reactor, endpoint, credentials=credentials, versions=(99,), timeout=60)
+    client = await connect(reactor, endpoint, credentials=credentials, timeout=60)
     assert (await client.ping())["version"]
     client.close()
 

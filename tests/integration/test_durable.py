@@ -30,6 +30,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
+from guest_agent.protocol.tls import Credentials
 from vmcontroller._exec import STREAM, ExecHandle
 from vmcontroller.client import GuestClient, connect
 from vmcontroller.errors import ConnectionLost, OperationCancelled, UnknownCommand
@@ -44,20 +45,37 @@ PRINTER = (f'i=1; while [ $i -le {LINES} ]; do printf "line %d of the job %s\\n"
 EXPECTED = b"".join(b"line %d of the job %060d\n" % (i, i) for i in range(1, LINES + 1))
 
 
+@pytest_twisted.async_fixture()
+async def credentials(booted_vm: Any) -> Credentials:
+    """The host's end of the guest's credentials: every controller here authenticates."""
+    found: Credentials = await booted_vm.driver.agent_credentials(booted_vm.name)
+    return found
+
+
 @pytest_twisted.async_yield_fixture()
-async def socket(booted_vm: Any) -> AsyncIterator[str]:
+async def socket(booted_vm: Any, credentials: Credentials) -> AsyncIterator[str]:
     """The unix socket of the guest agent's virtio-serial channel, once the agent answers."""
     path: str = await booted_vm.driver.agent_socket_path(booted_vm.name)
-    client = await connect(reactor, UNIXClientEndpoint(reactor, path), timeout=300)
+    client = await connect(reactor, UNIXClientEndpoint(reactor, path), credentials=credentials, timeout=300)
     await client.close()
     yield path
 
 
 @pytest_twisted.async_yield_fixture()
-async def agent(socket: str) -> AsyncIterator[GuestClient]:
-    client = await connect(reactor, UNIXClientEndpoint(reactor, socket), timeout=300)
+async def agent(socket: str, credentials: Credentials) -> AsyncIterator[GuestClient]:
+    client = await connect(reactor, UNIXClientEndpoint(reactor, socket), credentials=credentials, timeout=300)
+    assert client.authenticated
     yield client
     await client.close()
+
+
+@pytest.fixture
+def credentials_file(credentials: Credentials, tmp_path: Path) -> str:
+    """The host's end in a private file, for the controllers that run as processes of their own."""
+    path = tmp_path / "host-credentials.json"
+    path.touch(mode=0o600)
+    path.write_bytes(credentials.to_json())
+    return str(path)
 
 
 class _Controller(ProcessProtocol):
@@ -102,16 +120,17 @@ def _spawn_controller(*args: str) -> tuple[_Controller, Any]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_new_controller_collects_an_exec_whose_controller_was_killed(socket: str) -> None:
+async def test_a_new_controller_collects_an_exec_whose_controller_was_killed(
+        socket: str, credentials_file: str) -> None:
     exec_id = f"restart-{os.getpid()}"
-    first, process = _spawn_controller(socket, "start", exec_id, "sh", "-c", PRINTER)
+    first, process = _spawn_controller(credentials_file, socket, "start", exec_id, "sh", "-c", PRINTER)
     await first.received(3 * len(EXPECTED) // LINES)  # three lines streamed live: the job runs
     process.signalProcess("KILL")
     ended = await first.ended
     assert isinstance(ended, ProcessTerminated) and ended.signal == signal.SIGKILL
     assert EXPECTED.startswith(bytes(first.output)) and len(first.output) < len(EXPECTED)
 
-    second, _ = _spawn_controller(socket, "collect", exec_id)
+    second, _ = _spawn_controller(credentials_file, socket, "collect", exec_id)
     assert isinstance(await second.ended, ProcessDone), bytes(second.output)
     collected = json.loads(bytes(second.output))
     assert collected["listed"] and collected["listed"][0]["argv"] == ["sh", "-c", PRINTER]
@@ -275,7 +294,7 @@ async def test_output_is_consumed_as_a_stream(agent: GuestClient) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_killing_qemu_in_the_middle_of_a_push_leaves_no_partial_file(
-        booted_vm: Any, agent: GuestClient, tmp_path: Path) -> None:
+        booted_vm: Any, agent: GuestClient, credentials: Credentials, tmp_path: Path) -> None:
     """Last: it kills the guest, then boots it again."""
     from hypervisors.interface import VMState
 
@@ -303,7 +322,8 @@ async def test_killing_qemu_in_the_middle_of_a_push_leaves_no_partial_file(
     await driver.wait_for_state(name, VMState.CRASHED, timeout=120)
     await driver.start(name)
     path = await driver.agent_socket_path(name)  # a new one for the new QEMU
-    again = await connect(reactor, UNIXClientEndpoint(reactor, path), timeout=300)
+    # The same credentials: QEMU hands the guest the same fw_cfg entry at each start.
+    again = await connect(reactor, UNIXClientEndpoint(reactor, path), credentials=credentials, timeout=300)
     try:
         assert [entry["name"] for entry in await again.list(directory)] == ["kept.bin"]
         digest = (await again.run(["sha256sum", f"{directory}/kept.bin"], check=True)).stdout.split()[0]

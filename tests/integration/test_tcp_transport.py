@@ -19,8 +19,18 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
+from guest_agent.protocol.tls import Credentials
 from hypervisors.interface import DEFAULT_AGENT_TCP_PORT, NAT_GATEWAY, NAT_GUEST_ADDRESS
 from hypervisors.libvirt import LibvirtDriver
+from tests.attacks import (
+    anonymous_authenticator,
+    another_vms_credentials,
+    connect_with,
+    record_a_real_handshake,
+    replay,
+    serves_its_host,
+    tamper_next_write,
+)
 from tests.integration.conftest import (
     TEST_VM_PREFIX,
     BootedVM,
@@ -30,7 +40,7 @@ from tests.integration.conftest import (
     teardown_vm,
 )
 from vmcontroller.client import GuestClient, connect
-from vmcontroller.errors import HypervisorError, VMStateError
+from vmcontroller.errors import AuthenticationFailed, HypervisorError, TamperingDetected, VMStateError
 from vmcontroller.images import GuestImage
 from vmcontroller.machine import connect_vm_agent
 
@@ -48,6 +58,8 @@ class NatVM(NamedTuple):
     port: int
     #: A client of the VM's normal agent (virtio-serial), to look inside the guest.
     virtio: GuestClient
+    #: The host's end of the VM's credentials.
+    credentials: Credentials
 
 
 async def start_tcp_agent(virtio: GuestClient, unit: str, port: int) -> None:
@@ -66,7 +78,7 @@ async def _bring_up(driver: LibvirtDriver, name: str) -> NatVM:
     )
     port = await driver.forward_port(name, AGENT_PORT)
     await start_tcp_agent(virtio, TCP_UNIT, AGENT_PORT)
-    return NatVM(driver, name, port, virtio)
+    return NatVM(driver, name, port, virtio, await driver.agent_credentials(name))
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +174,10 @@ async def test_push_and_pull(tcp: GuestClient, tmp_path: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_host_that_reconnects_gets_a_new_session(nat_vm: NatVM) -> None:
-    first = await connect(reactor, endpoint(nat_vm.port), timeout=60)
+    first = await connect(reactor, endpoint(nat_vm.port), credentials=nat_vm.credentials, timeout=60)
     await first.ping()
     first.close()
-    second = await connect(reactor, endpoint(nat_vm.port), timeout=60)
+    second = await connect(reactor, endpoint(nat_vm.port), credentials=nat_vm.credentials, timeout=60)
     try:
         assert (await second.run(["true"], check=True)).exit_code == 0
     finally:
@@ -176,7 +188,7 @@ async def test_a_host_that_reconnects_gets_a_new_session(nat_vm: NatVM) -> None:
 async def test_connect_waits_for_an_agent_not_yet_listening_behind_the_forward(nat_vm: NatVM) -> None:
     """QEMU's NAT accepts the host's connection and drops it while nothing listens in the guest."""
     port = await nat_vm.driver.forward_port(nat_vm.name, AGENT_PORT + 1)
-    connecting = connect(reactor, endpoint(port), timeout=120)
+    connecting = connect(reactor, endpoint(port), credentials=nat_vm.credentials, timeout=120)
     await start_tcp_agent(nat_vm.virtio, f"{TCP_UNIT}-late", AGENT_PORT + 1)
     client = await connecting
     try:
@@ -184,3 +196,44 @@ async def test_connect_waits_for_an_agent_not_yet_listening_behind_the_forward(n
     finally:
         client.close()
         await nat_vm.virtio.run(["systemctl", "stop", f"{TCP_UNIT}-late"], check=True)
+
+
+# -- authentication over TCP (the same over virtio-serial: test_authentication.py) -------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_credentials_is_refused(nat_vm: NatVM) -> None:
+    with pytest.raises(AuthenticationFailed, match="certificate"):
+        anonymous = anonymous_authenticator(nat_vm.credentials.peer_certificate)
+        await connect_with(reactor, endpoint(nat_vm.port), anonymous)
+    await serves_its_host(reactor, endpoint(nat_vm.port), nat_vm.credentials)
+
+
+@pytest_twisted.ensureDeferred
+async def test_another_vms_credentials_are_refused(nat_vm: NatVM) -> None:
+    with pytest.raises(AuthenticationFailed, match="does not accept this end's certificate"):
+        await connect(reactor, endpoint(nat_vm.port), credentials=another_vms_credentials(nat_vm.credentials))
+    await serves_its_host(reactor, endpoint(nat_vm.port), nat_vm.credentials)
+
+
+@pytest_twisted.ensureDeferred
+async def test_replayed_handshake_is_refused(nat_vm: NatVM) -> None:
+    recorded = await record_a_real_handshake(reactor, endpoint(nat_vm.port), nat_vm.credentials)
+    errors = await replay(reactor, endpoint(nat_vm.port), recorded)
+    refusals = [e for e in errors if isinstance(e, AuthenticationFailed)]
+    assert refusals and "replayed or altered" in str(refusals[0]), errors
+    await serves_its_host(reactor, endpoint(nat_vm.port), nat_vm.credentials)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tampered_frame_mid_session_is_refused(nat_vm: NatVM) -> None:
+    client = await connect(reactor, endpoint(nat_vm.port), credentials=nat_vm.credentials, timeout=60)
+    try:
+        assert (await client.ping())["version"]
+        tamper_next_write(client)
+        with pytest.raises(TamperingDetected, match="integrity"):
+            await client.ping()
+        assert (await client.ping())["version"]  # a new session on the same connection
+    finally:
+        client.close()
+    await serves_its_host(reactor, endpoint(nat_vm.port), nat_vm.credentials)

@@ -18,8 +18,10 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import UNIXClientEndpoint
 
 from guest_agent.install import BUNDLE_DIR, BUNDLE_FILE
+from guest_agent.protocol.tls import Credentials
 from vmcontroller.agent_bundle import build_bundle
 from vmcontroller.client import connect
+from vmcontroller.credentials import mint
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 
@@ -70,10 +72,21 @@ def test_install_from_the_bundle_puts_it_in_place(bundle: Path, tmp_path: Path) 
 
 
 @pytest.fixture
-def bundled_agent(bundle: Path, tmp_path: Path) -> Iterator[Path]:
+def credentials(tmp_path: Path) -> tuple[Credentials, Path]:
+    """The host's end, and a private file with the agent's."""
+    host, agent = mint()
+    path = tmp_path / "agent-credentials.json"
+    path.touch(mode=0o600)
+    path.write_bytes(agent.to_json())
+    return host, path
+
+
+@pytest.fixture
+def bundled_agent(bundle: Path, tmp_path: Path, credentials: tuple[Credentials, Path]) -> Iterator[Path]:
     socket = tmp_path / "agent.sock"
     process = subprocess.Popen(
-        [SYSTEM_PYTHON, "-S", str(bundle), "run", "--listen", f"unix:{socket}"],
+        [SYSTEM_PYTHON, "-S", str(bundle), "run", "--credentials", str(credentials[1]),
+         "--listen", f"unix:{socket}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -86,8 +99,11 @@ def bundled_agent(bundle: Path, tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_bundled_agent_serves_every_kind_of_operation(bundled_agent: Path, tmp_path: Path) -> None:
-    client = await connect(reactor, UNIXClientEndpoint(reactor, str(bundled_agent)), timeout=60)
+async def test_the_bundled_agent_serves_every_kind_of_operation(
+    bundled_agent: Path, tmp_path: Path, credentials: tuple[Credentials, Path]
+) -> None:
+    endpoint = UNIXClientEndpoint(reactor, str(bundled_agent))
+    client = await connect(reactor, endpoint, credentials=credentials[0], timeout=60)
     try:
         assert (await client.ping())["version"]
         result = await client.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[0])"], check=True)

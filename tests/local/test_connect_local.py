@@ -14,6 +14,7 @@ from guest_agent.ops import OPERATIONS
 from guest_agent.transports import AgentFactory
 from vmcontroller.client import connect
 from vmcontroller.errors import AgentUnreachable
+from vmcontroller.testing import minted
 
 
 class _HangUp(Protocol):
@@ -28,7 +29,8 @@ class _AgentAfterHangUps(Factory):
 
     def __init__(self, hang_ups: int) -> None:
         self.hang_ups = hang_ups
-        self.agent = AgentFactory(reactor, OPERATIONS)
+        self.credentials, authenticator = minted()
+        self.agent = AgentFactory(reactor, OPERATIONS, authenticator=authenticator)
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         if self.hang_ups > 0:
@@ -39,10 +41,14 @@ class _AgentAfterHangUps(Factory):
 
 @pytest_twisted.ensureDeferred
 async def test_a_connection_dropped_before_the_handshake_is_retried() -> None:
-    listener = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(_AgentAfterHangUps(2))
+    factory = _AgentAfterHangUps(2)
+    listener = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     try:
         client = await connect(
-            reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getHost().port), timeout=30
+            reactor,
+            TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getHost().port),
+            credentials=factory.credentials,
+            timeout=30,
         )
         assert (await client.ping())["version"]
         client.close()
@@ -52,11 +58,15 @@ async def test_a_connection_dropped_before_the_handshake_is_retried() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_only_hang_ups_until_the_deadline_are_unreachable() -> None:
-    listener = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(_AgentAfterHangUps(10**6))
+    factory = _AgentAfterHangUps(10**6)
+    listener = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     try:
         with pytest.raises(AgentUnreachable, match=r"no agent answered within 1\.5 s \(last error: .*closed"):
             await connect(
-                reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getHost().port), timeout=1.5
+                reactor,
+                TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getHost().port),
+                credentials=factory.credentials,
+                timeout=1.5,
             )
     finally:
         await listener.stopListening()

@@ -31,15 +31,22 @@ from vmcontroller.errors import (
     PermissionDenied,
     ProcessFailed,
 )
+from vmcontroller.testing import minted
 
 MIB = 1024 * 1024
 
 
 @pytest_twisted.async_yield_fixture()
 async def client() -> AsyncIterator[GuestClient]:
-    factory = AgentFactory(reactor, agent_exec.OPERATIONS)
+    credentials, authenticator = minted()
+    factory = AgentFactory(reactor, agent_exec.OPERATIONS, authenticator=authenticator)
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-    guest = await connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), timeout=10)
+    guest = await connect(
+        reactor,
+        TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+        credentials=credentials,
+        timeout=10,
+    )
     yield guest
     guest.close()
     await port.stopListening()

@@ -35,6 +35,7 @@ from guest_agent.protocol.frames import Channel
 from guest_agent.session import Operation, OperationContext
 from guest_agent.transports import AgentFactory
 from vmcontroller.client import GuestClient, connect
+from vmcontroller.testing import minted
 
 reactor: Any = _reactor
 OPERATIONS: dict[str, Operation] = {**files.OPERATIONS, **system.OPERATIONS}
@@ -44,8 +45,14 @@ OPERATIONS: dict[str, Operation] = {**files.OPERATIONS, **system.OPERATIONS}
 async def agent(operations: dict[str, Operation] = OPERATIONS) -> AsyncIterator[GuestClient]:
     """An agent listening on loopback and a client connected to it."""
     listening = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
-    port = await listening.listen(AgentFactory(reactor, operations))
-    client = await connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), timeout=10)
+    credentials, authenticator = minted()
+    port = await listening.listen(AgentFactory(reactor, operations, authenticator=authenticator))
+    client = await connect(
+        reactor,
+        TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+        credentials=credentials,
+        timeout=10,
+    )
     try:
         yield client
     finally:

@@ -378,3 +378,19 @@ async def test_found_through_its_entry_point(tmp_path):
     )
     assert isinstance(driver, VirtualBoxDriver) and verifyObject(IHypervisorDriver, driver)
     assert driver.capabilities >= {Capability.SNAPSHOTS, Capability.LIVE_SNAPSHOTS, Capability.SAVE_STATE}
+
+
+@pytest_twisted.ensureDeferred
+async def test_credentials_are_minted_at_define_and_removed_at_undefine(vbox, base):
+    driver = vbox.driver
+    await driver.define(VMSpec(name="vm1", disk=str(base)))
+    await driver.define(VMSpec(name="vm2", disk=str(base)))
+    host_end = await driver.agent_credentials("vm1")
+    agent_end = driver.credentials.agent_credentials("vm1")
+    assert host_end.peer_certificate == agent_end.certificate
+    assert agent_end.peer_certificate == host_end.certificate
+    assert (await driver.agent_credentials("vm2")).certificate != host_end.certificate
+    await driver.undefine("vm1")
+    with pytest.raises(VMNotFound):
+        await driver.agent_credentials("vm1")
+    assert not driver.credentials.exists("vm1") and driver.credentials.exists("vm2")

@@ -6,6 +6,8 @@ their effect on the stand-in's disk file. No VMware runs here (see docs/drivers-
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 import stat
 import tempfile
@@ -22,6 +24,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
+from guest_agent.credentials import VMWARE_VARIABLE, load_credentials
 from hypervisors import load_driver
 from hypervisors.interface import Capability, IHypervisorDriver, VMEvent, VMEventType, VMState
 from hypervisors.vmware import VMwareDriver
@@ -536,3 +539,35 @@ async def test_a_vm_without_a_serial_port_has_no_agent_channel(driver: VMwareDri
     assert type(error) is HypervisorError and "serial port" in str(error)
     error = await failure(driver.serial_socket_path("vm1", "agent"))
     assert type(error) is HypervisorError and "no serial port named 'agent'" in str(error)
+
+
+# -- credentials ---------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_credentials_are_minted_at_define_put_in_guestinfo_and_removed_with_the_vm(
+    driver: VMwareDriver, base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await define(driver, base)
+    host_end = await driver.agent_credentials("vm1")
+    value = parse_vmx(driver.vmx_path("vm1").read_text())[VMWARE_VARIABLE]
+    assert stat.S_IMODE(driver.vmx_path("vm1").stat().st_mode) == 0o600
+    # What the agent in the guest gets from vmware-rpctool (the stand-in, fed the .vmx's value).
+    store = tmp_path / "guestinfo.json"
+    store.write_text(json.dumps({VMWARE_VARIABLE: value}))
+    monkeypatch.setenv("VMWARE_STANDIN_STORE", str(store))
+    agent_end = await load_credentials(
+        reactor,
+        fw_cfg=str(tmp_path / "no-fw_cfg"),
+        vboxcontrol=str(tmp_path / "no-VBoxControl"),
+        rpctool=str(Path(__file__).resolve().parent.parent / "standins" / "vmware-rpctool"),
+        run_copy=str(tmp_path / "run" / "credentials"),
+    )
+    assert agent_end.peer_certificate == host_end.certificate
+    assert host_end.peer_certificate == agent_end.certificate
+    assert host_end.private_key not in base64.b64decode(value)  # the host's key stays on the host
+    await define(driver, base, "vm2")
+    assert (await driver.agent_credentials("vm2")).certificate != host_end.certificate  # per VM
+    await driver.undefine("vm1")
+    assert isinstance(await failure(driver.agent_credentials("vm1")), VMNotFound)
+    assert not driver.credentials.exists("vm1") and driver.credentials.exists("vm2")

@@ -174,7 +174,7 @@ def connected(factory: AgentFactory) -> tuple[AgentProtocol, StringTransport]:
 
 
 def test_tcp_peers_beyond_the_limit_are_refused_and_logged() -> None:
-    factory = AgentFactory(Clock(), OPERATIONS, tcp=TCPLimits(max_connections=2))
+    factory = AgentFactory(Clock(), OPERATIONS, tcp=TCPLimits(max_connections=2), authenticator=None)
     first, _ = connected(factory)
     connected(factory)
     with capturedLogs() as logs:
@@ -186,7 +186,8 @@ def test_tcp_peers_beyond_the_limit_are_refused_and_logged() -> None:
 
 def test_a_tcp_peer_that_does_not_complete_the_handshake_is_disconnected() -> None:
     clock = Clock()
-    protocol, transport = connected(AgentFactory(clock, OPERATIONS, tcp=TCPLimits(handshake_timeout=10)))
+    factory = AgentFactory(clock, OPERATIONS, tcp=TCPLimits(handshake_timeout=10), authenticator=None)
+    protocol, transport = connected(factory)
     protocol.dataReceived(SYNC_MAGIC + b"n" * 16)  # a SYNC, then nothing
     clock.advance(9.9)
     assert not transport.disconnecting

@@ -118,7 +118,7 @@ def test_each_operation_asks_the_agent_what_it_should() -> None:
         ("shutdown", {}),
         ("reboot", {}),
     ]
-    assert client.agent_hello["software"] == "in-memory" and client.agent_hello["version"] == 1
+    assert client.agent_hello["software"] == "in-memory" and client.agent_hello["version"] == 2
 
 
 async def exec_op(ctx: OperationContext) -> dict[str, Any]:
@@ -229,7 +229,8 @@ def test_an_agent_error_fails_the_request_and_its_streams() -> None:
 
 def test_a_protocol_violation_fails_what_is_in_flight_and_disconnects_the_agent() -> None:
     gate = Gate()
-    link = InMemoryLink({"wait": gate, "echo": lambda ctx: ctx.args})
+    # A hand-made plaintext frame: development mode (inside TLS, see test_authentication.py).
+    link = InMemoryLink({"wait": gate, "echo": lambda ctx: ctx.args}, development=True)
     pending = call(link, "wait")
     with capturedLogs() as events:
         link.client._data_received(encode_frame(FrameType.REQUEST, 1, b"{}"))  # only hosts send these
@@ -275,7 +276,7 @@ def test_notifications_reach_every_observer_even_one_that_leaves() -> None:
 
 
 def test_a_lost_transport_fails_waiters_and_later_calls_with_the_reason() -> None:
-    link = InMemoryLink({"echo": lambda ctx: ctx.args}, versions=(1,))
+    link = InMemoryLink({"echo": lambda ctx: ctx.args})
     link.flush()
     link.client.close()
     link.flush()
@@ -297,7 +298,7 @@ def test_a_failed_handshake_closes_the_client_with_its_error() -> None:
 
 def waiting_client() -> tuple[GuestClient, StringTransport, Deferred[None]]:
     """A client whose SYNC went out and who waits for a session."""
-    client = GuestClient(Clock())
+    client = GuestClient(Clock(), authenticator=None)
     transport = StringTransport()
     _AgentProtocol(client).makeConnection(transport)
     return client, transport, Deferred.fromCoroutine(client.wait_ready())
@@ -315,7 +316,7 @@ def test_waiters_fail_when_the_channel_closes_before_the_handshake() -> None:
 
 def test_waiters_fail_when_the_agent_refuses_the_handshake() -> None:
     client, transport, waiting = waiting_client()
-    agent = AgentConnection(versions=(2,))
+    agent = AgentConnection(versions=(3,), authenticator=None)
     for _ in range(2):
         agent.receive_data(transport.value())
         transport.clear()

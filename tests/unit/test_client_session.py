@@ -20,8 +20,9 @@ from guest_agent.protocol.errors import (
 )
 from guest_agent.protocol.frames import SYNC_MAGIC, FrameType, encode_frame
 from guest_agent.session import OperationContext
-from vmcontroller.client import SYNC_RETRY_INTERVAL, GuestClient
-from vmcontroller.testing import InMemoryLink
+from vmcontroller.client import SYNC_RETRY_INTERVAL, GuestClient, connect
+from vmcontroller.errors import AuthenticationFailed, CredentialsUnavailable
+from vmcontroller.testing import InMemoryLink, paired_authenticators
 
 
 async def echo(ctx: OperationContext) -> Any:
@@ -73,7 +74,7 @@ def call(link: InMemoryLink, op: str, args: dict[str, Any] | None = None) -> Def
 
 def test_sync_repeats_until_answered() -> None:
     clock = Clock()
-    client = GuestClient(clock)
+    client = GuestClient(clock, authenticator=None)
     transport = StringTransport()
     client._transport_connected(transport)
     assert transport.value().count(SYNC_MAGIC) == 1
@@ -116,7 +117,8 @@ def test_agent_restart_fails_in_flight_and_resyncs() -> None:
 
 def test_oversized_frame_from_agent_fails_pending_and_disconnects() -> None:
     gate = Gate()
-    link = InMemoryLink({"wait": gate, "echo": echo}, client_limits=Limits(max_frame=4096))
+    # Hand-made plaintext frames: development mode (inside TLS, see test_authentication.py).
+    link = InMemoryLink({"wait": gate, "echo": echo}, client_limits=Limits(max_frame=4096), development=True)
     pending = call(link, "wait")
     with capturedLogs() as logs:
         link.client._data_received(encode_frame(FrameType.NOTIFY, 0, b"x" * 5000))
@@ -175,3 +177,37 @@ def test_retry_from_an_errback_waits_for_the_new_session() -> None:
     link.client._write(encode_frame(FrameType.REQUEST, 4242, b"x" * (16 * 1024 * 1024))[:16])
     link.flush()
     assert result_of(retried[0]) == {"again": 1}
+
+
+def test_session_is_authenticated_by_default() -> None:
+    link = InMemoryLink({"echo": echo})
+    assert result_of(call(link, "echo", {"x": 1})) == {"x": 1}
+    assert link.client.authenticated and link.client.tls_cipher and link.client.tls_cipher.startswith("TLS_")
+
+
+def test_agent_of_another_vm_fails_the_connection_with_a_clear_error() -> None:
+    host, _ = paired_authenticators()
+    _, stranger = paired_authenticators()
+    link = InMemoryLink({"echo": echo}, authenticators=(host, stranger))
+    d = Deferred.fromCoroutine(link.client.wait_ready())
+    link.flush()
+    error = error_of(d)
+    assert isinstance(error, AuthenticationFailed) and "not the one pinned for this VM" in str(error)
+
+
+def test_one_end_in_development_mode_is_refused() -> None:
+    host, _ = paired_authenticators()
+    link = InMemoryLink({"echo": echo}, authenticators=(host, None))
+    d = Deferred.fromCoroutine(link.client.wait_ready())
+    link.flush()
+    assert isinstance(error_of(d), AuthenticationFailed)
+
+
+def test_connect_without_credentials_touches_nothing() -> None:
+    class Untouchable:
+        def connect(self, factory: object) -> None:
+            raise AssertionError("connect() used the endpoint")
+
+    d = connect(Clock(), Untouchable())  # type: ignore[arg-type]
+    error = error_of(d)
+    assert isinstance(error, CredentialsUnavailable) and "development=True" in str(error)

@@ -1,4 +1,10 @@
-"""The sans-I/O engine, host and agent ends joined by hand: no reactor, no sockets."""
+"""
+The sans-I/O engine, host and agent ends joined by hand: no reactor, no sockets.
+
+These tests inject hand-made frames, so they run the protocol inside the session in
+development mode (no TLS); the same protocol inside TLS, and the authentication itself, are
+tested in test_authentication.py.
+"""
 
 from __future__ import annotations
 
@@ -44,26 +50,27 @@ def handshake(host: HostConnection, agent: AgentConnection) -> None:
 def opened(
     host_limits: Limits | None = None, agent_limits: Limits | None = None
 ) -> tuple[HostConnection, AgentConnection]:
-    host, agent = HostConnection(host_limits), AgentConnection(agent_limits)
+    host = HostConnection(host_limits, authenticator=None)
+    agent = AgentConnection(agent_limits, authenticator=None)
     handshake(host, agent)
     return host, agent
 
 
 def test_handshake_discards_stale_bytes_both_ways() -> None:
-    host, agent = HostConnection(), AgentConnection()
+    host, agent = HostConnection(authenticator=None), AgentConnection(authenticator=None)
     host.start()
     # Leftovers of an earlier session sit in the channel in both directions.
     assert agent.receive_data(encode_frame(FrameType.DATA, 3, b"old") + b"junk" + host.data_to_send()) == []
     stale_reply = encode_frame(FrameType.RESPONSE, 1, b"{}")
     assert host.receive_data(stale_reply + agent.data_to_send()) == []
     events = agent.receive_data(host.data_to_send())
-    assert isinstance(events[0], HandshakeComplete) and events[0].version == 1
+    assert isinstance(events[0], HandshakeComplete) and events[0].version == 2
     (done,) = host.receive_data(agent.data_to_send())
     assert isinstance(done, HandshakeComplete)
 
 
 def test_repeated_sync_is_acknowledged_and_harmless() -> None:
-    host, agent = HostConnection(), AgentConnection()
+    host, agent = HostConnection(authenticator=None), AgentConnection(authenticator=None)
     host.start()
     first = host.data_to_send()
     host.start()  # the retry timer fired before the first ACK came back
@@ -74,7 +81,7 @@ def test_repeated_sync_is_acknowledged_and_harmless() -> None:
 
 
 def test_unknown_version_is_a_clear_error() -> None:
-    host, agent = HostConnection(versions=(99,)), AgentConnection()
+    host, agent = HostConnection(versions=(99,), authenticator=None), AgentConnection(authenticator=None)
     host.start()
     agent.receive_data(host.data_to_send())
     host.receive_data(agent.data_to_send())
@@ -84,7 +91,7 @@ def test_unknown_version_is_a_clear_error() -> None:
     assert isinstance(event.error, UnsupportedProtocolVersion)
     assert "[99]" in str(event.error) and "install a matching vmcontroller agent" in str(event.error)
     # The agent is not stuck: a host that speaks its version gets a session.
-    good = HostConnection()
+    good = HostConnection(authenticator=None)
     good.start()
     agent.receive_data(good.data_to_send())
     good.receive_data(agent.data_to_send())
@@ -205,7 +212,7 @@ def test_late_data_for_a_finished_request_is_dropped() -> None:
 def test_agent_restart_resets_host_session() -> None:
     host, _agent = opened()
     host.send_request("exec")
-    restarted = AgentConnection()
+    restarted = AgentConnection(authenticator=None)
     restarted.announce_restart()
     (event,) = host.receive_data(restarted.data_to_send())
     assert isinstance(event, SessionReset) and not host.is_open and host.open_requests == 0
@@ -283,7 +290,7 @@ def test_partial_frame_is_dropped_when_the_line_goes_idle() -> None:
     old.send_data(rid, Channel.INPUT, b"x" * 1000)
     agent.receive_data(old.data_to_send()[:300])
     assert agent.holds_partial_frame
-    new = HostConnection()
+    new = HostConnection(authenticator=None)
     new.start()
     assert agent.receive_data(new.data_to_send()) == []  # the SYNC is taken for payload
     assert agent.data_to_send() == b""
@@ -310,7 +317,7 @@ def test_idle_line_between_whole_frames_changes_nothing() -> None:
 
 
 def test_idle_line_while_hunting_changes_nothing() -> None:
-    host, agent = HostConnection(), AgentConnection()
+    host, agent = HostConnection(authenticator=None), AgentConnection(authenticator=None)
     host.start()
     sync = host.data_to_send()
     agent.receive_data(b"stale bytes" + sync[:5])  # junk and the start of a SYNC

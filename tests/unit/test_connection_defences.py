@@ -2,6 +2,10 @@
 The engines' defences, each at its exact boundary: which ACK opens a session, the limits a
 HELLO may announce, request ids, credit, and what each side may send.  Written so that a
 single changed comparison or constant in guest_agent/protocol/ fails one of them.
+
+The engines run in development mode: the tests hand-make plaintext frames, and inside TLS
+the same frames go through the same code (the TLS layer's own defences are in
+test_authentication.py).
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ def opened(
     host_limits: Limits | None = None,
     agent_limits: Limits | None = None,
 ) -> tuple[HostConnection, AgentConnection]:
-    host, agent = HostConnection(host_limits), AgentConnection(agent_limits)
+    host = HostConnection(host_limits, authenticator=None)
+    agent = AgentConnection(agent_limits, authenticator=None)
     handshake(host, agent)
     return host, agent
 
@@ -78,7 +83,7 @@ def frames_in(data: bytes) -> list[Any]:
 
 def hello_from_agent(reply: Any) -> HostConnection:
     """A host that has had its ACK and receives ``reply`` as the agent's HELLO."""
-    host = HostConnection()
+    host = HostConnection(authenticator=None)
     host.start()
     nonce = host.data_to_send()[len(SYNC_MAGIC) :]
     host.receive_data(ACK_MAGIC + nonce)
@@ -88,7 +93,7 @@ def hello_from_agent(reply: Any) -> HostConnection:
 
 
 def hello_to_agent(hello: Any, agent: AgentConnection | None = None) -> tuple[AgentConnection, list[Any]]:
-    agent = agent or AgentConnection()
+    agent = agent or AgentConnection(authenticator=None)
     agent.receive_data(SYNC_MAGIC + bytes(NONCE_SIZE))
     agent.data_to_send()  # the ACK
     events = agent.receive_data(encode_frame(FrameType.HELLO, 0, encode_json(hello)))
@@ -99,7 +104,7 @@ def hello_to_agent(hello: Any, agent: AgentConnection | None = None) -> tuple[Ag
 
 
 def test_only_the_latest_syncs_ack_opens_the_session() -> None:
-    host = HostConnection()
+    host = HostConnection(authenticator=None)
     host.start()
     first = host.data_to_send()[len(SYNC_MAGIC) :]
     host.start()  # the retry: a new nonce
@@ -111,28 +116,28 @@ def test_only_the_latest_syncs_ack_opens_the_session() -> None:
     assert host.data_to_send() == b""
     host.receive_data(ACK_MAGIC + latest)
     (hello,) = frames_in(host.data_to_send())
-    assert hello.type is FrameType.HELLO and hello.json()["versions"] == [1]
+    assert hello.type is FrameType.HELLO and hello.json()["versions"] == [2]
 
 
 def test_a_host_waits_for_start_before_anything() -> None:
-    host = HostConnection()
+    host = HostConnection(authenticator=None)
     assert host.receive_data(ACK_MAGIC + bytes(NONCE_SIZE) + encode_frame(FrameType.HELLO, 0, b"{}")) == []
     assert host.data_to_send() == b"" and not host.is_open
 
 
 def test_a_repeated_ack_while_waiting_for_hello_is_ignored() -> None:
-    host = HostConnection()
+    host = HostConnection(authenticator=None)
     host.start()
     nonce = host.data_to_send()[len(SYNC_MAGIC) :]
     host.receive_data(ACK_MAGIC + nonce)
     host.data_to_send()
-    hello = encode_frame(FrameType.HELLO, 0, encode_json({"version": 1, **HELLO_LIMITS}))
+    hello = encode_frame(FrameType.HELLO, 0, encode_json({"version": 2, **HELLO_LIMITS}))
     (done,) = host.receive_data(ACK_MAGIC + nonce + hello)
-    assert isinstance(done, HandshakeComplete) and host.version == 1 and host.is_open
+    assert isinstance(done, HandshakeComplete) and host.version == 2 and host.is_open
 
 
 def test_host_refuses_anything_but_hello_or_error_after_its_hello() -> None:
-    host = HostConnection()
+    host = HostConnection(authenticator=None)
     host.start()
     host.receive_data(ACK_MAGIC + host.data_to_send()[len(SYNC_MAGIC) :])
     with pytest.raises(ProtocolError, match="expected HELLO from the agent, got RESPONSE"):
@@ -145,7 +150,7 @@ def test_host_refuses_a_sync_from_the_agent() -> None:
         host.receive_data(SYNC_MAGIC + bytes(NONCE_SIZE))
 
 
-@pytest.mark.parametrize("version", [2, None, "1", [1]])
+@pytest.mark.parametrize("version", [1, None, "2", [2]])
 def test_host_refuses_a_version_it_did_not_offer(version: object) -> None:
     with pytest.raises(ProtocolError, match="version the host did not offer"):
         hello_from_agent({"version": version, **HELLO_LIMITS})
@@ -153,7 +158,7 @@ def test_host_refuses_a_version_it_did_not_offer(version: object) -> None:
 
 def test_host_refuses_a_hello_that_is_not_an_object() -> None:
     with pytest.raises(ProtocolError, match="version the host did not offer"):
-        hello_from_agent([1])
+        hello_from_agent([2])
 
 
 @pytest.mark.parametrize(
@@ -173,13 +178,13 @@ def test_hello_limits_at_their_bounds(field: str, value: int, accepted: bool) ->
     limits = {**HELLO_LIMITS, field: value}
     # The host checks the agent's HELLO...
     if accepted:
-        host = hello_from_agent({"version": 1, **limits})
+        host = hello_from_agent({"version": 2, **limits})
         assert host.is_open and host.peer_limits == Limits(**limits)
     else:
         with pytest.raises(ProtocolError, match="unusable limits"):
-            hello_from_agent({"version": 1, **limits})
+            hello_from_agent({"version": 2, **limits})
     # ... and the agent the host's, telling it why and hunting for the next SYNC.
-    agent, events = hello_to_agent({"versions": [1], **limits})
+    agent, events = hello_to_agent({"versions": [2], **limits})
     if accepted:
         assert isinstance(events[0], HandshakeComplete) and agent.peer_limits == Limits(**limits)
     else:
@@ -194,8 +199,8 @@ def test_hello_limits_at_their_bounds(field: str, value: int, accepted: bool) ->
 def test_hello_without_a_limit_is_refused(missing: str) -> None:
     limits = {k: v for k, v in HELLO_LIMITS.items() if k != missing}
     with pytest.raises(ProtocolError, match=f"^{NOT_INTEGERS}$"):
-        hello_from_agent({"version": 1, **limits})
-    _, (failure,) = hello_to_agent({"versions": [1], **limits, missing: "many"})
+        hello_from_agent({"version": 2, **limits})
+    _, (failure,) = hello_to_agent({"versions": [2], **limits, missing: "many"})
     assert isinstance(failure, ProtocolFailure) and str(failure.error) == NOT_INTEGERS
 
 
@@ -204,13 +209,14 @@ def test_hello_limits_must_be_plain_integers(value: object) -> None:
     """bool is an int to Python and int() takes "4096" or 4096.0: none of them is a limit."""
     limits = {**HELLO_LIMITS, "window": value}
     with pytest.raises(ProtocolError, match=f"^{NOT_INTEGERS}$"):
-        hello_from_agent({"version": 1, **limits})
-    _, (failure,) = hello_to_agent({"versions": [1], **limits})
+        hello_from_agent({"version": 2, **limits})
+    _, (failure,) = hello_to_agent({"versions": [2], **limits})
     assert isinstance(failure, ProtocolFailure) and str(failure.error) == NOT_INTEGERS
 
 
 def test_agent_picks_the_highest_common_version_and_says_so() -> None:
-    agent, events = hello_to_agent({"versions": [1, 2, 3], **HELLO_LIMITS}, AgentConnection(versions=(1, 2)))
+    offered = {"versions": [1, 2, 3], **HELLO_LIMITS}
+    agent, events = hello_to_agent(offered, AgentConnection(versions=(1, 2), authenticator=None))
     (complete,) = events
     assert isinstance(complete, HandshakeComplete) and complete.version == 2 == agent.version
     (reply,) = frames_in(agent.data_to_send())
@@ -231,14 +237,14 @@ def test_agent_without_a_common_version_waits_for_a_new_sync() -> None:
     assert isinstance(error, UnsupportedProtocolVersion) and "[5, 7]" in str(error)
     # A HELLO again without a SYNC is stale bytes: ignored until the host resynchronises.
     assert (
-        agent.receive_data(encode_frame(FrameType.HELLO, 0, encode_json({"versions": [1], **HELLO_LIMITS})))
+        agent.receive_data(encode_frame(FrameType.HELLO, 0, encode_json({"versions": [2], **HELLO_LIMITS})))
         == []
     )
     assert agent.data_to_send() == b""
 
 
 def test_agent_refuses_requests_before_hello() -> None:
-    agent = AgentConnection()
+    agent = AgentConnection(authenticator=None)
     agent.receive_data(SYNC_MAGIC + bytes(NONCE_SIZE))
     agent.data_to_send()
     (failure,) = agent.receive_data(encode_frame(FrameType.REQUEST, 1, b'{"op":"ping"}'))
@@ -248,7 +254,7 @@ def test_agent_refuses_requests_before_hello() -> None:
 
 
 def test_first_sync_is_no_reset_and_a_second_one_is() -> None:
-    agent = AgentConnection()
+    agent = AgentConnection(authenticator=None)
     assert agent.receive_data(SYNC_MAGIC + bytes(NONCE_SIZE)) == []
     assert agent.data_to_send() == ACK_MAGIC + bytes(NONCE_SIZE)
     # A SYNC again before HELLO: nothing was open, so nothing is reset.
@@ -350,7 +356,7 @@ def test_host_in_flight_limit_is_exact() -> None:
 
 
 def test_calls_before_the_handshake_are_refused() -> None:
-    host = HostConnection()
+    host = HostConnection(authenticator=None)
     for call in (
         lambda: host.send_request("a"),
         lambda: host.send_data(1, 0, b"x"),
@@ -533,7 +539,7 @@ def test_notifications() -> None:
         with pytest.raises(ProtocolError, match="NOTIFY must carry a JSON object with a name"):
             host.receive_data(encode_frame(FrameType.NOTIFY, 0, body))
     # Without a session the agent has nobody to tell.
-    idle = AgentConnection()
+    idle = AgentConnection(authenticator=None)
     idle.send_notification("event")
     assert idle.data_to_send() == b""
 

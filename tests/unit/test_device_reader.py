@@ -155,7 +155,7 @@ def test_a_connected_host_gets_no_sigio() -> None:
     master, follower = pty.openpty()
     previous = signal.getsignal(signal.SIGIO)
     reactor = MemoryReactorClock()
-    device = CharacterDeviceTransport(reactor, os.ttyname(follower), {})
+    device = CharacterDeviceTransport(reactor, os.ttyname(follower), {}, authenticator=None)
     try:
         device.startService()
         reader = device._reader

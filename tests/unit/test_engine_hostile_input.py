@@ -25,7 +25,7 @@ from tests.unit.test_connection import opened
 
 def host_awaiting_hello() -> HostConnection:
     """A host that has sent its HELLO and waits for the agent's."""
-    host = HostConnection()
+    host = HostConnection(authenticator=None)
     host.start()
     nonce = host.data_to_send()[len(SYNC_MAGIC):]
     assert host.receive_data(ACK_MAGIC + nonce) == []
@@ -34,28 +34,28 @@ def host_awaiting_hello() -> HostConnection:
 
 
 def agent_awaiting_hello() -> AgentConnection:
-    agent = AgentConnection()
+    agent = AgentConnection(authenticator=None)
     agent.receive_data(SYNC_MAGIC + b"n" * 16)
     agent.data_to_send()
     return agent
 
 
-GOOD_AGENT_HELLO = {"version": 1, "max_frame": 4096, "window": 65536, "max_inflight": 4}
+GOOD_AGENT_HELLO = {"version": 2, "max_frame": 4096, "window": 65536, "max_inflight": 4}
 
 
 @pytest.mark.parametrize("payload", [
-    b'{"version":1,"max_frame":1e999,"window":65536,"max_inflight":4}',  # OverflowError in int()
-    b'{"version":1,"max_frame":NaN,"window":65536,"max_inflight":4}',
-    b'{"version":1,"max_frame":Infinity,"window":65536,"max_inflight":4}',
+    b'{"version":2,"max_frame":1e999,"window":65536,"max_inflight":4}',  # OverflowError in int()
+    b'{"version":2,"max_frame":NaN,"window":65536,"max_inflight":4}',
+    b'{"version":2,"max_frame":Infinity,"window":65536,"max_inflight":4}',
     encode_json({**GOOD_AGENT_HELLO, "max_frame": "4096"}),  # int() would take it
     encode_json({**GOOD_AGENT_HELLO, "max_frame": 4096.5}),
     encode_json({**GOOD_AGENT_HELLO, "max_inflight": True}),
     encode_json({**GOOD_AGENT_HELLO, "window": [65536]}),  # TypeError in int()
     encode_json({**GOOD_AGENT_HELLO, "max_frame": 2**62}),  # absurd
     encode_json({**GOOD_AGENT_HELLO, "max_inflight": 10**9}),
-    encode_json({**GOOD_AGENT_HELLO, "version": True}),  # True == 1
-    encode_json({**GOOD_AGENT_HELLO, "version": 1.0}),
-    encode_json({**GOOD_AGENT_HELLO, "version": [1]}),
+    encode_json({**GOOD_AGENT_HELLO, "version": True}),  # True == 1, a bool all the same
+    encode_json({**GOOD_AGENT_HELLO, "version": 2.0}),
+    encode_json({**GOOD_AGENT_HELLO, "version": [2]}),
     b"[" * 100_000,  # RecursionError in the decoder
     b"[]",
 ])
@@ -73,11 +73,11 @@ def test_the_same_hello_with_good_values_opens_the_session() -> None:
 
 
 @pytest.mark.parametrize("payload", [
-    b'{"versions":[1],"max_frame":1e999,"window":65536,"max_inflight":4}',
+    b'{"versions":[2],"max_frame":1e999,"window":65536,"max_inflight":4}',
     b'{"versions":[NaN],"max_frame":4096,"window":65536,"max_inflight":4}',
     b'{"versions":[[1]],"max_frame":4096,"window":65536,"max_inflight":4}',  # unhashable: TypeError
-    b'{"versions":[1,"x"],"max_frame":4096,"window":65536,"max_inflight":4}',  # sorted(): TypeError
-    b'{"versions":[1],"max_frame":{},"window":65536,"max_inflight":4}',
+    b'{"versions":[2,"x"],"max_frame":4096,"window":65536,"max_inflight":4}',  # sorted(): TypeError
+    b'{"versions":[2],"max_frame":{},"window":65536,"max_inflight":4}',
     b"{" * 50_000,
 ])
 def test_a_hostile_host_hello_is_refused_and_the_agent_hunts_again(payload: bytes) -> None:

@@ -22,7 +22,7 @@ from zope.interface.verify import verifyObject
 from hypervisors import installed_drivers, load_driver
 from hypervisors.interface import Capability, IHypervisorDriver, VMSpec, VMState
 from hypervisors.libvirt import LibvirtDriver
-from hypervisors.libvirt.driver import capabilities_for, translate_error
+from hypervisors.libvirt.driver import capabilities_for, qemu_owner, translate_error, write_qemu_credentials
 from hypervisors.libvirt.host import kvm_device_problem, kvm_usable, select_accel
 from hypervisors.libvirt.xml import (
     METADATA_NS,
@@ -493,3 +493,36 @@ def test_load_driver_by_entry_point() -> None:
 def test_load_unknown_driver_lists_the_installed_ones() -> None:
     with pytest.raises(DriverNotFound, match="libvirt"):
         load_driver("hyperv", Clock())
+
+
+# -- credentials through QEMU fw_cfg ------------------------------------------------------------
+
+
+def test_credentials_go_in_as_a_fw_cfg_file_never_on_the_command_line() -> None:
+    path = "/var/lib/vmcontroller/vms/vm1/agent-credentials.json"
+    root = ET.fromstring(
+        domain_xml(spec(), accel="tcg", disk_path="/d.qcow2", console_log="/c.log", credentials_file=path)
+    )
+    (entry,) = root.findall("sysinfo[@type='fwcfg']/entry")
+    assert entry.get("name") == "opt/org.vmcontroller/credentials" and entry.get("file") == path
+    assert entry.text is None  # the content stays in the file, out of the XML
+    assert "credentials" not in (root.findtext("os/cmdline") or "")
+    assert render(spec()).find("sysinfo") is None
+
+
+def test_qemu_owner_from_the_dac_base_label() -> None:
+    capabilities = """<capabilities><host>
+      <secmodel><model>none</model><doi>0</doi></secmodel>
+      <secmodel><model>dac</model><doi>0</doi>
+        <baselabel type='kvm'>+64055:+64056</baselabel>
+        <baselabel type='qemu'>+64055:+64056</baselabel></secmodel>
+    </host></capabilities>"""
+    assert qemu_owner(capabilities) == (64055, 64056)
+    assert qemu_owner("<capabilities><host/></capabilities>") is None
+
+
+def test_qemu_credentials_file_is_private_to_its_owner(tmp_path: Path) -> None:
+    target = tmp_path / "agent-credentials.json"
+    write_qemu_credentials(target, b"{}", (os.getuid(), os.getgid()))
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600 and target.read_bytes() == b"{}"
+    assert (target.stat().st_uid, target.stat().st_gid) == (os.getuid(), os.getgid())

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
 from twisted.internet.task import Clock
 
@@ -21,8 +22,13 @@ from guest_agent.session import OperationContext
 from tests.unit.test_exec_ops import FakeProcessReactor, fake_session_spawns, outcome
 from vmcontroller._files import CHUNK_SIZE
 from vmcontroller.client import RECONNECT_MAX_DELAY, GuestClient, connect
-from vmcontroller.errors import AgentUnreachable, ConnectionLost, UnsupportedProtocolVersion
-from vmcontroller.testing import InMemoryAgentEndpoint
+from vmcontroller.errors import (
+    AgentUnreachable,
+    AuthenticationFailed,
+    ConnectionLost,
+    UnsupportedProtocolVersion,
+)
+from vmcontroller.testing import InMemoryAgentEndpoint, minted
 
 
 class Controller:
@@ -35,8 +41,12 @@ class Controller:
         self.endpoint = InMemoryAgentEndpoint({**OPERATIONS, **registry.operations()},
                                               agent_reactor=self.agent_reactor)
 
+    def connecting(self, **kwargs: object) -> Deferred[GuestClient]:
+        """``connect`` with the credentials of the endpoint's agent."""
+        return connect(self.clock, self.endpoint, credentials=self.endpoint.credentials, **kwargs)  # type: ignore[arg-type]
+
     def connect(self, **kwargs: object) -> GuestClient:
-        connecting = connect(self.clock, self.endpoint, **kwargs)  # type: ignore[arg-type]
+        connecting = self.connecting(**kwargs)
         self.endpoint.flush()
         client: GuestClient = outcome(connecting)
         return client
@@ -72,9 +82,23 @@ def test_in_flight_operations_fail_at_once_and_later_ones_run_once_the_agent_is_
     assert refused > 2  # retried, with backoff
     controller.endpoint.down = False
     controller.wait_out_backoff()
-    assert client.connected
+    assert client.connected and client.authenticated  # a new TLS session, not the old one resumed
     assert outcome(later)["version"]
     assert controller.endpoint.attempts == refused + 1  # one connection once the agent is back
+
+
+def test_a_reconnection_to_an_agent_with_other_credentials_closes_the_client(controller: Controller) -> None:
+    client = controller.connect(timeout=10)
+    _, controller.endpoint.agent_authenticator = minted()  # another VM's agent now answers
+    controller.endpoint.drop()
+    waiting = client.ping()
+    controller.wait_out_backoff()
+    error = outcome(waiting)
+    assert isinstance(error, AuthenticationFailed) and "not the one pinned for this VM" in str(error)
+    assert not client.connected and not client.reconnects
+    attempts = controller.endpoint.attempts
+    controller.wait_out_backoff()
+    assert controller.endpoint.attempts == attempts  # given up: it is not the agent it was
 
 
 def test_a_retained_command_is_collected_over_the_reconnected_client(controller: Controller) -> None:
@@ -111,7 +135,7 @@ def test_close_stops_reconnecting_and_fails_what_waits(controller: Controller) -
 
 def test_connect_gives_up_after_its_timeout_with_the_last_error(controller: Controller) -> None:
     controller.endpoint.down = True
-    connecting = connect(controller.clock, controller.endpoint, timeout=5)
+    connecting = controller.connecting(timeout=5)
     controller.clock.advance(5)
     error = outcome(connecting)
     assert isinstance(error, AgentUnreachable)
@@ -122,7 +146,7 @@ def test_connect_gives_up_after_its_timeout_with_the_last_error(controller: Cont
 
 
 def test_an_agent_without_a_common_version_is_not_retried(controller: Controller) -> None:
-    connecting = connect(controller.clock, controller.endpoint, timeout=5, versions=(99,))
+    connecting = controller.connecting(timeout=5, versions=(99,))
     controller.endpoint.flush()
     assert isinstance(outcome(connecting), UnsupportedProtocolVersion)
     controller.wait_out_backoff()

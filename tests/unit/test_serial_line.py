@@ -18,6 +18,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from guest_agent.protocol.connection import (
     ErrorReceived,
+    Event,
     HandshakeComplete,
     HostConnection,
     ResponseReceived,
@@ -26,8 +27,15 @@ from guest_agent.protocol.errors import ProtocolError
 from guest_agent.protocol.frames import NONCE_SIZE, RESET_MARKER, SYNC_MAGIC, Channel
 from guest_agent.session import OperationContext
 from guest_agent.transports import CharacterDeviceTransport
+from vmcontroller.testing import paired_authenticators
 
 IDLE = CharacterDeviceTransport.SERIAL_IDLE_TIMEOUT
+#: The line is authenticated, as in production: the frames below travel inside TLS.
+HOST_AUTH, AGENT_AUTH = paired_authenticators()
+
+
+def new_host() -> HostConnection:
+    return HostConnection(authenticator=HOST_AUTH)
 
 
 class Sink:
@@ -75,10 +83,11 @@ class Line:
 
     def handshake(self, host: HostConnection) -> None:
         host.start()
-        self.send(host.data_to_send())
-        host.receive_data(self.receive())  # ACK -> HELLO
-        self.send(host.data_to_send())
-        assert [type(e) for e in host.receive_data(self.receive())] == [HandshakeComplete]
+        events: list[Event] = []
+        while not events:  # SYNC/ACK, the TLS handshake, HELLO both ways
+            self.send(host.data_to_send())
+            events = host.receive_data(self.receive())
+        assert [type(e) for e in events] == [HandshakeComplete]
 
 
 def serve(sink: Sink, *, serial: bool) -> Iterator[Line]:
@@ -87,7 +96,9 @@ def serve(sink: Sink, *, serial: bool) -> Iterator[Line]:
     reactor = MemoryReactorClock()
     if not serial:
         tty.setraw(follower)  # only a serial device is put in raw mode by the transport
-    agent = CharacterDeviceTransport(reactor, os.ttyname(follower), {"sink": sink}, serial=serial)
+    agent = CharacterDeviceTransport(
+        reactor, os.ttyname(follower), {"sink": sink}, serial=serial, authenticator=AGENT_AUTH
+    )
     agent.startService()
     line = Line(master, reactor, agent)
     try:
@@ -117,7 +128,7 @@ def virtio_like(sink: Sink) -> Iterator[Line]:
 
 def start_push(line: Line) -> tuple[HostConnection, int, bytes]:
     """A session with a request in flight, and a DATA frame for it that the host has not sent."""
-    host = HostConnection()
+    host = new_host()
     line.handshake(host)
     rid = host.send_request("sink")
     line.send(host.data_to_send())
@@ -131,7 +142,7 @@ def test_a_frame_cut_off_by_a_host_that_left_is_dropped_once_the_line_is_idle(
     old, _rid, frame = start_push(serial)
     serial.send(frame[:300])  # the host left here
     assert len(serial.reactor.getDelayedCalls()) == 1
-    new = HostConnection()
+    new = new_host()
     new.start()
     serial.send(new.data_to_send())
     assert serial.receive() == b""  # the SYNC went into the dead frame's payload
@@ -193,7 +204,7 @@ def test_what_came_before_the_tty_was_raw_is_dropped() -> None:
     waiting.register(follower, select.POLLIN)
     assert waiting.poll(10_000), "the pty did not take the line in"
     reactor = MemoryReactorClock()
-    agent = CharacterDeviceTransport(reactor, os.ttyname(follower), {}, serial=True)
+    agent = CharacterDeviceTransport(reactor, os.ttyname(follower), {}, serial=True, authenticator=AGENT_AUTH)
     agent.startService()
     line = Line(master, reactor, agent)
     try:

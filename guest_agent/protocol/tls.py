@@ -1,0 +1,273 @@
+"""
+Mutual authentication of the channel: TLS 1.3, both ends pinned to the other's certificate.
+
+Sans-I/O, standard library only (the guest has Python and Twisted, nothing more):
+:class:`TLSSession` runs one ``ssl.SSLObject`` over two ``ssl.MemoryBIO`` buffers, so the
+protocol engine feeds it the payloads of TLS frames and gets plaintext back, and the reverse.
+
+Each VM has its own pair of self-signed certificates, minted on the host
+(:mod:`vmcontroller.credentials`): the host's and the agent's.  Each end holds its own key
+and certificate and *exactly one* certificate it accepts from the peer: a peer with any
+other certificate, even a valid one of another VM, fails the handshake.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from guest_agent.protocol.errors import AuthenticationFailed, TamperingDetected
+
+#: The version of the serialised credentials (:meth:`Credentials.to_json`).
+CREDENTIALS_FORMAT = 1
+#: The most plaintext one TLS record carries (RFC 8446, 5.1): each read takes one record, and
+#: asking for more would only make ``SSLObject.read`` allocate (and shrink) a larger buffer.
+RECORD_PLAINTEXT_MAX = 16384
+
+
+@dataclass(frozen=True, repr=False)
+class Credentials:
+    """
+    One end's identity: its private key (PKCS#8 DER), its certificate (DER) and the one
+    certificate (DER) it accepts from the peer.  ``repr`` leaves the key out, so a
+    credentials object in a log or a traceback shows no secret.
+    """
+
+    private_key: bytes
+    certificate: bytes
+    peer_certificate: bytes
+
+    def __repr__(self) -> str:
+        return f"<Credentials certificate sha256 {_fingerprint(self.certificate)[:16]}...>"
+
+    def to_json(self) -> bytes:
+        """Compact enough for a VirtualBox guest property (under 1 KiB with Ed25519)."""
+        return json.dumps(
+            {
+                "format": CREDENTIALS_FORMAT,
+                "key": base64.b64encode(self.private_key).decode(),
+                "certificate": base64.b64encode(self.certificate).decode(),
+                "peer_certificate": base64.b64encode(self.peer_certificate).decode(),
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Credentials:
+        """
+        :raises ValueError: ``data`` is not credentials of this format (the message never
+            quotes the data: it may hold a key).
+        """
+        try:
+            fields = json.loads(data)
+            if not isinstance(fields, dict) or fields.get("format") != CREDENTIALS_FORMAT:
+                raise ValueError
+            return cls(
+                base64.b64decode(fields["key"], validate=True),
+                base64.b64decode(fields["certificate"], validate=True),
+                base64.b64decode(fields["peer_certificate"], validate=True),
+            )
+        except (ValueError, KeyError, TypeError, binascii.Error, RecursionError):
+            raise ValueError(
+                f"not vmcontroller credentials of format {CREDENTIALS_FORMAT} "
+                "(JSON with key, certificate and peer_certificate in base64)"
+            ) from None
+
+
+def _fingerprint(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+def _pem(label: str, der: bytes) -> bytes:
+    body = base64.b64encode(der).decode()
+    lines = "\n".join(body[i : i + 64] for i in range(0, len(body), 64))
+    return f"-----BEGIN {label}-----\n{lines}\n-----END {label}-----\n".encode()
+
+
+@contextmanager
+def _memory_file(data: bytes) -> Iterator[str]:
+    """
+    A path to ``data`` that exists only in memory (``memfd_create``): ``load_cert_chain``
+    wants a file name, and the key must not touch a disk.
+    """
+    fd = os.memfd_create("vmcontroller-credentials", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+class Authenticator:
+    """
+    The TLS configuration of one end, built once and used for every session.
+
+    :param context: the ``ssl.SSLContext`` (TLS 1.3 only, peer certificate required).
+    :param pinned: the DER certificate the peer must present, byte for byte.
+    :param server_side: True for the agent.
+    """
+
+    def __init__(self, context: ssl.SSLContext, pinned: bytes, server_side: bool) -> None:
+        self.context = context
+        self.pinned = pinned
+        self.server_side = server_side
+
+    @classmethod
+    def from_credentials(cls, credentials: Credentials, *, server_side: bool) -> Authenticator:
+        """
+        :raises AuthenticationFailed: the credentials do not load (a damaged file, a key
+            that does not match its certificate).
+        """
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+        # TLS 1.3 only: an older version is refused by the handshake itself.
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.maximum_version = ssl.TLSVersion.TLSv1_3
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.check_hostname = False  # the certificate is pinned; there is no host name
+        # No resumption: every session proves both keys afresh; tickets would also be bytes
+        # sent after the handshake that the peer never asked for.
+        context.options |= ssl.OP_NO_TICKET
+        if server_side:
+            context.num_tickets = 0
+        try:
+            with _memory_file(
+                _pem("PRIVATE KEY", credentials.private_key) + _pem("CERTIFICATE", credentials.certificate)
+            ) as path:
+                context.load_cert_chain(path)
+            context.load_verify_locations(cadata=credentials.peer_certificate)
+        except (ssl.SSLError, ValueError) as e:
+            raise AuthenticationFailed(
+                f"these credentials do not load ({e}): mint new ones for the VM "
+                "(vmcontroller.credentials.CredentialStore.rotate)"
+            ) from None
+        return cls(context, credentials.peer_certificate, server_side)
+
+    def session(self) -> TLSSession:
+        return TLSSession(self)
+
+
+class TLSSession:
+    """
+    One TLS connection in memory: ciphertext in and out as bytes, plaintext likewise.
+    Every failure is one of our exceptions, never ``ssl.SSLError``.
+    """
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._authenticator = authenticator
+        self._tls = authenticator.context.wrap_bio(
+            self._incoming, self._outgoing, server_side=authenticator.server_side
+        )
+        self.established = False
+
+    def start(self) -> None:
+        """Begin the handshake (the client's first flight)."""
+        self._handshake()
+
+    @property
+    def cipher(self) -> str | None:
+        """The cipher suite agreed (``TLS_AES_256_GCM_SHA384``, say), once established."""
+        agreed = self._tls.cipher()
+        return agreed[0] if agreed else None
+
+    def ciphertext(self) -> bytes:
+        """What must go to the peer, in order; the buffer is emptied."""
+        return self._outgoing.read()
+
+    def receive(self, ciphertext: bytes) -> bytes:
+        """
+        Take bytes from the peer; return the plaintext they complete (none during the
+        handshake).  After it returns, :attr:`established` may have turned true.
+
+        :raises AuthenticationFailed: the handshake failed: the peer's certificate is not
+            the pinned one, it sent none, it offered no TLS 1.3, or its proof did not verify.
+        :raises TamperingDetected: after the handshake, a record failed its integrity check.
+        """
+        self._incoming.write(ciphertext)
+        if not self.established:
+            self._handshake()
+            if not self.established:
+                return b""
+        pieces: list[bytes] = []
+        while True:
+            try:
+                piece = self._tls.read(RECORD_PLAINTEXT_MAX)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                raise TamperingDetected("the peer closed its TLS session in the middle of ours") from None
+            except ssl.SSLError as e:
+                if "ALERT" in (e.reason or ""):
+                    # The peer refused us: in TLS 1.3 a client has finished its handshake
+                    # before the server says it rejects the client's certificate.
+                    raise AuthenticationFailed(self._explain(e)) from None
+                raise TamperingDetected(
+                    f"a record from the peer failed TLS's integrity check ({e.reason or e}): "
+                    "the channel was tampered with, or bytes were lost"
+                ) from None
+            if not piece:
+                break
+            pieces.append(piece)
+        return b"".join(pieces)
+
+    def send(self, plaintext: bytes) -> None:
+        """Encrypt ``plaintext``; fetch the records with :meth:`ciphertext`."""
+        try:
+            self._tls.write(plaintext)
+        except ssl.SSLError as e:  # only after a fatal error of our own, which already raised
+            raise TamperingDetected(f"the TLS session cannot send any more ({e})") from None
+
+    def _handshake(self) -> None:
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return
+        except ssl.SSLCertVerificationError as e:
+            raise AuthenticationFailed(
+                f"the {self._peer_name} presented a certificate that is not the one pinned for this "
+                f"VM ({e.verify_message}): it is another VM's, stale, or not ours"
+            ) from None
+        except ssl.SSLError as e:
+            raise AuthenticationFailed(self._explain(e)) from None
+        presented = self._tls.getpeercert(binary_form=True)
+        if presented != self._authenticator.pinned:
+            # The chain check already limits the peer to the pinned certificate; this is the
+            # pin itself, byte for byte, so nothing else can ever pass.
+            raise AuthenticationFailed(
+                f"the {self._peer_name}'s certificate is not the one pinned for this VM"
+            )
+        self.established = True
+
+    @property
+    def _peer_name(self) -> str:
+        return "host" if self._authenticator.server_side else "agent"
+
+    def _explain(self, error: ssl.SSLError) -> str:
+        reason = error.reason or str(error)
+        hints = {
+            "PEER_DID_NOT_RETURN_A_CERTIFICATE": f"the {self._peer_name} has no credentials for this VM",
+            "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the agent requires a certificate and this end sent none",
+            "UNSUPPORTED_PROTOCOL": f"the {self._peer_name} offered no TLS 1.3",
+            "TLSV1_ALERT_PROTOCOL_VERSION": f"the {self._peer_name} refused our TLS version (only 1.3)",
+            "DECRYPT_ERROR": "a handshake message did not verify: a replayed or altered handshake",
+            "DECRYPTION_FAILED_OR_BAD_RECORD_MAC": "a handshake message did not verify: a replayed "
+            "or altered handshake",
+            "TLSV1_ALERT_DECRYPT_ERROR": "the peer could not verify our handshake",
+            "TLSV1_ALERT_UNKNOWN_CA": f"the {self._peer_name} does not accept this end's certificate "
+            "(credentials of another VM, or stale ones: rotate them)",
+            "SSLV3_ALERT_BAD_CERTIFICATE": f"the {self._peer_name} rejected this end's certificate",
+        }
+        hint = hints.get(reason, "the handshake broke")
+        return f"TLS handshake with the {self._peer_name} failed: {hint} ({reason})"
+
+
+__all__ = ["CREDENTIALS_FORMAT", "Authenticator", "Credentials", "TLSSession"]
+

@@ -1,0 +1,321 @@
+"""
+Mutual authentication in the sans-I/O engines: TLS 1.3 through memory BIOs, the host's and
+the agent's ends joined by hand, no reactor and no sockets.
+
+Every way in without this VM's credentials is refused with our own exception and a message
+that says why, and the agent then serves its real host as before.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+
+from guest_agent.protocol.connection import (
+    AgentConnection,
+    DataReceived,
+    ErrorReceived,
+    Event,
+    HandshakeComplete,
+    HandshakeFailed,
+    HostConnection,
+    ProtocolFailure,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+)
+from guest_agent.protocol.errors import (
+    AuthenticationFailed,
+    ProtocolError,
+    TamperingDetected,
+    UnsupportedProtocolVersion,
+)
+from guest_agent.protocol.frames import ACK_MAGIC, Channel, FrameDecoder, FrameType, encode_frame, encode_json
+from guest_agent.protocol.tls import Authenticator, Credentials
+from vmcontroller.credentials import mint
+
+HOST_CREDENTIALS, AGENT_CREDENTIALS = mint()
+HOST = Authenticator.from_credentials(HOST_CREDENTIALS, server_side=False)
+AGENT = Authenticator.from_credentials(AGENT_CREDENTIALS, server_side=True)
+OTHER_HOST_CREDENTIALS, OTHER_AGENT_CREDENTIALS = mint()  # another VM's
+
+
+def exchange(host: HostConnection, agent: AgentConnection) -> tuple[list[Event], list[Event]]:
+    """Move bytes both ways until both ends are quiet; the events each end produced."""
+    host_events: list[Event] = []
+    agent_events: list[Event] = []
+    for _ in range(20):
+        to_agent = host.data_to_send()
+        agent_events += agent.receive_data(to_agent)
+        to_host = agent.data_to_send()
+        host_events += host.receive_data(to_host)
+        if not to_agent and not to_host:
+            return host_events, agent_events
+    raise AssertionError("the ends never stopped talking")
+
+
+def connected(host: HostConnection | None = None, agent: AgentConnection | None = None) -> tuple[
+    HostConnection, AgentConnection
+]:
+    host = host or HostConnection(authenticator=HOST)
+    agent = agent or AgentConnection(authenticator=AGENT)
+    host.start()
+    host_events, agent_events = exchange(host, agent)
+    assert [type(e) for e in host_events] == [HandshakeComplete]
+    assert [type(e) for e in agent_events] == [HandshakeComplete]
+    assert host.authenticated and agent.authenticated
+    return host, agent
+
+
+def assert_serves_its_host(agent: AgentConnection) -> None:
+    """The real host gets a session and a round trip, whatever came before."""
+    host, agent = connected(agent=agent)
+    rid = host.send_request("ping")
+    (request,) = agent.receive_data(host.data_to_send())
+    assert request == RequestReceived(rid, "ping", {})
+    agent.send_response(rid, {"pong": True})
+    assert host.receive_data(agent.data_to_send()) == [ResponseReceived(rid, {"pong": True})]
+
+
+def refused_by_agent(agent_events: list[Event]) -> ProtocolError:
+    (failure,) = [e for e in agent_events if isinstance(e, ProtocolFailure)]
+    return failure.error
+
+
+def test_session_runs_inside_tls() -> None:
+    host, agent = connected()
+    secret = b"the same bytes would be visible on a plaintext channel"
+    rid = host.send_request("push", {"path": "/x"})
+    host.send_data(rid, Channel.INPUT, secret)
+    host.send_eof(rid, Channel.INPUT, {"size": len(secret)})
+    wire = host.data_to_send()
+    assert secret not in wire and b"push" not in wire
+    # On the wire: TLS frames only.
+    decoder = FrameDecoder(1 << 20)
+    decoder.feed(wire)
+    frames = []
+    while (item := decoder.next()) is not None:
+        frames.append(item)
+    assert {getattr(f, "type", None) for f in frames} == {FrameType.TLS}
+    assert agent.receive_data(wire) == [
+        RequestReceived(rid, "push", {"path": "/x"}),
+        DataReceived(rid, Channel.INPUT, secret),
+        StreamEnded(rid, Channel.INPUT, {"size": len(secret)}),
+    ]
+
+
+def test_large_data_crosses_in_tls_frames_under_the_limit() -> None:
+    host, agent = connected()
+    rid = host.send_request("push", {})
+    data = bytes(range(256)) * 4096  # 1 MiB
+    assert host.send_data(rid, Channel.INPUT, data) == len(data)
+    events = agent.receive_data(host.data_to_send())
+    received = b"".join(e.data for e in events if isinstance(e, DataReceived))
+    assert received == data
+
+
+def test_host_without_credentials_is_refused() -> None:
+    """A TLS client with no certificate at all: what anyone on the channel could try."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(cadata=AGENT_CREDENTIALS.certificate)
+    anonymous = HostConnection(authenticator=Authenticator(context, AGENT_CREDENTIALS.certificate, False))
+    agent = AgentConnection(authenticator=AGENT)
+    anonymous.start()
+    host_events, agent_events = exchange(anonymous, agent)
+    error = refused_by_agent(agent_events)
+    assert isinstance(error, AuthenticationFailed)
+    assert "the host has no credentials for this VM" in str(error)
+    assert not agent.is_open
+    # The intruder learns it was refused, with the same error class.
+    assert any(isinstance(e, HandshakeFailed | ErrorReceived) for e in host_events)
+    assert_serves_its_host(agent)
+
+
+def test_host_with_another_vms_credentials_is_refused() -> None:
+    # Even pinning this VM's agent correctly, its own certificate is not this VM's host's.
+    other = Credentials(
+        OTHER_HOST_CREDENTIALS.private_key, OTHER_HOST_CREDENTIALS.certificate, AGENT_CREDENTIALS.certificate
+    )
+    stranger = HostConnection(authenticator=Authenticator.from_credentials(other, server_side=False))
+    agent = AgentConnection(authenticator=AGENT)
+    stranger.start()
+    _host_events, agent_events = exchange(stranger, agent)
+    error = refused_by_agent(agent_events)
+    assert isinstance(error, AuthenticationFailed) and "not the one pinned for this VM" in str(error)
+    assert_serves_its_host(agent)
+
+
+def test_agent_of_another_vm_is_refused_by_the_host() -> None:
+    host = HostConnection(authenticator=HOST)
+    other = Authenticator.from_credentials(OTHER_AGENT_CREDENTIALS, server_side=True)
+    impostor = AgentConnection(authenticator=other)
+    host.start()
+    host_events, _ = exchange(host, impostor)
+    (failed,) = host_events
+    assert isinstance(failed, HandshakeFailed) and isinstance(failed.error, AuthenticationFailed)
+    assert "agent presented a certificate that is not the one pinned for this VM" in str(failed.error)
+    assert not host.is_open
+
+
+def test_replayed_handshake_is_refused() -> None:
+    """Everything a host once sent, replayed to the agent: TLS's fresh randoms make it fail."""
+    host, agent = HostConnection(authenticator=HOST), AgentConnection(authenticator=AGENT)
+    host.start()
+    recorded = b""
+    for _ in range(10):
+        sent = host.data_to_send()
+        recorded += sent
+        agent.receive_data(sent)
+        host.receive_data(agent.data_to_send())
+    assert host.is_open
+    replaying = AgentConnection(authenticator=AGENT)
+    events = replaying.receive_data(recorded)
+    error = refused_by_agent(events)
+    assert isinstance(error, AuthenticationFailed)
+    assert "replayed or altered handshake" in str(error) or "did not verify" in str(error)
+    assert not replaying.is_open
+    assert_serves_its_host(replaying)
+
+
+def test_tampered_frame_mid_session_ends_the_session_and_the_next_works() -> None:
+    host, agent = connected()
+    rid = host.send_request("exec", {"argv": ["true"]})
+    wire = bytearray(host.data_to_send())
+    wire[-3] ^= 0x01  # a bit of the record's ciphertext; the frame header's CRC still holds
+    events = agent.receive_data(bytes(wire))
+    error = refused_by_agent(events)
+    assert isinstance(error, TamperingDetected) and "integrity" in str(error)
+    assert not any(isinstance(e, RequestReceived) for e in events)  # nothing was acted on
+    # The host hears why (outside TLS, which is broken) and starts over.
+    (told,) = host.receive_data(agent.data_to_send())
+    assert isinstance(told, ErrorReceived) and told.request_id == 0
+    assert isinstance(told.error, TamperingDetected)
+    assert rid and host.open_requests == 1  # the client fails it and resynchronises
+    assert_serves_its_host(agent)
+
+
+def test_tampered_frame_from_the_agent_is_our_error_on_the_host() -> None:
+    host, agent = connected()
+    rid = host.send_request("ping")
+    agent.receive_data(host.data_to_send())
+    agent.send_response(rid, {"ok": 1})
+    wire = bytearray(agent.data_to_send())
+    wire[-1] ^= 0x80
+    with pytest.raises(TamperingDetected):
+        host.receive_data(bytes(wire))
+
+
+def test_plaintext_frame_injected_into_an_authenticated_session_is_refused() -> None:
+    host, agent = connected()
+    events = agent.receive_data(encode_frame(FrameType.REQUEST, 7, b'{"op":"exec","args":{"argv":["sh"]}}'))
+    error = refused_by_agent(events)
+    assert "outside TLS" in str(error)
+    assert not any(isinstance(e, RequestReceived) for e in events)
+    with pytest.raises(ProtocolError, match="outside TLS"):
+        host.receive_data(encode_frame(FrameType.RESPONSE, 1, b"{}"))
+
+
+def test_downgrade_to_no_authentication_is_refused_by_the_agent() -> None:
+    """A host (or a meddler) that skips TLS and sends HELLO in the clear."""
+    dev_host = HostConnection(authenticator=None)
+    agent = AgentConnection(authenticator=AGENT)
+    dev_host.start()
+    host_events, agent_events = exchange(dev_host, agent)
+    assert isinstance(refused_by_agent(agent_events), AuthenticationFailed)
+    (failed,) = host_events
+    assert isinstance(failed, HandshakeFailed) and isinstance(failed.error, AuthenticationFailed)
+    assert "requires authentication" in str(failed.error)
+    assert_serves_its_host(agent)
+
+
+def test_downgrade_to_no_authentication_is_refused_by_the_host() -> None:
+    """An agent that answers in the clear (development mode, or something in its place)."""
+    host = HostConnection(authenticator=HOST)
+    dev_agent = AgentConnection(authenticator=None)
+    host.start()
+    host_events, agent_events = exchange(host, dev_agent)
+    (failed,) = host_events
+    assert isinstance(failed, HandshakeFailed) and isinstance(failed.error, AuthenticationFailed)
+    assert "development mode" in str(failed.error)
+    assert isinstance(refused_by_agent(agent_events), AuthenticationFailed)
+
+
+def test_meddler_answering_a_plaintext_hello_for_the_agent_is_refused() -> None:
+    host = HostConnection(authenticator=HOST)
+    host.start()
+    nonce = host.data_to_send()[-16:]
+    hello = {"version": 2, "max_frame": 262144, "window": 4194304, "max_inflight": 64}
+    (failed,) = host.receive_data(ACK_MAGIC + nonce + encode_frame(FrameType.HELLO, 0, encode_json(hello)))
+    assert isinstance(failed, HandshakeFailed) and isinstance(failed.error, AuthenticationFailed)
+    assert not host.is_open
+
+
+def test_old_host_without_authentication_gets_unsupported_version() -> None:
+    old_host = HostConnection(versions=(1,), authenticator=None)
+    agent = AgentConnection(authenticator=AGENT)
+    old_host.start()
+    host_events, _ = exchange(old_host, agent)
+    (failed,) = host_events
+    assert isinstance(failed, HandshakeFailed) and isinstance(failed.error, UnsupportedProtocolVersion)
+    assert "upgrade vmcontroller on the host" in str(failed.error)
+    assert_serves_its_host(agent)
+
+
+def test_old_agent_that_does_not_know_tls_frames_gets_a_clear_error() -> None:
+    """What a protocol-1 agent answers to a TLS frame, a type it does not know."""
+    host = HostConnection(authenticator=HOST)
+    host.start()
+    nonce = host.data_to_send()[-16:]
+    assert host.receive_data(ACK_MAGIC + nonce) == []
+    refusal = encode_json({"code": "protocol-violation", "message": "unknown frame type 10", "details": {}})
+    (failed,) = host.receive_data(encode_frame(FrameType.ERROR, 0, refusal))
+    assert isinstance(failed, HandshakeFailed) and isinstance(failed.error, UnsupportedProtocolVersion)
+    assert "Install the current vmcontroller agent" in str(failed.error)
+
+
+def test_tls_older_than_1_3_is_refused() -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.load_verify_locations(cadata=AGENT_CREDENTIALS.certificate)
+    old = HostConnection(authenticator=Authenticator(context, AGENT_CREDENTIALS.certificate, False))
+    agent = AgentConnection(authenticator=AGENT)
+    old.start()
+    _, agent_events = exchange(old, agent)
+    error = refused_by_agent(agent_events)
+    assert isinstance(error, AuthenticationFailed) and "TLS 1.3" in str(error)
+    assert_serves_its_host(agent)
+
+
+def test_a_new_session_is_a_new_handshake() -> None:
+    host, agent = connected()
+    host.start()  # resynchronise: the old TLS session is gone with the old protocol session
+    host_events, agent_events = exchange(host, agent)
+    assert [type(e) for e in host_events] == [HandshakeComplete]
+    assert HandshakeComplete in [type(e) for e in agent_events]
+
+
+def test_credentials_round_trip_and_never_show_the_key() -> None:
+    again = Credentials.from_json(AGENT_CREDENTIALS.to_json())
+    assert again == AGENT_CREDENTIALS
+    assert len(AGENT_CREDENTIALS.to_json()) < 1024  # fits a VirtualBox guest property
+    text = repr(AGENT_CREDENTIALS)
+    assert AGENT_CREDENTIALS.private_key.hex() not in text and "key" not in text.lower()
+
+
+def test_damaged_credentials_are_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="not vmcontroller credentials") as raised:
+        Credentials.from_json(b'{"format": 1, "key": "!!"}')
+    assert "!!" not in str(raised.value)
+    mismatched = Credentials(HOST_CREDENTIALS.private_key, AGENT_CREDENTIALS.certificate, b"")
+    with pytest.raises(AuthenticationFailed, match="do not load"):
+        Authenticator.from_credentials(mismatched, server_side=False)
+
+
+def test_openssl_speed_parsing_for_the_bench() -> None:
+    from bench.run import parse_openssl_speed
+
+    output = "+DT:aes-256-gcm:2:16384\n+R:9000:aes-256-gcm:2.00\n+H:16384\n+F:25:AES-256-GCM:73728000.00\n"
+    assert parse_openssl_speed(output) == {"aes-256-gcm": 73728000.0}

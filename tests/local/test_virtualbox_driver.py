@@ -422,7 +422,8 @@ async def agent_reads_its_credentials(vbox: StandinVirtualBox, vm: str, tmp_path
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_agent_s_end_is_a_guest_property_the_guest_reads_and_erases(vbox, base, tmp_path, monkeypatch):
+async def test_the_agent_s_end_is_a_guest_property_the_guest_reads_and_erases(
+        vbox, base, tmp_path, monkeypatch):
     driver = vbox.driver
     await driver.define(VMSpec(name="vm1", disk=str(base)))
     assert guest_property(vbox, "vm1") is None  # not before the VM boots
@@ -467,7 +468,8 @@ async def test_a_vm_restored_from_its_saved_state_gets_no_property(vbox, base, t
 
 
 @pytest_twisted.ensureDeferred
-async def test_rotation_reaches_the_guest_at_its_next_boot_without_a_new_image(vbox, base, tmp_path, monkeypatch):
+async def test_rotation_reaches_the_guest_at_its_next_boot_without_a_new_image(
+        vbox, base, tmp_path, monkeypatch):
     driver = vbox.driver
     image = base.read_bytes()
     await driver.define(VMSpec(name="vm1", disk=str(base)))

@@ -813,7 +813,9 @@ def connect(
     The client reconnects by itself, with backoff (at most :data:`RECONNECT_MAX_DELAY`
     between attempts), whenever the channel is lost, until :meth:`GuestClient.close`.
     Operations in flight when the channel or the agent's session goes fail at once with
-    :class:`ConnectionLost`; later ones wait for the next session.
+    :class:`ConnectionLost`; later ones wait for the next session.  Each new session runs a
+    new TLS handshake (sessions are never resumed); one whose agent fails it closes the
+    client, and what waits fails with :class:`AuthenticationFailed`.
 
     :param credentials: the host's end of the VM's credentials
         (``driver.agent_credentials(name)``); required unless ``development``.

@@ -17,6 +17,8 @@ import guest_agent
 from guest_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError
 from guest_agent.credentials import load_credentials, read_credentials_file
 from guest_agent.ops import build_operations
+from guest_agent.ops.commands import CommandRegistry, RetentionLimits
+from guest_agent.ops.files import PartialUploads
 from guest_agent.protocol.connection import SUPPORTED_VERSIONS
 from guest_agent.protocol.errors import AuthenticationFailed, CredentialsUnavailable
 from guest_agent.protocol.tls import Authenticator
@@ -25,6 +27,14 @@ from guest_agent.transports import AgentFactory, CharacterDeviceTransport, virti
 
 log = Logger()
 HELLO = {"software": f"vmcontroller-agent {guest_agent.__version__}"}
+#: Where retained commands spill their output (see guest_agent.ops.commands).
+DEFAULT_SPOOL_DIR = "/var/lib/vmcontroller-agent/spool"
+
+
+def durable_operations(args: argparse.Namespace) -> dict[str, Operation]:
+    """The retained commands and partial pushes, one set shared by every channel."""
+    limits = RetentionLimits(args.max_commands, args.memory_per_stream, args.spool_bytes)
+    return {**CommandRegistry(args.spool_dir, limits).operations(), **PartialUploads().operations()}
 
 
 #: The exit status when the agent refuses to serve for want of credentials (EX_CONFIG); the
@@ -141,6 +151,15 @@ def main(argv: list[str]) -> int:
         help=f"the agent's configuration file (TOML; default {DEFAULT_CONFIG_PATH} if it exists): limits, "
         "allowed roots for file operations, the programs exec may run",
     )
+    defaults = RetentionLimits()
+    parser.add_argument("--spool-dir", default=DEFAULT_SPOOL_DIR, metavar="DIR",
+                        help="where retained commands spill output beyond memory (emptied at start)")
+    parser.add_argument("--max-commands", type=int, default=defaults.max_commands, metavar="N",
+                        help="retained commands kept at once")
+    parser.add_argument("--memory-per-stream", type=int, default=defaults.memory_per_stream, metavar="BYTES",
+                        help="bytes of a retained command's stdout (or stderr) kept in memory")
+    parser.add_argument("--spool-bytes", type=int, default=defaults.disk_bytes, metavar="BYTES",
+                        help="bytes of spilled output kept on disk, all commands together")
     parser.add_argument(
         "--credentials",
         metavar="FILE",
@@ -162,7 +181,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"vmcontroller agent: {e}", file=sys.stderr)
         return 2
-    operations = build_operations(config)
+    operations = build_operations(config, durable_operations(args))
 
     from twisted.internet import reactor
 

@@ -62,6 +62,9 @@ class OperationContext:
         self.io = io
         self.notify = notify
         self.cancel_reason: dict[str, Any] | None = None
+        #: The cancel came from the session ending, not from the host's CANCEL: an
+        #: operation whose work outlives the session stops only talking to it.
+        self.session_ended = False
         self._cancel_callbacks: list[Callable[[dict[str, Any]], None]] = []
 
     def on_cancel(self, callback: Callable[[dict[str, Any]], None]) -> None:
@@ -71,10 +74,11 @@ class OperationContext:
         else:
             self._cancel_callbacks.append(callback)
 
-    def cancel(self, reason: dict[str, Any]) -> None:
+    def cancel(self, reason: dict[str, Any], session_ended: bool = False) -> None:
         if self.cancel_reason is not None:
             return
         self.cancel_reason = reason
+        self.session_ended = session_ended
         callbacks, self._cancel_callbacks = self._cancel_callbacks, []
         for callback in callbacks:
             callback(reason)
@@ -163,7 +167,7 @@ class AgentSession:
     def _end_session(self, why: str) -> None:
         running, self._running = self._running, {}
         for context in running.values():
-            context.cancel({"reason": why})
+            context.cancel({"reason": why}, session_ended=True)
         self.link.fail_all(ConnectionLost(why))
 
     def _start(self, event: RequestReceived) -> None:

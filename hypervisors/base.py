@@ -6,10 +6,10 @@ hypervisors that push nothing, and the capability check.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -18,7 +18,9 @@ from zope.interface import implementer
 from hypervisors.interface import Capability, ISubscription, VMEvent, VMEventType, VMState
 from vmcontroller.errors import CapabilityUnsupported, VMNotFound, VMTimeout
 
-__all__ = ["EventHub", "StatePoller", "event_for_transition", "require_capability"]
+__all__ = ["EventHub", "PerVMQueue", "StatePoller", "event_for_transition", "require_capability"]
+
+T = TypeVar("T")
 
 EventCallback = Callable[[VMEvent], object]
 
@@ -32,6 +34,29 @@ def require_capability(driver: Any, capability: Capability, reason: str) -> None
     """
     if capability not in driver.capabilities:
         raise CapabilityUnsupported(driver.name, capability.value, reason)
+
+
+class PerVMQueue:
+    """
+    Runs one job per VM at a time, in call order (the interface promises that state changes
+    of one VM do); jobs on different VMs run side by side. A VM's lock is dropped once its
+    queue is empty, so the table holds only VMs with work in hand.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, DeferredLock] = {}
+
+    async def run(self, vm: str, body: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        lock = self._locks.get(vm)
+        if lock is None:
+            lock = self._locks[vm] = DeferredLock()
+        await lock.acquire()
+        try:
+            return await body()
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(vm, None)
 
 
 @implementer(ISubscription)

@@ -59,14 +59,17 @@ if [ ! -x "$VENV/bin/python" ]; then
     /usr/bin/python3 -m venv "$VENV"
 fi
 # Re-install only when the packaging metadata changed (or the venv is new).
-STAMP="$VENV/.setup-host-$(cat "$REPO/setup.cfg" "$REPO/pyproject.toml" | sha256sum | cut -c1-16)"
-if [ -e "$STAMP" ] && "$VENV/bin/python" -c "import vmcontroller, hypervisors, libvirt, tox" 2>/dev/null; then
+THIRDPARTY="$REPO/tests/thirdparty_driver"
+STAMP="$VENV/.setup-host-$(cat "$REPO/setup.cfg" "$REPO/pyproject.toml" "$THIRDPARTY/pyproject.toml" | sha256sum | cut -c1-16)"
+if [ -e "$STAMP" ] && "$VENV/bin/python" -c "import vmcontroller, hypervisors, libvirt, tox, vmc_thirdparty_driver" 2>/dev/null; then
     step "virtual environment up to date"
 else
     step "pip install -e '.[test,lint]' tox (into $VENV)"
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e "$REPO[test,lint]" tox \
         || die "pip install failed; libvirt-python needs libvirt-dev, pkg-config and gcc"
+    # The conformance suite's third-party driver, a package of its own (as in tox.ini).
+    "$VENV/bin/python" -m pip install -q "$THIRDPARTY" || die "pip install $THIRDPARTY failed"
     rm -f "$VENV"/.setup-host-*
     touch "$STAMP"
 fi

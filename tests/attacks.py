@@ -161,7 +161,7 @@ async def serves_its_host(
         assert (await client.ping())["version"]
         assert client.authenticated
     finally:
-        client.close()
+        await client.close()
 
 
 __all__ = [

@@ -7,12 +7,13 @@ vmcontroller: drive VMs and the agents inside them from Twisted.
 - :mod:`vmcontroller.errors` has every exception raised.
 """
 
-from vmcontroller.client import ExecHandle, ExecResult, GuestClient, TransferResult, connect
+from vmcontroller.client import CommandInfo, ExecHandle, ExecResult, GuestClient, TransferResult, connect
 from vmcontroller.machine import connect_vm_agent
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CommandInfo",
     "ExecHandle",
     "ExecResult",
     "GuestClient",

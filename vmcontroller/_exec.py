@@ -8,19 +8,21 @@ callback that returns a Deferred holds the guest process back until it fires.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.python.failure import Failure
 
 from guest_agent.link import RequestIO
+from guest_agent.protocol.errors import error_from_wire
 from guest_agent.protocol.frames import Channel
 from vmcontroller.errors import (
     BadRequest,
     LimitExceeded,
     OperationCancelled,
     ProcessFailed,
+    ProtocolError,
     VMControllerError,
 )
 
@@ -45,10 +47,20 @@ class ExecResult:
     signal: str | None
     stdout: bytes
     stderr: bytes
+    #: The id the command was started with, for a retained command.
+    exec_id: str | None = None
+    #: Bytes of output a retained command produced beyond the agent's limits, by stream
+    #: ("stdout", "stderr"): the output above is then a prefix of it.
+    output_dropped: dict[str, int] = field(default_factory=dict)
 
     @property
     def succeeded(self) -> bool:
         return self.exit_code == 0
+
+    @property
+    def output_complete(self) -> bool:
+        """No output was dropped for want of room in the guest."""
+        return not any(self.output_dropped.values())
 
     def check(self) -> ExecResult:
         """
@@ -73,9 +85,10 @@ class ExecHandle:
 
     def __init__(self, client: GuestClient, argv: list[str], args: dict[str, Any],
                  stdin: bytes | type[STREAM] | None, on_stdout: OutputCallback | None,
-                 on_stderr: OutputCallback | None, max_output: int) -> None:
+                 on_stderr: OutputCallback | None, max_output: int, op: str = "exec") -> None:
         self._argv = tuple(argv)
         self._max_output = max_output
+        self._op = op
         self._stdin = stdin
         self._callbacks: dict[int, OutputCallback | None] = {
             Channel.STDOUT: on_stdout, Channel.STDERR: on_stderr}
@@ -171,7 +184,7 @@ class ExecHandle:
 
     async def _run(self, client: GuestClient, args: dict[str, Any]) -> ExecResult:
         try:
-            io, reply = await client.open_request("exec", args)
+            io, reply = await client.open_request(self._op, args)
             self._io = io
             waiters, self._io_waiters = self._io_waiters, []
             for waiter in waiters:
@@ -188,7 +201,9 @@ class ExecHandle:
             raise OperationCancelled(f"{list(self._argv)!r} was cancelled: "
                                      "the agent kills its process group in the guest") from None
         stdout, stderr = (bytes(self._collected[channel]) for channel in (Channel.STDOUT, Channel.STDERR))
-        return ExecResult(self._argv, status.get("exit_code"), status.get("signal"), stdout, stderr)
+        dropped = {name: int(count) for name, count in (status.get("output_dropped") or {}).items()}
+        return ExecResult(tuple(status.get("argv") or self._argv), status.get("exit_code"),
+                          status.get("signal"), stdout, stderr, status.get("exec_id"), dropped)
 
     @staticmethod
     async def _feed(io: RequestIO, data: bytes) -> None:
@@ -243,7 +258,8 @@ class ExecHandle:
 
 def start(client: GuestClient, argv: list[str], *, env: dict[str, str] | None, cwd: str | None,
           stdin: bytes | type[STREAM] | None, timeout: float | None, on_stdout: OutputCallback | None,
-          on_stderr: OutputCallback | None, max_output: int | None = None) -> ExecHandle:
+          on_stderr: OutputCallback | None, max_output: int | None = None,
+          exec_id: str | None = None) -> ExecHandle:
     """
     Start ``argv`` in the guest; see :meth:`GuestClient.exec`.
 
@@ -253,8 +269,53 @@ def start(client: GuestClient, argv: list[str], *, env: dict[str, str] | None, c
         raise BadRequest(f"exec needs argv, a non-empty list of strings; got {argv!r}")
     args = {"argv": list(argv), "env": env, "cwd": cwd, "stdin": "stream" if stdin is not None else "none",
             "timeout": timeout}
+    if exec_id is not None:
+        args["exec_id"] = exec_id
     limit = client.client_limits.max_output if max_output is None else max_output
     return ExecHandle(client, list(argv), args, stdin, on_stdout, on_stderr, limit)
 
 
-__all__ = ["STREAM", "ExecHandle", "ExecResult", "OutputCallback", "start"]
+def attach(client: GuestClient, exec_id: str, *, stdout_offset: int, stderr_offset: int,
+           on_stdout: OutputCallback | None, on_stderr: OutputCallback | None) -> ExecHandle:
+    """Stream a retained command's output and result; see :meth:`GuestClient.attach`."""
+    args = {"exec_id": exec_id, "stdout_offset": stdout_offset, "stderr_offset": stderr_offset}
+    return ExecHandle(client, [], args, None, on_stdout, on_stderr, client.client_limits.max_output,
+                      op="attach")
+
+
+@dataclass(frozen=True)
+class CommandInfo:
+    """
+    A command the agent retains, as :meth:`GuestClient.commands` lists it.
+
+    :ivar running: it has not ended yet; then ``exit_code``, ``signal`` and ``error`` are None.
+    :ivar error: how it failed instead of exiting (a timeout, a cancel), as an exception.
+    :ivar sizes: bytes of output kept, by stream ("stdout", "stderr").
+    :ivar output_dropped: bytes beyond the agent's limits, by stream.
+    """
+
+    exec_id: str
+    argv: tuple[str, ...]
+    running: bool
+    exit_code: int | None
+    signal: str | None
+    error: VMControllerError | None
+    sizes: dict[str, int]
+    output_dropped: dict[str, int]
+
+    @classmethod
+    def from_wire(cls, entry: dict[str, Any]) -> CommandInfo:
+        """:raises ProtocolError: the agent's entry is not one."""
+        try:
+            error = entry.get("error")
+            return cls(
+                str(entry["exec_id"]), tuple(str(a) for a in entry["argv"]), entry["state"] == "running",
+                entry.get("exit_code"), entry.get("signal"),
+                error_from_wire(str(error["code"]), str(error["message"])) if error else None,
+                {k: int(v) for k, v in entry["sizes"].items()},
+                {k: int(v) for k, v in entry["output_dropped"].items()})
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ProtocolError(f"the agent listed a malformed command {entry!r}: {e!r}") from None
+
+
+__all__ = ["STREAM", "CommandInfo", "ExecHandle", "ExecResult", "OutputCallback", "attach", "start"]

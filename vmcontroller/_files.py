@@ -17,11 +17,13 @@ import hashlib
 import os
 import stat
 import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 
@@ -29,6 +31,7 @@ from guest_agent.link import RequestIO
 from guest_agent.protocol.frames import Channel
 from vmcontroller.errors import (
     BadRequest,
+    ConnectionLost,
     IncompleteTransfer,
     IntegrityError,
     IsADirectory,
@@ -36,6 +39,7 @@ from vmcontroller.errors import (
     NotADirectory,
     PathNotFound,
     PermissionDenied,
+    UnknownOperation,
     VMControllerError,
 )
 
@@ -47,6 +51,10 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int | None], None]
 
 CHUNK_SIZE = 256 * 1024
+#: How many times one push resumes after a dropped channel before it gives up ...
+MAX_RESUMES = 3
+#: ... and how long it waits each time for the agent to be back.
+RESUME_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -121,10 +129,10 @@ def _describe(source: IO[bytes]) -> tuple[int | None, int | None]:
     return info.st_size - source.tell(), stat.S_IMODE(info.st_mode)
 
 
-async def _send_file(io: RequestIO, source: IO[bytes], total: int | None,
-                     progress: Progress | None) -> tuple[str, int]:
-    hasher = hashlib.sha256()
-    sent = 0
+async def _send_file(io: RequestIO, source: IO[bytes], total: int | None, progress: Progress | None,
+                     hasher: Any = None, sent: int = 0) -> tuple[str, int]:
+    """Send the rest of ``source``; ``hasher`` and ``sent`` cover what was sent before."""
+    hasher = hasher or hashlib.sha256()
     while chunk := source.read(CHUNK_SIZE):
         hasher.update(chunk)
         await io.send(Channel.INPUT, chunk)
@@ -151,27 +159,83 @@ async def push(client: GuestClient, source: str | os.PathLike[str] | IO[bytes], 
     f = source if not isinstance(source, str | os.PathLike) else _open_source(source)
     try:
         size, host_mode = _describe(f)
-        args = {"path": destination, "mode": host_mode if mode is None else mode, "size": size}
-        io, result = await client.open_request("push", args)
-        try:
-            digest, sent = await _send_file(io, f, size, progress)
-        except VMControllerError:
-            # E.g. the guest directory is missing: the agent answered with an error at
-            # once, RequestIO raises that error, and the file is not read any further.
-            _stream_failed(result)
-            raise
-        except BaseException:
-            _abandon(result)
-            raise
+        args: dict[str, Any] = {"path": destination, "mode": host_mode if mode is None else mode,
+                                "size": size}
+        # A reconnecting client resumes a push whose channel dropped, from a regular file.
+        resumable = client.reconnects and size is not None
+        if resumable:
+            args["transfer_id"] = uuid.uuid4().hex
+        begin = f.tell()
+        hasher, done = hashlib.sha256(), 0
+        for attempt in range(MAX_RESUMES + 1):
+            io, result = await client.open_request("push", {**args, "offset": done} if done else args)
+            try:
+                digest, sent = await _send_file(io, f, size, progress, hasher, done)
+            except ConnectionLost as e:
+                _stream_failed(result)
+                lost = e
+            except VMControllerError:
+                # E.g. the guest directory is missing: the agent answered with an error at
+                # once, RequestIO raises that error, and the file is not read any further.
+                _stream_failed(result)
+                raise
+            except BaseException:
+                _abandon(result)
+                raise
+            else:
+                try:
+                    reply = await result
+                    break
+                except ConnectionLost as e:  # after the last byte: the agent may hold it all
+                    lost = e
+            if not resumable or attempt == MAX_RESUMES:
+                raise lost
+            try:
+                await Deferred.fromCoroutine(client.wait_ready()).addTimeout(RESUME_WAIT, client.reactor)
+            except DeferredTimeoutError:
+                raise ConnectionLost(
+                    f"{lost}; the agent was not back within {RESUME_WAIT:g} s to resume the push to "
+                    f"{destination}, which was not written: push again") from None
+            hasher, done = await _verified_part(client, args["transfer_id"], f, begin)
+            if not done:
+                raise ConnectionLost(
+                    f"{lost}; the agent holds no part of the push to {destination} that matches the host "
+                    "file to resume from (it restarted, the file changed, or all of it had arrived): the "
+                    "outcome in the guest is unknown; push again (a push replaces the destination whole)")
     finally:
         if f is not source:
             f.close()
-    reply = await result
     if reply.get("sha256") != digest or reply.get("size") != sent:
         raise IntegrityError(
             f"sent {sent} bytes with sha256 {digest} to {destination} but the agent stored "
             f"{reply.get('size')} bytes with sha256 {reply.get('sha256')}: push again", {"path": destination})
     return TransferResult(destination, sent, digest, int(reply["mode"]), client.reactor.seconds() - started)
+
+
+async def _verified_part(client: GuestClient, transfer_id: str, source: IO[bytes],
+                         begin: int) -> tuple[Any, int]:
+    """
+    After a dropped channel: how much of the file the agent holds, checked against the
+    host file's own bytes.  Returns the hash state and the offset to send from, with
+    ``source`` there; offset 0 when the agent holds nothing, or something else.
+    """
+    try:
+        held = await client.call("push_offset", {"transfer_id": transfer_id})
+    except UnknownOperation:  # an agent from before resumable pushes
+        held = {}
+    offset = held.get("offset") if isinstance(held, dict) else None
+    hasher = hashlib.sha256()
+    source.seek(begin)
+    if isinstance(offset, int) and offset > 0:
+        remaining = offset
+        while remaining and (chunk := source.read(min(CHUNK_SIZE, remaining))):
+            hasher.update(chunk)
+            remaining -= len(chunk)
+        if remaining == 0 and hasher.hexdigest() == held.get("sha256"):
+            return hasher, offset
+        hasher = hashlib.sha256()
+        source.seek(begin)
+    return hasher, 0
 
 
 async def _receive_file(client: GuestClient, source: str, sink: IO[bytes], max_size: int,

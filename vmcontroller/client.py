@@ -14,20 +14,23 @@ from dataclasses import dataclass
 from functools import partial
 from typing import IO, Any, cast
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
     IReactorTime,
     IStreamClientEndpoint,
     ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from guest_agent.link import Link, RequestIO, SendGate
 from guest_agent.protocol.connection import (
@@ -43,7 +46,7 @@ from guest_agent.protocol.connection import (
 )
 from guest_agent.protocol.tls import Authenticator, Credentials
 from vmcontroller import _exec, _files
-from vmcontroller._exec import ExecHandle, ExecResult
+from vmcontroller._exec import CommandInfo, ExecHandle, ExecResult
 from vmcontroller._files import Progress, TransferResult
 from vmcontroller._results import check_result
 from vmcontroller.errors import (
@@ -58,7 +61,10 @@ from vmcontroller.errors import (
 #: How often the handshake's SYNC is repeated until the agent answers: the agent may
 #: still be booting, or a stale partial frame may have swallowed the first one.
 SYNC_RETRY_INTERVAL = 1.0
+#: The first delay before connecting again, doubled (with jitter) after each failure ...
 CONNECT_RETRY_INTERVAL = 0.5
+#: ... up to this.
+RECONNECT_MAX_DELAY = 10.0
 
 _log = Logger()
 MIB = 1024 * 1024
@@ -133,8 +139,14 @@ class GuestClient:
         self._link = Link(self._connection, self._write)
         self._transport: ITransport | None = None
         self._pending: dict[int, _Pending] = {}
-        self._ready: Deferred[None] | None = None
         self._ready_waiters: list[Deferred[None]] = []
+        #: The current transport has carried a session: if not, its loss is a failed attempt.
+        self._handshaken = False
+        #: Set by connect(): reconnects the transport, with backoff, whenever it is lost.
+        self._service: ClientService | None = None
+        self._closing = False
+        #: Why the last connection attempt failed, for the error of a connect() that gives up.
+        self.last_connect_error: BaseException | None = None
         self._sync_timer: IDelayedCall | None = None
         self._closed: BaseException | None = None
         self._slots: DeferredSemaphore | None = None
@@ -169,6 +181,7 @@ class GuestClient:
 
     def _transport_connected(self, transport: ITransport) -> None:
         self._transport = transport
+        self._handshaken = False
         self._resync()
 
     def _resync(self) -> None:
@@ -276,10 +289,18 @@ class GuestClient:
         self._transport = None
         self._stop_sync_timer()
         self._stop_liveness()
-        error = self._closed or ConnectionLost(f"the channel to the agent closed: {reason.getErrorMessage()}")
-        self._closed = error
+        reconnecting = self._service is not None and not self._closing and self._closed is None
+        error = self._closed or ConnectionLost(
+            f"the channel to the agent closed: {reason.getErrorMessage()}; what was in flight has an "
+            "unknown outcome in the guest" + ("; reconnecting" if reconnecting else ""))
+        if not self._handshaken:
+            self.last_connect_error = error
+        # In flight: failed at once.  Later operations wait for the next session, unless
+        # nothing will reconnect.
         self._fail_pending(error)
-        self._fire_ready(error)
+        if not reconnecting:
+            self._closed = error
+            self._fire_ready(error)
 
     # ---- session state -------------------------------------------------------------
 
@@ -291,7 +312,11 @@ class GuestClient:
     def _handshake_complete(self, event: HandshakeComplete) -> None:
         self._stop_sync_timer()
         self.agent_hello = event.peer
-        self._slots = DeferredSemaphore(self._connection.peer_limits.max_inflight)
+        max_inflight = self._connection.peer_limits.max_inflight
+        # One semaphore across sessions: callers waiting on it keep their place.
+        if self._slots is None or self._slots.limit != max_inflight:
+            self._slots = DeferredSemaphore(max_inflight)
+        self._handshaken = True
         interval = self.client_limits.liveness_interval
         if interval is not None and self._liveness is None:
             self._liveness = LoopingCall(self._check_liveness, interval)
@@ -365,7 +390,7 @@ class GuestClient:
         """Wait until a session is open (after a resynchronisation, say)."""
         if self._closed is not None:
             raise self._closed
-        if self._connection.is_open:
+        if self.connected:
             return
         waiter: Deferred[None] = Deferred()
         self._ready_waiters.append(waiter)
@@ -490,6 +515,7 @@ class GuestClient:
         timeout: float | None = None,
         on_stdout: _exec.OutputCallback | None = None,
         on_stderr: _exec.OutputCallback | None = None,
+        exec_id: str | None = None,
         max_output: int | None = None,
     ) -> ExecHandle:
         """
@@ -501,6 +527,15 @@ class GuestClient:
         is limited to ``max_output`` bytes per stream (by default
         :attr:`ClientLimits.max_output`): past it the process is cancelled and the result
         fails with :class:`LimitExceeded`.
+
+        With an ``exec_id`` (1 to 128 letters, digits or ``._:@-``, chosen by the caller)
+        the agent retains the command: it runs on when the channel or this controller goes
+        away, and its output and exit status wait in the guest until :meth:`acknowledge`;
+        :meth:`attach` collects them, and ``exec`` with the same id and ``argv`` again
+        streams the same command from the start instead of starting another.
+
+        :raises TooManyCommands: (from the result) the agent retains as many commands as it may.
+        :raises AlreadyExists: (from the result) ``exec_id`` names a command with another argv.
         """
         return _exec.start(
             self,
@@ -511,8 +546,50 @@ class GuestClient:
             timeout=timeout,
             on_stdout=on_stdout,
             on_stderr=on_stderr,
+            exec_id=exec_id,
             max_output=max_output,
         )
+
+    def attach(
+        self,
+        exec_id: str,
+        *,
+        stdout_offset: int = 0,
+        stderr_offset: int = 0,
+        on_stdout: _exec.OutputCallback | None = None,
+        on_stderr: _exec.OutputCallback | None = None,
+    ) -> ExecHandle:
+        """
+        Stream a retained command's output from the given byte offsets (what the caller
+        has already) and then its result, live while it runs.  Cancelling the handle
+        kills the command, as for :meth:`exec`; losing the channel does not.
+
+        :raises UnknownCommand: (from the result) the agent retains no such command.
+        """
+        return _exec.attach(self, exec_id, stdout_offset=stdout_offset, stderr_offset=stderr_offset,
+                            on_stdout=on_stdout, on_stderr=on_stderr)
+
+    def commands(self) -> Deferred[list[CommandInfo]]:
+        """The commands the agent retains (started with an ``exec_id``), oldest first."""
+
+        async def listing() -> list[CommandInfo]:
+            reply = await self.call("commands")
+            entries = reply.get("commands") if isinstance(reply, dict) else None
+            if not isinstance(entries, list):
+                raise ProtocolError(f"the agent's command list is malformed: {reply!r}")
+            return [CommandInfo.from_wire(entry) for entry in entries]
+
+        return Deferred.fromCoroutine(listing())
+
+    def acknowledge(self, exec_id: str) -> Deferred[None]:
+        """
+        Tell the agent the result of retained command ``exec_id`` is safe with the
+        caller: it forgets the command and its output.
+
+        :raises UnknownCommand: the agent retains no such command.
+        :raises BadRequest: the command is still running.
+        """
+        return Deferred.fromCoroutine(self.call("acknowledge", {"exec_id": exec_id}))
 
     def run(
         self,
@@ -583,14 +660,39 @@ class GuestClient:
     def reboot(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self.call("reboot"))
 
-    def close(self) -> None:
-        """Close the channel; what is in flight fails with :class:`ConnectionLost`."""
+    @property
+    def reconnects(self) -> bool:
+        """The client connects again by itself when its channel is lost (see :func:`connect`)."""
+        return self._service is not None
+
+    @property
+    def connected(self) -> bool:
+        """A session with the agent is open now."""
+        return self._connection.is_open and self._transport is not None
+
+    def close(self) -> Deferred[None]:
+        """
+        Close the channel and stop reconnecting; what is in flight, and what waits for a
+        session, fails with :class:`ConnectionLost`.  Fires once the channel is closed.
+        """
+        self._closing = True
         self._stop_sync_timer()
         self._stop_liveness()
         if self._transport is not None:
             # A registered producer would keep a closing transport open while it produces.
             cast(IConsumer, self._transport).unregisterProducer()
-            self._transport.loseConnection()
+        closed: Deferred[None]
+        if self._service is not None:
+            service, self._service = self._service, None
+            closed = maybeDeferred(service.stopService)
+        else:
+            closed = succeed(None)
+            if self._transport is not None:
+                self._transport.loseConnection()
+        if self._transport is None and self._closed is None:
+            self._closed = ConnectionLost("the client was closed")
+            self._fire_ready(self._closed)
+        return closed
 
 
 class _AgentProtocol(Protocol):
@@ -610,6 +712,24 @@ class _AgentProtocol(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.client._transport_lost(reason or Failure(ConnectionLost("closed")))
+
+
+@implementer(IStreamClientEndpoint)
+class _RecordingEndpoint:
+    """An endpoint whose failed connection attempts the client remembers, to explain giving up."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, client: GuestClient) -> None:
+        self._endpoint = endpoint
+        self._client = client
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        def failed(reason: Failure) -> Failure:
+            # A cancelled attempt (the deadline, or close()) says nothing about the channel.
+            if not reason.check(CancelledError):
+                self._client.last_connect_error = reason.value
+            return reason
+
+        return self._endpoint.connect(protocolFactory).addErrback(failed)
 
 
 def host_authenticator(credentials: Credentials | None, development: bool) -> Authenticator | None:
@@ -645,32 +765,32 @@ async def _connect(
     client_limits: ClientLimits | None,
     authenticator: Authenticator | None,
 ) -> GuestClient:
-    deadline = reactor.seconds() + timeout
-    last_error: Exception | None = None
-    while reactor.seconds() < deadline:
-        client = GuestClient(reactor, limits, versions, client_limits, authenticator=authenticator)
-        try:
-            await endpoint.connect(Factory.forProtocol(partial(_AgentProtocol, client))).addTimeout(
-                max(deadline - reactor.seconds(), 0.01), reactor
-            )
-            ready = Deferred.fromCoroutine(client.wait_ready())
-            await ready.addTimeout(max(deadline - reactor.seconds(), 0.01), reactor)
-        except (ConnectError, ConnectionLost) as e:
-            # Retried until the deadline: a VM's channel socket appears only once the VM
-            # runs, and a NAT port forward accepts a connection and drops it while nothing
-            # listens behind it yet.
-            last_error = e
-            await deferLater(reactor, CONNECT_RETRY_INTERVAL, lambda: None)
-            continue
-        except (CancelledError, DeferredTimeoutError):
-            client.close()
-            break
-        return client
-    why = f" (last error: {last_error})" if last_error else ""
-    raise AgentUnreachable(
-        f"no agent answered within {timeout:g} s{why}: check that the guest has booted and that "
-        "the vmcontroller-agent service runs in it (journalctl -u vmcontroller-agent)"
+    client = GuestClient(reactor, limits, versions, client_limits, authenticator=authenticator)
+    # Connections are retried with backoff, at first and whenever one is lost: a VM's channel
+    # socket appears only once the VM runs, a NAT port forward accepts a connection and drops
+    # it while nothing listens behind it yet, and a guest that reboots comes back.
+    # The handshake is the client's own (wait_ready below), not a prepareConnection:
+    # ClientService (Twisted 26) has no transition for a connection lost while it is being
+    # prepared, which is what a NAT forward or a rebooting guest does.  A connection lost
+    # before its handshake is retried after the backoff's first delay.
+    client._service = ClientService(
+        _RecordingEndpoint(endpoint, client),
+        Factory.forProtocol(partial(_AgentProtocol, client)),
+        retryPolicy=backoffPolicy(initialDelay=CONNECT_RETRY_INTERVAL, maxDelay=RECONNECT_MAX_DELAY),
+        clock=reactor,
     )
+    client._service.startService()
+    try:
+        await Deferred.fromCoroutine(client.wait_ready()).addTimeout(timeout, reactor)
+    except (CancelledError, DeferredTimeoutError):
+        await client.close()
+        last_error = client.last_connect_error
+        why = f" (last error: {last_error})" if last_error else ""
+        raise AgentUnreachable(
+            f"no agent answered within {timeout:g} s{why}: check that the guest has booted and that "
+            "the vmcontroller-agent service runs in it (journalctl -u vmcontroller-agent)"
+        ) from None
+    return client
 
 
 def connect(
@@ -689,6 +809,13 @@ def connect(
     channel, or TCP), authenticate both ends and complete the handshake.  ``timeout`` also
     bounds the handshake; ``limits`` are what the host accepts on the wire, ``client_limits``
     what else it lets the agent make it spend (see :class:`ClientLimits` and docs/security.md).
+
+    The client reconnects by itself, with backoff (at most :data:`RECONNECT_MAX_DELAY`
+    between attempts), whenever the channel is lost, until :meth:`GuestClient.close`.
+    Operations in flight when the channel or the agent's session goes fail at once with
+    :class:`ConnectionLost`; later ones wait for the next session.  Each new session runs a
+    new TLS handshake (sessions are never resumed); one whose agent fails it closes the
+    client, and what waits fails with :class:`AuthenticationFailed`.
 
     :param credentials: the host's end of the VM's credentials
         (``driver.agent_credentials(name)``); required unless ``development``.
@@ -711,6 +838,7 @@ def connect(
 
 __all__ = [
     "ClientLimits",
+    "CommandInfo",
     "Credentials",
     "ExecHandle",
     "ExecResult",

@@ -11,8 +11,11 @@ from guest_agent.session import Operation
 OPERATIONS: dict[str, Operation] = {**_system.OPERATIONS, **_exec.OPERATIONS, **_files.OPERATIONS}
 
 
-def build_operations(config: AgentConfig) -> dict[str, Operation]:
-    """The operations under ``config``'s rules (allowed roots, exec allow-list, process limit)."""
+def build_operations(config: AgentConfig, extra: dict[str, Operation] | None = None) -> dict[str, Operation]:
+    """
+    The operations, with ``extra`` ones over them (e.g. ``exec`` that retains commands),
+    under ``config``'s rules (allowed roots, exec allow-list, process limit).
+    """
     from guest_agent.ops import policy
 
-    return policy.apply(OPERATIONS, config)
+    return policy.apply({**OPERATIONS, **(extra or {})}, config)

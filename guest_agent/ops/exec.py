@@ -117,6 +117,18 @@ class ExecRequest:
             raise BadRequest(f"exec 'timeout' must be null or a positive number of seconds; got {timeout!r}")
         return cls(argv, env, cwd, stdin == "stream", timeout)
 
+    def timeout_error(self) -> OperationTimeout:
+        """What the request ends with when its timeout passes."""
+        return OperationTimeout(
+            f"{self.argv[0]!r} ran past its timeout of {self.timeout:g} s: its process group "
+            "was killed with SIGKILL; give a longer timeout", {"timeout": self.timeout})
+
+    def cancelled_error(self, reason: dict[str, Any]) -> OperationCancelled:
+        """What the request ends with when the host cancels it with ``reason`` (a CANCEL's body)."""
+        return OperationCancelled(
+            f"{self.argv[0]!r} was cancelled ({reason.get('reason', 'no reason given')}): "
+            "its process group was killed with SIGKILL")
+
     def environment(self) -> dict[str, str]:
         """The agent's environment, or the given one over a minimal default."""
         if self.env is None:
@@ -476,12 +488,8 @@ async def run_exec(ctx: OperationContext) -> dict[str, Any]:
         transport.closeStdin()
     timer = None
     if request.timeout is not None:
-        timer = ctx.reactor.callLater(request.timeout, process.stop, OperationTimeout(
-            f"{request.argv[0]!r} ran past its timeout of {request.timeout:g} s: its process group "
-            "was killed with SIGKILL; give a longer timeout", {"timeout": request.timeout}))
-    ctx.on_cancel(lambda reason: process.stop(OperationCancelled(
-        f"{request.argv[0]!r} was cancelled ({reason.get('reason', 'no reason given')}): "
-        "its process group was killed with SIGKILL")))
+        timer = ctx.reactor.callLater(request.timeout, process.stop, request.timeout_error())
+    ctx.on_cancel(lambda reason: process.stop(request.cancelled_error(reason)))
     try:
         return await process.finished
     finally:

@@ -18,6 +18,7 @@ import secrets
 import shutil
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
@@ -28,6 +29,7 @@ from guest_agent.protocol.errors import (
     AgentOSError,
     AlreadyExists,
     BadRequest,
+    ConnectionLost,
     DirectoryNotEmpty,
     IncompleteTransfer,
     IntegrityError,
@@ -232,20 +234,115 @@ def _check_trailer(trailer: dict[str, Any] | None, received: int, announced: int
             f"{sha}: the data was corrupted in transit; nothing was written: push again")
 
 
-async def push(ctx: OperationContext) -> dict[str, Any]:
-    """Receive a file on INPUT and put it at ``path`` atomically once it checks out."""
+@dataclass
+class _PartialUpload:
+    """A push received so far: its file, the hash of what came and how much came."""
+
+    destination: str
+    incoming: _IncomingFile
+    hasher: Any
+    received: int
+
+
+class PartialUploads:
+    """
+    Pushes with a ``transfer_id`` whose session ended before their EOF, shared by every
+    session, so that a host whose channel dropped resumes the push (``push_offset``, then
+    ``push`` with an ``offset``) instead of starting over.  At most ``limit`` are kept
+    (each an unnamed file, freed by closing it); beyond, the oldest is dropped.
+    """
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self._parked: dict[str, _PartialUpload] = {}
+
+    def operations(self) -> dict[str, Operation]:
+        return {"push": self.push, "push_offset": self.offset}
+
+    def park(self, transfer_id: str, upload: _PartialUpload) -> None:
+        self.drop(transfer_id)
+        self._parked[transfer_id] = upload
+        while len(self._parked) > self.limit:
+            self.drop(next(iter(self._parked)))
+
+    def take(self, transfer_id: str) -> _PartialUpload | None:
+        return self._parked.pop(transfer_id, None)
+
+    def drop(self, transfer_id: str) -> None:
+        upload = self._parked.pop(transfer_id, None)
+        if upload is not None:
+            upload.incoming.discard()
+
+    def offset(self, ctx: OperationContext) -> dict[str, Any]:
+        """``push_offset``: how much of a dropped push the agent holds (0 for none)."""
+        upload = self._parked.get(_transfer_id(ctx.args) or "")
+        if upload is None:
+            return {"offset": 0, "sha256": hashlib.sha256().hexdigest()}
+        return {"offset": upload.received, "sha256": upload.hasher.copy().hexdigest(),
+                "path": upload.destination}
+
+    async def push(self, ctx: OperationContext) -> dict[str, Any]:
+        return await push(ctx, self)
+
+
+def _transfer_id(args: dict[str, Any]) -> str | None:
+    transfer_id = args.get("transfer_id")
+    if transfer_id is not None and not (isinstance(transfer_id, str) and 0 < len(transfer_id) <= 128):
+        raise BadRequest(
+            f"'transfer_id' must be null or a string of 1 to 128 characters; got {transfer_id!r}")
+    return transfer_id
+
+
+def _upload_to_continue(uploads: PartialUploads | None, transfer_id: str | None, offset: int,
+                        destination: str) -> _PartialUpload:
+    """A new upload at offset 0, else the parked one that fits ``offset``."""
+    if offset == 0:
+        if uploads is not None and transfer_id is not None:
+            uploads.drop(transfer_id)
+        return _PartialUpload(destination, _IncomingFile.create(destination), hashlib.sha256(), 0)
+    upload = uploads.take(transfer_id) if uploads is not None and transfer_id is not None else None
+    if upload is None or upload.destination != destination or upload.received != offset:
+        held = "nothing" if upload is None else f"{upload.received} bytes for {upload.destination}"
+        if upload is not None:
+            upload.incoming.discard()
+        raise IncompleteTransfer(
+            f"cannot resume the push to {destination} at byte {offset}: the agent holds {held} "
+            "(see push_offset); nothing was written: push again from the start")
+    return upload
+
+
+async def push(ctx: OperationContext, uploads: PartialUploads | None = None) -> dict[str, Any]:
+    """
+    Receive a file on INPUT and put it at ``path`` atomically once it checks out.  With a
+    ``transfer_id`` (and ``uploads``), what arrived before the session ended is kept for
+    a push with the same id and an ``offset`` to continue.
+    """
     destination = path_arg(ctx.args)
     mode = mode_arg(ctx.args, None)
     announced = _int_arg(ctx.args, "size", None)
+    transfer_id = _transfer_id(ctx.args)
+    offset = _int_arg(ctx.args, "offset", 0) or 0
     if os.path.isdir(destination):
         raise IsADirectory(f"cannot write {destination}: it is a directory in the guest; "
                            "push to a file path inside it")
     _stop_on_cancel(ctx)
-    incoming = _IncomingFile.create(destination)  # errors here reach the host before its data
+    # Errors here reach the host before its data.
+    upload = _upload_to_continue(uploads, transfer_id, offset, destination)
+    incoming = upload.incoming
+    parked = False
     try:
-        hasher = hashlib.sha256()
-        received = 0
-        while (chunk := await ctx.io.receive(Channel.INPUT)) is not None:
+        hasher = upload.hasher
+        received = upload.received
+        while True:
+            try:
+                chunk = await ctx.io.receive(Channel.INPUT)
+            except (OperationError, ConnectionLost):
+                if ctx.session_ended and uploads is not None and transfer_id is not None:
+                    uploads.park(transfer_id, upload)  # hash and count agree: both stop here
+                    parked = True
+                raise
+            if chunk is None:
+                break
             received += len(chunk)
             if announced is not None and received > announced:
                 raise IncompleteTransfer(
@@ -256,6 +353,7 @@ async def push(ctx: OperationContext) -> dict[str, Any]:
             except OSError as e:
                 raise os_error(e, "cannot write", destination) from None
             hasher.update(chunk)
+            upload.received = received
         digest = hasher.hexdigest()
         _check_trailer(ctx.io.trailer(Channel.INPUT), received, announced, digest, destination)
         try:
@@ -271,7 +369,8 @@ async def push(ctx: OperationContext) -> dict[str, Any]:
         except OSError as e:
             raise os_error(e, "cannot write", destination) from None
     finally:
-        incoming.discard()
+        if not parked:
+            incoming.discard()
     return {"path": destination, "size": received, "sha256": digest, "mode": final_mode}
 
 

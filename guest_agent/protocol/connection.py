@@ -596,10 +596,12 @@ class HostConnection(_Connection):
                 f"{self.peer_limits.max_inflight}: wait for some to finish"
             )
         request_id = self._next_id
+        while request_id in self._requests:  # wrapped around onto a request still in flight
+            request_id = request_id % 0xFFFFFFFF + 1
         # Sent before the request is registered: one too large for the agent's frame
         # limit raises here and must not hold an in-flight slot.
         self._send(FrameType.REQUEST, request_id, encode_json({"op": op, "args": args or {}}))
-        self._next_id = self._next_id % 0xFFFFFFFF + 1
+        self._next_id = request_id % 0xFFFFFFFF + 1
         self._requests[request_id] = _Request()
         return request_id
 

@@ -41,6 +41,8 @@ class ErrorCode(enum.StrEnum):
     INCOMPLETE = "incomplete"
     OS_ERROR = "os-error"
     RESULT_TOO_LARGE = "result-too-large"
+    TOO_MANY_COMMANDS = "too-many-commands"
+    UNKNOWN_COMMAND = "unknown-command"
     INTERNAL = "internal"
 
 
@@ -190,6 +192,18 @@ class ResultTooLarge(OperationError):
     code = ErrorCode.RESULT_TOO_LARGE
 
 
+class TooManyCommands(OperationError):
+    """The agent retains as many commands as it may: acknowledge finished ones first."""
+
+    code = ErrorCode.TOO_MANY_COMMANDS
+
+
+class UnknownCommand(OperationError):
+    """The agent keeps no command with this ``exec_id`` (never started, or acknowledged)."""
+
+    code = ErrorCode.UNKNOWN_COMMAND
+
+
 class AgentOSError(OperationError):
     """An operating-system error in the guest that has no more specific class."""
 
@@ -220,6 +234,8 @@ _BY_CODE: dict[str, type[OperationError]] = {
         IntegrityError,
         IncompleteTransfer,
         ResultTooLarge,
+        TooManyCommands,
+        UnknownCommand,
         AgentOSError,
         InternalError,
     )

@@ -86,7 +86,7 @@ class Frame:
             return {}
         try:
             return decode_json(self.payload)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than Python's stack
             raise ProtocolError(f"{self.type.name} frame carries malformed JSON: {e}") from None
 
 

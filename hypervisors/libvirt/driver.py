@@ -34,7 +34,7 @@ import libvirt
 import libvirt_qemu
 from twisted.application.service import Service
 from twisted.internet import utils
-from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -49,7 +49,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from guest_agent.protocol.tls import Credentials
-from hypervisors.base import EventHub, event_for_transition, require_capability
+from hypervisors.base import EventHub, PerVMQueue, event_for_transition, require_capability
 from hypervisors.interface import (
     DEFAULT_AGENT_TCP_PORT,
     NAT_GUEST_ADDRESS,
@@ -179,6 +179,10 @@ def translate_error(
         f"cannot {what}: libvirt says: {message} (error code {code}); check that libvirtd runs "
         "(`virsh -c qemu:///system version`) and read its log and the VM's console.log"
     )
+
+
+#: The states of a domain whose emulator runs (paused included).
+_LIVE_STATES = (VMState.RUNNING, VMState.BLOCKED, VMState.PAUSED, VMState.SHUTDOWN, VMState.PMSUSPENDED)
 
 
 #: The file in a VM's directory that QEMU hands the guest as its fw_cfg credentials entry.
@@ -334,7 +338,7 @@ class LibvirtDriver(Service):
         #: Whether a connection was open before: the next one must catch up on missed events.
         self._connected_before = False
         self._conn_lock = threading.Lock()
-        self._locks: dict[str, DeferredLock] = {}
+        self._queue = PerVMQueue()
         self._shutdown_trigger: Any = None
         # Events: touched on the reactor thread only.
         self._hub = EventHub()
@@ -603,16 +607,7 @@ class LibvirtDriver(Service):
         # One state-changing job per domain at a time: libvirt's per-domain job lock makes a
         # second concurrent job wait and then fail after 30 s ("cannot acquire state change
         # lock"), so queue ours here instead, in call order.
-        lock = self._locks.get(vm)
-        if lock is None:
-            lock = self._locks[vm] = DeferredLock()
-        await lock.acquire()
-        try:
-            return await body()
-        finally:
-            lock.release()
-            if not lock.locked and not lock.waiting:
-                self._locks.pop(vm, None)
+        return await self._queue.run(vm, body)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> Deferred[T]:
         return Deferred.fromCoroutine(coro)
@@ -738,8 +733,26 @@ class LibvirtDriver(Service):
 
         return self._run(self._exclusive(name, lambda: self._simple(name, "start", start)))
 
-    async def _simple(self, name: str, action: str, fn: Callable[[libvirt.virDomain], object]) -> None:
-        await self._domain_call(name, action, fn)
+    async def _simple(
+        self,
+        name: str,
+        action: str,
+        fn: Callable[[libvirt.virDomain], object],
+        allowed: tuple[VMState, ...] | None = None,
+    ) -> None:
+        def checked(d: libvirt.virDomain) -> object:
+            # Checked here, not left to libvirt: its test driver reports a wrong state as an
+            # internal error, where QEMU's says "operation invalid".
+            if allowed is not None:
+                now = _domain_state(d)
+                if now not in allowed:
+                    raise VMStateError(
+                        f"cannot {action} VM {name!r}: it is {now.value}, not "
+                        f"{' or '.join(s.value for s in allowed)}; check state() first"
+                    )
+            return fn(d)
+
+        await self._domain_call(name, action, checked)
         self.log.info("{action} {vm}: done", action=action, vm=name)
 
     def shutdown(self, name: str, wait: bool = True, timeout: float = 120.0) -> Deferred[None]:
@@ -753,6 +766,7 @@ class LibvirtDriver(Service):
                     lambda d: _with_optional_flag(
                         d.shutdownFlags, 0, libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
                     ),
+                    _LIVE_STATES,
                 ),
             )
             # Waiting outside the lock: other operations (power_off above all) may go ahead.
@@ -767,10 +781,25 @@ class LibvirtDriver(Service):
         )
 
     def pause(self, name: str) -> Deferred[None]:
-        return self._run(self._exclusive(name, lambda: self._simple(name, "pause", lambda d: d.suspend())))
+        return self._run(
+            self._exclusive(
+                name,
+                lambda: self._simple(
+                    # Pausing a paused VM is done already, as libvirt takes it.
+                    name,
+                    "pause",
+                    lambda d: d.suspend(),
+                    (VMState.RUNNING, VMState.BLOCKED, VMState.PAUSED),
+                ),
+            )
+        )
 
     def resume(self, name: str) -> Deferred[None]:
-        return self._run(self._exclusive(name, lambda: self._simple(name, "resume", lambda d: d.resume())))
+        return self._run(
+            self._exclusive(
+                name, lambda: self._simple(name, "resume", lambda d: d.resume(), (VMState.PAUSED,))
+            )
+        )
 
     def reset(self, name: str) -> Deferred[None]:
         async def go() -> None:
@@ -915,8 +944,12 @@ class LibvirtDriver(Service):
 
     def agent_credentials(self, name: str) -> Deferred[Credentials]:
         return self._in_pool(
-            lambda conn: self.credentials.host_credentials(name), action="read the credentials of", vm=name
+            lambda conn: self._host_credentials(conn, name), action="read the credentials of", vm=name
         )
+
+    def _host_credentials(self, conn: libvirt.virConnect, name: str) -> Credentials:
+        conn.lookupByName(name)  # a VM we do not know fails here, as VMNotFound
+        return self.credentials.host_credentials(name)
 
     def rotate_credentials(self, name: str) -> Deferred[None]:
         """

@@ -257,6 +257,13 @@ class PyvboxBackend:
 
         await self._on_thread(create, action="define VM", vm=spec.name)
 
+    async def set_guest_property(self, name: str, key: str, value: str, flags: str) -> None:
+        def set_property(machine: Any, session: Any) -> None:
+            machine.set_guest_property(key, value, flags)
+            machine.save_settings()
+
+        await self._in_session(name, False, set_property, "set a guest property of")
+
     async def launch(self, name: str) -> None:
         import virtualbox
 

@@ -15,21 +15,22 @@ import dataclasses
 import json
 import os
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from guest_agent.credentials import VBOX_PROPERTY
 from guest_agent.protocol.tls import Credentials
-from hypervisors.base import EventHub, StatePoller, event_for_transition, require_capability
+from hypervisors.base import EventHub, PerVMQueue, StatePoller, event_for_transition, require_capability
 from hypervisors.interface import (
     DEFAULT_AGENT_TCP_PORT,
     NAT_GUEST_ADDRESS,
@@ -66,6 +67,10 @@ DEFAULT_STATE_DIR = Path("~/.local/share/vmcontroller/virtualbox").expanduser()
 #: Overrides the constructor's ``backend="auto"``.
 BACKEND_ENV = "VMCONTROLLER_VBOX_BACKEND"
 _MAX_SOCKET_PATH = 107
+#: How the agent's credentials are set as a guest property (GuestPropertySvc.h): the guest
+#: may erase it (no RDONLYGUEST), and it is gone at power off and at reset (TRANSRESET, which
+#: implies TRANSIENT: never written to the machine's settings file).
+CREDENTIALS_PROPERTY_FLAGS = "TRANSRESET"
 _ACTIVE = (VMState.RUNNING, VMState.PAUSED, VMState.BLOCKED, VMState.SHUTDOWN)
 _INSTALL_HINT = (
     "install VirtualBox (https://www.virtualbox.org/wiki/Downloads), which brings VBoxManage and the "
@@ -137,9 +142,8 @@ class VirtualBoxDriver(Service):
     ) -> None:
         self._reactor = reactor
         self.state_dir = Path(state_dir)
-        # Minted at define, removed at undefine. Not provisioned into the guest yet: the guest
-        # property the agent reads (guest_agent.credentials.VBOX_PROPERTY) must be set before
-        # each start, see docs/security.md.
+        # Minted at define, removed at undefine; the agent's end goes into the guest property
+        # the agent reads (guest_agent.credentials.VBOX_PROPERTY) before each boot.
         self.credentials = CredentialStore(credentials_dir or self.state_dir / ".credentials")
         executable = find_vboxmanage(vboxmanage)
         chosen, self.backend_reason = choose_backend(
@@ -174,7 +178,7 @@ class VirtualBoxDriver(Service):
             self._poller = StatePoller(reactor, self._poll_states, poll_interval)
             self._hub = self._poller.hub
         self.capabilities = frozenset(capabilities)
-        self._locks: dict[str, DeferredLock] = {}
+        self._queue = PerVMQueue()
         self._known: dict[str, VMState] = {}
         self._host_stopping: set[str] = set()
         self._stop_watching: Callable[[], None] | None = None
@@ -244,16 +248,7 @@ class VirtualBoxDriver(Service):
     async def _exclusive(self, vm: str, body: Callable[[], Coroutine[Any, Any, T]]) -> T:
         # One state change per VM at a time, in call order: VirtualBox fails a second session
         # lock instead of queueing it.
-        lock = self._locks.get(vm)
-        if lock is None:
-            lock = self._locks[vm] = DeferredLock()
-        await lock.acquire()
-        try:
-            return await body()
-        finally:
-            lock.release()
-            if not lock.locked and not lock.waiting:
-                self._locks.pop(vm, None)
+        return await self._queue.run(vm, body)
 
     async def _ours(self, name: str, action: str) -> tuple[Backend, MachineInfo]:
         backend = await self._ready(f"{action} {name!r}")
@@ -347,13 +342,21 @@ class VirtualBoxDriver(Service):
         async def go() -> None:
             backend, info = await self._ours(name, "start")
             self._require(info, (VMState.SHUTOFF, VMState.SAVED, VMState.CRASHED), "start", "it runs already")
+            if info.state is not VMState.SAVED:  # a restored guest's agent holds them already
+                await self._provision(backend, name)
             await backend.launch(name)
             self.log.info("Started {vm}", vm=name)
 
         return self._run(self._exclusive(name, go))
 
     def _console(
-        self, name: str, action: ConsoleAction, states: tuple[VMState, ...], what: str, hint: str
+        self,
+        name: str,
+        action: ConsoleAction,
+        states: tuple[VMState, ...],
+        what: str,
+        hint: str,
+        then: Callable[[Backend, str], Awaitable[None]] | None = None,
     ) -> Deferred[None]:
         async def go() -> None:
             backend, info = await self._ours(name, what)
@@ -361,6 +364,8 @@ class VirtualBoxDriver(Service):
             if action in ("poweroff", "acpipowerbutton"):
                 self._host_stopping.add(name)
             await backend.console(name, action)
+            if then is not None:
+                await then(backend, name)
             self.log.info("{action} {vm}: done", action=what, vm=name)
 
         return self._run(self._exclusive(name, go))
@@ -387,7 +392,20 @@ class VirtualBoxDriver(Service):
         return self._console(name, "resume", (VMState.PAUSED,), "resume", "only a paused VM resumes")
 
     def reset(self, name: str) -> Deferred[None]:
-        return self._console(name, "reset", (VMState.RUNNING,), "reset", "start or resume it first")
+        # The reset takes the property away (TRANSRESET), and the agent's copy in /run with the
+        # guest's memory: the guest that boots again reads it anew.
+        return self._console(
+            name, "reset", (VMState.RUNNING,), "reset", "start or resume it first", then=self._provision
+        )
+
+    async def _provision(self, backend: Backend, name: str) -> None:
+        """
+        Put the agent's end in the guest property the agent reads, with the flags that let the
+        guest erase it (no RDONLYGUEST) and that keep it out of the machine's settings file and
+        take it away at power off or reset (TRANSRESET, which implies TRANSIENT).
+        """
+        agent_end = self.credentials.agent_credentials(name).to_json().decode()
+        await backend.set_guest_property(name, VBOX_PROPERTY, agent_end, CREDENTIALS_PROPERTY_FLAGS)
 
     def save_state(self, name: str) -> Deferred[None]:
         return self._console(
@@ -441,6 +459,11 @@ class VirtualBoxDriver(Service):
         else:
             self._known[vm] = after
         kind = event_for_transition(before, after)
+        if before is None and after not in (None, VMState.SHUTOFF):
+            # Defined and started before its first event reached us (the listener comes up
+            # after the subscription): report both, not a VM that was born running.
+            self._hub.publish(VMEvent(vm, VMEventType.DEFINED, VMState.SHUTOFF, "VirtualBox event"))
+            kind = event_for_transition(VMState.SHUTOFF, after)
         if kind is VMEventType.SHUTOFF and vm not in self._host_stopping:
             kind = VMEventType.GUEST_SHUTDOWN
         if after in (VMState.SHUTOFF, VMState.CRASHED, VMState.SAVED, None):
@@ -558,6 +581,20 @@ class VirtualBoxDriver(Service):
             return self.credentials.host_credentials(name)
 
         return self._run(go())
+
+    def rotate_credentials(self, name: str) -> Deferred[None]:
+        """
+        Mint new credentials for VM ``name``; the old ones stop working at once. The guest gets
+        the new ones at its next start or :meth:`reset` (no image to rebuild: they come in
+        through the guest property).
+        """
+
+        async def go() -> None:
+            await self._ours(name, "rotate the credentials of")
+            self.credentials.rotate(name)
+            self.log.info("Rotated the credentials of {vm}", vm=name)
+
+        return self._run(self._exclusive(name, go))
 
     def list_vms(self) -> Deferred[list[str]]:
         async def go() -> list[str]:

@@ -37,7 +37,7 @@ from zope.interface import implementer
 
 from guest_agent.credentials import VMWARE_VARIABLE
 from guest_agent.protocol.tls import Credentials
-from hypervisors.base import StatePoller, require_capability
+from hypervisors.base import PerVMQueue, StatePoller, require_capability
 from hypervisors.interface import (
     NAT_GUEST_ADDRESS,
     AgentTransport,
@@ -156,7 +156,7 @@ class VMwareDriver(Service):
         self.credentials = CredentialStore(credentials_dir or self.state_dir / ".credentials")
         self._qemu_img = qemu_img
         self._vmrun = Vmrun(reactor, vmrun or find_vmrun(), product, vmrun_timeout)
-        self._locks: dict[str, DeferredLock] = {}
+        self._queue = PerVMQueue()
         self._base_locks: dict[str, DeferredLock] = {}
         self._paused: set[str] = set()
         self._poller = StatePoller(reactor, self._all_states, poll_interval)
@@ -192,16 +192,7 @@ class VMwareDriver(Service):
     async def _exclusive(self, vm: str, body: Callable[[], Coroutine[Any, Any, T]]) -> T:
         # One state-changing vmrun per VM at a time, in call order: VMware locks a VM's files
         # while one operation runs, and a second would fail rather than wait.
-        lock = self._locks.get(vm)
-        if lock is None:
-            lock = self._locks[vm] = DeferredLock()
-        await lock.acquire()
-        try:
-            return await body()
-        finally:
-            lock.release()
-            if not lock.locked and not lock.waiting:
-                self._locks.pop(vm, None)
+        return await self._queue.run(vm, body)
 
     def _vm_dir(self, name: str) -> Path:
         return self.state_dir / name

@@ -1,9 +1,7 @@
 """
-Fixtures for the tests against a real hypervisor (libvirt + QEMU).
-
-One guest is built (or taken from the image cache) and booted for the whole session:
-``booted_vm`` yields it as ``BootedVM(driver, name, image)``. Tests that take it down must
-bring it back; destructive lifecycle tests use VMs of their own.
+Helpers of the tests against a real hypervisor (libvirt + QEMU). Their fixtures (the guest
+image, the driver, the session's booted guest) are in ``tests/conftest.py``, which the
+conformance suite shares.
 """
 
 from __future__ import annotations
@@ -11,29 +9,18 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from typing import NamedTuple
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
-from hypervisors.interface import VMState
 from hypervisors.libvirt import LibvirtDriver
+from tests.conftest import TEST_VM_PREFIX, BootedVM, boot_vm, teardown_vm
 from vmcontroller.client import GuestClient
-from vmcontroller.errors import VMControllerError
 from vmcontroller.images import GuestImage, build_image
 
-#: Prefix of the VMs the test session defines; leftovers of a crashed session are removed.
-TEST_VM_PREFIX = "vmc-test-"
-
-
-class BootedVM(NamedTuple):
-    """The session's guest: unpack it as ``driver, name, image`` or use the attributes."""
-
-    driver: LibvirtDriver
-    name: str
-    image: GuestImage
+__all__ = ["TEST_VM_PREFIX", "BootedVM", "print_journal", "sha256", "start_second_agent", "teardown_vm"]
 
 
 def sha256(data: bytes) -> str:
@@ -53,56 +40,6 @@ def print_journal(virtio: GuestClient, unit: str) -> None:
     print(f"--- journal of {unit} ---\n{journal.stdout.decode(errors='replace')}")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@pytest.fixture(scope="session")
-def guest_image() -> GuestImage:
-    """The guest image for the current recipe, built on first use (about a minute)."""
-    return pytest_twisted.blockon(
-        Deferred.fromCoroutine(build_image(reactor, log=lambda line: print(f"image: {line}")))
-    )
-
-
-@pytest.fixture(scope="session")
-def hypervisor() -> Iterator[LibvirtDriver]:
-    """A started libvirt driver; removes VMs left by earlier test sessions that died."""
-    driver = LibvirtDriver(reactor)
-    driver.startService()
-    for name in pytest_twisted.blockon(driver.list_vms()):
-        rest = name.removeprefix(TEST_VM_PREFIX)
-        pid = rest.split("-")[-1]
-        if name.startswith(TEST_VM_PREFIX) and pid.isdigit() and not _pid_alive(int(pid)):
-            pytest_twisted.blockon(driver.undefine(name))
-    yield driver
-    pytest_twisted.blockon(driver.stopService())
-
-
-def _boot(hypervisor: LibvirtDriver, image: GuestImage, name: str) -> Iterator[BootedVM]:
-    pytest_twisted.blockon(hypervisor.define(image.vm_spec(name)))
-    try:
-        pytest_twisted.blockon(hypervisor.start(name))
-        yield BootedVM(hypervisor, name, image)
-    finally:
-        teardown_vm(hypervisor, name)
-
-
-@pytest.fixture(scope="session")
-def booted_vm(hypervisor: LibvirtDriver, guest_image: GuestImage) -> Iterator[BootedVM]:
-    """
-    The session's guest, defined and started once (not waited for: the agent's clients wait for
-    the agent), undefined at the end of the session.
-    """
-    yield from _boot(hypervisor, guest_image, f"{TEST_VM_PREFIX}shared-{os.getpid()}")
-
-
 @pytest.fixture(scope="session")
 def bundle_image() -> GuestImage:
     """An image without Debian's Twisted, running the single-file agent (about a minute to build)."""
@@ -115,18 +52,5 @@ def bundle_image() -> GuestImage:
 
 @pytest.fixture(scope="session")
 def bundle_vm(hypervisor: LibvirtDriver, bundle_image: GuestImage) -> Iterator[BootedVM]:
-    """A guest of :func:`bundle_image`, booted once for the session like :func:`booted_vm`."""
-    yield from _boot(hypervisor, bundle_image, f"{TEST_VM_PREFIX}bundle-{os.getpid()}")
-
-
-def teardown_vm(driver: LibvirtDriver, name: str) -> None:
-    """Undefine ``name`` (stopping it first), keeping its console log's tail in the test output."""
-    log = driver.console_log_path(name)
-    try:
-        state = pytest_twisted.blockon(driver.state(name))
-    except VMControllerError:
-        return
-    if state is not VMState.SHUTOFF and log.exists():
-        tail = log.read_bytes()[-2000:].decode("utf-8", "replace")
-        print(f"--- last console output of {name} ---\n{tail}")
-    pytest_twisted.blockon(driver.undefine(name))
+    """A guest of :func:`bundle_image`, booted once for the session like ``booted_vm``."""
+    yield from boot_vm(hypervisor, bundle_image, f"{TEST_VM_PREFIX}bundle-{os.getpid()}")

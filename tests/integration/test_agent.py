@@ -117,7 +117,12 @@ async def test_push_pull_round_trip(agent: GuestClient, tmp_path: Any) -> None:
     back = tmp_path / "back.bin"
     pulled = await agent.pull("/root/in.bin", str(back))
     assert back.read_bytes() == data and pulled.sha256 == sha256(data)
-    assert os.stat(back).st_mode & 0o777 == 0o640
+    # The host decides the mode, not the guest: 0o666 less the umask unless the caller says.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(back).st_mode & 0o7777 == 0o666 & ~umask
+    await agent.pull("/root/in.bin", str(tmp_path / "chosen.bin"), mode=0o600)
+    assert os.stat(tmp_path / "chosen.bin").st_mode & 0o7777 == 0o600
 
 
 @pytest_twisted.ensureDeferred

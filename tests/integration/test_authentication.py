@@ -88,7 +88,7 @@ async def test_tampered_frame_mid_session_is_refused(booted_vm: BootedVM) -> Non
         # The same client resynchronises and carries on with a new authenticated session.
         assert (await client.ping())["version"]
     finally:
-        client.close()
+        await client.close()
     await serves_its_host(reactor, endpoint, credentials)
 
 
@@ -154,7 +154,7 @@ async def test_credentials_never_leak(booted_vm: BootedVM, host_log: list[str]) 
         assert b"Credentials from QEMU fw_cfg" in journal
         assert b"Host connected, protocol version 2, authenticated" in journal
     finally:
-        client.close()
+        await client.close()
     # The host's log of all that.
     assert_absent("\n".join(host_log).encode(), secrets, "the host's log")
     # The domain XML names the file, not its content; the kernel command line has nothing.

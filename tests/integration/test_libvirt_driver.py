@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.task import deferLater
@@ -24,8 +25,11 @@ from zope.interface.verify import verifyObject
 
 from hypervisors.interface import IHypervisorDriver, SnapshotInfo, VMState
 from hypervisors.libvirt import LibvirtDriver
+from hypervisors.libvirt.driver import FW_CFG_FILE
 from tests.integration.conftest import TEST_VM_PREFIX, BootedVM
+from vmcontroller.client import connect
 from vmcontroller.errors import (
+    AuthenticationFailed,
     HypervisorError,
     SnapshotNotFound,
     VMAlreadyExists,
@@ -33,6 +37,7 @@ from vmcontroller.errors import (
     VMStateError,
 )
 from vmcontroller.images import GuestImage
+from vmcontroller.machine import connect_vm_agent
 
 pytestmark = pytest.mark.integration
 
@@ -259,12 +264,59 @@ async def test_lifecycle(hypervisor: LibvirtDriver, own_vm: str) -> None:
     await driver.snapshot_revert(name, "offline")
     assert await driver.state(name) is VMState.SHUTOFF
 
-    # undefine stops a running VM and deletes its snapshots and its overlay.
+    # undefine stops a running VM and deletes its snapshots, its overlay and its credentials.
     await driver.start(name)
     vm_dir = Path(driver.state_dir) / name
     assert (vm_dir / "disk.qcow2").exists()
+    assert driver.credentials.exists(name) and (vm_dir / FW_CFG_FILE).exists()
     await driver.undefine(name)
     assert name not in await driver.list_vms()
     assert not vm_dir.exists()
+    assert not driver.credentials.exists(name) and not (driver.credentials.directory / name).exists()
     with pytest.raises(VMNotFound):
         await driver.state(name)
+    with pytest.raises(VMNotFound):
+        await driver.agent_credentials(name)
+
+
+async def inactive_xml(driver: LibvirtDriver, name: str) -> str:
+    """The domain's definition (not its running state), through a connection of the test's own."""
+
+    def read() -> str:
+        conn = libvirt.open(driver.uri)
+        try:
+            return str(conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        finally:
+            conn.close()
+
+    return await threads.deferToThread(read)
+
+
+@pytest_twisted.ensureDeferred
+async def test_rotated_credentials_reach_the_guest_at_its_next_start(
+        hypervisor: LibvirtDriver, own_vm: str, guest_image: GuestImage) -> None:
+    """New credentials need no new image: QEMU hands the guest the new fw_cfg entry at start."""
+    driver, name = hypervisor, own_vm
+    image = Path(guest_image.root_disk).stat()
+    xml_before = await inactive_xml(driver, name)
+    await driver.start(name)
+    old = await driver.agent_credentials(name)
+    client = await connect_vm_agent(reactor, driver, name, timeout=BOOT_TIMEOUT)
+    await client.close()
+    await driver.rotate_credentials(name)
+    new = await driver.agent_credentials(name)
+    assert new.certificate != old.certificate and new.peer_certificate != old.peer_certificate
+    await driver.power_off(name)
+    await driver.start(name)
+    endpoint = UNIXClientEndpoint(reactor, await driver.agent_socket_path(name))
+    client = await connect(reactor, endpoint, credentials=new, timeout=BOOT_TIMEOUT)
+    try:
+        assert (await client.ping())["version"] and client.authenticated
+    finally:
+        await client.close()
+    with pytest.raises(AuthenticationFailed):
+        await connect(reactor, endpoint, credentials=old, timeout=60)
+    # The same image and the same domain: only the fw_cfg file's content changed.
+    after = Path(guest_image.root_disk).stat()
+    assert (after.st_size, after.st_mtime_ns) == (image.st_size, image.st_mtime_ns)
+    assert await inactive_xml(driver, name) == xml_before

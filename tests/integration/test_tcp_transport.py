@@ -107,7 +107,7 @@ async def tcp(nat_vm: NatVM) -> AsyncIterator[GuestClient]:
     """A client of the agent in the guest, over TCP through a port agent_endpoint forwards."""
     client = await connect_vm_agent(reactor, nat_vm.driver, nat_vm.name, transport="tcp", timeout=120)
     yield client
-    client.close()
+    await client.close()
 
 
 # -- the driver's side ------------------------------------------------------------------------
@@ -176,12 +176,12 @@ async def test_push_and_pull(tcp: GuestClient, tmp_path: Any) -> None:
 async def test_a_host_that_reconnects_gets_a_new_session(nat_vm: NatVM) -> None:
     first = await connect(reactor, endpoint(nat_vm.port), credentials=nat_vm.credentials, timeout=60)
     await first.ping()
-    first.close()
+    await first.close()
     second = await connect(reactor, endpoint(nat_vm.port), credentials=nat_vm.credentials, timeout=60)
     try:
         assert (await second.run(["true"], check=True)).exit_code == 0
     finally:
-        second.close()
+        await second.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -194,7 +194,7 @@ async def test_connect_waits_for_an_agent_not_yet_listening_behind_the_forward(n
     try:
         assert (await client.ping())["version"]
     finally:
-        client.close()
+        await client.close()
         await nat_vm.virtio.run(["systemctl", "stop", f"{TCP_UNIT}-late"], check=True)
 
 
@@ -235,5 +235,5 @@ async def test_tampered_frame_mid_session_is_refused(nat_vm: NatVM) -> None:
             await client.ping()
         assert (await client.ping())["version"]  # a new session on the same connection
     finally:
-        client.close()
+        await client.close()
     await serves_its_host(reactor, endpoint(nat_vm.port), nat_vm.credentials)

@@ -17,6 +17,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import capturedLogs
 from zope.interface.verify import verifyObject
 
+from guest_agent.credentials import VBOX_PROPERTY, load_credentials
+from guest_agent.protocol.tls import Credentials
 from hypervisors import load_driver
 from hypervisors.interface import (
     DEFAULT_AGENT_TCP_PORT,
@@ -30,6 +32,7 @@ from hypervisors.interface import (
 from hypervisors.virtualbox import BACKEND_ENV, VirtualBoxDriver
 from tests.standins.vbox import (
     FACTORIES,
+    STANDINS,
     VBOXMANAGE,
     StandinVirtualBox,
     unavailable_options,
@@ -394,3 +397,89 @@ async def test_credentials_are_minted_at_define_and_removed_at_undefine(vbox, ba
     with pytest.raises(VMNotFound):
         await driver.agent_credentials("vm1")
     assert not driver.credentials.exists("vm1") and driver.credentials.exists("vm2")
+
+
+# -- the agent's credentials, provisioned as a guest property ------------------------------------
+
+
+def guest_property(vbox: StandinVirtualBox, vm: str) -> dict | None:
+    with vbox_model.transaction(vbox.home) as registry:
+        return registry.guest_property(registry.find_machine(vm), VBOX_PROPERTY)
+
+
+async def agent_reads_its_credentials(vbox: StandinVirtualBox, vm: str, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> Credentials:
+    """What the agent in ``vm`` loads at boot, through the VBoxControl stand-in on the VM's properties."""
+    monkeypatch.setenv("VBOX_USER_HOME", str(vbox.home))
+    monkeypatch.setenv("VBOX_STANDIN_VM", vm)
+    return await load_credentials(
+        reactor,
+        fw_cfg=str(tmp_path / "no-fw_cfg"),
+        vboxcontrol=str(STANDINS / "VBoxControl"),
+        rpctool=str(tmp_path / "no-vmware-rpctool"),
+        run_copy=str(tmp_path / "run" / vm / "credentials"),
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_agent_s_end_is_a_guest_property_the_guest_reads_and_erases(
+        vbox, base, tmp_path, monkeypatch):
+    driver = vbox.driver
+    await driver.define(VMSpec(name="vm1", disk=str(base)))
+    assert guest_property(vbox, "vm1") is None  # not before the VM boots
+    await driver.start("vm1")
+    provisioned = guest_property(vbox, "vm1")
+    assert provisioned is not None
+    # Erasable by the guest (no RDONLYGUEST), gone at power off and reset, never saved.
+    assert provisioned["flags"] == ["TRANSIENT", "TRANSRESET"]
+    host_end = await driver.agent_credentials("vm1")
+    agent_end = await agent_reads_its_credentials(vbox, "vm1", tmp_path, monkeypatch)
+    assert agent_end.peer_certificate == host_end.certificate
+    assert host_end.peer_certificate == agent_end.certificate
+    assert host_end.private_key not in provisioned["value"].encode()  # the host's key stays on the host
+    assert guest_property(vbox, "vm1") is None  # erased once read: no other guest process gets it
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_property_goes_at_power_off_and_comes_back_at_each_boot(vbox, base, tmp_path, monkeypatch):
+    driver = vbox.driver
+    await driver.define(VMSpec(name="vm1", disk=str(base)))
+    await driver.start("vm1")
+    await driver.power_off("vm1")
+    assert guest_property(vbox, "vm1") is None  # the agent never ran: VirtualBox dropped it
+    await driver.start("vm1")
+    await agent_reads_its_credentials(vbox, "vm1", tmp_path, monkeypatch)
+    await driver.reset("vm1")  # the guest boots again, without its copy in /run
+    assert guest_property(vbox, "vm1") is not None
+    vbox_model.guest_reboots(vbox.home, "vm1")
+    assert guest_property(vbox, "vm1") is None  # TRANSRESET: a reboot inside takes it away too
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_vm_restored_from_its_saved_state_gets_no_property(vbox, base, tmp_path, monkeypatch):
+    driver = vbox.driver
+    await driver.define(VMSpec(name="vm1", disk=str(base)))
+    await driver.start("vm1")
+    await agent_reads_its_credentials(vbox, "vm1", tmp_path, monkeypatch)
+    await driver.save_state("vm1")
+    await driver.start("vm1")
+    # Its agent kept them in memory: a property now would only wait for other guest processes.
+    assert guest_property(vbox, "vm1") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_rotation_reaches_the_guest_at_its_next_boot_without_a_new_image(
+        vbox, base, tmp_path, monkeypatch):
+    driver = vbox.driver
+    image = base.read_bytes()
+    await driver.define(VMSpec(name="vm1", disk=str(base)))
+    old = await driver.agent_credentials("vm1")
+    await driver.rotate_credentials("vm1")
+    new = await driver.agent_credentials("vm1")
+    assert new.certificate != old.certificate and new.peer_certificate != old.peer_certificate
+    await driver.start("vm1")
+    agent_end = await agent_reads_its_credentials(vbox, "vm1", tmp_path, monkeypatch)
+    assert agent_end.peer_certificate == new.certificate and agent_end.certificate == new.peer_certificate
+    assert base.read_bytes() == image
+    with pytest.raises(VMNotFound):
+        await driver.rotate_credentials("no-such-vm")

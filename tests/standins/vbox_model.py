@@ -20,6 +20,14 @@ pyvbox's generated ``virtualbox/library.py``, and ``src/VBox/Main/src-server/Mac
   ``restoreSnapshot`` (machine not running) drops the current child and starts a new one on
   the snapshot's medium, leaving the machine Saved if the snapshot was online;
   ``deleteSnapshot`` (also on a running VM) merges the snapshot's medium into its children.
+- Guest properties (``IMachine::setGuestProperty``, ``MachineImpl.cpp`` and the flags of
+  ``include/VBox/HostServices/GuestPropertySvc.h``): the flags are a comma-separated list of
+  ``TRANSIENT``, ``RDONLYGUEST``, ``RDONLYHOST``, ``READONLY`` (both) and ``TRANSRESET``
+  (which implies TRANSIENT), any other is ``E_INVALIDARG``; an empty value deletes; the host
+  may not change a property flagged RDONLYHOST (``E_ACCESSDENIED``). A TRANSIENT property is
+  gone when the VM process ends (powered off or aborted; ``Machine::i_saveHardware`` does not
+  keep it), a TRANSRESET one also when the VM resets (a reboot from inside is a reset too).
+  The guest's side, ``VBoxControl``, is the stand-in of that name.
 
 Simplification, stated once: a medium's file holds the disk's whole content, not a delta over
 its parent, so a child starts as a copy of its parent and a merge keeps the child's content;
@@ -45,6 +53,7 @@ VBOX_E_INVALID_VM_STATE = 0x80BB0002
 VBOX_E_FILE_ERROR = 0x80BB0004
 VBOX_E_INVALID_OBJECT_STATE = 0x80BB0007
 E_INVALIDARG = 0x80070057
+E_ACCESSDENIED = 0x80070005
 
 RESULT_NAMES = {
     VBOX_E_OBJECT_NOT_FOUND: "VBOX_E_OBJECT_NOT_FOUND",
@@ -52,6 +61,19 @@ RESULT_NAMES = {
     VBOX_E_FILE_ERROR: "VBOX_E_FILE_ERROR",
     VBOX_E_INVALID_OBJECT_STATE: "VBOX_E_INVALID_OBJECT_STATE",
     E_INVALIDARG: "E_INVALIDARG",
+    E_ACCESSDENIED: "E_ACCESSDENIED",
+}
+
+#: The longest guest property value, in bytes with its terminator (GuestPropertySvc.h,
+#: GUEST_PROP_MAX_VALUE_LEN): the guest property service refuses longer ones.
+GUEST_PROP_MAX_VALUE_LEN = 1024
+#: Guest property flags (GuestPropertySvc.h, GUEST_PROP_F_*), by the names VirtualBox parses.
+GUEST_PROPERTY_FLAGS = {
+    "TRANSIENT": {"TRANSIENT"},
+    "RDONLYGUEST": {"RDONLYGUEST"},
+    "RDONLYHOST": {"RDONLYHOST"},
+    "READONLY": {"RDONLYGUEST", "RDONLYHOST"},
+    "TRANSRESET": {"TRANSRESET", "TRANSIENT"},
 }
 
 # MachineState (VirtualBox.xidl enum MachineState).
@@ -201,6 +223,7 @@ class Registry:
             "cpu_cap": 100,
             "acpi": True,
             "extra": {},
+            "guest_properties": {},
             "uarts": [
                 {"enabled": False, "mode": "disconnected", "path": "", "server": False}
                 for _ in range(SERIAL_SLOTS)
@@ -245,6 +268,41 @@ class Registry:
     def set_state(self, machine: dict[str, Any], state: int) -> None:
         machine["state"] = state
         machine["last_state_change"] = now_ms()
+        if state in (POWERED_OFF, ABORTED):  # the VM process ended
+            self._drop_guest_properties(machine, "TRANSIENT")
+
+    def reset(self, machine: dict[str, Any]) -> None:
+        """The VM resets (IConsole::reset, or a reboot inside): TRANSRESET properties go."""
+        self.require_state(machine, (RUNNING,), "reset")
+        self._drop_guest_properties(machine, "TRANSRESET")
+
+    def _drop_guest_properties(self, machine: dict[str, Any], flag: str) -> None:
+        properties = machine.setdefault("guest_properties", {})
+        for name in [n for n, p in properties.items() if flag in p["flags"]]:
+            del properties[name]
+
+    def set_guest_property(self, machine: dict[str, Any], name: str, value: str, flags: str) -> None:
+        """IMachine::setGuestProperty, from the host."""
+        parsed: set[str] = set()
+        for flag in filter(None, (f.strip().upper() for f in flags.split(","))):
+            if flag not in GUEST_PROPERTY_FLAGS:
+                raise VBoxError(E_INVALIDARG, f"Invalid guest property flag values: '{flags}'")
+            parsed |= GUEST_PROPERTY_FLAGS[flag]
+        properties = machine.setdefault("guest_properties", {})
+        existing = properties.get(name)
+        if existing is not None and "RDONLYHOST" in existing["flags"]:
+            raise VBoxError(E_ACCESSDENIED, f"The property '{name}' cannot be changed by the host")
+        if len(value.encode()) >= GUEST_PROP_MAX_VALUE_LEN:
+            raise VBoxError(E_INVALIDARG, f"The value of guest property '{name}' is too long")
+        if value:
+            properties[name] = {"value": value, "flags": sorted(parsed)}
+        else:
+            properties.pop(name, None)
+
+    def guest_property(self, machine: dict[str, Any], name: str) -> dict[str, Any] | None:
+        """``{"value": ..., "flags": [...]}``, or None."""
+        found: dict[str, Any] | None = machine.setdefault("guest_properties", {}).get(name)
+        return found
 
     def launch(self, machine: dict[str, Any]) -> None:
         self.require_unlocked(machine, "launch")
@@ -442,6 +500,12 @@ def vm_process_dies(home: str | os.PathLike[str], vm: str) -> None:
         machine = registry.find_machine(vm)
         registry.require_state(machine, ONLINE, "abort")
         registry.set_state(machine, ABORTED)
+
+
+def guest_reboots(home: str | os.PathLike[str], vm: str) -> None:
+    """The guest reboots itself: to VirtualBox a reset of the running VM."""
+    with transaction(home) as registry:
+        registry.reset(registry.find_machine(vm))
 
 
 def guest_ignores_acpi(home: str | os.PathLike[str], vm: str, ignores: bool = True) -> None:

@@ -323,3 +323,34 @@ def test_require_capability() -> None:
         require_capability(_Driver(), Capability.SAVE_STATE, "Player has no suspend")
     assert str(raised.value) == "the fake driver cannot do save-state: Player has no suspend"
     assert (raised.value.driver, raised.value.capability) == ("fake", "save-state")
+
+
+def test_per_vm_queue_runs_one_job_per_vm_in_call_order() -> None:
+    from twisted.internet.defer import Deferred
+
+    from hypervisors.base import PerVMQueue
+
+    queue = PerVMQueue()
+    gates: dict[str, Deferred[None]] = {}
+    started: list[str] = []
+
+    def job(label: str) -> Any:
+        async def body() -> str:
+            started.append(label)
+            gates[label] = Deferred()
+            await gates[label]
+            return label
+
+        return body
+
+    results = [
+        Deferred.fromCoroutine(queue.run(vm, job(label)))
+        for vm, label in [("a", "a1"), ("a", "a2"), ("b", "b1")]
+    ]
+    assert started == ["a1", "b1"]  # a2 waits for a1; b runs beside a
+    gates["a1"].callback(None)
+    assert started == ["a1", "b1", "a2"]
+    gates["a2"].callback(None)
+    gates["b1"].callback(None)
+    assert [r.result for r in results] == ["a1", "a2", "b1"]
+    assert queue._locks == {}  # nothing kept for VMs with no work in hand

@@ -510,6 +510,18 @@ class IMachine:
 
         self._apply(change, mutable=False)
 
+    def setGuestProperty(self, property: str, value: str, flags: str) -> None:
+        # The session's machine (Machine::i_setGuestPropertyToService checks MutableStateDep;
+        # a running VM's is handed to its guest property service).
+        self._apply(lambda registry, record: registry.set_guest_property(record, property, value, flags),
+                    online=True)
+
+    def getGuestProperty(self, name: str) -> tuple[str, int, str]:
+        found = self._apply(lambda registry, record: registry.guest_property(record, name), mutable=False)
+        if found is None:
+            return "", 0, ""
+        return found["value"], 0, ",".join(found["flags"])
+
     def lockMachine(self, session: ISession, lockType: int) -> None:
         def lock(registry: model.Registry, record: dict[str, Any]) -> None:
             if session._machine_id is not None:
@@ -571,7 +583,9 @@ class IMachine:
         return INetworkAdapter(self, slot)
 
     def saveSettings(self) -> None:
-        self._apply(lambda registry, record: None)
+        # Machine::saveSettings checks MutableOrSavedOrRunningStateDep: the session's machine of a
+        # running VM may save too (its guest properties, say).
+        self._apply(lambda registry, record: None, online=True)
 
     def findSnapshot(self, nameOrId: str) -> ISnapshot:
         def find(registry: model.Registry, record: dict[str, Any]) -> str:
@@ -679,7 +693,7 @@ class IConsole:
         self._do(resume)
 
     def reset(self) -> None:
-        self._do(lambda registry, record: registry.require_state(record, (model.RUNNING,), "reset"))
+        self._do(lambda registry, record: registry.reset(record))
 
 
 class ISession:

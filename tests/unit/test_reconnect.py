@@ -1,0 +1,215 @@
+"""
+A client made by ``connect`` reconnects by itself: in memory, with a ``Clock`` for the
+backoff and :class:`InMemoryAgentEndpoint` playing an agent that goes away and comes back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone
+from twisted.internet.task import Clock
+
+from guest_agent.ops import OPERATIONS
+from guest_agent.ops import exec as agent_exec
+from guest_agent.ops.commands import CommandRegistry
+from guest_agent.ops.files import PartialUploads
+from guest_agent.session import OperationContext
+from tests.unit.test_exec_ops import FakeProcessReactor, fake_session_spawns, outcome
+from vmcontroller._files import CHUNK_SIZE
+from vmcontroller.client import RECONNECT_MAX_DELAY, GuestClient, connect
+from vmcontroller.errors import (
+    AgentUnreachable,
+    AuthenticationFailed,
+    ConnectionLost,
+    UnsupportedProtocolVersion,
+)
+from vmcontroller.testing import InMemoryAgentEndpoint, minted
+
+
+class Controller:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, spool: Path) -> None:
+        self.clock = Clock()
+        self.agent_reactor = FakeProcessReactor()
+        fake_session_spawns(monkeypatch)
+        monkeypatch.setattr(agent_exec, "_kill_group", lambda group: None)
+        registry = CommandRegistry(str(spool))
+        self.endpoint = InMemoryAgentEndpoint({**OPERATIONS, **registry.operations()},
+                                              agent_reactor=self.agent_reactor)
+
+    def connecting(self, **kwargs: object) -> Deferred[GuestClient]:
+        """``connect`` with the credentials of the endpoint's agent."""
+        return connect(self.clock, self.endpoint, credentials=self.endpoint.credentials, **kwargs)  # type: ignore[arg-type]
+
+    def connect(self, **kwargs: object) -> GuestClient:
+        connecting = self.connecting(**kwargs)
+        self.endpoint.flush()
+        client: GuestClient = outcome(connecting)
+        return client
+
+    def wait_out_backoff(self) -> None:
+        """Let every retry the backoff allows happen, carrying each connection's bytes."""
+        for _ in range(10):
+            self.clock.advance(RECONNECT_MAX_DELAY * 1.5)  # backoff jitter stays below this
+            self.endpoint.flush()
+
+
+@pytest.fixture
+def controller(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Controller:
+    return Controller(monkeypatch, tmp_path / "spool")
+
+
+def test_in_flight_operations_fail_at_once_and_later_ones_run_once_the_agent_is_back(
+        controller: Controller) -> None:
+    client = controller.connect(timeout=10)
+    running = client.exec(["sleep", "100"])
+    controller.endpoint.flush()
+    assert len(controller.agent_reactor.processes) == 1
+    controller.endpoint.down = True
+    controller.endpoint.drop()
+    error = outcome(running.result())  # no clock advanced: it failed at once
+    assert isinstance(error, ConnectionLost) and "reconnecting" in str(error)
+    assert not client.connected
+
+    later = client.ping()
+    controller.wait_out_backoff()
+    assert not later.called  # waits for the agent, does not fail
+    refused = controller.endpoint.attempts
+    assert refused > 2  # retried, with backoff
+    controller.endpoint.down = False
+    controller.wait_out_backoff()
+    assert client.connected and client.authenticated  # a new TLS session, not the old one resumed
+    assert outcome(later)["version"]
+    assert controller.endpoint.attempts == refused + 1  # one connection once the agent is back
+
+
+def test_a_reconnection_to_an_agent_with_other_credentials_closes_the_client(controller: Controller) -> None:
+    client = controller.connect(timeout=10)
+    _, controller.endpoint.agent_authenticator = minted()  # another VM's agent now answers
+    controller.endpoint.drop()
+    waiting = client.ping()
+    controller.wait_out_backoff()
+    error = outcome(waiting)
+    assert isinstance(error, AuthenticationFailed) and "not the one pinned for this VM" in str(error)
+    assert not client.connected and not client.reconnects
+    attempts = controller.endpoint.attempts
+    controller.wait_out_backoff()
+    assert controller.endpoint.attempts == attempts  # given up: it is not the agent it was
+
+
+def test_a_retained_command_is_collected_over_the_reconnected_client(controller: Controller) -> None:
+    client = controller.connect(timeout=10)
+    first = client.exec(["cat"], exec_id="job")
+    controller.endpoint.flush()
+    process = controller.agent_reactor.processes[-1]
+    process.output(1, b"one ")
+    controller.endpoint.flush()
+    controller.endpoint.drop()
+    assert isinstance(outcome(first.result()), ConnectionLost)
+    process.output(1, b"two")
+    process.end(ProcessDone(0))
+    controller.wait_out_backoff()
+    attached = client.attach("job")
+    controller.endpoint.flush()
+    result = outcome(attached.result())
+    assert (result.stdout, result.exit_code) == (b"one two", 0)
+
+
+def test_close_stops_reconnecting_and_fails_what_waits(controller: Controller) -> None:
+    client = controller.connect(timeout=10)
+    controller.endpoint.down = True
+    controller.endpoint.drop()
+    waiting = client.ping()
+    client.close()
+    assert isinstance(outcome(waiting), ConnectionLost)
+    attempts = controller.endpoint.attempts
+    controller.endpoint.down = False
+    controller.wait_out_backoff()
+    assert controller.endpoint.attempts == attempts
+    assert isinstance(outcome(client.ping()), ConnectionLost)
+
+
+def test_connect_gives_up_after_its_timeout_with_the_last_error(controller: Controller) -> None:
+    controller.endpoint.down = True
+    connecting = controller.connecting(timeout=5)
+    controller.clock.advance(5)
+    error = outcome(connecting)
+    assert isinstance(error, AgentUnreachable)
+    assert "within 5 s" in str(error) and "in-memory agent is down" in str(error)
+    attempts = controller.endpoint.attempts
+    controller.wait_out_backoff()
+    assert controller.endpoint.attempts == attempts  # nothing retries after giving up
+
+
+def test_an_agent_without_a_common_version_is_not_retried(controller: Controller) -> None:
+    connecting = controller.connecting(timeout=5, versions=(99,))
+    controller.endpoint.flush()
+    assert isinstance(outcome(connecting), UnsupportedProtocolVersion)
+    controller.wait_out_backoff()
+    assert controller.endpoint.attempts == 1
+
+
+def test_a_push_resumes_from_the_agent_s_verified_offset_after_a_dropped_channel(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    controller = Controller(monkeypatch, tmp_path / "spool")
+    requests: list[dict[str, object]] = []
+    uploads = PartialUploads()
+
+    async def recording_push(ctx: OperationContext) -> dict[str, object]:
+        requests.append(dict(ctx.args))
+        return await uploads.push(ctx)
+
+    operations = {**OPERATIONS, **uploads.operations(), "push": recording_push}
+    controller.endpoint = InMemoryAgentEndpoint(operations, agent_reactor=controller.agent_reactor)
+    client = controller.connect(timeout=10)
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(8 * 1024 * 1024 + 17))  # more than the window of 4 MiB
+    destination = tmp_path / "pushed.bin"
+    progress: list[int] = []
+    pushing = client.push(str(source), str(destination), progress=lambda done, total: progress.append(done))
+    pump = controller.endpoint.pump
+    assert pump is not None
+    while not progress or progress[-1] < 5 * 1024 * 1024:  # past the window: the agent has some
+        pump.pump()
+    controller.endpoint.drop()
+    before = len(progress)
+    assert not pushing.called and not destination.exists()
+    controller.wait_out_backoff()
+    result = outcome(pushing)
+    assert destination.read_bytes() == source.read_bytes()
+    assert result.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+    first, resumed = requests
+    assert "offset" not in first and resumed["transfer_id"] == first["transfer_id"]
+    assert isinstance(resumed["offset"], int) and resumed["offset"] > 0  # not started over
+    assert min(progress[before:]) > CHUNK_SIZE  # what was sent after the drop continued the file
+    assert list(tmp_path.glob(".pushed.bin.*")) == []
+
+
+def test_a_push_whose_held_part_does_not_match_fails_with_a_clear_error(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    controller = Controller(monkeypatch, tmp_path / "spool")
+    uploads = PartialUploads()
+    controller.endpoint = InMemoryAgentEndpoint({**OPERATIONS, **uploads.operations()},
+                                                agent_reactor=controller.agent_reactor)
+    client = controller.connect(timeout=10)
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(8 * 1024 * 1024))
+    progress: list[int] = []
+    pushing = client.push(str(source), str(tmp_path / "pushed.bin"),
+                          progress=lambda done, _: progress.append(done))
+    pump = controller.endpoint.pump
+    assert pump is not None
+    while not progress or progress[-1] < 5 * 1024 * 1024:  # past the window: the agent has some
+        pump.pump()
+    controller.endpoint.drop()
+    before = len(progress)
+    source.write_bytes(b"\0" * len(source.read_bytes()))  # the host file changed meanwhile
+    controller.wait_out_backoff()
+    error = outcome(pushing)
+    assert isinstance(error, ConnectionLost) and "no part of the push" in str(error), error
+    assert len(progress) == before  # nothing sent again
+    assert not (tmp_path / "pushed.bin").exists() and list(tmp_path.glob(".pushed.bin.*")) == []

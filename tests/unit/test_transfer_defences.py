@@ -1,0 +1,629 @@
+"""
+The host's own checks of what the agent says about a transfer, the agent's exact modes and
+its answer to a cancel, and what happens to a user who is not root (CI runs as root: these
+tests drop the effective user to ``nobody`` for the call, and get root back after).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from guest_agent.ops import files
+from guest_agent.protocol.connection import Limits
+from guest_agent.protocol.errors import (
+    AgentOSError,
+    BadRequest,
+    IncompleteTransfer,
+    IntegrityError,
+    IsADirectory,
+    NotADirectory,
+    OperationCancelled,
+    OperationError,
+    PathNotFound,
+    PermissionDenied,
+    ProtocolError,
+)
+from guest_agent.protocol.frames import Channel
+from guest_agent.session import OperationContext
+from tests.unit.test_client_session import error_of
+from tests.unit.test_files_ops import OPERATIONS, Tracked, result_of, sha, start
+from vmcontroller.testing import InMemoryLink
+
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def as_nobody() -> Iterator[None]:
+    """Run the block with the effective user and group ``nobody`` (as root); root again after."""
+    if os.geteuid() != 0:
+        yield  # not root already
+        return
+    groups = os.getgroups()
+    os.setgroups([])
+    os.setegid(NOBODY)
+    os.seteuid(NOBODY)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        os.setgroups(groups)
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Iterator[Path]:
+    """
+    A directory ``nobody`` can reach (pytest's tmp_path is root's alone) and not write, with
+    a file ``secret`` and a directory ``closed`` it may not open.  Modes, not owners, close
+    them: without root the test's user owns them, and its own modes bind it too.
+    """
+    path = Path(tempfile.mkdtemp(prefix="vmc-test-"))
+    (path / "secret").write_bytes(b"s")
+    (path / "closed").mkdir()
+    (path / "secret").chmod(0)
+    (path / "closed").chmod(0)
+    path.chmod(0o555)
+    yield path
+    path.chmod(0o755)
+    (path / "closed").chmod(0o755)
+    shutil.rmtree(path)
+
+
+def lying(
+    op: str,
+    answer: dict[str, Any],
+    data: bytes = b"",
+    trailer: dict[str, Any] | None = None,
+) -> InMemoryLink:
+    """An agent whose ``op`` takes what is pushed (or sends ``data``) and answers ``answer``."""
+
+    async def operation(ctx: OperationContext) -> dict[str, Any]:
+        if op == "push":
+            while await ctx.io.receive(Channel.INPUT) is not None:
+                pass
+        else:
+            await ctx.io.send(Channel.INPUT, data)
+            ctx.io.send_eof(Channel.INPUT, trailer)
+        return {"path": ctx.args["path"], **answer}
+
+    return InMemoryLink({op: operation})
+
+
+# ---- the host checks the agent's word ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"sha256": sha(b"other"), "size": 5, "mode": 0o644},
+        {"sha256": sha(b"hello"), "size": 6, "mode": 0o644},
+    ],
+)
+def test_push_checks_the_agents_size_and_sha256(answer: dict[str, Any]) -> None:
+    link = lying("push", answer)
+    with pytest.raises(
+        IntegrityError,
+        match=f"sent 5 bytes with sha256 {sha(b'hello')} to /g/f but the agent stored {answer['size']} bytes",
+    ):
+        result_of(start(link, link.client.push(io.BytesIO(b"hello"), "/g/f")))
+
+
+@pytest.mark.parametrize(
+    ("answer", "field"),
+    [
+        ({"size": 5, "mode": 0o644}, "sha256"),
+        ({"sha256": sha(b"hello").upper(), "size": 5, "mode": 0o644}, "sha256"),
+        ({"sha256": sha(b"hello"), "size": "5", "mode": 0o644}, "size"),
+        ({"sha256": sha(b"hello"), "size": 5, "mode": 0o10000}, "mode"),
+    ],
+)
+def test_a_malformed_push_answer_is_a_protocol_error(answer: dict[str, Any], field: str) -> None:
+    link = lying("push", answer)
+    with pytest.raises(
+        ProtocolError,
+        match=rf"^the agent answered push with a malformed result: '{field}' is missing or invalid",
+    ):
+        result_of(start(link, link.client.push(io.BytesIO(b"hello"), "/g/f")))
+
+
+def test_push_result_and_what_the_agent_is_told(tmp_path: Path) -> None:
+    seen: dict[str, Any] = {}
+
+    async def recording(ctx: OperationContext) -> dict[str, Any]:
+        seen.update(ctx.args)
+        data = b""
+        while (chunk := await ctx.io.receive(Channel.INPUT)) is not None:
+            data += chunk
+        seen["trailer"] = ctx.io.trailer(Channel.INPUT)
+        ctx.reactor.advance(2.5)  # type: ignore[attr-defined]
+        return {"path": ctx.args["path"], "sha256": sha(data), "size": len(data), "mode": 0o604}
+
+    link = InMemoryLink({"push": recording})
+    link.clock.advance(100)
+    source = tmp_path / "src"
+    source.write_bytes(b"0123456789" * 70_000)
+    source.chmod(0o640)
+    progress: list[tuple[int, int | None]] = []
+    with source.open("rb") as f:
+        f.seek(100_000)
+        result = result_of(start(link, link.client.push(f, "/g/f", progress=lambda *a: progress.append(a))))
+    rest = 700_000 - 100_000
+    assert seen == {
+        "path": "/g/f",
+        "mode": 0o640,
+        "size": rest,
+        "trailer": {"sha256": sha(source.read_bytes()[100_000:]), "size": rest},
+    }
+    assert progress == [(262_144, rest), (524_288, rest), (rest, rest)]
+    assert result.path == "/g/f" and result.size == rest and result.mode == 0o604 and result.seconds == 2.5
+    # A mode given wins over the host file's; a file object without a descriptor has neither.
+    result_of(start(link, link.client.push(str(source), "/g/f", mode=0o600)))
+    assert seen["mode"] == 0o600 and seen["size"] == 700_000
+    result_of(start(link, link.client.push(io.BytesIO(b"x"), "/g/f")))
+    assert seen["mode"] is None and seen["size"] is None
+
+
+def test_push_refuses_host_paths_that_are_not_files(tmp_path: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    with pytest.raises(PathNotFound, match=f"the host file {tmp_path}/nope does not exist"):
+        result_of(start(link, link.client.push(str(tmp_path / "nope"), "/g/f")))
+    with pytest.raises(IsADirectory, match="is a directory; push the files in it one by one"):
+        result_of(start(link, link.client.push(str(tmp_path), "/g/f")))
+    with pytest.raises(IsADirectory, match="the host path /dev/null is not a regular file"):
+        result_of(start(link, link.client.push("/dev/null", "/g/f")))
+
+
+@pytest.mark.parametrize(
+    ("trailer", "answer", "error"),
+    [
+        ({"sha256": sha(b"hello"), "size": 4}, {"sha256": sha(b"hello"), "size": 5}, IncompleteTransfer),
+        ({"sha256": sha(b"hello"), "size": 5}, {"sha256": sha(b"hello"), "size": 4}, IncompleteTransfer),
+        (None, {"sha256": sha(b"hello"), "size": 5}, IncompleteTransfer),
+        ({"sha256": sha(b"hello"), "size": 5}, {"sha256": sha(b"other"), "size": 5}, IntegrityError),
+        ({"sha256": sha(b"other"), "size": 5}, {"sha256": sha(b"hello"), "size": 5}, IntegrityError),
+    ],
+)
+def test_pull_checks_both_the_trailer_and_the_answer(
+    tmp_path: Path, trailer: dict[str, Any] | None, answer: dict[str, Any], error: type[Exception]
+) -> None:
+    link = lying("pull", {**answer, "mode": 0o644}, b"hello", trailer)
+    with pytest.raises(error, match="pull again") as raised:
+        result_of(start(link, link.client.pull("/g/f", str(tmp_path / "f"))))
+    assert os.listdir(tmp_path) == []
+    # An agent whose account differs from its bytes lies: the client disconnects it.
+    assert link.client._transport is None
+    assert error_of(start(link, link.client.ping())) is raised.value
+    link = lying("pull", {**answer, "mode": 0o644}, b"hello", trailer)
+    sink = io.BytesIO()
+    with pytest.raises(error):
+        result_of(start(link, link.client.pull("/g/f", sink)))
+    assert sink.getvalue() == b"hello"  # a file object holds what arrived
+
+
+@pytest.mark.usefixtures("umask_027")
+def test_pull_result_mode_and_progress(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    link = lying(
+        "pull",
+        {"sha256": sha(data), "size": len(data), "mode": 0o4777},
+        data,
+        {"sha256": sha(data), "size": len(data)},
+    )
+    progress: list[tuple[int, int | None]] = []
+    result = result_of(
+        start(link, link.client.pull("/g/f", str(tmp_path / "f"), progress=lambda *a: progress.append(a)))
+    )
+    assert (tmp_path / "f").read_bytes() == data and os.listdir(tmp_path) == ["f"]
+    # The host file's mode is the host's: 0o666 less the umask, never the guest's set-uid 0o4777.
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o640
+    assert (result.path, result.size, result.sha256, result.mode) == ("/g/f", len(data), sha(data), 0o4777)
+    assert progress[-1] == (len(data), None) and all(total is None for _, total in progress)
+    assert [done for done, _ in progress] == sorted({done for done, _ in progress})
+    # A mode given by the caller is the host file's exactly, set-id bits included, umask or not.
+    result_of(start(link, link.client.pull("/g/f", str(tmp_path / "g"), mode=0o2700)))
+    assert stat.S_IMODE((tmp_path / "g").stat().st_mode) == 0o2700
+    with pytest.raises(BadRequest, match=r"^mode must be permission bits"):
+        result_of(start(link, link.client.pull("/g/f", str(tmp_path / "h"), mode=0o10000)))
+    assert sorted(os.listdir(tmp_path)) == ["f", "g"]
+
+
+def test_pull_refuses_host_destinations_it_cannot_use(tmp_path: Path) -> None:
+    link = lying("pull", {})
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(PathNotFound, match="create it before pulling into it"):
+        result_of(start(link, link.client.pull("/g/f", str(tmp_path / "no" / "f"))))
+    with pytest.raises(NotADirectory, match=f"the host path {tmp_path}/file is not a directory"):
+        result_of(start(link, link.client.pull("/g/f", str(tmp_path / "file" / "f"))))
+    with pytest.raises(IsADirectory, match="give the file's path"):
+        result_of(start(link, link.client.pull("/g/f", str(tmp_path))))
+    assert os.listdir(tmp_path) == ["file"]
+
+
+# ---- the agent's modes and its answer to a cancel ----------------------------------------
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.fixture
+def umask_077() -> Iterator[None]:
+    with umask(0o077):
+        yield
+
+
+@pytest.fixture
+def umask_027() -> Iterator[None]:
+    with umask(0o027):
+        yield
+
+
+@pytest.mark.usefixtures("umask_077")
+def test_mkdir_sets_the_exact_mode_whatever_the_umask(tmp_path: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    result_of(start(link, link.client.mkdir(str(tmp_path / "a"), mode=0o775)))
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o775
+    result_of(start(link, link.client.mkdir(str(tmp_path / "b" / "c"), parents=True, mode=0o1777)))
+    assert stat.S_IMODE((tmp_path / "b" / "c").stat().st_mode) == 0o1777
+    result_of(start(link, link.client.call("mkdir", {"path": str(tmp_path / "d")})))  # the default
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+
+
+@pytest.mark.usefixtures("umask_077")
+def test_push_sets_the_exact_mode_whatever_the_umask(tmp_path: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    result = result_of(start(link, link.client.push(io.BytesIO(b"x"), str(tmp_path / "f"), mode=0o2755)))
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o2755 == result.mode
+
+
+@pytest.mark.parametrize("op", ["push", "pull"])
+def test_the_agents_answer_to_a_cancel(tmp_path: Path, op: str) -> None:
+    tracked = Tracked(getattr(files, op))
+    link = InMemoryLink(
+        {**OPERATIONS, op: tracked},
+        agent_limits=Limits(window=64 * 1024),
+        client_limits=Limits(window=64 * 1024),
+    )
+    (tmp_path / "big").write_bytes(os.urandom(1024 * 1024))
+    if op == "push":
+        d = link.client.push(io.BytesIO(os.urandom(1024 * 1024)), str(tmp_path / "f"))
+    else:
+        d = link.client.pull(str(tmp_path / "big"), io.BytesIO())
+    for _ in range(20):
+        link.pump.pump()
+    d.cancel()
+    link.flush()
+    with pytest.raises(CancelledError):
+        result_of(d)
+    (outcome,) = tracked.outcomes
+    assert isinstance(outcome, OperationCancelled)
+    path = tmp_path / ("f" if op == "push" else "big")
+    assert outcome.message == f"{op} of {path} stopped: cancelled by the host; nothing was written"
+    assert sorted(os.listdir(tmp_path)) == ["big"]
+
+
+# ---- a user who is not root ----------------------------------------------------------------
+
+
+def test_agent_operations_as_an_unprivileged_user(shared: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    cases: list[tuple[Deferred[Any], str]] = [
+        (link.client.push(io.BytesIO(b"x"), str(shared / "new")), "permission denied to the agent's user"),
+        (link.client.pull(str(shared / "secret"), io.BytesIO()), "permission denied to the agent's user"),
+        (link.client.list(str(shared / "closed")), "cannot list"),
+        (link.client.mkdir(str(shared / "d")), "cannot create directory"),
+        (link.client.remove(str(shared / "secret")), "cannot remove"),
+    ]
+    with as_nobody():
+        for call, message in cases:
+            link.flush()
+            with pytest.raises(PermissionDenied, match=message):
+                result_of(call)
+    assert sorted(os.listdir(shared)) == ["closed", "secret"]
+
+
+def test_host_files_an_unprivileged_user_may_not_touch(shared: Path) -> None:
+    data = b"guest data"
+    link = lying(
+        "pull",
+        {"sha256": sha(data), "size": len(data), "mode": 0o644},
+        data,
+        {"sha256": sha(data), "size": len(data)},
+    )
+    with as_nobody():
+        push = link.client.push(str(shared / "secret"), "/g/f")
+        pull = link.client.pull("/g/f", str(shared / "out"))
+        link.flush()
+        with pytest.raises(
+            PermissionDenied, match=f"this host user may not read the host file {shared}/secret"
+        ):
+            result_of(push)
+        with pytest.raises(PermissionDenied, match=f"may not create files in the host directory {shared}"):
+            result_of(pull)
+    assert sorted(os.listdir(shared)) == ["closed", "secret"]
+
+
+# ---- blocking work goes to the reactor's thread pool ---------------------------------------
+
+
+class InlinePool:
+    """A thread pool that runs work at once, in the caller's thread, and records it."""
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    def callInThreadWithCallback(self, on_result: Any, work: Any, *args: Any, **kwargs: Any) -> None:
+        self.ran.append(getattr(work, "__name__", repr(work)))
+        try:
+            result = work(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+@implementer(IReactorThreads, IReactorFromThreads)
+class ThreadedClock(Clock):
+    """A Clock with a thread pool, as a real reactor has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = InlinePool()
+
+    def getThreadPool(self) -> Any:
+        return self.pool
+
+    def callFromThread(self, callable: Any, *args: Any, **kwargs: Any) -> None:
+        callable(*args, **kwargs)
+
+    def callInThread(self, callable: Any, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def suggestThreadPoolSize(self, size: int) -> None:
+        raise NotImplementedError
+
+
+def test_fsync_and_recursive_removal_run_in_the_thread_pool(tmp_path: Path) -> None:
+    clock = ThreadedClock()
+    link = InMemoryLink(OPERATIONS, clock=clock)
+    result_of(start(link, link.client.push(io.BytesIO(b"data"), str(tmp_path / "f"))))
+    assert clock.pool.ran == ["<lambda>", "<lambda>"]  # the file's fsync, then its directory's
+    assert (tmp_path / "f").read_bytes() == b"data"
+    clock.pool.ran.clear()
+    result_of(start(link, link.client.pull(str(tmp_path / "f"), str(tmp_path / "g"))))
+    assert clock.pool.ran == ["fsync"] and (tmp_path / "g").read_bytes() == b"data"
+    clock.pool.ran.clear()
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    result_of(start(link, link.client.remove(str(tmp_path / "d"), recursive=True)))
+    assert clock.pool.ran == ["<lambda>"] and not (tmp_path / "d").exists()
+
+
+# ---- metadata, exactly ---------------------------------------------------------------------
+
+
+def test_stat_and_list_say_exactly_what_lstat_says(tmp_path: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    (tmp_path / "f").write_bytes(b"12345")
+    (tmp_path / "f").chmod(0o640)
+    os.utime(tmp_path / "f", (1000, 2000.5))
+    (tmp_path / "l").symlink_to("f")
+    (tmp_path / "d").mkdir(mode=0o750)
+    (tmp_path / "d").chmod(0o750)
+    info = result_of(start(link, link.client.stat(str(tmp_path / "f"))))
+    assert info == {
+        "path": str(tmp_path / "f"),
+        "type": "file",
+        "size": 5,
+        "mode": 0o640,
+        "mtime": 2000.5,
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "target": None,
+    }
+    link_info = result_of(start(link, link.client.stat(str(tmp_path / "l") + "/")))  # normalised
+    assert link_info["path"] == str(tmp_path / "l") and link_info["type"] == "symlink"
+    assert link_info["target"] == "f"
+    entries = result_of(start(link, link.client.list(str(tmp_path))))
+    assert [(e["name"], e["type"]) for e in entries] == [("d", "dir"), ("f", "file"), ("l", "symlink")]
+    assert entries[1] == {"name": "f", "type": "file", "size": 5, "mode": 0o640, "mtime": 2000.5}
+    assert entries[0]["mode"] == 0o750
+    missing = str(tmp_path / "nope")
+    with pytest.raises(
+        PathNotFound, match=f"^cannot stat {missing}: no such file or directory in the guest$"
+    ):
+        result_of(start(link, link.client.stat(missing)))
+    with pytest.raises(
+        PathNotFound, match=f"^cannot list {missing}: no such file or directory in the guest$"
+    ):
+        result_of(start(link, link.client.list(missing)))
+
+
+# ---- the agent's messages and defaults, exactly ---------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "reason"), [({}, "cancelled by the host"), ({"reason": "quota"}, "quota")])
+def test_a_cancelled_push_says_why(tmp_path: Path, body: dict[str, Any], reason: str) -> None:
+    link = InMemoryLink(OPERATIONS)
+    target = str(tmp_path / "f")
+
+    async def push_then_cancel() -> Any:
+        stream, result = await link.client.open_request("push", {"path": target, "mode": None, "size": None})
+        await stream.send(Channel.INPUT, b"partial")
+        link.client._connection.send_cancel(stream.request_id, body)
+        link.client._link.flush()
+        return await result
+
+    with pytest.raises(OperationCancelled) as raised:
+        result_of(start(link, push_then_cancel()))
+    assert raised.value.message == f"push of {target} stopped: {reason}; nothing was written"
+    assert os.listdir(tmp_path) == []
+
+
+def test_file_operation_errors_name_the_action_and_the_path(tmp_path: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    (tmp_path / "file").write_bytes(b"")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_bytes(b"")
+    file, deep = str(tmp_path / "file"), str(tmp_path / "a" / "b")
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        (
+            "mkdir",
+            {"path": deep},
+            f"cannot create directory {deep}: a parent directory does not exist; pass parents=True",
+        ),
+        ("mkdir", {"path": file}, f"cannot create directory {file}: it exists already"),
+        ("mkdir", {"path": deep, "parents": "yes"}, "'parents' must be true or false, got 'yes'"),
+        ("list", {"path": file}, f"cannot list {file}: it, or a directory on its path, is not a directory"),
+        (
+            "remove",
+            {"path": str(tmp_path / "full")},
+            f"cannot remove {tmp_path}/full: the directory is not "
+            "empty; pass recursive=True to remove it too",
+        ),
+        ("remove", {"path": "/", "recursive": True}, "refusing to remove the guest's root directory"),
+    ]
+    for op, args, message in cases:
+        with pytest.raises(Exception) as raised:
+            result_of(start(link, link.client.call(op, args)))
+        assert str(raised.value) == message
+    assert sorted(os.listdir(tmp_path)) == ["file", "full"]
+
+
+def test_list_skips_an_entry_removed_while_listing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_bytes(b"")
+    real_scandir = os.scandir
+
+    class Vanishing:
+        def __init__(self, entry: os.DirEntry[str]) -> None:
+            self.name = entry.name
+            self._entry = entry
+
+        def stat(self, follow_symlinks: bool = True) -> os.stat_result:
+            if self.name == "a":
+                raise FileNotFoundError(2, "gone")
+            return self._entry.stat(follow_symlinks=follow_symlinks)
+
+    @contextlib.contextmanager
+    def scandir(path: str) -> Iterator[list[Vanishing]]:
+        with real_scandir(path) as entries:
+            yield sorted((Vanishing(entry) for entry in entries), key=lambda entry: entry.name)
+
+    monkeypatch.setattr(files.os, "scandir", scandir)
+    link = InMemoryLink(OPERATIONS)
+    assert [e["name"] for e in result_of(start(link, link.client.list(str(tmp_path))))] == ["b", "c"]
+
+
+def test_a_failed_rename_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(source: str, destination: str) -> None:
+        raise PermissionError(13, "Permission denied", destination)
+
+    monkeypatch.setattr(files.os, "rename", refuse)
+    link = InMemoryLink(OPERATIONS)
+    target = str(tmp_path / "f")
+    with pytest.raises(PermissionDenied, match=f"^cannot write {target}: permission denied"):
+        result_of(start(link, link.client.push(io.BytesIO(b"data"), target)))
+    assert os.listdir(tmp_path) == []
+
+
+# ---- disk errors on either side, and what each error carries ----------------------------------
+
+
+def test_host_errors_carry_the_path(tmp_path: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    (tmp_path / "file").write_bytes(b"")
+    cases: list[tuple[Deferred[Any], str]] = [
+        (link.client.push(str(tmp_path / "nope"), "/g/f"), str(tmp_path / "nope")),
+        (link.client.push(str(tmp_path), "/g/f"), str(tmp_path)),
+        (link.client.push("/dev/null", "/g/f"), "/dev/null"),
+        (link.client.pull("/g/f", str(tmp_path / "no" / "f")), str(tmp_path / "no")),
+        (link.client.pull("/g/f", str(tmp_path / "file" / "f")), str(tmp_path / "file")),
+        (link.client.pull("/g/f", str(tmp_path)), str(tmp_path)),
+    ]
+    for call, path in cases:
+        error = error_of(call)
+        assert isinstance(error, OperationError) and error.details == {"path": path}
+
+
+def test_disk_errors_in_the_guest_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    link = InMemoryLink(OPERATIONS)
+    (tmp_path / "src").write_bytes(b"contents")
+    real_read, real_write = os.read, os.write
+
+    def failing_read(fd: int, size: int) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def failing_write(fd: int, data: Any) -> int:
+        if bytes(data) == b"to disk":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(files.os, "read", failing_read)
+    with pytest.raises(AgentOSError, match=f"^cannot read {tmp_path}/src: EIO: Input/output error$"):
+        result_of(start(link, link.client.pull(str(tmp_path / "src"), io.BytesIO())))
+    monkeypatch.setattr(files.os, "read", real_read)
+    monkeypatch.setattr(files.os, "write", failing_write)
+    with pytest.raises(AgentOSError, match=f"^cannot write {tmp_path}/dst: ENOSPC: No space left on device$"):
+        result_of(start(link, link.client.push(io.BytesIO(b"to disk"), str(tmp_path / "dst"))))
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_a_failed_fsync_publishes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files.os, "fsync", failing_fsync)
+    link = InMemoryLink(OPERATIONS)
+    with pytest.raises(AgentOSError, match=f"^cannot write {tmp_path}/f: EIO: Input/output error$"):
+        result_of(start(link, link.client.push(io.BytesIO(b"x"), str(tmp_path / "f"))))
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_agents_push_answer(tmp_path: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    target = str(tmp_path / "f")
+
+    async def raw() -> Any:
+        stream, result = await link.client.open_request("push", {"path": target, "mode": 0o600, "size": 2})
+        await stream.send(Channel.INPUT, b"ab")
+        stream.send_eof(Channel.INPUT, {"sha256": sha(b"ab"), "size": 2})
+        return await result
+
+    assert result_of(start(link, raw())) == {"path": target, "size": 2, "sha256": sha(b"ab"), "mode": 0o600}
+
+
+def test_a_pull_writes_into_a_hidden_temp_file_beside_the_destination(tmp_path: Path) -> None:
+    seen: list[list[str]] = []
+
+    async def pull(ctx: OperationContext) -> dict[str, Any]:
+        await ctx.io.send(Channel.INPUT, b"data")
+        seen.append(sorted(os.listdir(tmp_path)))
+        ctx.io.send_eof(Channel.INPUT, {"sha256": sha(b"data"), "size": 4})
+        return {"path": ctx.args["path"], "sha256": sha(b"data"), "size": 4, "mode": 0o644}
+
+    link = InMemoryLink({"pull": pull})
+    result_of(start(link, link.client.pull("/g/f", str(tmp_path / "result.txt"))))
+    ((temp,),) = seen
+    assert temp.startswith(".result.txt.") and temp.endswith(".vmc-part")
+    assert os.listdir(tmp_path) == ["result.txt"]

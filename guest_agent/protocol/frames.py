@@ -254,6 +254,7 @@ class FrameDecoder:
         end = HEADER_SIZE + length
         if len(buf) < end:
             if length >= _ASSEMBLE_ABOVE:
+                # Allocated before the payload arrives: at most max_payload, checked above.
                 self._header = (kind, request_id, flags)
                 self._payload = bytearray(length)
                 self._filled = len(buf) - HEADER_SIZE

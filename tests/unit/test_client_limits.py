@@ -25,6 +25,7 @@ from guest_agent.protocol.frames import Channel, FrameType, encode_header
 from guest_agent.session import Operation, OperationContext
 from tests.unit.test_client_session import call, error_of, result_of
 from tests.unit.test_files_ops import current_umask
+from vmcontroller._exec import STREAM
 from vmcontroller.client import ClientLimits
 from vmcontroller.errors import (
     ConnectionLost,
@@ -358,3 +359,140 @@ def test_a_frame_sent_one_byte_a_second_drops_the_agent() -> None:
         link.client._data_received(frame[29:30])
         link.clock.advance(1)
         dropped(link, logs, "left a frame unfinished for 30 s")
+
+
+# ---- limits, exactly at their bounds -------------------------------------------------------
+
+
+def streaming_pull(chunks: list[bytes]) -> Operation:
+    """A pull that sends ``chunks`` one frame each, and an honest account of them."""
+
+    async def pull(ctx: OperationContext) -> dict[str, Any]:
+        ctx.on_cancel(lambda reason: ctx.io.fail(files.OperationCancelled("stopped")))
+        for chunk in chunks:
+            await ctx.io.send(Channel.INPUT, chunk)
+        data = b"".join(chunks)
+        digest = hashlib.sha256(data).hexdigest()
+        ctx.io.send_eof(Channel.INPUT, {"sha256": digest, "size": len(data)})
+        ctx.reactor.advance(2.5)  # type: ignore[attr-defined]
+        return {"path": ctx.args["path"], "sha256": digest, "size": len(data), "mode": 0o644}
+
+    return pull
+
+
+def test_a_pull_of_exactly_its_limit_is_taken_and_one_byte_more_is_not(tmp_path: Path) -> None:
+    link = InMemoryLink({"pull": streaming_pull([b"x" * 6, b"y" * 4])})
+    link.flush()
+    progress: list[tuple[int, int | None]] = []
+    sink = io.BytesIO()
+    result = result_of(start(link, link.client.pull("/g/f", sink, max_size=10,
+                                                    progress=lambda *a: progress.append(a))))
+    assert sink.getvalue() == b"xxxxxxyyyy" and result.size == 10 and result.seconds == 2.5
+    assert progress == [(6, None), (10, None)]
+    link = InMemoryLink({"pull": streaming_pull([b"x" * 6, b"y" * 5])})
+    link.flush()
+    error = error_of(start(link, link.client.pull("/g/f", str(tmp_path / "f"), max_size=10)))
+    assert isinstance(error, LimitExceeded) and str(error) == (
+        "the guest file /g/f is larger than the pull's limit of 10 bytes; the pull was stopped: pass a "
+        "larger max_size")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("trailer", "reply", "message"), [
+    ({"size": 6, "sha256": GOOD}, {"size": 7, "sha256": GOOD},
+     "received 7 bytes of the guest file /f but the agent says it sent 6: pull again"),
+    ({"size": 7, "sha256": SHA_OF_NOTHING}, {"size": 7, "sha256": GOOD},
+     f"the 7 bytes received of the guest file /f hash to sha256 {GOOD} but the agent sent {SHA_OF_NOTHING}: "
+     "the data was corrupted in transit; pull again"),
+])
+def test_a_tampered_pull_says_what_did_not_add_up(trailer: dict[str, Any], reply: dict[str, Any],
+                                                   message: str) -> None:
+    link = InMemoryLink({"pull": lying_pull(b"payload", trailer, {"path": "/f", "mode": 0o644, **reply})})
+    link.flush()
+    error = error_of(start(link, link.client.pull("/f", io.BytesIO())))
+    assert str(error) == message and error.details == {"path": "/f"}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mode", [0, 0o7777])
+def test_the_callers_mode_may_be_anything_from_0_to_0o7777(tmp_path: Path, mode: int) -> None:
+    link = InMemoryLink({"pull": streaming_pull([b"data"])})
+    link.flush()
+    result_of(start(link, link.client.pull("/g/f", str(tmp_path / "f"), mode=mode)))
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == mode
+    (tmp_path / "f").chmod(0o600)
+
+
+def test_a_boolean_mode_is_refused(tmp_path: Path) -> None:
+    link = InMemoryLink({"pull": streaming_pull([b"data"])})
+    link.flush()
+    pulling = link.client.pull("/g/f", str(tmp_path / "f"), mode=True)
+    error = error_of(start(link, pulling))
+    assert str(error) == "mode must be permission bits (0 to 0o7777), got True"
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_pull_whose_temp_file_someone_removed_keeps_its_own_error(tmp_path: Path) -> None:
+    async def pull(ctx: OperationContext) -> dict[str, Any]:
+        await ctx.io.send(Channel.INPUT, b"data")
+        for temp in tmp_path.iterdir():
+            temp.unlink()  # a cleaner of stale files, say
+        ctx.io.send_eof(Channel.INPUT, {"sha256": SHA_OF_NOTHING, "size": 4})
+        return {"path": ctx.args["path"], "sha256": SHA_OF_NOTHING, "size": 4, "mode": 0o644}
+
+    link = InMemoryLink({"pull": pull})
+    link.flush()
+    error = error_of(start(link, link.client.pull("/g/f", str(tmp_path / "f"))))
+    assert isinstance(error, IntegrityError) and os.listdir(tmp_path) == []
+
+
+def exec_writing(chunks: list[bytes]) -> Operation:
+    async def exec_(ctx: OperationContext) -> Any:
+        ctx.on_cancel(lambda reason: ctx.io.fail(files.OperationCancelled("stopped")))
+        for chunk in chunks:
+            await ctx.io.send(Channel.STDOUT, chunk)
+        return {"argv": ctx.args["argv"], "exit_code": 0, "signal": None}
+
+    return exec_
+
+
+def test_collected_output_of_exactly_max_output_is_kept_and_one_byte_more_is_not() -> None:
+    link = InMemoryLink({"exec": exec_writing([b"a" * 6, b"b" * 4])}, host_limits=ClientLimits(max_output=1))
+    link.flush()
+    assert result_of(start(link, link.client.run(["cat"], max_output=10))).stdout == b"aaaaaabbbb"
+    assert result_of(start(link, link.client.exec(["cat"], max_output=10).result())).stdout == b"aaaaaabbbb"
+    link = InMemoryLink({"exec": exec_writing([b"a" * 6, b"b" * 5])})
+    link.flush()
+    error = error_of(start(link, link.client.run(["cat"], max_output=10)))
+    assert isinstance(error, LimitExceeded) and str(error) == (
+        "['cat'] wrote more than 10 bytes to stdout; it was cancelled in the guest: pass on_stdout to stream "
+        "its output, or a larger max_output")
+
+
+def test_stdin_written_before_the_session_opens_reaches_the_process() -> None:
+    received: list[bytes] = []
+
+    async def exec_(ctx: OperationContext) -> Any:
+        while (chunk := await ctx.io.receive(Channel.INPUT)) is not None:
+            received.append(chunk)
+        return {"argv": ctx.args["argv"], "exit_code": 0, "signal": None}
+
+    link = InMemoryLink({"exec": exec_})
+    handle = link.client.exec(["cat"], stdin=STREAM)  # no handshake yet: the request waits
+    written = handle.write_stdin(b"early")
+    handle.close_stdin()
+    link.flush()
+    assert result_of(written) is None and received == [b"early"]
+    assert result_of(handle.result()).exit_code == 0
+
+
+def test_an_agent_ignoring_cancel_is_told_why_it_was_dropped() -> None:
+    silent = Silent(ignore_cancel=True)
+    link = InMemoryLink({"wait": silent}, host_limits=ClientLimits(call_timeout=5, cancel_grace=20))
+    link.flush()
+    waiting = call(link, "wait")
+    link.clock.advance(5)
+    link.flush()
+    assert isinstance(error_of(waiting), OperationTimeout)
+    link.clock.advance(20)
+    assert str(link.client._closed) == ("the agent did not answer the CANCEL of wait (request 1) within 20 s "
+                                        "(the limit cancel_grace)")

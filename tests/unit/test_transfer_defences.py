@@ -358,10 +358,12 @@ def test_host_files_an_unprivileged_user_may_not_touch(shared: Path) -> None:
         link.flush()
         with pytest.raises(
             PermissionDenied, match=f"this host user may not read the host file {shared}/secret"
-        ):
+        ) as read:
             result_of(push)
-        with pytest.raises(PermissionDenied, match=f"may not create files in the host directory {shared}"):
+        with pytest.raises(PermissionDenied,
+                           match=f"may not create files in the host directory {shared}") as made:
             result_of(pull)
+    assert read.value.details == {"path": f"{shared}/secret"} and made.value.details == {"path": str(shared)}
     assert sorted(os.listdir(shared)) == ["closed", "secret"]
 
 

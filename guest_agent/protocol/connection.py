@@ -674,7 +674,7 @@ class AgentConnection(_Connection):
         events.append(ProtocolFailure(error))
 
     def _synced_with(self, nonce: bytes, events: list[Event]) -> None:
-        had_session = self._open or bool(self._requests)
+        had_session = self._open  # requests exist only in an open session
         self._reset_session()
         self._synced = True
         self._outgoing.append(ACK_MAGIC + nonce)

@@ -602,3 +602,127 @@ def test_agent_cancel_reaches_only_requests_in_flight() -> None:
     assert isinstance(cancel, CancelRequested) and cancel.request_id == rid and cancel.body == {}
     host.send_cancel(rid + 5)  # not in flight: nothing goes out
     assert host.data_to_send() == b""
+
+
+# ---- what each side is told, exactly -----------------------------------------------------
+
+
+def test_the_agent_tells_the_host_exactly_why_it_dropped_the_session() -> None:
+    agent, (failure,) = hello_to_agent({"versions": "1", **HELLO_LIMITS})
+    assert isinstance(failure, ProtocolFailure)
+    assert str(failure.error) == "HELLO must list the host's versions as integers"
+    (told,) = frames_in(agent.data_to_send())
+    assert (told.type, told.request_id) == (FrameType.ERROR, 0)
+    assert told.json() == {"code": "protocol-violation", "details": {},
+                           "message": "HELLO must list the host's versions as integers"}
+    _, agent = opened()
+    (failure,) = agent.receive_data(ACK_MAGIC + bytes(NONCE_SIZE))
+    assert isinstance(failure, ProtocolFailure)
+    assert str(failure.error) == "the host sent a marker only the agent may send"
+
+
+def test_an_agent_without_a_common_version_says_which_it_speaks() -> None:
+    agent, _ = hello_to_agent({"versions": [7], **HELLO_LIMITS})
+    (told,) = frames_in(agent.data_to_send())
+    assert told.json()["details"] == {"supported": [1]}
+    assert told.json()["message"] == ("the host speaks protocol versions [7] and this agent speaks [1]: "
+                                      "install a matching vmcontroller agent in the guest")
+
+
+def test_a_malformed_request_is_answered_with_what_a_request_is() -> None:
+    _host, agent = opened()
+    agent.receive_data(encode_frame(FrameType.REQUEST, 3, b'"op"'))
+    (answer,) = frames_in(agent.data_to_send())
+    assert answer.json() == {"code": "bad-request", "details": {},
+                             "message": "a request must be a JSON object with 'op' and 'args'"}
+
+
+def test_a_sync_and_hello_in_one_read_mid_session() -> None:
+    host, agent = opened()
+    host.start()
+    agent.receive_data(host.data_to_send())
+    host.receive_data(agent.data_to_send())  # the ACK: the host sends its HELLO
+    host.start()  # and starts over: SYNC and HELLO arrive in one read
+    nonce_sync = host.data_to_send()
+    events = agent.receive_data(nonce_sync + encode_frame(FrameType.HELLO, 0, encode_json(
+        {"versions": [1], **HELLO_LIMITS})))
+    assert [type(event) for event in events] == [HandshakeComplete]
+    host2, agent2 = opened()
+    host2.start()
+    sync = host2.data_to_send()
+    hello = encode_frame(FrameType.HELLO, 0, encode_json({"versions": [1], **HELLO_LIMITS}))
+    events = agent2.receive_data(sync + hello)
+    assert events[0] == SessionReset("the host started a new session")
+    assert isinstance(events[1], HandshakeComplete) and agent2.is_open
+
+
+def test_a_host_gone_mid_frame_is_told_how_much_arrived() -> None:
+    host, agent = opened()
+    host.send_request("op")
+    agent.receive_data(host.data_to_send()[:5])
+    (failure,) = agent.line_idle()
+    assert isinstance(failure, ProtocolFailure)
+    assert str(failure.error) == (
+        "the host stopped sending in the middle of a frame (5 bytes of it arrived): dropped it")
+
+
+def test_notifications_are_connection_frames() -> None:
+    _, agent = opened()
+    agent.send_notification("event", {"a": 1})
+    (frame,) = frames_in(agent.data_to_send())
+    assert (frame.type, frame.request_id) == (FrameType.NOTIFY, 0)
+
+
+def test_request_ids_count_up_by_one_and_wrap_past_one_in_flight() -> None:
+    host, _ = opened()
+    assert [host.send_request("a") for _ in range(3)] == [1, 2, 3]
+    host._next_id = 0xFFFFFFFF
+    assert host.send_request("b") == 0xFFFFFFFF
+    host._next_id = 0xFFFFFFFF  # the last id is still in flight: the next free one after it
+    assert host.send_request("c") == 4
+
+
+@pytest.mark.parametrize(("frame", "message"), [
+    (encode_frame(FrameType.EOF, 1, b"[]"), "EOF trailer must be a JSON object"),
+    (encode_frame(FrameType.CREDIT, 1, b"\x00\x01"), "CREDIT frame must carry a 4-byte count"),
+    (encode_frame(FrameType.CREDIT, 1, (MAX_WINDOW).to_bytes(4, "big")),
+     "peer granted more credit than any window allows"),
+    (encode_frame(FrameType.ERROR, 1, b'{"message":"m"}'),
+     "ERROR frame must carry a JSON object with a code"),
+    (b"\xffX", "unknown marker: the stream is out of step"),
+    (b"\xffVMC-OTHER", "unknown marker: the stream is out of step"),
+    (encode_frame(FrameType.ERROR, 1, b'{"code":NaN}'), "ERROR frame carries malformed JSON: NaN is not a "
+                                                       "JSON number"),
+    (encode_frame(FrameType.NOTIFY, 0, b'{"name":"n","body":{"x":1e999}}'),
+     "NOTIFY frame carries malformed JSON: 1e999 is out of a float's range"),
+])
+def test_the_hosts_protocol_errors_say_exactly_what_was_wrong(frame: bytes, message: str) -> None:
+    host, _ = opened()
+    host.send_request("op")
+    host.data_to_send()
+    with pytest.raises(ProtocolError) as raised:
+        host.receive_data(frame)
+    assert str(raised.value) == message
+
+
+def test_calls_without_a_session_say_so_exactly() -> None:
+    with pytest.raises(ProtocolError) as raised:
+        HostConnection().send_request("op")
+    assert str(raised.value) == "no session: the handshake has not completed"
+
+
+def test_an_error_that_fits_the_frame_exactly_is_not_cut() -> None:
+    host, agent = opened(host_limits=Limits(max_frame=1024))
+    rid = host.send_request("stat")
+    agent.receive_data(host.data_to_send())
+    empty = len(encode_json({"code": str(PathNotFound.code), "message": "", "details": {"path": "/x"}}))
+    message = "m" * (1024 - empty)
+    agent.send_error(rid, PathNotFound(message, {"path": "/x"}))
+    (event,) = host.receive_data(agent.data_to_send())
+    assert isinstance(event, ErrorReceived) and isinstance(event.error, PathNotFound)
+    assert event.error.message == message and event.error.details == {"path": "/x"}
+
+
+def test_a_frame_without_a_payload() -> None:
+    (frame,) = frames_in(encode_frame(FrameType.CANCEL, 5))
+    assert (frame.type, frame.request_id, frame.payload, frame.flags) == (FrameType.CANCEL, 5, b"", 0)

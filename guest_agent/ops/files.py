@@ -279,7 +279,8 @@ class PartialUploads:
 
     def offset(self, ctx: OperationContext) -> dict[str, Any]:
         """``push_offset``: how much of a dropped push the agent holds (0 for none)."""
-        upload = self._parked.get(_transfer_id(ctx.args) or "")
+        transfer_id = _transfer_id(ctx.args)
+        upload = None if transfer_id is None else self._parked.get(transfer_id)
         if upload is None:
             return {"offset": 0, "sha256": hashlib.sha256().hexdigest()}
         return {"offset": upload.received, "sha256": upload.hasher.copy().hexdigest(),

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import deferLater
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
@@ -496,3 +497,94 @@ def test_an_agent_ignoring_cancel_is_told_why_it_was_dropped() -> None:
     link.clock.advance(20)
     assert str(link.client._closed) == ("the agent did not answer the CANCEL of wait (request 1) within 20 s "
                                         "(the limit cancel_grace)")
+
+
+# ---- liveness, exactly -----------------------------------------------------------------------
+
+
+class CountingPing:
+    """An agent's ping that counts calls and answers unless told to be silent."""
+
+    def __init__(self, silent: bool) -> None:
+        self.silent = silent
+        self.calls = 0
+
+    async def __call__(self, ctx: OperationContext) -> Any:
+        self.calls += 1
+        if self.silent:
+            await Deferred()
+        return {"time": 0, "version": "x"}
+
+
+def test_a_silent_agent_without_a_call_timeout_is_dropped_after_twice_the_interval() -> None:
+    ping = CountingPing(silent=True)
+    link = InMemoryLink({"ping": ping, "wait": Silent(ignore_cancel=True)},
+                        host_limits=ClientLimits(liveness_interval=60, call_timeout=None))
+    link.flush()
+    waiting = call(link, "wait")
+    link.clock.advance(59)
+    link.flush()
+    assert ping.calls == 0  # not silent long enough yet
+    link.clock.advance(1)
+    link.flush()
+    assert ping.calls == 1
+    with capturedLogs() as logs:
+        link.clock.advance(60)  # the ping's own timeout is the interval
+        dropped(link, logs, "the agent sent nothing for 60 s while 1 operations waited on it, and did not "
+                            "answer a ping within 60 s (the limit liveness_interval)")
+    assert isinstance(error_of(waiting), ProtocolError)
+
+
+def test_an_agent_that_answers_is_pinged_once_per_silent_interval() -> None:
+    ping = CountingPing(silent=False)
+    link = InMemoryLink({"ping": ping, "exec": Silent(ignore_cancel=False)},
+                        host_limits=ClientLimits(liveness_interval=60, call_timeout=10))
+    link.flush()
+    running = link.client.run(["sleep", "1000"])
+    for _ in range(4):
+        link.clock.advance(60)
+        link.flush()
+    assert ping.calls == 4 and link.client._transport is not None
+    running.cancel()
+    running.addErrback(lambda _: None)
+    link.flush()
+    for _ in range(4):  # nothing waits: nothing to ask
+        link.clock.advance(60)
+        link.flush()
+    assert ping.calls == 4
+
+
+def test_an_agent_heard_from_recently_is_not_pinged() -> None:
+    ping = CountingPing(silent=False)
+
+    async def chatty(ctx: OperationContext) -> Any:
+        while True:
+            await ctx.io.send(Channel.STDOUT, b".")
+            await deferLater(ctx.reactor, 30, lambda: None)
+
+    link = InMemoryLink({"ping": ping, "exec": chatty},
+                        host_limits=ClientLimits(liveness_interval=60, call_timeout=10))
+    link.flush()
+    running = link.client.exec(["chatty"], on_stdout=lambda data: None)
+    for _ in range(8):
+        link.clock.advance(30)
+        link.flush()
+    assert ping.calls == 0
+    running.cancel()
+    running.result().addErrback(lambda _: None)
+    link.flush()
+
+
+def test_no_ping_waits_behind_a_full_set_of_slots() -> None:
+    ping = CountingPing(silent=False)
+    quiet = Silent(ignore_cancel=False)
+    link = InMemoryLink({"ping": ping, "wait": quiet}, agent_limits=Limits(max_inflight=1),
+                        host_limits=ClientLimits(liveness_interval=60, call_timeout=None))
+    link.flush()
+    waiting = call(link, "wait")
+    link.clock.advance(60)
+    link.flush()
+    waiting.cancel()
+    waiting.addErrback(lambda _: None)
+    link.flush()
+    assert ping.calls == 0  # a ping queued for the slot would have gone out once it was free

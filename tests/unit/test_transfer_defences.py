@@ -987,3 +987,41 @@ def test_the_agent_holds_at_most_its_limit_of_dropped_pushes(tmp_path: Path) -> 
     agent.uploads.drop("c")
     agent.link.client.close()
     assert open_descriptors() == before
+
+
+def test_a_push_that_the_agent_stored_otherwise_says_both_accounts() -> None:
+    link = lying("push", {"sha256": sha(b"other"), "size": 6, "mode": 0o644})
+    error = error_of(start(link, link.client.push(io.BytesIO(b"hello"), "/g/f")))
+    assert isinstance(error, IntegrityError) and error.details == {"path": "/g/f"}
+    assert error.message == (f"sent 5 bytes with sha256 {sha(b'hello')} to /g/f but the agent stored 6 bytes "
+                             f"with sha256 {sha(b'other')}: push again")
+
+
+def test_push_closes_the_files_it_opens_and_only_those(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "src").write_bytes(b"data")
+    opened: list[Any] = []
+    real_open = open
+
+    def recording_open(*args: Any, **kwargs: Any) -> Any:
+        f = real_open(*args, **kwargs)
+        opened.append(f)
+        return f
+
+    monkeypatch.setattr("vmcontroller._files.open", recording_open, raising=False)
+    link = InMemoryLink(OPERATIONS)
+    result_of(start(link, link.client.push(str(tmp_path / "src"), str(tmp_path / "a"))))
+    assert len(opened) == 1 and opened[0].closed
+    with (tmp_path / "src").open("rb") as mine:
+        result_of(start(link, link.client.push(mine, str(tmp_path / "b"))))
+        assert not mine.closed  # the caller's file object stays the caller's
+    assert (tmp_path / "b").read_bytes() == b"data"
+
+
+def test_the_agent_holds_eight_dropped_pushes_by_default(tmp_path: Path) -> None:
+    agent = ResumingAgent()
+    for n in range(9):
+        agent.push_then_drop(tmp_path / str(n), str(n), b"x")
+    assert agent.offset("0")["offset"] == 0 and agent.offset("1")["offset"] == 1
+    for n in range(1, 9):
+        agent.uploads.drop(str(n))

@@ -16,18 +16,20 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
+from guest_agent.link import SendGate
 from guest_agent.ops import files, system
 from guest_agent.protocol.connection import Limits
-from guest_agent.protocol.frames import Channel, FrameType, encode_header
+from guest_agent.protocol.frames import ACK_MAGIC, SYNC_MAGIC, Channel, FrameType, encode_header
 from guest_agent.session import Operation, OperationContext
 from tests.unit.test_client_session import call, error_of, result_of
 from tests.unit.test_files_ops import current_umask
 from vmcontroller._exec import STREAM
-from vmcontroller.client import ClientLimits
+from vmcontroller.client import ClientLimits, GuestClient
 from vmcontroller.errors import (
     ConnectionLost,
     IncompleteTransfer,
@@ -45,7 +47,7 @@ def dropped(link: InMemoryLink, logs: Sequence[Mapping[str, Any]], why: str) -> 
     """The client disconnected the agent and logged ``why``."""
     link.flush()
     assert link.client._transport is None
-    assert any("Disconnecting the agent" in event["log_format"] and why in str(event.get("error"))
+    assert any(event["log_format"] == "Disconnecting the agent: {error}" and why in str(event.get("error"))
                for event in logs), [str(event.get("error")) for event in logs]
 
 
@@ -588,3 +590,16 @@ def test_no_ping_waits_behind_a_full_set_of_slots() -> None:
     waiting.addErrback(lambda _: None)
     link.flush()
     assert ping.calls == 0  # a ping queued for the slot would have gone out once it was free
+
+
+def test_what_waits_for_a_session_fails_with_the_reason_the_agent_was_dropped() -> None:
+    client = GuestClient(Clock())
+    transport = StringTransport()
+    transport.registerProducer(SendGate(client._link), True)
+    client._transport_connected(transport)
+    nonce = transport.value()[len(SYNC_MAGIC):]
+    waiting = Deferred.fromCoroutine(client.wait_ready())
+    client._data_received(ACK_MAGIC + nonce)  # the host sends its HELLO and waits for the agent's
+    client._data_received(encode_header(FrameType.RESPONSE, 1, 0))
+    error = error_of(waiting)
+    assert isinstance(error, ProtocolError) and str(error) == "expected HELLO from the agent, got RESPONSE"

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from guest_agent.protocol.connection import (
+    MAX_FRAME,
+    MAX_INFLIGHT,
     MAX_WINDOW,
     AgentConnection,
     CancelRequested,
@@ -37,11 +39,13 @@ from guest_agent.protocol.errors import (
 from guest_agent.protocol.frames import (
     ACK_MAGIC,
     NONCE_SIZE,
+    RESET_MARKER,
     SYNC_MAGIC,
     Channel,
     FrameDecoder,
     FrameType,
     encode_frame,
+    encode_header,
     encode_json,
 )
 
@@ -726,3 +730,128 @@ def test_an_error_that_fits_the_frame_exactly_is_not_cut() -> None:
 def test_a_frame_without_a_payload() -> None:
     (frame,) = frames_in(encode_frame(FrameType.CANCEL, 5))
     assert (frame.type, frame.request_id, frame.payload, frame.flags) == (FrameType.CANCEL, 5, b"", 0)
+
+
+# ---- the handshake's details, exactly --------------------------------------------------------
+
+
+def test_both_ends_report_what_the_handshake_agreed() -> None:
+    host, agent = HostConnection(), AgentConnection()
+    assert (agent.is_open, agent.version, agent.buffered) == (False, 0, 0)
+    host.start()
+    agent.receive_data(host.data_to_send())
+    host.receive_data(agent.data_to_send())
+    (hello,) = frames_in(host.data_to_send())
+    assert (hello.type, hello.request_id) == (FrameType.HELLO, 0)
+    (agent_done,) = agent.receive_data(encode_frame(FrameType.HELLO, 0, hello.payload))
+    assert agent_done == HandshakeComplete(1, hello.json())
+    (reply,) = frames_in(agent.data_to_send())
+    assert (reply.type, reply.request_id) == (FrameType.HELLO, 0)
+    (host_done,) = host.receive_data(encode_frame(FrameType.HELLO, 0, reply.payload))
+    assert host_done == HandshakeComplete(1, reply.json()) and host.version == 1
+    agent.host_disconnected()
+    assert agent.is_open is False
+
+
+def test_an_ack_and_the_agents_hello_in_one_read_open_the_session() -> None:
+    host, agent = HostConnection(), AgentConnection()
+    host.start()
+    agent.receive_data(host.data_to_send())
+    ack = agent.data_to_send()
+    reply = encode_frame(FrameType.HELLO, 0, encode_json({"version": 1, **HELLO_LIMITS}))
+    assert [type(event) for event in host.receive_data(ack + reply)] == [HandshakeComplete]
+
+
+def test_a_frame_other_than_hello_or_error_while_waiting_for_hello() -> None:
+    host = HostConnection()
+    host.start()
+    nonce = host.data_to_send()[len(SYNC_MAGIC):]
+    host.receive_data(ACK_MAGIC + nonce)
+    with pytest.raises(ProtocolError) as raised:
+        host.receive_data(encode_frame(FrameType.NOTIFY, 0, b'{"name":"n"}'))
+    assert str(raised.value) == "expected HELLO from the agent, got NOTIFY"
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_frame", MAX_FRAME), ("max_inflight", MAX_INFLIGHT)])
+def test_hello_limits_at_their_ceilings_are_taken(field: str, value: int) -> None:
+    host = hello_from_agent({"version": 1, **HELLO_LIMITS, field: value})
+    assert host.is_open and getattr(host.peer_limits, field) == value
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (SYNC_MAGIC + bytes(NONCE_SIZE), "the agent sent SYNC, which only the host may send"),
+    (encode_frame(FrameType.NOTIFY, 0, b'{"name":1}'),
+     "NOTIFY must carry a JSON object with a name and an object body"),
+    (b"\xa5\x5a" + bytes(14), "corrupt frame header: the stream is out of step"),
+    (encode_frame(FrameType.NOTIFY, 0, b"[" * 100_000),
+     "NOTIFY frame carries malformed JSON: nested too deeply"),
+])
+def test_more_of_the_hosts_protocol_errors_exactly(data: bytes, message: str) -> None:
+    host, _ = opened(host_limits=Limits(max_frame=1 << 20))
+    with pytest.raises(ProtocolError) as raised:
+        host.receive_data(data)
+    assert str(raised.value) == message
+
+
+def test_an_agent_restart_is_reported_as_such() -> None:
+    host, _ = opened()
+    assert host.receive_data(RESET_MARKER) == [SessionReset("the agent restarted")]
+
+
+def test_unread_bytes_past_the_limit_are_refused_with_the_limits_name() -> None:
+    host, agent = opened(host_limits=Limits(max_buffered=1024, window=4096))
+    rid = host.send_request("pull")
+    agent.receive_data(host.data_to_send())
+    agent.send_data(rid, Channel.INPUT, b"x" * 1025)
+    with pytest.raises(ProtocolError) as raised:
+        host.receive_data(agent.data_to_send())
+    assert str(raised.value) == ("peer sent more than 1024 bytes that are not read yet across the "
+                                 "connection's streams (the limit max_buffered)")
+
+
+def test_consuming_more_than_was_received_frees_nothing_more() -> None:
+    host, agent = opened()
+    rid = host.send_request("pull")
+    agent.receive_data(host.data_to_send())
+    agent.send_data(rid, Channel.INPUT, b"x" * 10)
+    host.receive_data(agent.data_to_send())
+    assert host.buffered == 10
+    host.consumed(rid, Channel.INPUT, 10)
+    host.consumed(rid, Channel.INPUT, 10)
+    assert host.buffered == 0
+
+
+def test_credit_goes_back_at_a_quarter_of_an_odd_window_and_in_whole_quarters() -> None:
+    host, agent = opened(host_limits=Limits(window=1025))
+    rid = host.send_request("pull")
+    agent.receive_data(host.data_to_send())
+    agent.send_data(rid, Channel.INPUT, b"x" * 512)
+    host.receive_data(agent.data_to_send())
+    host.data_to_send()
+    host.consumed(rid, Channel.INPUT, 256)  # 1025 // 4
+    host.consumed(rid, Channel.INPUT, 256)
+    grants = [int.from_bytes(frame.payload, "big") for frame in frames_in(host.data_to_send())]
+    assert grants == [256, 256]
+
+
+def test_the_agent_answers_each_of_two_syncs_in_one_read() -> None:
+    agent = AgentConnection()
+    agent.receive_data(SYNC_MAGIC + b"\x01" * NONCE_SIZE + SYNC_MAGIC + b"\x02" * NONCE_SIZE)
+    assert agent.data_to_send() == ACK_MAGIC + b"\x01" * NONCE_SIZE + ACK_MAGIC + b"\x02" * NONCE_SIZE
+
+
+def test_an_ack_split_after_its_second_to_last_byte_is_still_found() -> None:
+    host = HostConnection()
+    host.start()
+    nonce = host.data_to_send()[len(SYNC_MAGIC):]
+    ack = ACK_MAGIC + nonce
+    host.receive_data(b"\x00" * 100 + ack[:-1])  # stale bytes, then all of the ACK but its last byte
+    assert host.data_to_send() == b""
+    host.receive_data(ack[-1:])
+    (hello,) = frames_in(host.data_to_send())
+    assert hello.type is FrameType.HELLO
+
+
+def test_a_header_without_flags() -> None:
+    (frame,) = frames_in(encode_header(FrameType.CANCEL, 5, 0))
+    assert (frame.type, frame.request_id, frame.flags) == (FrameType.CANCEL, 5, 0)

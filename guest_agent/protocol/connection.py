@@ -246,7 +246,7 @@ class _Connection:
         return pieces
 
     def _send(
-        self, frame_type: FrameType, request_id: int, payload: bytes | memoryview = b"", flags: int = 0
+        self, frame_type: FrameType, request_id: int, payload: bytes | memoryview, flags: int = 0
     ) -> None:
         length = len(payload)
         if length > self.peer_limits.max_frame:

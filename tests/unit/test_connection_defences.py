@@ -742,11 +742,11 @@ def test_both_ends_report_what_the_handshake_agreed() -> None:
     agent.receive_data(host.data_to_send())
     host.receive_data(agent.data_to_send())
     (hello,) = frames_in(host.data_to_send())
-    assert (hello.type, hello.request_id) == (FrameType.HELLO, 0)
+    assert (hello.type, hello.request_id, hello.flags) == (FrameType.HELLO, 0, 0)
     (agent_done,) = agent.receive_data(encode_frame(FrameType.HELLO, 0, hello.payload))
     assert agent_done == HandshakeComplete(1, hello.json())
     (reply,) = frames_in(agent.data_to_send())
-    assert (reply.type, reply.request_id) == (FrameType.HELLO, 0)
+    assert (reply.type, reply.request_id, reply.flags) == (FrameType.HELLO, 0, 0)
     (host_done,) = host.receive_data(encode_frame(FrameType.HELLO, 0, reply.payload))
     assert host_done == HandshakeComplete(1, reply.json()) and host.version == 1
     agent.host_disconnected()

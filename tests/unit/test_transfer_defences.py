@@ -1025,3 +1025,17 @@ def test_the_agent_holds_eight_dropped_pushes_by_default(tmp_path: Path) -> None
     assert agent.offset("0")["offset"] == 0 and agent.offset("1")["offset"] == 1
     for n in range(1, 9):
         agent.uploads.drop(str(n))
+
+
+def test_a_rename_error_the_agent_has_no_words_for_keeps_the_systems(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def cross_device(source: str, destination: str) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link", source, None, destination)
+
+    monkeypatch.setattr(files.os, "rename", cross_device)
+    link = InMemoryLink(OPERATIONS)
+    target = str(tmp_path / "f")
+    error = error_of(start(link, link.client.push(io.BytesIO(b"data"), target)))
+    assert type(error) is AgentOSError
+    assert error.message == f"cannot write {target}: EXDEV: Invalid cross-device link"
+    assert os.listdir(tmp_path) == []

@@ -24,7 +24,15 @@ from twisted.python.failure import Failure
 from guest_agent.link import SendGate
 from guest_agent.ops import files, system
 from guest_agent.protocol.connection import Limits
-from guest_agent.protocol.frames import ACK_MAGIC, SYNC_MAGIC, Channel, FrameType, encode_header
+from guest_agent.protocol.frames import (
+    ACK_MAGIC,
+    SYNC_MAGIC,
+    Channel,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    encode_header,
+)
 from guest_agent.session import Operation, OperationContext
 from tests.unit.test_client_session import call, error_of, result_of
 from tests.unit.test_files_ops import current_umask
@@ -603,3 +611,28 @@ def test_what_waits_for_a_session_fails_with_the_reason_the_agent_was_dropped() 
     client._data_received(encode_header(FrameType.RESPONSE, 1, 0))
     error = error_of(waiting)
     assert isinstance(error, ProtocolError) and str(error) == "expected HELLO from the agent, got RESPONSE"
+
+
+def test_the_host_names_its_software_in_its_hello() -> None:
+    client = GuestClient(Clock())
+    transport = StringTransport()
+    client._transport_connected(transport)
+    nonce = transport.value()[len(SYNC_MAGIC):]
+    transport.clear()
+    client._data_received(ACK_MAGIC + nonce)
+    decoder = FrameDecoder(1 << 20)
+    decoder.feed(transport.value())
+    hello = decoder.next()
+    assert isinstance(hello, Frame) and hello.type is FrameType.HELLO
+    assert hello.json()["software"] == "vmcontroller"
+
+
+def test_a_cancelled_exec_says_what_happens_in_the_guest() -> None:
+    link = InMemoryLink({"exec": Silent(ignore_cancel=False)})
+    link.flush()
+    handle = link.client.exec(["sleep", "1000"])
+    link.flush()
+    handle.cancel()
+    link.flush()
+    error = error_of(handle.result())
+    assert str(error) == "['sleep', '1000'] was cancelled: the agent kills its process group in the guest"

@@ -130,9 +130,8 @@ def _describe(source: IO[bytes]) -> tuple[int | None, int | None]:
 
 
 async def _send_file(io: RequestIO, source: IO[bytes], total: int | None, progress: Progress | None,
-                     hasher: Any = None, sent: int = 0) -> tuple[str, int]:
+                     hasher: Any, sent: int) -> tuple[str, int]:
     """Send the rest of ``source``; ``hasher`` and ``sent`` cover what was sent before."""
-    hasher = hasher or hashlib.sha256()
     while chunk := source.read(CHUNK_SIZE):
         hasher.update(chunk)
         await io.send(Channel.INPUT, chunk)

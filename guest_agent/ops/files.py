@@ -50,6 +50,9 @@ TEMP_SUFFIX = ".vmc-tmp"
 
 _T = TypeVar("_T")
 
+# Descriptors from os.open are close-on-exec already (PEP 446: CPython adds O_CLOEXEC), so a
+# process the agent spawns inherits none of the files and directories opened here.
+
 _ERRNO_CLASSES: dict[int, tuple[type[OperationError], str]] = {
     errno.ENOENT: (PathNotFound, "no such file or directory in the guest"),
     errno.ENOTDIR: (NotADirectory, "it, or a directory on its path, is not a directory"),
@@ -100,8 +103,8 @@ def path_arg(args: dict[str, Any]) -> str:
     return os.path.normpath(path)
 
 
-def _int_arg(args: dict[str, Any], name: str, default: int | None) -> int | None:
-    value = args.get(name, default)
+def _int_arg(args: dict[str, Any], name: str) -> int | None:
+    value = args.get(name)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise BadRequest(f"{name!r} must be a non-negative integer or null, got {value!r}")
     return value
@@ -155,7 +158,7 @@ class _IncomingFile:
         directory = os.path.dirname(destination)
         action = f"cannot write {destination}:"
         try:
-            fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
+            fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o666)
             return cls(fd, None)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR):
@@ -165,7 +168,7 @@ class _IncomingFile:
                 raise os_error(e, action, directory, hint) from None
         named = _temp_name(destination)
         try:
-            fd = os.open(named, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o666)
+            fd = os.open(named, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except OSError as e:
             raise os_error(e, action, directory) from None
         return cls(fd, named)
@@ -178,7 +181,7 @@ class _IncomingFile:
             # a dot-file ending in TEMP_SUFFIX.  linkat cannot replace, so there is no
             # single atomic step from O_TMPFILE to an existing name.
             temp = _temp_name(destination)
-            proc_fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            proc_fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
             try:
                 # os.link("/proc/self/fd/N", ...) fails with EXDEV: CPython < 3.13 calls
                 # link(2), which links the magic symlink itself; a dir fd makes it call
@@ -190,9 +193,10 @@ class _IncomingFile:
             temp = self._named
         try:
             os.rename(temp, destination)
-        except OSError:
+        except OSError as e:
             os.unlink(temp)
-            raise
+            # rename names its source in the error: the short-lived name means nothing to the host.
+            raise OSError(e.errno, e.strerror, destination) from None
         self._named = None
         os.close(self.fd)
         self.fd = -1
@@ -209,7 +213,7 @@ class _IncomingFile:
 
 
 def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
@@ -275,7 +279,8 @@ class PartialUploads:
 
     def offset(self, ctx: OperationContext) -> dict[str, Any]:
         """``push_offset``: how much of a dropped push the agent holds (0 for none)."""
-        upload = self._parked.get(_transfer_id(ctx.args) or "")
+        transfer_id = _transfer_id(ctx.args)
+        upload = None if transfer_id is None else self._parked.get(transfer_id)
         if upload is None:
             return {"offset": 0, "sha256": hashlib.sha256().hexdigest()}
         return {"offset": upload.received, "sha256": upload.hasher.copy().hexdigest(),
@@ -319,9 +324,9 @@ async def push(ctx: OperationContext, uploads: PartialUploads | None = None) -> 
     """
     destination = path_arg(ctx.args)
     mode = mode_arg(ctx.args, None)
-    announced = _int_arg(ctx.args, "size", None)
+    announced = _int_arg(ctx.args, "size")
     transfer_id = _transfer_id(ctx.args)
-    offset = _int_arg(ctx.args, "offset", 0) or 0
+    offset = _int_arg(ctx.args, "offset") or 0
     if os.path.isdir(destination):
         raise IsADirectory(f"cannot write {destination}: it is a directory in the guest; "
                            "push to a file path inside it")
@@ -380,7 +385,7 @@ async def push(ctx: OperationContext, uploads: PartialUploads | None = None) -> 
 def _open_for_pull(path: str) -> tuple[int, os.stat_result]:
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as e:
         raise os_error(e, "cannot read", path) from None
     info = os.fstat(fd)

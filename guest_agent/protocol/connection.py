@@ -270,7 +270,7 @@ class _Connection:
         return pieces
 
     def _send(
-        self, frame_type: FrameType, request_id: int, payload: bytes | memoryview = b"", flags: int = 0
+        self, frame_type: FrameType, request_id: int, payload: bytes | memoryview, flags: int = 0
     ) -> None:
         """Queue a frame: inside TLS once a session is authenticated, on the wire before."""
         length = len(payload)
@@ -869,7 +869,7 @@ class AgentConnection(_Connection):
         events.append(ProtocolFailure(error))
 
     def _synced_with(self, nonce: bytes, events: list[Event]) -> None:
-        had_session = self._open or bool(self._requests)
+        had_session = self._open  # requests exist only in an open session
         self._reset_session()
         self._synced = True
         self._outgoing.append(ACK_MAGIC + nonce)

@@ -16,16 +16,28 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
+from guest_agent.link import SendGate
 from guest_agent.ops import files, system
 from guest_agent.protocol.connection import Limits
-from guest_agent.protocol.frames import Channel, FrameType, encode_header
+from guest_agent.protocol.frames import (
+    ACK_MAGIC,
+    SYNC_MAGIC,
+    Channel,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    encode_header,
+)
 from guest_agent.session import Operation, OperationContext
 from tests.unit.test_client_session import call, error_of, result_of
 from tests.unit.test_files_ops import current_umask
-from vmcontroller.client import ClientLimits
+from vmcontroller._exec import STREAM
+from vmcontroller.client import ClientLimits, GuestClient
 from vmcontroller.errors import (
     ConnectionLost,
     IncompleteTransfer,
@@ -43,7 +55,7 @@ def dropped(link: InMemoryLink, logs: Sequence[Mapping[str, Any]], why: str) -> 
     """The client disconnected the agent and logged ``why``."""
     link.flush()
     assert link.client._transport is None
-    assert any("Disconnecting the agent" in event["log_format"] and why in str(event.get("error"))
+    assert any(event["log_format"] == "Disconnecting the agent: {error}" and why in str(event.get("error"))
                for event in logs), [str(event.get("error")) for event in logs]
 
 
@@ -358,3 +370,269 @@ def test_a_frame_sent_one_byte_a_second_drops_the_agent() -> None:
         link.client._data_received(frame[29:30])
         link.clock.advance(1)
         dropped(link, logs, "left a frame unfinished for 30 s")
+
+
+# ---- limits, exactly at their bounds -------------------------------------------------------
+
+
+def streaming_pull(chunks: list[bytes]) -> Operation:
+    """A pull that sends ``chunks`` one frame each, and an honest account of them."""
+
+    async def pull(ctx: OperationContext) -> dict[str, Any]:
+        ctx.on_cancel(lambda reason: ctx.io.fail(files.OperationCancelled("stopped")))
+        for chunk in chunks:
+            await ctx.io.send(Channel.INPUT, chunk)
+        data = b"".join(chunks)
+        digest = hashlib.sha256(data).hexdigest()
+        ctx.io.send_eof(Channel.INPUT, {"sha256": digest, "size": len(data)})
+        ctx.reactor.advance(2.5)  # type: ignore[attr-defined]
+        return {"path": ctx.args["path"], "sha256": digest, "size": len(data), "mode": 0o644}
+
+    return pull
+
+
+def test_a_pull_of_exactly_its_limit_is_taken_and_one_byte_more_is_not(tmp_path: Path) -> None:
+    link = InMemoryLink({"pull": streaming_pull([b"x" * 6, b"y" * 4])})
+    link.flush()
+    progress: list[tuple[int, int | None]] = []
+    sink = io.BytesIO()
+    result = result_of(start(link, link.client.pull("/g/f", sink, max_size=10,
+                                                    progress=lambda *a: progress.append(a))))
+    assert sink.getvalue() == b"xxxxxxyyyy" and result.size == 10 and result.seconds == 2.5
+    assert progress == [(6, None), (10, None)]
+    link = InMemoryLink({"pull": streaming_pull([b"x" * 6, b"y" * 5])})
+    link.flush()
+    error = error_of(start(link, link.client.pull("/g/f", str(tmp_path / "f"), max_size=10)))
+    assert isinstance(error, LimitExceeded) and str(error) == (
+        "the guest file /g/f is larger than the pull's limit of 10 bytes; the pull was stopped: pass a "
+        "larger max_size")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("trailer", "reply", "message"), [
+    ({"size": 6, "sha256": GOOD}, {"size": 7, "sha256": GOOD},
+     "received 7 bytes of the guest file /f but the agent says it sent 6: pull again"),
+    ({"size": 7, "sha256": SHA_OF_NOTHING}, {"size": 7, "sha256": GOOD},
+     f"the 7 bytes received of the guest file /f hash to sha256 {GOOD} but the agent sent {SHA_OF_NOTHING}: "
+     "the data was corrupted in transit; pull again"),
+])
+def test_a_tampered_pull_says_what_did_not_add_up(trailer: dict[str, Any], reply: dict[str, Any],
+                                                   message: str) -> None:
+    link = InMemoryLink({"pull": lying_pull(b"payload", trailer, {"path": "/f", "mode": 0o644, **reply})})
+    link.flush()
+    error = error_of(start(link, link.client.pull("/f", io.BytesIO())))
+    assert str(error) == message and error.details == {"path": "/f"}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mode", [0, 0o7777])
+def test_the_callers_mode_may_be_anything_from_0_to_0o7777(tmp_path: Path, mode: int) -> None:
+    link = InMemoryLink({"pull": streaming_pull([b"data"])})
+    link.flush()
+    result_of(start(link, link.client.pull("/g/f", str(tmp_path / "f"), mode=mode)))
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == mode
+    (tmp_path / "f").chmod(0o600)
+
+
+def test_a_boolean_mode_is_refused(tmp_path: Path) -> None:
+    link = InMemoryLink({"pull": streaming_pull([b"data"])})
+    link.flush()
+    pulling = link.client.pull("/g/f", str(tmp_path / "f"), mode=True)
+    error = error_of(start(link, pulling))
+    assert str(error) == "mode must be permission bits (0 to 0o7777), got True"
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_pull_whose_temp_file_someone_removed_keeps_its_own_error(tmp_path: Path) -> None:
+    async def pull(ctx: OperationContext) -> dict[str, Any]:
+        await ctx.io.send(Channel.INPUT, b"data")
+        for temp in tmp_path.iterdir():
+            temp.unlink()  # a cleaner of stale files, say
+        ctx.io.send_eof(Channel.INPUT, {"sha256": SHA_OF_NOTHING, "size": 4})
+        return {"path": ctx.args["path"], "sha256": SHA_OF_NOTHING, "size": 4, "mode": 0o644}
+
+    link = InMemoryLink({"pull": pull})
+    link.flush()
+    error = error_of(start(link, link.client.pull("/g/f", str(tmp_path / "f"))))
+    assert isinstance(error, IntegrityError) and os.listdir(tmp_path) == []
+
+
+def exec_writing(chunks: list[bytes]) -> Operation:
+    async def exec_(ctx: OperationContext) -> Any:
+        ctx.on_cancel(lambda reason: ctx.io.fail(files.OperationCancelled("stopped")))
+        for chunk in chunks:
+            await ctx.io.send(Channel.STDOUT, chunk)
+        return {"argv": ctx.args["argv"], "exit_code": 0, "signal": None}
+
+    return exec_
+
+
+def test_collected_output_of_exactly_max_output_is_kept_and_one_byte_more_is_not() -> None:
+    link = InMemoryLink({"exec": exec_writing([b"a" * 6, b"b" * 4])}, host_limits=ClientLimits(max_output=1))
+    link.flush()
+    assert result_of(start(link, link.client.run(["cat"], max_output=10))).stdout == b"aaaaaabbbb"
+    assert result_of(start(link, link.client.exec(["cat"], max_output=10).result())).stdout == b"aaaaaabbbb"
+    link = InMemoryLink({"exec": exec_writing([b"a" * 6, b"b" * 5])})
+    link.flush()
+    error = error_of(start(link, link.client.run(["cat"], max_output=10)))
+    assert isinstance(error, LimitExceeded) and str(error) == (
+        "['cat'] wrote more than 10 bytes to stdout; it was cancelled in the guest: pass on_stdout to stream "
+        "its output, or a larger max_output")
+
+
+def test_stdin_written_before_the_session_opens_reaches_the_process() -> None:
+    received: list[bytes] = []
+
+    async def exec_(ctx: OperationContext) -> Any:
+        while (chunk := await ctx.io.receive(Channel.INPUT)) is not None:
+            received.append(chunk)
+        return {"argv": ctx.args["argv"], "exit_code": 0, "signal": None}
+
+    link = InMemoryLink({"exec": exec_})
+    handle = link.client.exec(["cat"], stdin=STREAM)  # no handshake yet: the request waits
+    written = handle.write_stdin(b"early")
+    handle.close_stdin()
+    link.flush()
+    assert result_of(written) is None and received == [b"early"]
+    assert result_of(handle.result()).exit_code == 0
+
+
+def test_an_agent_ignoring_cancel_is_told_why_it_was_dropped() -> None:
+    silent = Silent(ignore_cancel=True)
+    link = InMemoryLink({"wait": silent}, host_limits=ClientLimits(call_timeout=5, cancel_grace=20))
+    link.flush()
+    waiting = call(link, "wait")
+    link.clock.advance(5)
+    link.flush()
+    assert isinstance(error_of(waiting), OperationTimeout)
+    link.clock.advance(20)
+    assert str(link.client._closed) == ("the agent did not answer the CANCEL of wait (request 1) within 20 s "
+                                        "(the limit cancel_grace)")
+
+
+# ---- liveness, exactly -----------------------------------------------------------------------
+
+
+class CountingPing:
+    """An agent's ping that counts calls and answers unless told to be silent."""
+
+    def __init__(self, silent: bool) -> None:
+        self.silent = silent
+        self.calls = 0
+
+    async def __call__(self, ctx: OperationContext) -> Any:
+        self.calls += 1
+        if self.silent:
+            await Deferred()
+        return {"time": 0, "version": "x"}
+
+
+def test_a_silent_agent_without_a_call_timeout_is_dropped_after_twice_the_interval() -> None:
+    ping = CountingPing(silent=True)
+    link = InMemoryLink({"ping": ping, "wait": Silent(ignore_cancel=True)},
+                        host_limits=ClientLimits(liveness_interval=60, call_timeout=None))
+    link.flush()
+    waiting = call(link, "wait")
+    link.clock.advance(59)
+    link.flush()
+    assert ping.calls == 0  # not silent long enough yet
+    link.clock.advance(1)
+    link.flush()
+    assert ping.calls == 1
+    with capturedLogs() as logs:
+        link.clock.advance(60)  # the ping's own timeout is the interval
+        dropped(link, logs, "the agent sent nothing for 60 s while 1 operations waited on it, and did not "
+                            "answer a ping within 60 s (the limit liveness_interval)")
+    assert isinstance(error_of(waiting), ProtocolError)
+
+
+def test_an_agent_that_answers_is_pinged_once_per_silent_interval() -> None:
+    ping = CountingPing(silent=False)
+    link = InMemoryLink({"ping": ping, "exec": Silent(ignore_cancel=False)},
+                        host_limits=ClientLimits(liveness_interval=60, call_timeout=10))
+    link.flush()
+    running = link.client.run(["sleep", "1000"])
+    for _ in range(4):
+        link.clock.advance(60)
+        link.flush()
+    assert ping.calls == 4 and link.client._transport is not None
+    running.cancel()
+    running.addErrback(lambda _: None)
+    link.flush()
+    for _ in range(4):  # nothing waits: nothing to ask
+        link.clock.advance(60)
+        link.flush()
+    assert ping.calls == 4
+
+
+def test_an_agent_heard_from_recently_is_not_pinged() -> None:
+    ping = CountingPing(silent=False)
+
+    async def chatty(ctx: OperationContext) -> Any:
+        while True:
+            await ctx.io.send(Channel.STDOUT, b".")
+            await deferLater(ctx.reactor, 30, lambda: None)
+
+    link = InMemoryLink({"ping": ping, "exec": chatty},
+                        host_limits=ClientLimits(liveness_interval=60, call_timeout=10))
+    link.flush()
+    running = link.client.exec(["chatty"], on_stdout=lambda data: None)
+    for _ in range(8):
+        link.clock.advance(30)
+        link.flush()
+    assert ping.calls == 0
+    running.cancel()
+    running.result().addErrback(lambda _: None)
+    link.flush()
+
+
+def test_no_ping_waits_behind_a_full_set_of_slots() -> None:
+    ping = CountingPing(silent=False)
+    quiet = Silent(ignore_cancel=False)
+    link = InMemoryLink({"ping": ping, "wait": quiet}, agent_limits=Limits(max_inflight=1),
+                        host_limits=ClientLimits(liveness_interval=60, call_timeout=None))
+    link.flush()
+    waiting = call(link, "wait")
+    link.clock.advance(60)
+    link.flush()
+    waiting.cancel()
+    waiting.addErrback(lambda _: None)
+    link.flush()
+    assert ping.calls == 0  # a ping queued for the slot would have gone out once it was free
+
+
+def test_what_waits_for_a_session_fails_with_the_reason_the_agent_was_dropped() -> None:
+    client = GuestClient(Clock())
+    transport = StringTransport()
+    transport.registerProducer(SendGate(client._link), True)
+    client._transport_connected(transport)
+    nonce = transport.value()[len(SYNC_MAGIC):]
+    waiting = Deferred.fromCoroutine(client.wait_ready())
+    client._data_received(ACK_MAGIC + nonce)  # the host sends its HELLO and waits for the agent's
+    client._data_received(encode_header(FrameType.RESPONSE, 1, 0))
+    error = error_of(waiting)
+    assert isinstance(error, ProtocolError) and str(error) == "expected HELLO from the agent, got RESPONSE"
+
+
+def test_the_host_names_its_software_in_its_hello() -> None:
+    client = GuestClient(Clock())
+    transport = StringTransport()
+    client._transport_connected(transport)
+    nonce = transport.value()[len(SYNC_MAGIC):]
+    transport.clear()
+    client._data_received(ACK_MAGIC + nonce)
+    decoder = FrameDecoder(1 << 20)
+    decoder.feed(transport.value())
+    hello = decoder.next()
+    assert isinstance(hello, Frame) and hello.type is FrameType.HELLO
+    assert hello.json()["software"] == "vmcontroller"
+
+
+def test_a_cancelled_exec_says_what_happens_in_the_guest() -> None:
+    link = InMemoryLink({"exec": Silent(ignore_cancel=False)})
+    link.flush()
+    handle = link.client.exec(["sleep", "1000"])
+    link.flush()
+    handle.cancel()
+    link.flush()
+    error = error_of(handle.result())
+    assert str(error) == "['sleep', '1000'] was cancelled: the agent kills its process group in the guest"

@@ -26,6 +26,7 @@ from vmcontroller.errors import (
     ConnectionLost,
     OperationCancelled,
     OperationTimeout,
+    ProtocolError,
     TooManyCommands,
     UnknownCommand,
 )
@@ -252,3 +253,44 @@ def test_the_spool_of_an_earlier_agent_is_emptied_at_start(tmp_path: Path) -> No
     (spool / "old.stdout").write_bytes(b"x")
     CommandRegistry(str(spool))
     assert os.listdir(spool) == [] and (spool.stat().st_mode & 0o777) == 0o700
+
+
+def test_the_listing_says_how_a_command_ended(agent: Agent) -> None:
+    agent.exec(["sleep", "100"], "killed").result().addErrback(lambda _: None)
+    agent.process.end(ProcessTerminated(signal=9))
+    agent.exec(["sleep", "100"], "late", timeout=5).result().addErrback(lambda _: None)
+    agent.reactor.advance(5)
+    agent.process.end(ProcessTerminated(signal=9))
+    agent.link.flush()
+    killed, late = agent.call(agent.link.client.commands())
+    assert (killed.exec_id, killed.running, killed.exit_code, killed.signal, killed.error) == (
+        "killed", False, None, "SIGKILL", None)
+    attached = agent.call(agent.link.client.attach("late").result())
+    assert isinstance(late.error, OperationTimeout) and late.error.message == attached.message
+    assert "timeout of 5 s" in late.error.message
+
+
+def test_attach_streams_stderr_to_its_callback(agent: Agent) -> None:
+    agent.exec(["sh"], "err").result().addErrback(lambda _: None)
+    agent.process.output(2, b"warning")
+    agent.process.end(ProcessDone(0))
+    agent.link.flush()
+    seen: list[bytes] = []
+    result = agent.call(agent.link.client.attach("err", on_stderr=seen.append).result())
+    assert seen == [b"warning"] and result.stderr == b""
+
+
+@pytest.mark.parametrize(("reply", "message"), [
+    ([], "the agent's command list is malformed: []"),
+    ({"commands": [{"exec_id": "x"}]},
+     "the agent listed a malformed command {'exec_id': 'x'}: KeyError('argv')"),
+])
+def test_a_malformed_command_listing_is_a_protocol_error(reply: Any, message: str) -> None:
+    async def commands(ctx: object) -> Any:
+        return reply
+
+    link = InMemoryLink({"commands": commands})
+    d = link.client.commands()
+    link.flush()
+    error = outcome(d)
+    assert isinstance(error, ProtocolError) and str(error) == message

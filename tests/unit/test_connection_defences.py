@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from guest_agent.protocol.connection import (
+    MAX_FRAME,
+    MAX_INFLIGHT,
     MAX_WINDOW,
     AgentConnection,
     CancelRequested,
@@ -41,11 +43,13 @@ from guest_agent.protocol.errors import (
 from guest_agent.protocol.frames import (
     ACK_MAGIC,
     NONCE_SIZE,
+    RESET_MARKER,
     SYNC_MAGIC,
     Channel,
     FrameDecoder,
     FrameType,
     encode_frame,
+    encode_header,
     encode_json,
 )
 
@@ -608,3 +612,252 @@ def test_agent_cancel_reaches_only_requests_in_flight() -> None:
     assert isinstance(cancel, CancelRequested) and cancel.request_id == rid and cancel.body == {}
     host.send_cancel(rid + 5)  # not in flight: nothing goes out
     assert host.data_to_send() == b""
+
+
+# ---- what each side is told, exactly -----------------------------------------------------
+
+
+def test_the_agent_tells_the_host_exactly_why_it_dropped_the_session() -> None:
+    agent, (failure,) = hello_to_agent({"versions": "1", **HELLO_LIMITS})
+    assert isinstance(failure, ProtocolFailure)
+    assert str(failure.error) == "HELLO must list the host's versions as integers"
+    (told,) = frames_in(agent.data_to_send())
+    assert (told.type, told.request_id) == (FrameType.ERROR, 0)
+    assert told.json() == {"code": "protocol-violation", "details": {},
+                           "message": "HELLO must list the host's versions as integers"}
+    _, agent = opened()
+    (failure,) = agent.receive_data(ACK_MAGIC + bytes(NONCE_SIZE))
+    assert isinstance(failure, ProtocolFailure)
+    assert str(failure.error) == "the host sent a marker only the agent may send"
+
+
+def test_an_agent_without_a_common_version_says_which_it_speaks() -> None:
+    agent, _ = hello_to_agent({"versions": [7], **HELLO_LIMITS})
+    (told,) = frames_in(agent.data_to_send())
+    assert told.json()["details"] == {"supported": [1]}
+    assert told.json()["message"] == ("the host speaks protocol versions [7] and this agent speaks [1]: "
+                                      "install a matching vmcontroller agent in the guest")
+
+
+def test_a_malformed_request_is_answered_with_what_a_request_is() -> None:
+    _host, agent = opened()
+    agent.receive_data(encode_frame(FrameType.REQUEST, 3, b'"op"'))
+    (answer,) = frames_in(agent.data_to_send())
+    assert answer.json() == {"code": "bad-request", "details": {},
+                             "message": "a request must be a JSON object with 'op' and 'args'"}
+
+
+def test_a_sync_and_hello_in_one_read_mid_session() -> None:
+    host, agent = opened()
+    host.start()
+    agent.receive_data(host.data_to_send())
+    host.receive_data(agent.data_to_send())  # the ACK: the host sends its HELLO
+    host.start()  # and starts over: SYNC and HELLO arrive in one read
+    nonce_sync = host.data_to_send()
+    events = agent.receive_data(nonce_sync + encode_frame(FrameType.HELLO, 0, encode_json(
+        {"versions": [1], **HELLO_LIMITS})))
+    assert [type(event) for event in events] == [HandshakeComplete]
+    host2, agent2 = opened()
+    host2.start()
+    sync = host2.data_to_send()
+    hello = encode_frame(FrameType.HELLO, 0, encode_json({"versions": [1], **HELLO_LIMITS}))
+    events = agent2.receive_data(sync + hello)
+    assert events[0] == SessionReset("the host started a new session")
+    assert isinstance(events[1], HandshakeComplete) and agent2.is_open
+
+
+def test_a_host_gone_mid_frame_is_told_how_much_arrived() -> None:
+    host, agent = opened()
+    host.send_request("op")
+    agent.receive_data(host.data_to_send()[:5])
+    (failure,) = agent.line_idle()
+    assert isinstance(failure, ProtocolFailure)
+    assert str(failure.error) == (
+        "the host stopped sending in the middle of a frame (5 bytes of it arrived): dropped it")
+
+
+def test_notifications_are_connection_frames() -> None:
+    _, agent = opened()
+    agent.send_notification("event", {"a": 1})
+    (frame,) = frames_in(agent.data_to_send())
+    assert (frame.type, frame.request_id) == (FrameType.NOTIFY, 0)
+
+
+def test_request_ids_count_up_by_one_and_wrap_past_one_in_flight() -> None:
+    host, _ = opened()
+    assert [host.send_request("a") for _ in range(3)] == [1, 2, 3]
+    host._next_id = 0xFFFFFFFF
+    assert host.send_request("b") == 0xFFFFFFFF
+    host._next_id = 0xFFFFFFFF  # the last id is still in flight: the next free one after it
+    assert host.send_request("c") == 4
+
+
+@pytest.mark.parametrize(("frame", "message"), [
+    (encode_frame(FrameType.EOF, 1, b"[]"), "EOF trailer must be a JSON object"),
+    (encode_frame(FrameType.CREDIT, 1, b"\x00\x01"), "CREDIT frame must carry a 4-byte count"),
+    (encode_frame(FrameType.CREDIT, 1, (MAX_WINDOW).to_bytes(4, "big")),
+     "peer granted more credit than any window allows"),
+    (encode_frame(FrameType.ERROR, 1, b'{"message":"m"}'),
+     "ERROR frame must carry a JSON object with a code"),
+    (b"\xffX", "unknown marker: the stream is out of step"),
+    (b"\xffVMC-OTHER", "unknown marker: the stream is out of step"),
+    (encode_frame(FrameType.ERROR, 1, b'{"code":NaN}'), "ERROR frame carries malformed JSON: NaN is not a "
+                                                       "JSON number"),
+    (encode_frame(FrameType.NOTIFY, 0, b'{"name":"n","body":{"x":1e999}}'),
+     "NOTIFY frame carries malformed JSON: 1e999 is out of a float's range"),
+])
+def test_the_hosts_protocol_errors_say_exactly_what_was_wrong(frame: bytes, message: str) -> None:
+    host, _ = opened()
+    host.send_request("op")
+    host.data_to_send()
+    with pytest.raises(ProtocolError) as raised:
+        host.receive_data(frame)
+    assert str(raised.value) == message
+
+
+def test_calls_without_a_session_say_so_exactly() -> None:
+    with pytest.raises(ProtocolError) as raised:
+        HostConnection().send_request("op")
+    assert str(raised.value) == "no session: the handshake has not completed"
+
+
+def test_an_error_that_fits_the_frame_exactly_is_not_cut() -> None:
+    host, agent = opened(host_limits=Limits(max_frame=1024))
+    rid = host.send_request("stat")
+    agent.receive_data(host.data_to_send())
+    empty = len(encode_json({"code": str(PathNotFound.code), "message": "", "details": {"path": "/x"}}))
+    message = "m" * (1024 - empty)
+    agent.send_error(rid, PathNotFound(message, {"path": "/x"}))
+    (event,) = host.receive_data(agent.data_to_send())
+    assert isinstance(event, ErrorReceived) and isinstance(event.error, PathNotFound)
+    assert event.error.message == message and event.error.details == {"path": "/x"}
+
+
+def test_a_frame_without_a_payload() -> None:
+    (frame,) = frames_in(encode_frame(FrameType.CANCEL, 5))
+    assert (frame.type, frame.request_id, frame.payload, frame.flags) == (FrameType.CANCEL, 5, b"", 0)
+
+
+# ---- the handshake's details, exactly --------------------------------------------------------
+
+
+def test_both_ends_report_what_the_handshake_agreed() -> None:
+    host, agent = HostConnection(), AgentConnection()
+    assert (agent.is_open, agent.version, agent.buffered) == (False, 0, 0)
+    host.start()
+    agent.receive_data(host.data_to_send())
+    host.receive_data(agent.data_to_send())
+    (hello,) = frames_in(host.data_to_send())
+    assert (hello.type, hello.request_id, hello.flags) == (FrameType.HELLO, 0, 0)
+    (agent_done,) = agent.receive_data(encode_frame(FrameType.HELLO, 0, hello.payload))
+    assert agent_done == HandshakeComplete(1, hello.json())
+    (reply,) = frames_in(agent.data_to_send())
+    assert (reply.type, reply.request_id, reply.flags) == (FrameType.HELLO, 0, 0)
+    (host_done,) = host.receive_data(encode_frame(FrameType.HELLO, 0, reply.payload))
+    assert host_done == HandshakeComplete(1, reply.json()) and host.version == 1
+    agent.host_disconnected()
+    assert agent.is_open is False
+
+
+def test_an_ack_and_the_agents_hello_in_one_read_open_the_session() -> None:
+    host, agent = HostConnection(), AgentConnection()
+    host.start()
+    agent.receive_data(host.data_to_send())
+    ack = agent.data_to_send()
+    reply = encode_frame(FrameType.HELLO, 0, encode_json({"version": 1, **HELLO_LIMITS}))
+    assert [type(event) for event in host.receive_data(ack + reply)] == [HandshakeComplete]
+
+
+def test_a_frame_other_than_hello_or_error_while_waiting_for_hello() -> None:
+    host = HostConnection()
+    host.start()
+    nonce = host.data_to_send()[len(SYNC_MAGIC):]
+    host.receive_data(ACK_MAGIC + nonce)
+    with pytest.raises(ProtocolError) as raised:
+        host.receive_data(encode_frame(FrameType.NOTIFY, 0, b'{"name":"n"}'))
+    assert str(raised.value) == "expected HELLO from the agent, got NOTIFY"
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_frame", MAX_FRAME), ("max_inflight", MAX_INFLIGHT)])
+def test_hello_limits_at_their_ceilings_are_taken(field: str, value: int) -> None:
+    host = hello_from_agent({"version": 1, **HELLO_LIMITS, field: value})
+    assert host.is_open and getattr(host.peer_limits, field) == value
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (SYNC_MAGIC + bytes(NONCE_SIZE), "the agent sent SYNC, which only the host may send"),
+    (encode_frame(FrameType.NOTIFY, 0, b'{"name":1}'),
+     "NOTIFY must carry a JSON object with a name and an object body"),
+    (b"\xa5\x5a" + bytes(14), "corrupt frame header: the stream is out of step"),
+    (encode_frame(FrameType.NOTIFY, 0, b"[" * 100_000),
+     "NOTIFY frame carries malformed JSON: nested too deeply"),
+])
+def test_more_of_the_hosts_protocol_errors_exactly(data: bytes, message: str) -> None:
+    host, _ = opened(host_limits=Limits(max_frame=1 << 20))
+    with pytest.raises(ProtocolError) as raised:
+        host.receive_data(data)
+    assert str(raised.value) == message
+
+
+def test_an_agent_restart_is_reported_as_such() -> None:
+    host, _ = opened()
+    assert host.receive_data(RESET_MARKER) == [SessionReset("the agent restarted")]
+
+
+def test_unread_bytes_past_the_limit_are_refused_with_the_limits_name() -> None:
+    host, agent = opened(host_limits=Limits(max_buffered=1024, window=4096))
+    rid = host.send_request("pull")
+    agent.receive_data(host.data_to_send())
+    agent.send_data(rid, Channel.INPUT, b"x" * 1025)
+    with pytest.raises(ProtocolError) as raised:
+        host.receive_data(agent.data_to_send())
+    assert str(raised.value) == ("peer sent more than 1024 bytes that are not read yet across the "
+                                 "connection's streams (the limit max_buffered)")
+
+
+def test_consuming_more_than_was_received_frees_nothing_more() -> None:
+    host, agent = opened()
+    rid = host.send_request("pull")
+    agent.receive_data(host.data_to_send())
+    agent.send_data(rid, Channel.INPUT, b"x" * 10)
+    host.receive_data(agent.data_to_send())
+    assert host.buffered == 10
+    host.consumed(rid, Channel.INPUT, 10)
+    host.consumed(rid, Channel.INPUT, 10)
+    assert host.buffered == 0
+
+
+def test_credit_goes_back_at_a_quarter_of_an_odd_window_and_in_whole_quarters() -> None:
+    host, agent = opened(host_limits=Limits(window=1025))
+    rid = host.send_request("pull")
+    agent.receive_data(host.data_to_send())
+    agent.send_data(rid, Channel.INPUT, b"x" * 512)
+    host.receive_data(agent.data_to_send())
+    host.data_to_send()
+    host.consumed(rid, Channel.INPUT, 256)  # 1025 // 4
+    host.consumed(rid, Channel.INPUT, 256)
+    grants = [int.from_bytes(frame.payload, "big") for frame in frames_in(host.data_to_send())]
+    assert grants == [256, 256]
+
+
+def test_the_agent_answers_each_of_two_syncs_in_one_read() -> None:
+    agent = AgentConnection()
+    agent.receive_data(SYNC_MAGIC + b"\x01" * NONCE_SIZE + SYNC_MAGIC + b"\x02" * NONCE_SIZE)
+    assert agent.data_to_send() == ACK_MAGIC + b"\x01" * NONCE_SIZE + ACK_MAGIC + b"\x02" * NONCE_SIZE
+
+
+def test_an_ack_split_after_its_second_to_last_byte_is_still_found() -> None:
+    host = HostConnection()
+    host.start()
+    nonce = host.data_to_send()[len(SYNC_MAGIC):]
+    ack = ACK_MAGIC + nonce
+    host.receive_data(b"\x00" * 100 + ack[:-1])  # stale bytes, then all of the ACK but its last byte
+    assert host.data_to_send() == b""
+    host.receive_data(ack[-1:])
+    (hello,) = frames_in(host.data_to_send())
+    assert hello.type is FrameType.HELLO
+
+
+def test_a_header_without_flags() -> None:
+    (frame,) = frames_in(encode_header(FrameType.CANCEL, 5, 0))
+    assert (frame.type, frame.request_id, frame.flags) == (FrameType.CANCEL, 5, 0)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
 from twisted.internet.task import Clock
+from twisted.test import iosim
 
 from guest_agent.ops import OPERATIONS
 from guest_agent.ops import exec as agent_exec
@@ -20,8 +23,9 @@ from guest_agent.ops.commands import CommandRegistry
 from guest_agent.ops.files import PartialUploads
 from guest_agent.session import OperationContext
 from tests.unit.test_exec_ops import FakeProcessReactor, fake_session_spawns, outcome
-from vmcontroller._files import CHUNK_SIZE
-from vmcontroller.client import RECONNECT_MAX_DELAY, GuestClient, connect
+from vmcontroller import testing
+from vmcontroller._files import CHUNK_SIZE, RESUME_WAIT
+from vmcontroller.client import RECONNECT_MAX_DELAY, ClientLimits, GuestClient, connect
 from vmcontroller.errors import (
     AgentUnreachable,
     AuthenticationFailed,
@@ -213,3 +217,79 @@ def test_a_push_whose_held_part_does_not_match_fails_with_a_clear_error(
     assert isinstance(error, ConnectionLost) and "no part of the push" in str(error), error
     assert len(progress) == before  # nothing sent again
     assert not (tmp_path / "pushed.bin").exists() and list(tmp_path.glob(".pushed.bin.*")) == []
+
+
+def test_connect_says_exactly_what_to_check_and_passes_on_the_client_limits(controller: Controller) -> None:
+    controller.endpoint.down = True
+    connecting = connect(controller.clock, controller.endpoint, credentials=controller.endpoint.credentials, timeout=5)
+    controller.clock.advance(5)
+    assert str(outcome(connecting)) == (
+        "no agent answered within 5 s (last error: Connection was refused by other side: the in-memory agent "
+        "is down.): check that the guest has booted and that the vmcontroller-agent service runs in it "
+        "(journalctl -u vmcontroller-agent)")
+    controller.endpoint.down = False
+    limits = ClientLimits(max_pull=1234)
+    assert controller.connect(timeout=10, client_limits=limits).client_limits is limits
+
+
+SIZE = 8 * 1024 * 1024
+
+
+class DroppingPush:
+    """A resumable agent whose channel the test drops each time the host has sent ``every`` more bytes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                 operations: dict[str, Any] | None = None) -> None:
+        # A new connection carries nothing by itself: the test moves its bytes a step at a time.
+        connect_quietly = partial(iosim.connect, greet=False)
+        monkeypatch.setattr(testing.iosim, "connect", lambda *args, greet: connect_quietly(*args))
+        self.controller = Controller(monkeypatch, tmp_path / "spool")
+        self.uploads = PartialUploads()
+        self.controller.endpoint = InMemoryAgentEndpoint(
+            operations or {**OPERATIONS, **self.uploads.operations()},
+            agent_reactor=self.controller.agent_reactor)
+        self.client = self.controller.connect(timeout=10)
+        self.source = tmp_path / "source.bin"
+        self.source.write_bytes(os.urandom(SIZE))
+        self.destination = tmp_path / "pushed.bin"
+        self.progress: list[int] = [0]
+        self.pushing = self.client.push(str(self.source), str(self.destination),
+                                        progress=lambda done, _: self.progress.append(done))
+
+    def drop_after(self, more: int) -> None:
+        """Carry bytes until the host has sent ``more`` than before, then drop the channel."""
+        mark = self.progress[-1] + more
+        pump = self.controller.endpoint.pump
+        assert pump is not None
+        for _ in range(10_000):
+            if self.progress[-1] >= mark or self.pushing.called:
+                break
+            pump.pump()
+        assert not self.pushing.called, "the push ended before the channel could be dropped"
+        self.controller.endpoint.drop()
+
+
+
+def test_a_push_whose_agent_is_not_back_in_time_says_so(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    run = DroppingPush(monkeypatch, tmp_path)
+    run.controller.endpoint.down = True
+    run.drop_after(1024 * 1024)
+    run.controller.clock.advance(RESUME_WAIT)
+    error = outcome(run.pushing)
+    assert isinstance(error, ConnectionLost) and str(error).endswith(
+        f"; the agent was not back within 30 s to resume the push to {run.destination}, which was not "
+        "written: push again")
+
+
+def test_a_push_to_an_agent_that_cannot_resume_says_so(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    run = DroppingPush(monkeypatch, tmp_path, operations=dict(OPERATIONS))  # no push_offset: an older agent
+    run.drop_after(1024 * 1024)
+    run.controller.wait_out_backoff()
+    error = outcome(run.pushing)
+    assert isinstance(error, ConnectionLost) and str(error).endswith(
+        f"; the agent holds no part of the push to {run.destination} that matches the host file to resume "
+        "from (it restarted, the file changed, or all of it had arrived): the outcome in the guest is "
+        "unknown; push again (a push replaces the destination whole)")
+    assert not run.destination.exists()

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import io
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -42,7 +43,7 @@ from guest_agent.protocol.errors import (
 from guest_agent.protocol.frames import Channel
 from guest_agent.session import OperationContext
 from tests.unit.test_client_session import error_of
-from tests.unit.test_files_ops import OPERATIONS, Tracked, result_of, sha, start
+from tests.unit.test_files_ops import OPERATIONS, Tracked, current_umask, result_of, sha, start
 from vmcontroller.testing import InMemoryLink
 
 NOBODY = 65534
@@ -357,10 +358,12 @@ def test_host_files_an_unprivileged_user_may_not_touch(shared: Path) -> None:
         link.flush()
         with pytest.raises(
             PermissionDenied, match=f"this host user may not read the host file {shared}/secret"
-        ):
+        ) as read:
             result_of(push)
-        with pytest.raises(PermissionDenied, match=f"may not create files in the host directory {shared}"):
+        with pytest.raises(PermissionDenied,
+                           match=f"may not create files in the host directory {shared}") as made:
             result_of(pull)
+    assert read.value.details == {"path": f"{shared}/secret"} and made.value.details == {"path": str(shared)}
     assert sorted(os.listdir(shared)) == ["closed", "secret"]
 
 
@@ -627,3 +630,412 @@ def test_a_pull_writes_into_a_hidden_temp_file_beside_the_destination(tmp_path: 
     ((temp,),) = seen
     assert temp.startswith(".result.txt.") and temp.endswith(".vmc-part")
     assert os.listdir(tmp_path) == ["result.txt"]
+
+
+# ---- the agent's checks of a push, exactly ---------------------------------------------------
+
+
+async def raw_push(link: InMemoryLink, args: dict[str, Any], data: bytes = b"",
+                   trailer: dict[str, Any] | None = None, eof: bool = True) -> Any:
+    """A push driven on the wire, to send what the real host never would."""
+    stream, result = await link.client.open_request("push", {"mode": None, "size": None, **args})
+    if data:
+        await stream.send(Channel.INPUT, data)
+    if eof:
+        stream.send_eof(Channel.INPUT, trailer)
+    return await result
+
+
+@pytest.mark.parametrize(("trailer", "size", "message"), [
+    ({"size": 3}, None, "the stream for {target} ended after 3 bytes without a sha256 and size trailer; "
+                        "nothing was written: push again"),
+    ({"sha256": sha(b"abc")}, None, "the stream for {target} ended after 3 bytes without a sha256 and size "
+                                    "trailer; nothing was written: push again"),
+    ({"sha256": sha(b"abc"), "size": 4}, None,
+     "received 3 bytes for {target} but the host announced None and its trailer says 4; nothing was "
+     "written: did the host file change during the push? push again"),
+    ({"sha256": sha(b"abc"), "size": 3}, 2,
+     "the host announced 2 bytes for {target} and sent more; nothing was written: did the host file "
+     "change during the push? push again"),
+])
+def test_a_push_that_does_not_add_up_says_what_and_writes_nothing(
+        tmp_path: Path, trailer: dict[str, Any], size: int | None, message: str) -> None:
+    link = InMemoryLink(OPERATIONS)
+    target = str(tmp_path / "f")
+    error = error_of(start(link, raw_push(link, {"path": target, "size": size}, b"abc", trailer)))
+    assert isinstance(error, IncompleteTransfer) and error.message == message.format(target=target)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_push_trailer_may_give_its_sha256_in_capitals(tmp_path: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    trailer = {"sha256": sha(b"abc").upper(), "size": 3}
+    result_of(start(link, raw_push(link, {"path": str(tmp_path / "f"), "size": 3}, b"abc", trailer)))
+    assert (tmp_path / "f").read_bytes() == b"abc"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"size": "3"}, "'size' must be a non-negative integer or null, got '3'"),
+    ({"size": True}, "'size' must be a non-negative integer or null, got True"),
+    ({"size": -1}, "'size' must be a non-negative integer or null, got -1"),
+    ({"offset": 1.5}, "'offset' must be a non-negative integer or null, got 1.5"),
+    ({"transfer_id": ""}, "'transfer_id' must be null or a string of 1 to 128 characters; got ''"),
+    ({"transfer_id": "x" * 129}, "'transfer_id' must be null or a string of 1 to 128 characters; got "
+                                 f"{'x' * 129!r}"),
+    ({"transfer_id": 7}, "'transfer_id' must be null or a string of 1 to 128 characters; got 7"),
+    ({"path": 7}, "'path' must be a string, got 7"),
+])
+def test_odd_push_arguments_are_refused_by_name(tmp_path: Path, args: dict[str, Any], message: str) -> None:
+    link = InMemoryLink(OPERATIONS)
+    error = error_of(start(link, raw_push(link, {"path": str(tmp_path / "f"), **args}, eof=False)))
+    assert isinstance(error, BadRequest) and error.message == message
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_transfer_id_of_128_characters_is_taken(tmp_path: Path) -> None:
+    link = InMemoryLink({**OPERATIONS, **files.PartialUploads().operations()})
+    args = {"path": str(tmp_path / "f"), "transfer_id": "x" * 128}
+    result_of(start(link, raw_push(link, args, b"abc", {"sha256": sha(b"abc"), "size": 3})))
+    assert (tmp_path / "f").read_bytes() == b"abc"
+
+
+def test_pull_and_push_errors_name_the_action_and_the_path(tmp_path: Path) -> None:
+    link = InMemoryLink(OPERATIONS)
+    missing, directory = str(tmp_path / "nope"), str(tmp_path / "d")
+    os.mkdir(directory)
+    cases: list[tuple[Deferred[Any], type[Exception], str]] = [
+        (link.client.pull(missing, io.BytesIO()), PathNotFound,
+         f"cannot read {missing}: no such file or directory in the guest"),
+        (link.client.pull(directory, io.BytesIO()), IsADirectory,
+         f"cannot read {directory}: it is a directory in the guest; pull the files in it one by one"),
+        (link.client.push(io.BytesIO(b"x"), directory), IsADirectory,
+         f"cannot write {directory}: it is a directory in the guest; push to a file path inside it"),
+        (link.client.push(io.BytesIO(b"x"), f"{missing}/f"), PathNotFound,
+         f"cannot write {missing}/f: {missing}: the directory does not exist in the guest; create it first "
+         "(mkdir with parents=True)"),
+    ]
+    for call, cls, message in cases:
+        link.flush()
+        error = error_of(call)
+        assert type(error) is cls and error.message == message  # type: ignore[attr-defined]
+    assert os.listdir(tmp_path) == ["d"] and os.listdir(directory) == []
+
+
+def test_os_errors_without_a_known_errno(tmp_path: Path) -> None:
+    error = files.os_error(OSError("odd"), "cannot frob", "/x")
+    assert type(error) is AgentOSError and error.details == {"path": "/x", "errno": "0"}
+    error = files.os_error(OSError(9999, "Strange error"), "cannot frob", "/x")
+    assert type(error) is AgentOSError and error.message == "cannot frob /x: 9999: Strange error"
+    assert error.details == {"path": "/x", "errno": "9999"}
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["O_TMPFILE", "named-temp"])
+def test_a_push_to_the_longest_file_name(tmp_path: Path, fallback: bool,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The short-lived temp name must stay under NAME_MAX whatever the destination's name.
+    if fallback:
+        without_o_tmpfile(monkeypatch)
+    target = tmp_path / ("n" * 255)
+    link = InMemoryLink(OPERATIONS)
+    result_of(start(link, link.client.push(io.BytesIO(b"data"), str(target))))
+    assert target.read_bytes() == b"data" and os.listdir(tmp_path) == [target.name]
+
+
+def without_o_tmpfile(monkeypatch: pytest.MonkeyPatch, named_error: int | None = None) -> None:
+    """O_TMPFILE fails as on a filesystem without it; with ``named_error``, the named temp file too."""
+    real_open = os.open
+
+    def fake_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), path)
+        if named_error is not None and flags & os.O_EXCL:
+            raise OSError(named_error, os.strerror(named_error), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "open", fake_open)
+
+
+def test_the_named_temp_file_gets_a_new_files_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    without_o_tmpfile(monkeypatch)
+    link = InMemoryLink(OPERATIONS)
+    result = result_of(start(link, link.client.push(io.BytesIO(b"data"), str(tmp_path / "f"))))
+    mode = 0o666 & ~current_umask()  # as O_TMPFILE gives it: no execute bits
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == mode == result.mode
+
+
+def test_a_named_temp_file_that_cannot_be_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    without_o_tmpfile(monkeypatch, named_error=errno.ENOSPC)
+    link = InMemoryLink(OPERATIONS)
+    target = str(tmp_path / "f")
+    error = error_of(start(link, link.client.push(io.BytesIO(b"data"), target)))
+    assert type(error) is AgentOSError
+    assert re.fullmatch(rf"cannot write {target}: {tmp_path}: {tmp_path}/\.f\.[0-9a-f]{{12}}\.vmc-tmp: "
+                        r"ENOSPC: No space left on device", error.message), error.message
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["O_TMPFILE", "named-temp"])
+def test_a_destination_that_became_a_directory_meanwhile(tmp_path: Path, fallback: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    if fallback:
+        without_o_tmpfile(monkeypatch)
+    link = InMemoryLink(OPERATIONS)
+    target = tmp_path / "f"
+    real_write_all = files._write_all
+
+    def write_while_a_directory_appears(fd: int, data: bytes) -> None:
+        real_write_all(fd, data)
+        target.mkdir(exist_ok=True)  # after the agent's check, before the rename
+
+    monkeypatch.setattr(files, "_write_all", write_while_a_directory_appears)
+    error = error_of(start(link, link.client.push(io.BytesIO(b"data"), str(target))))
+    assert type(error) is IsADirectory and error.message == f"cannot write {target}: it is a directory"
+    assert os.listdir(tmp_path) == ["f"] and os.listdir(target) == []
+
+
+def test_a_push_puts_the_directory_entry_on_disk_too(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[os.stat_result] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.fstat(fd))
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", recording_fsync)
+    link = InMemoryLink(OPERATIONS)
+    result_of(start(link, link.client.push(io.BytesIO(b"data"), str(tmp_path / "f"))))
+    file, directory = synced
+    assert stat.S_ISREG(file.st_mode) and file.st_size == 4
+    assert stat.S_ISDIR(directory.st_mode) and directory.st_ino == tmp_path.stat().st_ino
+
+
+def test_a_cancel_while_the_file_is_synced_writes_nothing(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    contexts: list[OperationContext] = []
+
+    async def push(ctx: OperationContext) -> Any:
+        contexts.append(ctx)
+        return await files.push(ctx)
+
+    def fsync_meanwhile_cancelled(fd: int) -> None:
+        # With a real reactor the fsync runs in a thread while the CANCEL arrives.
+        contexts[0].cancel({"reason": "the host gave up"})
+
+    monkeypatch.setattr(files.os, "fsync", fsync_meanwhile_cancelled)
+    tracked = Tracked(push)
+    link = InMemoryLink({**OPERATIONS, "push": tracked})
+    start(link, link.client.push(io.BytesIO(b"data"), str(tmp_path / "f")))
+    (outcome,) = tracked.outcomes
+    assert isinstance(outcome, OperationCancelled)
+    assert outcome.message == f"push of {tmp_path}/f stopped: the host gave up; nothing was written"
+    assert os.listdir(tmp_path) == []
+
+
+# ---- mkdir: never wider than asked -----------------------------------------------------------
+
+
+def test_a_new_directory_is_never_more_open_than_asked(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Between mkdir and the chmod that undoes the umask, another guest user must not be able
+    # to enter a directory meant to be private.
+    created: list[int] = []
+    real_chmod = os.chmod
+
+    def recording_chmod(path: Any, mode: int, *args: Any, **kwargs: Any) -> None:
+        created.append(stat.S_IMODE(os.stat(path).st_mode))
+        real_chmod(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "chmod", recording_chmod)
+    link = InMemoryLink(OPERATIONS)
+    result_of(start(link, link.client.mkdir(str(tmp_path / "a"), mode=0o700)))
+    result_of(start(link, link.client.mkdir(str(tmp_path / "b" / "c"), parents=True, mode=0o700)))
+    assert len(created) == 2 and all(mode & ~0o700 == 0 for mode in created), created
+    assert stat.S_IMODE((tmp_path / "b" / "c").stat().st_mode) == 0o700
+
+
+def test_mkdir_with_parents_when_another_process_makes_the_parent_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target, parent = tmp_path / "a" / "b", tmp_path / "a"
+    real_mkdir = os.mkdir
+    raced: list[str] = []
+
+    def racing_mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        if os.fspath(path) == str(target) and not raced:
+            raced.append("parent")
+            try:
+                real_mkdir(path, *args, **kwargs)
+            finally:
+                real_mkdir(parent)  # another guest process, just after our attempt failed
+        real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "mkdir", racing_mkdir)
+    link = InMemoryLink(OPERATIONS)
+    result_of(start(link, link.client.mkdir(str(target), parents=True, mode=0o750)))
+    assert raced and stat.S_IMODE(target.stat().st_mode) == 0o750
+
+
+# ---- resuming a push: the agent's side ----------------------------------------------------------
+
+
+class ResumingAgent:
+    """An agent that keeps partial pushes, reached by one controller after another."""
+
+    def __init__(self, limit: int = 8) -> None:
+        self.uploads = files.PartialUploads(limit)
+        self.operations = {**OPERATIONS, **self.uploads.operations()}
+        self.link = InMemoryLink(self.operations)
+
+    def push_then_drop(self, path: Path, transfer_id: str, data: bytes) -> None:
+        """Push the start of a file, then lose the channel before its end."""
+
+        async def partial() -> Any:
+            stream, result = await self.link.client.open_request(
+                "push", {"path": str(path), "mode": None, "size": None, "transfer_id": transfer_id})
+            await stream.send(Channel.INPUT, data)
+            result.addErrback(lambda _: None)
+
+        start(self.link, partial())
+        self.link.client.close()
+        self.link.flush()
+        self.link = InMemoryLink(self.operations)  # the controller is back
+
+    def offset(self, transfer_id: str) -> Any:
+        return result_of(start(self.link, self.link.client.call("push_offset", {"transfer_id": transfer_id})))
+
+    def resume(self, path: Path, transfer_id: str | None, offset: int, rest: bytes,
+               whole: bytes) -> Deferred[Any]:
+        args = {"path": str(path), "transfer_id": transfer_id, "offset": offset, "size": len(whole)}
+        return start(self.link, raw_push(self.link, args, rest, {"sha256": sha(whole), "size": len(whole)}))
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_dropped_push_is_held_and_continued(tmp_path: Path) -> None:
+    agent = ResumingAgent()
+    target = tmp_path / "f"
+    assert agent.offset("t1") == {"offset": 0, "sha256": sha(b"")}
+    agent.push_then_drop(target, "t1", b"first half, ")
+    assert agent.offset("t1") == {"offset": 12, "sha256": sha(b"first half, "), "path": str(target)}
+    assert os.listdir(tmp_path) == []
+    whole = b"first half, second half"
+    result = result_of(agent.resume(target, "t1", 12, b"second half", whole))
+    assert result == {"path": str(target), "size": len(whole), "sha256": sha(whole),
+                      "mode": 0o666 & ~current_umask()}
+    assert target.read_bytes() == whole
+    assert agent.offset("t1") == {"offset": 0, "sha256": sha(b"")}  # nothing held any more
+
+
+def test_a_push_cancelled_by_the_host_is_not_held(tmp_path: Path) -> None:
+    agent = ResumingAgent()
+
+    async def cancelled() -> None:
+        stream, result = await agent.link.client.open_request(
+            "push", {"path": str(tmp_path / "f"), "mode": None, "size": None, "transfer_id": "t1"})
+        await stream.send(Channel.INPUT, b"some")
+        result.addErrback(lambda _: None)
+        result.cancel()
+
+    start(agent.link, cancelled())
+    assert agent.offset("t1") == {"offset": 0, "sha256": sha(b"")}
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("transfer_id", "offset", "path", "held"), [
+    ("t1", 5, "f", "4 bytes for {tmp}/f"),
+    ("t1", 4, "g", "4 bytes for {tmp}/f"),
+    ("t2", 4, "f", "nothing"),
+    (None, 4, "f", "nothing"),
+])
+def test_a_push_that_does_not_continue_what_is_held_is_refused(
+        tmp_path: Path, transfer_id: str | None, offset: int, path: str, held: str) -> None:
+    agent = ResumingAgent()
+    before = open_descriptors()
+    agent.push_then_drop(tmp_path / "f", "t1", b"abcd")
+    error = error_of(agent.resume(tmp_path / path, transfer_id, offset, b"ef", b"abcdef"))
+    assert isinstance(error, IncompleteTransfer)
+    assert error.message == (f"cannot resume the push to {tmp_path}/{path} at byte {offset}: the agent "
+                             f"holds {held.format(tmp=tmp_path)} (see push_offset); nothing was written: "
+                             "push again from the start")
+    assert os.listdir(tmp_path) == []
+    if transfer_id == "t1":  # what was held and did not fit is dropped, its file closed
+        assert agent.offset("t1") == {"offset": 0, "sha256": sha(b"")}
+        agent.link.client.close()
+        assert open_descriptors() == before
+
+
+def test_a_push_from_the_start_replaces_what_is_held(tmp_path: Path) -> None:
+    agent = ResumingAgent()
+    agent.push_then_drop(tmp_path / "f", "t1", b"stale")
+    result_of(agent.resume(tmp_path / "f", "t1", 0, b"fresh", b"fresh"))
+    assert (tmp_path / "f").read_bytes() == b"fresh"
+    assert agent.offset("t1") == {"offset": 0, "sha256": sha(b"")}
+
+
+def test_the_agent_holds_at_most_its_limit_of_dropped_pushes(tmp_path: Path) -> None:
+    agent = ResumingAgent(limit=2)
+    before = open_descriptors()
+    for name in ("a", "b", "c"):
+        agent.push_then_drop(tmp_path / name, name, name.encode() * 3)
+    assert agent.offset("a")["offset"] == 0  # the oldest went
+    assert agent.offset("b")["offset"] == agent.offset("c")["offset"] == 3
+    agent.push_then_drop(tmp_path / "b", "b", b"bbbb")  # the same id again: the new part only
+    assert agent.offset("b") == {"offset": 4, "sha256": sha(b"bbbb"), "path": f"{tmp_path}/b"}
+    agent.uploads.drop("b")
+    agent.uploads.drop("c")
+    agent.link.client.close()
+    assert open_descriptors() == before
+
+
+def test_a_push_that_the_agent_stored_otherwise_says_both_accounts() -> None:
+    link = lying("push", {"sha256": sha(b"other"), "size": 6, "mode": 0o644})
+    error = error_of(start(link, link.client.push(io.BytesIO(b"hello"), "/g/f")))
+    assert isinstance(error, IntegrityError) and error.details == {"path": "/g/f"}
+    assert error.message == (f"sent 5 bytes with sha256 {sha(b'hello')} to /g/f but the agent stored 6 bytes "
+                             f"with sha256 {sha(b'other')}: push again")
+
+
+def test_push_closes_the_files_it_opens_and_only_those(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "src").write_bytes(b"data")
+    opened: list[Any] = []
+    real_open = open
+
+    def recording_open(*args: Any, **kwargs: Any) -> Any:
+        f = real_open(*args, **kwargs)
+        opened.append(f)
+        return f
+
+    monkeypatch.setattr("vmcontroller._files.open", recording_open, raising=False)
+    link = InMemoryLink(OPERATIONS)
+    result_of(start(link, link.client.push(str(tmp_path / "src"), str(tmp_path / "a"))))
+    assert len(opened) == 1 and opened[0].closed
+    with (tmp_path / "src").open("rb") as mine:
+        result_of(start(link, link.client.push(mine, str(tmp_path / "b"))))
+        assert not mine.closed  # the caller's file object stays the caller's
+    assert (tmp_path / "b").read_bytes() == b"data"
+
+
+def test_the_agent_holds_eight_dropped_pushes_by_default(tmp_path: Path) -> None:
+    agent = ResumingAgent()
+    for n in range(9):
+        agent.push_then_drop(tmp_path / str(n), str(n), b"x")
+    assert agent.offset("0")["offset"] == 0 and agent.offset("1")["offset"] == 1
+    for n in range(1, 9):
+        agent.uploads.drop(str(n))
+
+
+def test_a_rename_error_the_agent_has_no_words_for_keeps_the_systems(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def cross_device(source: str, destination: str) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link", source, None, destination)
+
+    monkeypatch.setattr(files.os, "rename", cross_device)
+    link = InMemoryLink(OPERATIONS)
+    target = str(tmp_path / "f")
+    error = error_of(start(link, link.client.push(io.BytesIO(b"data"), target)))
+    assert type(error) is AgentOSError
+    assert error.message == f"cannot write {target}: EXDEV: Invalid cross-device link"
+    assert os.listdir(tmp_path) == []

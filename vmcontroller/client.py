@@ -693,12 +693,22 @@ class _AgentProtocol(Protocol):
         self.client._transport_lost(reason or Failure(ConnectionLost("closed")))
 
 
-@implementer(IStreamClientEndpoint)
-class _RecordingEndpoint:
-    """An endpoint whose failed connection attempts the client remembers, to explain giving up."""
+#: What :func:`connect` reaches the agent through: an endpoint, or a function that finds
+#: one (returning a Deferred of it), asked again before each connection attempt.
+EndpointSource = IStreamClientEndpoint | Callable[[], Deferred[IStreamClientEndpoint]]
 
-    def __init__(self, endpoint: IStreamClientEndpoint, client: GuestClient) -> None:
-        self._endpoint = endpoint
+
+@implementer(IStreamClientEndpoint)
+class _AttemptEndpoint:
+    """
+    The endpoint the client's ClientService connects through: before each attempt it asks
+    ``find`` for the agent's endpoint, which may have moved since the last (a restarted or
+    restored VM's channel socket is another path, its forwarded TCP port another port); and
+    it remembers why an attempt failed, to explain giving up.
+    """
+
+    def __init__(self, find: Callable[[], Deferred[IStreamClientEndpoint]], client: GuestClient) -> None:
+        self._find = find
         self._client = client
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
@@ -708,12 +718,14 @@ class _RecordingEndpoint:
                 self._client.last_connect_error = reason.value
             return reason
 
-        return self._endpoint.connect(protocolFactory).addErrback(failed)
+        found = maybeDeferred(self._find)
+        connected: Deferred[IProtocol] = found.addCallback(lambda endpoint: endpoint.connect(protocolFactory))
+        return connected.addErrback(failed)
 
 
 async def _connect(
     reactor: IReactorTime,
-    endpoint: IStreamClientEndpoint,
+    endpoint: EndpointSource,
     timeout: float,
     limits: Limits | None,
     versions: tuple[int, ...],
@@ -727,8 +739,9 @@ async def _connect(
     # ClientService (Twisted 26) has no transition for a connection lost while it is being
     # prepared, which is what a NAT forward or a rebooting guest does.  A connection lost
     # before its handshake is retried after the backoff's first delay.
+    find = endpoint if callable(endpoint) else partial(succeed, endpoint)
     client._service = ClientService(
-        _RecordingEndpoint(endpoint, client),
+        _AttemptEndpoint(find, client),
         Factory.forProtocol(partial(_AgentProtocol, client)),
         retryPolicy=backoffPolicy(initialDelay=CONNECT_RETRY_INTERVAL, maxDelay=RECONNECT_MAX_DELAY),
         clock=reactor,
@@ -749,7 +762,7 @@ async def _connect(
 
 def connect(
     reactor: IReactorTime,
-    endpoint: IStreamClientEndpoint,
+    endpoint: EndpointSource,
     *,
     timeout: float = 60.0,
     limits: Limits | None = None,
@@ -764,6 +777,9 @@ def connect(
 
     The client reconnects by itself, with backoff (at most :data:`RECONNECT_MAX_DELAY`
     between attempts), whenever the channel is lost, until :meth:`GuestClient.close`.
+    ``endpoint`` may be a function returning a Deferred of the endpoint instead, called
+    before every attempt: where the channel can move (a VM's socket after a restart or a
+    restore), e.g. ``partial(driver.agent_endpoint, name)``; its failures are retried too.
     Operations in flight when the channel or the agent's session goes fail at once with
     :class:`ConnectionLost`; later ones wait for the next session.
 
@@ -776,6 +792,7 @@ def connect(
 __all__ = [
     "ClientLimits",
     "CommandInfo",
+    "EndpointSource",
     "ExecHandle",
     "ExecResult",
     "GuestClient",

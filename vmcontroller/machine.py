@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IStreamClientEndpoint
+
 from hypervisors.interface import AgentTransport, IHypervisorDriver
 from vmcontroller.client import GuestClient, connect
 
@@ -20,6 +23,22 @@ async def connect_vm_agent(
     Connect to the agent of VM ``name`` through the driver's
     :meth:`~hypervisors.interface.IHypervisorDriver.agent_endpoint`, waiting up to ``timeout``
     seconds for the guest to boot and the agent to answer.
+
+    The client asks the driver for the endpoint again each time it reconnects: after the
+    VM's emulator restarts (a restore, a stop and start) its channel's socket path or
+    forwarded port is another one.
+
+    :raises VMStateError: the VM is not running (asked once, before connecting).
     """
-    endpoint = await driver.agent_endpoint(name, transport)
-    return await connect(reactor, endpoint, timeout=timeout)
+    # The first endpoint is asked here, so that a VM that is not running, or lacks the
+    # transport, fails at once rather than after ``timeout`` of retries.
+    first: IStreamClientEndpoint | None = await driver.agent_endpoint(name, transport)
+
+    def find() -> Deferred[IStreamClientEndpoint]:
+        nonlocal first
+        if first is not None:
+            endpoint, first = first, None
+            return succeed(endpoint)
+        return driver.agent_endpoint(name, transport)
+
+    return await connect(reactor, find, timeout=timeout)

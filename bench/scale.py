@@ -7,7 +7,13 @@ controller (this process) to all of them, then runs a mixed load for ``--duratio
 each agent receives operations at ``--rate`` per second on average (Poisson arrivals), 80 %
 ping, 10 % exec of ``/bin/true``, 5 % push and 5 % pull of 4 KiB. Prints, per N, the
 throughput, p50/p99 latency per operation, and the controller's resident memory per
-connected agent (RSS after connecting, minus RSS before, over N).
+connected agent (RSS after connecting, minus RSS before, over N); and, to judge the
+latencies on a machine others load too, the controller's and the agents' processes' share
+of a CPU during the load and the machine's load average at the start and the end.
+
+The files pushed and pulled live on a tmpfs (``/dev/shm``) where there is one: the bench
+measures the controller, not the host's disk (whose fsync and rename, measured on a loaded
+disk, cost the controller and the agents more than their protocol work).
 """
 
 from __future__ import annotations
@@ -56,6 +62,10 @@ class ScaleResult:
     memory_per_agent: float
     #: The controller's CPU time during the load over the load's wall time (1.0: one core busy).
     controller_cpu: float
+    #: The same for the agents' processes together.
+    agents_cpu: float
+    #: The machine's 1-minute load average when the load started and when it ended.
+    load_average: tuple[float, float]
 
 
 def _rss() -> int:
@@ -69,6 +79,19 @@ def _rss() -> int:
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """User and system time of a running child (``/proc/PID/stat``, fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _scratch_directory() -> Path:
+    """A directory for the agents' sockets and files, on a tmpfs where there is one."""
+    shm = Path("/dev/shm")
+    return Path(tempfile.mkdtemp(prefix="vmc-scale-", dir=shm if shm.is_dir() else None))
 
 
 def _raise_fd_limit() -> None:
@@ -173,7 +196,7 @@ async def _load(
 
 async def measure(reactor: Any, agents: int, per_process: int, duration: float, rate: float) -> ScaleResult:
     """One run with ``agents`` agents; see the module's description."""
-    directory = Path(tempfile.mkdtemp(prefix="vmc-scale-"))
+    directory = _scratch_directory()
     files = directory / "files"
     files.mkdir()
     processes: list[tuple[Any, _AgentsProcess]] = []
@@ -214,7 +237,9 @@ async def measure(reactor: Any, agents: int, per_process: int, duration: float, 
         samples: dict[str, list[float]] = {name: [] for name, _ in MIX}
         errors: list[BaseException] = []
         rng = random.Random(agents)
+        load_average_started = os.getloadavg()[0]
         cpu_started = _cpu_seconds()
+        agents_cpu_started = sum(_process_cpu_seconds(t.pid) for t, _ in processes)
         load_started = reactor.seconds()
         until = load_started + duration
         await defer.gatherResults(
@@ -225,6 +250,7 @@ async def measure(reactor: Any, agents: int, per_process: int, duration: float, 
         )
         elapsed = reactor.seconds() - load_started
         controller_cpu = (_cpu_seconds() - cpu_started) / elapsed
+        agents_cpu = (sum(_process_cpu_seconds(t.pid) for t, _ in processes) - agents_cpu_started) / elapsed
         if errors:
             print(
                 f"scale: {len(errors)} operations failed at N={agents}; first: {errors[0]!r}", file=sys.stderr
@@ -239,6 +265,8 @@ async def measure(reactor: Any, agents: int, per_process: int, duration: float, 
             latency={op: Latency.of(s) for op, s in samples.items() if s},
             memory_per_agent=memory_per_agent,
             controller_cpu=controller_cpu,
+            agents_cpu=agents_cpu,
+            load_average=(load_average_started, os.getloadavg()[0]),
         )
     finally:
         for c in clients:
@@ -258,7 +286,7 @@ def _table(results: Sequence[ScaleResult]) -> str:
     ms = 1000.0
     lines = [
         "agents  connect s  ops/s   errors  ping p50/p99 ms   exec p50/p99 ms   push p50/p99 ms   "
-        "pull p50/p99 ms   controller KiB/agent  controller CPU",
+        "pull p50/p99 ms   controller KiB/agent  CPU controller/agents  load average",
     ]
     for r in results:
 
@@ -269,11 +297,14 @@ def _table(results: Sequence[ScaleResult]) -> str:
         lines.append(
             f"{r.agents:6d}  {r.connect_seconds:9.2f}  {r.throughput:6.0f}  {r.errors:6d}  {pair('ping')}   "
             f"{pair('exec')}   {pair('push')}   {pair('pull')}   {r.memory_per_agent / 1024:8.1f}"
-            f"             {r.controller_cpu:5.0%}"
+            f"             {r.controller_cpu:5.0%} / {r.agents_cpu:5.0%}"
+            f"        {r.load_average[0]:5.2f} -> {r.load_average[1]:5.2f}"
         )
     lines.append(
         f"targets: 1000 agents connected, p99 ping <= {PING_P99_MAX * ms:g} ms under the mixed load, "
-        f"<= {MEMORY_PER_AGENT_MAX // 1024} KiB of controller memory per agent"
+        f"<= {MEMORY_PER_AGENT_MAX // 1024} KiB of controller memory per agent\n"
+        f"CPU: share of one core during the load (this machine has {os.cpu_count()}); load average: "
+        "1-minute, at the load's start -> end (above the core count, latencies measure the machine)"
     )
     return "\n".join(lines)
 

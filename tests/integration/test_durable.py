@@ -344,7 +344,7 @@ async def test_the_same_client_carries_on_after_the_guest_is_saved_and_restored(
                                on_stdout=lambda chunk: None if started.called else started.callback(None))
         await started
         await driver.save_state(name)
-        with pytest.raises(ConnectionLost, match="outcome in the guest is unknown"):
+        with pytest.raises(ConnectionLost, match="unknown outcome in the guest; reconnecting"):
             await retained.result()
         await driver.start(name)
         moved = await driver.agent_socket_path(name)

@@ -8,8 +8,11 @@ each agent receives operations at ``--rate`` per second on average (Poisson arri
 ping, 10 % exec of ``/bin/true``, 5 % push and 5 % pull of 4 KiB. Prints, per N, the
 throughput, p50/p99 latency per operation, and the controller's resident memory per
 connected agent (RSS after connecting, minus RSS before, over N); and, to judge the
-latencies on a machine others load too, the controller's and the agents' processes' share
-of a CPU during the load and the machine's load average at the start and the end.
+latencies on a machine others load too: the controller's CPU time per operation (its cost,
+which the machine's load hardly changes), the controller's and the agents' processes' share
+of a CPU during the load, the p99 lag of the controller's reactor (how late a timer set
+every 10 ms fires: the controller's own delay, beside which a larger p99 ping is the
+agents' or the machine's), and the machine's load average at the start and the end.
 
 The files pushed and pulled live on a tmpfs (``/dev/shm``) where there is one: the bench
 measures the controller, not the host's disk (whose fsync and rename, measured on a loaded
@@ -36,9 +39,9 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater, react
+from twisted.internet.task import LoopingCall, deferLater, react
 
-from bench.stats import Latency
+from bench.stats import Latency, percentile
 from vmcontroller.client import GuestClient, connect
 
 __all__ = ["ScaleResult", "main", "measure"]
@@ -64,6 +67,10 @@ class ScaleResult:
     controller_cpu: float
     #: The same for the agents' processes together.
     agents_cpu: float
+    #: The controller's CPU seconds per operation done.
+    controller_cpu_per_op: float
+    #: p99 of how late the controller's reactor ran a timer due every 10 ms, in seconds.
+    reactor_lag_p99: float
     #: The machine's 1-minute load average when the load started and when it ended.
     load_average: tuple[float, float]
 
@@ -242,14 +249,20 @@ async def measure(reactor: Any, agents: int, per_process: int, duration: float, 
         agents_cpu_started = sum(_process_cpu_seconds(t.pid) for t, _ in processes)
         load_started = reactor.seconds()
         until = load_started + duration
+        lags: list[float] = []
+        lag_probe = LoopingCall(_record_lag, reactor, lags, [load_started])
+        lag_probe.clock = reactor
+        lag_probe.start(LAG_PROBE_INTERVAL, now=False)
         await defer.gatherResults(
             [
                 Deferred.fromCoroutine(_load(reactor, c, i, files, rate, until, rng, samples, errors))
                 for i, c in enumerate(clients)
             ]
         )
+        lag_probe.stop()
         elapsed = reactor.seconds() - load_started
-        controller_cpu = (_cpu_seconds() - cpu_started) / elapsed
+        controller_cpu_seconds = _cpu_seconds() - cpu_started
+        controller_cpu = controller_cpu_seconds / elapsed
         agents_cpu = (sum(_process_cpu_seconds(t.pid) for t, _ in processes) - agents_cpu_started) / elapsed
         if errors:
             print(
@@ -266,6 +279,8 @@ async def measure(reactor: Any, agents: int, per_process: int, duration: float, 
             memory_per_agent=memory_per_agent,
             controller_cpu=controller_cpu,
             agents_cpu=agents_cpu,
+            controller_cpu_per_op=controller_cpu_seconds / max(done, 1),
+            reactor_lag_p99=percentile(lags, 99) if lags else 0.0,
             load_average=(load_average_started, os.getloadavg()[0]),
         )
     finally:
@@ -278,6 +293,17 @@ async def measure(reactor: Any, agents: int, per_process: int, duration: float, 
         shutil.rmtree(directory, ignore_errors=True)
 
 
+#: Seconds between two looks at the controller's reactor lag.
+LAG_PROBE_INTERVAL = 0.01
+
+
+def _record_lag(reactor: Any, lags: list[float], last: list[float]) -> None:
+    """Record how much later than its interval this run of the lag probe came."""
+    now = reactor.seconds()
+    lags.append(max(0.0, now - last[0] - LAG_PROBE_INTERVAL))
+    last[0] = now
+
+
 async def _connect_one(reactor: Any, socket: Path) -> GuestClient:
     return await connect(reactor, UNIXClientEndpoint(reactor, str(socket)), timeout=60)
 
@@ -286,7 +312,8 @@ def _table(results: Sequence[ScaleResult]) -> str:
     ms = 1000.0
     lines = [
         "agents  connect s  ops/s   errors  ping p50/p99 ms   exec p50/p99 ms   push p50/p99 ms   "
-        "pull p50/p99 ms   controller KiB/agent  CPU controller/agents  load average",
+        "pull p50/p99 ms   controller KiB/agent  CPU controller/agents  controller us/op  "
+        "reactor lag p99 ms  load average",
     ]
     for r in results:
 
@@ -298,6 +325,7 @@ def _table(results: Sequence[ScaleResult]) -> str:
             f"{r.agents:6d}  {r.connect_seconds:9.2f}  {r.throughput:6.0f}  {r.errors:6d}  {pair('ping')}   "
             f"{pair('exec')}   {pair('push')}   {pair('pull')}   {r.memory_per_agent / 1024:8.1f}"
             f"             {r.controller_cpu:5.0%} / {r.agents_cpu:5.0%}"
+            f"        {r.controller_cpu_per_op * 1e6:8.0f}          {r.reactor_lag_p99 * ms:8.2f}"
             f"        {r.load_average[0]:5.2f} -> {r.load_average[1]:5.2f}"
         )
     lines.append(

@@ -180,6 +180,9 @@ class Capability(enum.Enum):
     PORT_FORWARD = "port-forward"
     #: A cap on the VM's CPU use (``VMSpec.cpu_cap_percent`` below 100).
     CPU_CAP = "cpu-cap"
+    #: :meth:`IHypervisorDriver.pause` and :meth:`IHypervisorDriver.resume` (VMware
+    #: Workstation Player cannot).
+    PAUSE = "pause"
 
 
 @dataclass(frozen=True)
@@ -374,10 +377,10 @@ class IHypervisorDriver(Interface):
         """Stop the VM at once, like pulling the plug."""
 
     def pause(name: str) -> Deferred[None]:
-        """Freeze the VM's CPUs; memory stays."""
+        """Freeze the VM's CPUs; memory stays. Needs :attr:`Capability.PAUSE`."""
 
     def resume(name: str) -> Deferred[None]:
-        """Unfreeze a paused VM."""
+        """Unfreeze a paused VM. Needs :attr:`Capability.PAUSE`."""
 
     def reset(name: str) -> Deferred[None]:
         """Hard-reset the VM, like pressing the reset button (no clean guest shutdown)."""

@@ -314,6 +314,7 @@ class FakeHypervisor(Service):
 
     def pause(self, name: str) -> Deferred[None]:
         def pause(vm: FakeVM) -> None:
+            require_capability(self, Capability.PAUSE, "this fake plays a product that cannot pause a VM")
             if vm.state is not VMState.RUNNING:
                 raise VMStateError(f"cannot pause VM {name!r}: it is {vm.state.value}, not running")
             vm.state = VMState.PAUSED
@@ -323,6 +324,7 @@ class FakeHypervisor(Service):
 
     def resume(self, name: str) -> Deferred[None]:
         def resume(vm: FakeVM) -> None:
+            require_capability(self, Capability.PAUSE, "this fake plays a product that cannot resume a VM")
             if vm.state is not VMState.PAUSED:
                 raise VMStateError(f"cannot resume VM {name!r}: it is {vm.state.value}, not paused")
             vm.state = VMState.RUNNING

@@ -813,19 +813,30 @@ def _one_line(error: BaseException) -> str:
     return message
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+async def run_command(reactor: Any, args: argparse.Namespace) -> int:
+    """Run the parsed command; our errors become one line on stderr and the exit status."""
+    try:
+        return await COMMANDS[args.command](reactor, args)
+    except VMControllerError as e:
+        print(f"vmcontroller: error: {_one_line(e)}", file=sys.stderr)
+        return _exit_code(e)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line parsed, with the defaults of the options a command does not take."""
     args = parser().parse_args(argv)
     for name, default in (("driver", "libvirt"), ("uri", None), ("timeout", 180.0)):
         if not hasattr(args, name):
             setattr(args, name, default)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     status: list[int] = []
 
     async def run(reactor: Any) -> None:
-        try:
-            status.append(await COMMANDS[args.command](reactor, args))
-        except VMControllerError as e:
-            print(f"vmcontroller: error: {_one_line(e)}", file=sys.stderr)
-            status.append(_exit_code(e))
+        status.append(await run_command(reactor, args))
 
     try:
         react(lambda reactor: Deferred.fromCoroutine(run(reactor)))

@@ -103,6 +103,54 @@ class ClientLimits:
     max_pull: int = 16 * 1024 * MIB
 
 
+class _Deadlines:
+    """
+    The timeouts of a client's calls on one reactor timer, not one each: a call adds its
+    deadline and removes it when it ends; the timer, at the earliest deadline, cancels the
+    calls past theirs and is set again for the next.  A controller serving many agents
+    then schedules and cancels no timer per request (bench.scale's profile found the
+    reactor's heap of per-request timers among the controller's larger costs).
+    """
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        self._reactor = reactor
+        self._due: dict[Deferred[Any], float] = {}
+        self._expired: set[Deferred[Any]] = set()
+        self._timer: IDelayedCall | None = None
+
+    def add(self, waiting: Deferred[Any], timeout: float) -> None:
+        """Cancel ``waiting`` unless it has ended within ``timeout`` seconds."""
+        deadline = self._reactor.seconds() + timeout
+        self._due[waiting] = deadline
+        if self._timer is None:
+            self._timer = self._reactor.callLater(timeout, self._expire)
+        elif deadline < self._timer.getTime():
+            self._timer.reset(timeout)
+
+    def remove(self, waiting: Deferred[Any]) -> bool:
+        """Forget ``waiting``; whether its deadline passed (and it was cancelled)."""
+        self._due.pop(waiting, None)
+        if waiting in self._expired:
+            self._expired.discard(waiting)
+            return True
+        return False
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self._reactor.seconds()
+        for waiting in [w for w, deadline in self._due.items() if deadline <= now]:
+            del self._due[waiting]
+            self._expired.add(waiting)
+            waiting.cancel()
+        if self._due and self._timer is None:
+            self._timer = self._reactor.callLater(max(0.0, min(self._due.values()) - now), self._expire)
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
 @dataclass
 class _Pending:
     op: str
@@ -154,6 +202,7 @@ class GuestClient:
         # timer that disconnects an agent that ignores the CANCEL.
         self._cancelled: dict[int, tuple[DeferredSemaphore, IDelayedCall]] = {}
         self._partial_frame_timer: IDelayedCall | None = None
+        self._deadlines = _Deadlines(reactor)
         self._last_heard = reactor.seconds()
         self._liveness: LoopingCall | None = None
         self._probing = False
@@ -488,12 +537,17 @@ class GuestClient:
         _, result = await self.open_request(op, args)
         if timeout is None:
             return await result
+        self._deadlines.add(result, timeout)
         try:
-            return await result.addTimeout(timeout, self.reactor)
-        except DeferredTimeoutError:
+            return await result
+        except CancelledError:
+            if not self._deadlines.remove(result):
+                raise  # the caller's cancel
             raise OperationTimeout(
                 f"the agent did not answer {op} within {timeout:g} s; it was cancelled "
                 "(pass a longer timeout, or check the guest's load)", {"timeout": timeout}) from None
+        finally:
+            self._deadlines.remove(result)
 
     # ---- operations ----------------------------------------------------------------
 
@@ -678,6 +732,7 @@ class GuestClient:
         self._closing = True
         self._stop_sync_timer()
         self._stop_liveness()
+        self._deadlines.stop()
         if self._transport is not None:
             # A registered producer would keep a closing transport open while it produces.
             cast(IConsumer, self._transport).unregisterProducer()
@@ -714,12 +769,22 @@ class _AgentProtocol(Protocol):
         self.client._transport_lost(reason or Failure(ConnectionLost("closed")))
 
 
-@implementer(IStreamClientEndpoint)
-class _RecordingEndpoint:
-    """An endpoint whose failed connection attempts the client remembers, to explain giving up."""
+#: What :func:`connect` reaches the agent through: an endpoint, or a function that finds
+#: one (returning a Deferred of it), asked again before each connection attempt.
+EndpointSource = IStreamClientEndpoint | Callable[[], Deferred[IStreamClientEndpoint]]
 
-    def __init__(self, endpoint: IStreamClientEndpoint, client: GuestClient) -> None:
-        self._endpoint = endpoint
+
+@implementer(IStreamClientEndpoint)
+class _AttemptEndpoint:
+    """
+    The endpoint the client's ClientService connects through: before each attempt it asks
+    ``find`` for the agent's endpoint, which may have moved since the last (a restarted or
+    restored VM's channel socket is another path, its forwarded TCP port another port); and
+    it remembers why an attempt failed, to explain giving up.
+    """
+
+    def __init__(self, find: Callable[[], Deferred[IStreamClientEndpoint]], client: GuestClient) -> None:
+        self._find = find
         self._client = client
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
@@ -729,7 +794,9 @@ class _RecordingEndpoint:
                 self._client.last_connect_error = reason.value
             return reason
 
-        return self._endpoint.connect(protocolFactory).addErrback(failed)
+        found = maybeDeferred(self._find)
+        connected: Deferred[IProtocol] = found.addCallback(lambda endpoint: endpoint.connect(protocolFactory))
+        return connected.addErrback(failed)
 
 
 def host_authenticator(credentials: Credentials | None, development: bool) -> Authenticator | None:
@@ -758,7 +825,7 @@ def host_authenticator(credentials: Credentials | None, development: bool) -> Au
 
 async def _connect(
     reactor: IReactorTime,
-    endpoint: IStreamClientEndpoint,
+    endpoint: EndpointSource,
     timeout: float,
     limits: Limits | None,
     versions: tuple[int, ...],
@@ -773,8 +840,9 @@ async def _connect(
     # ClientService (Twisted 26) has no transition for a connection lost while it is being
     # prepared, which is what a NAT forward or a rebooting guest does.  A connection lost
     # before its handshake is retried after the backoff's first delay.
+    find = endpoint if callable(endpoint) else partial(succeed, endpoint)
     client._service = ClientService(
-        _RecordingEndpoint(endpoint, client),
+        _AttemptEndpoint(find, client),
         Factory.forProtocol(partial(_AgentProtocol, client)),
         retryPolicy=backoffPolicy(initialDelay=CONNECT_RETRY_INTERVAL, maxDelay=RECONNECT_MAX_DELAY),
         clock=reactor,
@@ -795,7 +863,7 @@ async def _connect(
 
 def connect(
     reactor: IReactorTime,
-    endpoint: IStreamClientEndpoint,
+    endpoint: EndpointSource,
     *,
     credentials: Credentials | None = None,
     development: bool = False,
@@ -812,6 +880,9 @@ def connect(
 
     The client reconnects by itself, with backoff (at most :data:`RECONNECT_MAX_DELAY`
     between attempts), whenever the channel is lost, until :meth:`GuestClient.close`.
+    ``endpoint`` may be a function returning a Deferred of the endpoint instead, called
+    before every attempt: where the channel can move (a VM's socket after a restart or a
+    restore), e.g. ``partial(driver.agent_endpoint, name)``; its failures are retried too.
     Operations in flight when the channel or the agent's session goes fail at once with
     :class:`ConnectionLost`; later ones wait for the next session.  Each new session runs a
     new TLS handshake (sessions are never resumed); one whose agent fails it closes the
@@ -840,6 +911,7 @@ __all__ = [
     "ClientLimits",
     "CommandInfo",
     "Credentials",
+    "EndpointSource",
     "ExecHandle",
     "ExecResult",
     "GuestClient",

@@ -127,6 +127,7 @@ _TEST_CAPABILITIES = frozenset(
         Capability.LIVE_SNAPSHOTS,
         Capability.SAVE_STATE,
         Capability.PUSHED_EVENTS,
+        Capability.PAUSE,
     }
 )
 
@@ -781,25 +782,21 @@ class LibvirtDriver(Service):
         )
 
     def pause(self, name: str) -> Deferred[None]:
-        return self._run(
-            self._exclusive(
-                name,
-                lambda: self._simple(
-                    # Pausing a paused VM is done already, as libvirt takes it.
-                    name,
-                    "pause",
-                    lambda d: d.suspend(),
-                    (VMState.RUNNING, VMState.BLOCKED, VMState.PAUSED),
-                ),
+        async def go() -> None:
+            require_capability(self, Capability.PAUSE, f"{self.uri} cannot pause a VM")
+            # Pausing a paused VM is done already, as libvirt takes it.
+            await self._simple(
+                name, "pause", lambda d: d.suspend(), (VMState.RUNNING, VMState.BLOCKED, VMState.PAUSED)
             )
-        )
+
+        return self._run(self._exclusive(name, go))
 
     def resume(self, name: str) -> Deferred[None]:
-        return self._run(
-            self._exclusive(
-                name, lambda: self._simple(name, "resume", lambda d: d.resume(), (VMState.PAUSED,))
-            )
-        )
+        async def go() -> None:
+            require_capability(self, Capability.PAUSE, f"{self.uri} cannot resume a VM")
+            await self._simple(name, "resume", lambda d: d.resume(), (VMState.PAUSED,))
+
+        return self._run(self._exclusive(name, go))
 
     def reset(self, name: str) -> Deferred[None]:
         async def go() -> None:

@@ -169,6 +169,7 @@ class VirtualBoxDriver(Service):
             Capability.SERIAL_PORTS,
             Capability.PORT_FORWARD,
             Capability.CPU_CAP,
+            Capability.PAUSE,
         }
         if self._backend is not None and self._backend.pushes_events:
             capabilities.add(Capability.PUSHED_EVENTS)
@@ -356,9 +357,12 @@ class VirtualBoxDriver(Service):
         states: tuple[VMState, ...],
         what: str,
         hint: str,
+        capability: Capability | None = None,
         then: Callable[[Backend, str], Awaitable[None]] | None = None,
     ) -> Deferred[None]:
         async def go() -> None:
+            if capability is not None:
+                require_capability(self, capability, f"this VirtualBox cannot {what} a VM")
             backend, info = await self._ours(name, what)
             self._require(info, states, what, hint)
             if action in ("poweroff", "acpipowerbutton"):
@@ -386,10 +390,14 @@ class VirtualBoxDriver(Service):
         return self._console(name, "poweroff", _ACTIVE, "power off", "it is not running")
 
     def pause(self, name: str) -> Deferred[None]:
-        return self._console(name, "pause", (VMState.RUNNING,), "pause", "only a running VM pauses")
+        return self._console(
+            name, "pause", (VMState.RUNNING,), "pause", "only a running VM pauses", Capability.PAUSE
+        )
 
     def resume(self, name: str) -> Deferred[None]:
-        return self._console(name, "resume", (VMState.PAUSED,), "resume", "only a paused VM resumes")
+        return self._console(
+            name, "resume", (VMState.PAUSED,), "resume", "only a paused VM resumes", Capability.PAUSE
+        )
 
     def reset(self, name: str) -> Deferred[None]:
         # The reset takes the property away (TRANSRESET), and the agent's copy in /run with the

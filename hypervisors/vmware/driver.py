@@ -76,6 +76,11 @@ DEFAULT_STATE_DIR = (
 
 _METADATA = "vmcontroller.json"
 
+_NO_PAUSE_ON_PLAYER = (
+    "VMware Workstation Player cannot pause or unpause through vmrun (VMware's 'Getting Started "
+    "with the VIX API for VMware Player' lists VixVM_Pause and VixVM_Unpause as not supported in "
+    "Player); use Workstation Pro or Fusion (product='ws' or 'fusion')"
+)
 _NO_SNAPSHOTS_ON_PLAYER = (
     "VMware Workstation Player cannot take, revert or delete snapshots through vmrun (VMware's "
     "'Getting Started with the VIX API for VMware Player' lists the snapshot functions as not "
@@ -166,7 +171,7 @@ class VMwareDriver(Service):
         """What this driver can do with the configured product (no snapshots on Player)."""
         have = {Capability.SAVE_STATE, Capability.SERIAL_PORTS}
         if self.product != "player":
-            have |= {Capability.SNAPSHOTS, Capability.LIVE_SNAPSHOTS}
+            have |= {Capability.SNAPSHOTS, Capability.LIVE_SNAPSHOTS, Capability.PAUSE}
         return frozenset(have)
 
     # -- service --------------------------------------------------------------------------
@@ -511,7 +516,7 @@ class VMwareDriver(Service):
             (VMState.RUNNING,),
             "start or resume it first",
             pause=True,
-            needs_workstation=True,
+            capability=Capability.PAUSE,
         )
 
     def resume(self, name: str) -> Deferred[None]:
@@ -522,7 +527,7 @@ class VMwareDriver(Service):
             (VMState.PAUSED,),
             "only a paused VM resumes",
             pause=False,
-            needs_workstation=True,
+            capability=Capability.PAUSE,
         )
 
     def reset(self, name: str) -> Deferred[None]:
@@ -550,16 +555,11 @@ class VMwareDriver(Service):
         hint: str,
         *,
         pause: bool | None = None,
-        needs_workstation: bool = False,
+        capability: Capability | None = None,
     ) -> Deferred[None]:
         async def go() -> None:
-            if needs_workstation and self.product == "player":
-                raise CapabilityUnsupported(
-                    self.name,
-                    action,
-                    "VMware Workstation Player cannot pause through vmrun (not supported in Player "
-                    "per VMware's VIX API note for Player); use Workstation Pro or Fusion",
-                )
+            if capability is not None:
+                require_capability(self, capability, _NO_PAUSE_ON_PLAYER)
             await self._expect(name, action, allowed, hint)
             await self._vmrun_vm(command[0], name, *command[1:], action=action)
             if pause is True:
@@ -589,8 +589,11 @@ class VMwareDriver(Service):
 
     def snapshot_create(self, name: str, snapshot_name: str, description: str = "") -> Deferred[SnapshotInfo]:
         async def go() -> SnapshotInfo:
-            self._require_snapshots()
             self._require_vm(name, "take a snapshot of")
+            state = await self._state(name)
+            # A running VM's snapshot holds its memory: that is the capability it lacks then.
+            live = Capability.LIVE_SNAPSHOTS if state.is_active else Capability.SNAPSHOTS
+            require_capability(self, live, _NO_SNAPSHOTS_ON_PLAYER)
             # VMware lets names repeat (then revert fails: "The name does not uniquely identify
             # one snapshot"); our names are unique, as the interface says.
             if snapshot_name in await self._snapshot_names(name):
@@ -598,7 +601,6 @@ class VMwareDriver(Service):
                     f"cannot take snapshot {snapshot_name!r} of VM {name!r}: it has a snapshot of that "
                     "name already; delete it first or choose another name"
                 )
-            state = await self._state(name)
             await self._vmrun_vm(
                 "snapshot", name, snapshot_name, action=f"take snapshot {snapshot_name!r} of"
             )

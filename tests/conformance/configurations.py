@@ -16,7 +16,7 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -305,11 +305,11 @@ def _vmware_spec(name: str, workdir: Path, image: Any, **overrides: Any) -> VMSp
     return spec
 
 
-def _vmware_options(workdir: Path) -> dict[str, Any]:
+def _vmware_options(workdir: Path, product: str = "ws") -> dict[str, Any]:
     from tests.standins import vmware
 
     return {
-        "product": "ws",
+        "product": product,
         "vmrun": str(vmware.install_vmrun(workdir)),
         "state_dir": workdir / "vms",
         "poll_interval": 0.5,
@@ -337,6 +337,11 @@ VMWARE = DriverConfiguration(
     offline_probe=_file_probe(_vmware_disk),
     online_probe=_file_probe(_vmware_disk),
     poll_settle=3.0,
+)
+
+#: The VMware driver playing Workstation Player, which has neither snapshots nor pause.
+VMWARE_PLAYER = replace(
+    VMWARE, id="vmware-player", options=lambda workdir: _vmware_options(workdir, "player")
 )
 
 
@@ -379,6 +384,7 @@ CONFIGURATIONS: tuple[DriverConfiguration, ...] = (
     VIRTUALBOX_PYVBOX,
     VIRTUALBOX_VBOXMANAGE,
     VMWARE,
+    VMWARE_PLAYER,
 )
 
 

@@ -16,9 +16,9 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted
@@ -31,9 +31,12 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from guest_agent.protocol.tls import Credentials
+from hypervisors.interface import VMState
+from tests.integration.conftest import once_libvirtd_answers, restart_libvirtd
 from vmcontroller._exec import STREAM, ExecHandle
 from vmcontroller.client import GuestClient, connect
 from vmcontroller.errors import ConnectionLost, OperationCancelled, UnknownCommand
+from vmcontroller.machine import connect_vm_agent
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +45,7 @@ CONTROLLER = Path(__file__).with_name("controller_process.py")
 LINES = 300
 PRINTER = (f'i=1; while [ $i -le {LINES} ]; do printf "line %d of the job %s\\n" $i '
            '"$(printf %060d $i)"; i=$((i+1)); sleep 0.1; done; echo done >&2; exit 7')
+T = TypeVar("T")
 EXPECTED = b"".join(b"line %d of the job %060d\n" % (i, i) for i in range(1, LINES + 1))
 
 
@@ -292,12 +296,95 @@ async def test_output_is_consumed_as_a_stream(agent: GuestClient) -> None:
     assert b"".join(chunks) == b"first\nsecond\n" and result.stdout == b""  # the callback took it all
 
 
+async def _pushed_intact(agent: GuestClient, tmp_path: Path, name: str) -> None:
+    """Push a file of random bytes and check the guest's sha256 of it; remove it after."""
+    source = tmp_path / name
+    source.write_bytes(os.urandom(1024 * 1024 + 3))
+    destination = f"/root/{name}-{os.getpid()}"
+    expected = hashlib.sha256(source.read_bytes()).hexdigest()
+    assert (await agent.push(str(source), destination)).sha256 == expected
+    digest = (await agent.run(["sha256sum", destination], check=True)).stdout.split()[0].decode()
+    assert digest == expected
+    await agent.remove(destination)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_libvirtd_restart_loses_nothing_on_the_channel(
+        booted_vm: Any, agent: GuestClient, tmp_path: Path) -> None:
+    """
+    libvirtd stopped and started again while an exec streams its output: the channel is
+    QEMU's, so the session carries on; the driver reconnects to the new libvirtd.
+    """
+    driver, name = booted_vm.driver, booted_vm.name
+    path = await driver.agent_socket_path(name)
+    chunks: list[bytes] = []
+    started: Deferred[None] = Deferred()
+
+    def on_stdout(chunk: bytes) -> None:
+        chunks.append(chunk)
+        if not started.called:
+            started.callback(None)
+
+    streaming = agent.exec(["sh", "-c", PRINTER], on_stdout=on_stdout)
+    await started
+    await restart_libvirtd()
+    assert not streaming.exited.called  # it ran through the restart
+    result = await streaming.result()
+    assert b"".join(chunks) == EXPECTED and result.stderr == b"done\n"
+    assert (result.exit_code, result.signal) == (7, None)
+    await _pushed_intact(agent, tmp_path, "after-libvirtd")
+    assert await once_libvirtd_answers(lambda: driver.state(name)) is VMState.RUNNING
+    assert await driver.agent_socket_path(name) == path
+
+
+async def _until_reconnected(call: Callable[[], Deferred[T]]) -> T:
+    """
+    ``call()``'s outcome once the client's new session answers it (earlier tries may be
+    cut); a client that does not reconnect within 300 s fails the test, not hangs it.
+    """
+    deadline = reactor.seconds() + 300
+    while True:
+        try:
+            return await call().addTimeout(max(1.0, deadline - reactor.seconds()), reactor)
+        except ConnectionLost:  # sent as the channel went
+            await deferLater(reactor, 1, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_same_client_carries_on_after_the_guest_is_saved_and_restored(
+        booted_vm: Any, socket: str, tmp_path: Path) -> None:
+    """
+    The restored VM runs in a new QEMU, whose channel socket is another path: a client of
+    ``connect_vm_agent`` asks the driver again and carries on, with the guest's processes.
+    """
+    driver, name = booted_vm.driver, booted_vm.name
+    client = await connect_vm_agent(reactor, driver, name, timeout=300)
+    try:
+        exec_id = f"restore-{os.getpid()}"
+        started: Deferred[None] = Deferred()
+        retained = client.exec(["sh", "-c", "echo before; sleep 20; echo after; exit 3"], exec_id=exec_id,
+                               on_stdout=lambda chunk: None if started.called else started.callback(None))
+        await started
+        await driver.save_state(name)
+        with pytest.raises(ConnectionLost, match="unknown outcome in the guest; reconnecting"):
+            await retained.result()
+        await driver.start(name)
+        moved = await driver.agent_socket_path(name)
+        print(f"agent socket before the save: {socket}, after the restore: {moved}")
+        assert moved != socket
+        # The command ran on through the save; its whole output waited in the guest.
+        result = await _until_reconnected(lambda: client.attach(exec_id).result())
+        assert (result.stdout, result.exit_code) == (b"before\nafter\n", 3)
+        await client.acknowledge(exec_id)
+        await _pushed_intact(client, tmp_path, "after-restore")
+    finally:
+        await client.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_killing_qemu_in_the_middle_of_a_push_leaves_no_partial_file(
         booted_vm: Any, agent: GuestClient, credentials: Credentials, tmp_path: Path) -> None:
     """Last: it kills the guest, then boots it again."""
-    from hypervisors.interface import VMState
-
     driver, name = booted_vm.driver, booted_vm.name
     directory = f"/root/crash-{os.getpid()}"
     await agent.mkdir(directory)

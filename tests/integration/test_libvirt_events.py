@@ -14,23 +14,22 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, utils
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 
 from hypervisors.interface import VMEvent, VMEventType, VMState
 from hypervisors.libvirt import LibvirtDriver
-from tests.integration.conftest import TEST_VM_PREFIX, BootedVM
-from vmcontroller.errors import HypervisorError, VMNotFound
+from tests.integration.conftest import TEST_VM_PREFIX, BootedVM, once_libvirtd_answers, restart_libvirtd
+from vmcontroller.errors import VMNotFound
 from vmcontroller.images import GuestImage
 from vmcontroller.machine import connect_vm_agent
 
 pytestmark = pytest.mark.integration
 
 BOOT_TIMEOUT = 300.0
-#: Where libvirtd keeps each running domain's qemu pid, and its own.
+#: Where libvirtd keeps each running domain's qemu pid.
 QEMU_PID_DIR = Path("/run/libvirt/qemu")
-LIBVIRTD_PID = Path("/run/libvirtd.pid")
 
 
 @pytest_twisted.async_yield_fixture()
@@ -101,35 +100,11 @@ async def test_a_killed_qemu_is_reported_crashed_by_an_event(
     assert await hypervisor.state(started_vm) is VMState.RUNNING
 
 
-async def restart_libvirtd() -> None:
-    """Stop the system libvirtd and start it again at once, the way the set-up starts it."""
-    pid = int(LIBVIRTD_PID.read_text())
-    os.kill(pid, signal.SIGTERM)
-    while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        await deferLater(reactor, 0.05, lambda: None)
-    script = str(Path(__file__).resolve().parents[2] / "scripts" / "start-daemons.sh")
-    out, err, code = await utils.getProcessOutputAndValue("/bin/bash", [script], env=dict(os.environ))
-    assert code == 0, (out, err)
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_libvirtd_restart_is_survived(hypervisor: LibvirtDriver, started_vm: str) -> None:
     await restart_libvirtd()
     # The next call succeeds: the driver reconnects (when libvirtd listens again).
-    deadline = reactor.seconds() + 60
-    while True:
-        try:
-            assert await hypervisor.state(started_vm) is VMState.RUNNING
-            break
-        except HypervisorError:
-            # libvirtd is started before it listens.
-            if reactor.seconds() > deadline:
-                raise
-            await deferLater(reactor, 0.2, lambda: None)
+    assert await once_libvirtd_answers(lambda: hypervisor.state(started_vm)) is VMState.RUNNING
     # And events arrive on the new connection.
     paused, _ = next_event(hypervisor, started_vm, VMEventType.PAUSED)
     await hypervisor.pause(started_vm)

@@ -269,6 +269,7 @@ async def test_what_the_test_driver_cannot_do_fails_clearly(driver: LibvirtDrive
         Capability.LIVE_SNAPSHOTS,
         Capability.SAVE_STATE,
         Capability.PUSHED_EVENTS,
+        Capability.PAUSE,
     }
     name = await driver.define(spec(base_disk))
     await driver.start(name)

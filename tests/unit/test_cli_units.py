@@ -6,11 +6,13 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
 
 from guest_agent.session import OperationContext
+from hypervisors.interface import Capability, VMSpec, VMState
 from vmcontroller import cli
 from vmcontroller.errors import VMNotFound, VMStateError
-from vmcontroller.testing import InMemoryLink
+from vmcontroller.testing import FakeHypervisor, InMemoryLink
 
 
 async def endless_directories(ctx: OperationContext) -> list[dict[str, Any]]:
@@ -72,3 +74,21 @@ def test_every_command_has_a_description_and_json_where_it_reads() -> None:
     # --driver before or after the command name.
     assert parser.parse_args(["list", "--driver", "vmware"]).driver == "vmware"
     assert parser.parse_args(["--driver", "vmware", "list"]).driver == "vmware"
+
+
+@pytest.mark.parametrize("command", ["pause", "resume"])
+def test_pause_on_a_driver_that_cannot_is_one_line_saying_why(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    reactor = MemoryReactorClock()
+    player = FakeHypervisor(reactor, "player", frozenset(Capability) - {Capability.PAUSE})
+    player.startService()
+    player.define(VMSpec(name="vm1", disk="/base.qcow2"))
+    player.start("vm1")
+    monkeypatch.setattr(cli, "load_driver", lambda name, reactor, **options: player)
+    status = Deferred.fromCoroutine(cli.run_command(reactor, cli.parse_args([command, "vm1"])))
+    assert status.result == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        f"vmcontroller: error: the player driver cannot do pause: this fake plays a product that cannot "
+        f"{command} a VM\n")
+    assert player.vm("vm1").state is VMState.RUNNING

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
@@ -218,6 +218,35 @@ def test_a_silent_agent_times_out_with_a_clear_error() -> None:
     error = error_of(pending)
     assert isinstance(error, OperationTimeout) and "within 10 s" in str(error)
     assert silent.cancels and link.client._transport is not None  # it answered the CANCEL: kept
+
+
+def test_calls_time_out_each_at_its_own_deadline_on_one_timer() -> None:
+    silent = Silent(ignore_cancel=False)
+    link = InMemoryLink({"ping": silent}, host_limits=ClientLimits(call_timeout=10))
+    link.flush()
+    timers = len(link.clock.getDelayedCalls())
+    first = call(link, "ping")  # due at 10
+    link.clock.advance(3)
+    second = call(link, "ping")  # at 13
+    short = start(link, Deferred.fromCoroutine(link.client.call("ping", timeout=2)))  # at 5: sooner
+    assert len(link.clock.getDelayedCalls()) == timers + 1  # one timer for the three
+    link.clock.advance(2)
+    link.flush()
+    error = error_of(short)
+    assert isinstance(error, OperationTimeout) and "within 2 s" in str(error)
+    assert not first.called and not second.called
+    link.clock.advance(5)
+    link.flush()
+    assert isinstance(error_of(first), OperationTimeout) and not second.called
+    link.clock.advance(3)
+    link.flush()
+    assert isinstance(error_of(second), OperationTimeout) and len(silent.cancels) == 3
+    # The caller's own cancel is no timeout; nor is a call that ended in time.
+    cancelled = call(link, "ping")
+    cancelled.cancel()
+    link.flush()
+    assert isinstance(error_of(cancelled), CancelledError)
+    assert link.client._deadlines._due == {} and link.client._deadlines._expired == set()
 
 
 def test_an_agent_ignoring_cancel_keeps_its_slots_and_is_dropped() -> None:

@@ -8,15 +8,16 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from guest_agent.protocol.connection import AgentConnection, Limits
-from vmcontroller.client import CONNECT_RETRY_INTERVAL, GuestClient, connect
-from vmcontroller.errors import AgentUnreachable, UnsupportedProtocolVersion
+from guest_agent.protocol.connection import AgentConnection, Limits, RequestReceived
+from vmcontroller.client import CONNECT_RETRY_INTERVAL, RECONNECT_MAX_DELAY, GuestClient, connect
+from vmcontroller.errors import AgentUnreachable, UnsupportedProtocolVersion, VMStateError
 from vmcontroller.testing import minted
 
 from .test_client_session import error_of, result_of
@@ -139,3 +140,63 @@ def test_connect_offers_the_versions_it_was_given() -> None:
     answer_handshake(endpoint, agent())
     error = error_of(d)
     assert isinstance(error, UnsupportedProtocolVersion) and "[99]" in str(error)
+
+
+def test_each_reconnect_asks_for_the_endpoint_again() -> None:
+    """
+    A VM restored from a saved state runs a new emulator whose channel socket is another
+    path; while it is saved the driver has no endpoint to give.  The client reconnects to
+    where the agent is now, not to where it was.
+    """
+    reactor = MemoryReactorClock()
+    where: list[Any] = ["/run/libvirt/qemu/channel/domain-1-vm/agent"]
+    asked: list[float] = []
+
+    def find() -> Deferred[Any]:
+        asked.append(reactor.seconds())
+        if isinstance(where[0], Exception):
+            return fail(where[0])
+        return succeed(UNIXClientEndpoint(reactor, where[0]))
+
+    def accept_last() -> tuple[Any, list[Any], AgentConnection]:
+        """
+        Complete the last connection attempt the reactor took and the agent's handshake;
+        the agent's events on the way (a waiting request goes out right after HELLO).
+        """
+        factory = reactor.unixClients[-1][1]
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        agent_engine = AgentConnection(authenticator=AGENT_END)
+        events: list[Any] = []
+        while transport.value():
+            events.extend(agent_engine.receive_data(transport.value()))
+            transport.clear()
+            protocol.dataReceived(agent_engine.data_to_send())
+        return protocol, events, agent_engine
+
+    connecting = connect(reactor, find, credentials=HOST_END, timeout=10)
+    protocol, _, _ = accept_last()
+    client = result_of(connecting)
+    assert [c[0] for c in reactor.unixClients] == ["/run/libvirt/qemu/channel/domain-1-vm/agent"]
+
+    where[0] = VMStateError("VM 'vm' is saved: it has no agent channel")
+    protocol.connectionLost(Failure(ConnectionDone()))
+    waiting = client.ping()
+    reactor.pump([0.5] * 30)
+    assert len(asked) > 2 and not waiting.called  # asked again with backoff, nothing to reach
+    assert len(reactor.unixClients) == 1
+    assert isinstance(client.last_connect_error, VMStateError)
+
+    where[0] = "/run/libvirt/qemu/channel/domain-2-vm/agent"  # restored: a new emulator
+    reactor.advance(RECONNECT_MAX_DELAY * 1.5)
+    assert [c[0] for c in reactor.unixClients] == [
+        "/run/libvirt/qemu/channel/domain-1-vm/agent", "/run/libvirt/qemu/channel/domain-2-vm/agent"]
+    protocol, events, agent = accept_last()
+    assert client.connected
+    # The ping that waited went out on the new channel.
+    [request] = [e for e in events if isinstance(e, RequestReceived)]
+    assert request.op == "ping"
+    agent.send_response(request.request_id, {"time": 1.0, "version": "restored"})
+    protocol.dataReceived(agent.data_to_send())
+    assert result_of(waiting)["version"] == "restored"

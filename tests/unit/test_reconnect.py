@@ -221,7 +221,8 @@ def test_a_push_whose_held_part_does_not_match_fails_with_a_clear_error(
 
 def test_connect_says_exactly_what_to_check_and_passes_on_the_client_limits(controller: Controller) -> None:
     controller.endpoint.down = True
-    connecting = connect(controller.clock, controller.endpoint, credentials=controller.endpoint.credentials, timeout=5)
+    endpoint = controller.endpoint
+    connecting = connect(controller.clock, endpoint, credentials=endpoint.credentials, timeout=5)
     controller.clock.advance(5)
     assert str(outcome(connecting)) == (
         "no agent answered within 5 s (last error: Connection was refused by other side: the in-memory agent "

@@ -135,6 +135,31 @@ class PtyRequest:
         return cls(rows, cols, term)
 
 
+#: At most this much is read from a terminal once its program has exited: a background
+#: job may write on for ever.
+TERMINAL_REMAINS = 1024 * 1024
+
+
+def read_terminal_remains(master: int) -> list[bytes]:
+    """
+    What the terminal of pty master ``master`` holds now (up to :data:`TERMINAL_REMAINS`
+    bytes).  Linux's ``read`` of a master first moves along what was written to the
+    terminal and is still on its way, so this is all that was written before the call.
+    """
+    chunks: list[bytes] = []
+    taken = 0
+    while taken < TERMINAL_REMAINS:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EAGAIN: nothing more now; EIO: nobody else holds the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        taken += len(chunk)
+    return chunks
+
+
 def set_window_size(fd: int, rows: int, cols: int) -> None:
     """
     Give the terminal of ``fd`` its size; the kernel sends SIGWINCH to the terminal's
@@ -380,8 +405,9 @@ class _ExecProcess(ProcessProtocol):
 
     transport: IProcessTransport | None
 
-    def __init__(self, io: RequestIO) -> None:
+    def __init__(self, io: RequestIO, on_pty: bool = False) -> None:
         self._io = io
+        self._on_pty = on_pty
         self._pending: dict[int, bytearray] = {channel: bytearray() for channel in _OUTPUTS}
         self._open_pipes = set(_OUTPUTS)
         self._data_waiters: dict[int, Deferred[None]] = {}
@@ -416,7 +442,23 @@ class _ExecProcess(ProcessProtocol):
 
     def processExited(self, reason: Failure) -> None:
         self._exited = True
+        if self._on_pty:
+            self._hang_up()
         self._settle()
+
+    def _hang_up(self) -> None:
+        """
+        The program that led the terminal's session has exited: take what the terminal
+        still holds for us and close it, so that what is left on it (a background job)
+        gets SIGHUP and the exec ends, as when a terminal window closes; otherwise any
+        process holding the terminal would keep the request open.
+        """
+        transport = cast(PTYProcess, self.transport)
+        if transport is None or not transport.connected:
+            return  # every holder closed it already: the output has been read whole
+        for chunk in read_terminal_remains(transport.fileno()):
+            self.childDataReceived(Channel.STDOUT, chunk)
+        transport.loseConnection()
 
     def processEnded(self, reason: Failure) -> None:
         self._ended = reason
@@ -584,7 +626,7 @@ async def run_exec(ctx: OperationContext) -> dict[str, Any]:
     request = ExecRequest.from_wire(ctx.args)
     environment = request.environment()
     executable = request.check_runnable(environment)
-    process = _ExecProcess(ctx.io)
+    process = _ExecProcess(ctx.io, on_pty=request.pty is not None)
     transport = _spawn(IReactorProcess(ctx.reactor), process, executable, request, environment)
     if request.pty is not None:
         ctx.controls["resize"] = process.resize

@@ -323,24 +323,14 @@ class Screen:
 
     def __init__(self) -> None:
         self.text = b""
-        self.changed: Deferred[None] = Deferred()
 
     def show(self, chunk: bytes) -> None:
         self.text += chunk
-        changed, self.changed = self.changed, Deferred()
-        changed.callback(None)
 
     async def wait_for(self, wanted: bytes, start: int = 0) -> int:
-        """Where ``wanted`` appears after ``start`` (waiting up to 10 s); the test fails if it does not."""
-        for _ in range(100):
-            at = self.text.find(wanted, start)
-            if at >= 0:
-                return at + len(wanted)
-            timeout = reactor.callLater(0.1, lambda: self.changed.called or self.changed.callback(None))
-            await self.changed
-            if timeout.active():
-                timeout.cancel()
-        raise AssertionError(f"{wanted!r} never showed on the terminal; it shows {self.text!r}")
+        """Where ``wanted`` ends, after ``start``, once it shows (within 10 s, or the test fails)."""
+        await wait_for(lambda: wanted in self.text[start:], f"{wanted!r} on the terminal")
+        return self.text.index(wanted, start) + len(wanted)
 
 
 @pytest_twisted.ensureDeferred
@@ -431,7 +421,8 @@ async def test_bad_terminal_sizes_are_refused_and_the_agent_serves_on(client: Gu
         with pytest.raises(BadRequest, match="pty"):
             await client.exec(["true"], pty=terminal).exited
     screen = Screen()
-    handle = client.exec(["sh", "-c", "echo ready; read _"], pty=Terminal(), stdin=STREAM, on_stdout=screen.show)
+    handle = client.exec(["sh", "-c", "echo ready; read _"], pty=Terminal(), stdin=STREAM,
+                         on_stdout=screen.show)
     await screen.wait_for(b"ready")
     with pytest.raises(BadRequest, match="'rows' must be an integer from 1 to 4096"):
         await handle.resize(-1, 80)

@@ -15,6 +15,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.python.failure import Failure
 
 from guest_agent.link import RequestIO
+from guest_agent.ops.exec import PtyRequest
 from guest_agent.protocol.errors import error_from_wire
 from guest_agent.protocol.frames import Channel
 from vmcontroller.errors import (
@@ -48,6 +49,10 @@ class Terminal:
     rows: int = 24
     cols: int = 80
     term: str = "vt100"
+
+    def __post_init__(self) -> None:
+        """:raises BadRequest: a size or type the agent would refuse (its own check)."""
+        PtyRequest.from_wire(self.to_wire())
 
     def to_wire(self) -> dict[str, Any]:
         return {"rows": self.rows, "cols": self.cols, "term": self.term}

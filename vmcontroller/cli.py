@@ -34,6 +34,7 @@ from twisted.internet.task import react
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from guest_agent.ops.exec import MAX_TERMINAL_SIDE
 from hypervisors import installed_drivers, load_driver
 from hypervisors.interface import IHypervisorDriver, VMEvent, VMSpec, VMState
 from vmcontroller._exec import STREAM, ExecHandle, ExecResult, Terminal
@@ -448,9 +449,9 @@ _ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _terminal_size() -> tuple[int, int]:
-    """This terminal's rows and columns (24x80 where it reports none)."""
+    """This terminal's rows and columns (24x80 where it reports none), as a guest's may be."""
     size = os.get_terminal_size(sys.stdin.fileno())
-    return size.lines or 24, size.columns or 80
+    return min(size.lines or 24, MAX_TERMINAL_SIDE), min(size.columns or 80, MAX_TERMINAL_SIDE)
 
 
 def _local_terminal() -> Terminal:
@@ -541,16 +542,20 @@ async def _interactive(reactor: Any, args: argparse.Namespace, argv: list[str], 
     previous = {number: signal.getsignal(number) for number in (*_ENDING_SIGNALS, signal.SIGWINCH)}
 
     def write(data: bytes) -> None:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        try:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        except OSError:  # the terminal hung up (EIO) or the reader left: as a SIGHUP does
+            end(signal.SIGHUP)
+
+    def end(number: int) -> None:
+        if not ending:
+            ending.append(number)
+            handle.cancel()
 
     try:
         handle: ExecHandle = client.exec(argv, env=env, cwd=cwd, timeout=timeout, stdin=STREAM,
                                          pty=_local_terminal(), on_stdout=write, on_stderr=write)
-
-        def end(number: int) -> None:
-            ending.append(number)
-            handle.cancel()
 
         def resized() -> None:
             handle.resize(*_terminal_size()).addErrback(lambda _: None)  # it ended meanwhile, say

@@ -417,9 +417,9 @@ async def test_cancelling_a_pty_exec_kills_its_process_group(client: GuestClient
 
 @pytest_twisted.ensureDeferred
 async def test_bad_terminal_sizes_are_refused_and_the_agent_serves_on(client: GuestClient) -> None:
-    for terminal in (Terminal(0, 80), Terminal(24, 4097), Terminal(24, 80, "x; rm -rf /")):
+    for pty in ({"rows": 0, "cols": 80}, {"rows": 24, "cols": 4097}, {"rows": 24, "cols": 80, "term": "x y"}):
         with pytest.raises(BadRequest, match="pty"):
-            await client.exec(["true"], pty=terminal).exited
+            await client.call("exec", {"argv": ["true"], "pty": pty})
     screen = Screen()
     handle = client.exec(["sh", "-c", "echo ready; read _"], pty=Terminal(), stdin=STREAM,
                          on_stdout=screen.show)

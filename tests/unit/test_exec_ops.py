@@ -651,6 +651,12 @@ def test_a_pty_exec_runs_on_a_terminal_of_its_size_and_type(pty_exec: PtyExec) -
     assert process.lost  # the agent hung the terminal up: what is left on it cannot hold the exec open
 
 
+@pytest.mark.parametrize(("rows", "cols", "term"), [(0, 80, "vt100"), (24, 4097, "vt100"), (24, 80, "")])
+def test_the_host_checks_a_terminal_as_the_agent_does(rows: int, cols: int, term: str) -> None:
+    with pytest.raises(BadRequest, match="'pty'"):
+        Terminal(rows, cols, term)
+
+
 def test_the_pty_term_is_the_terminals_over_a_given_env(pty_exec: PtyExec) -> None:
     pty_exec.start(["true"], env={"TERM": "dumb", "A": "1"}, pty=Terminal())
     assert pty_exec.process.env == {"PATH": agent_exec.DEFAULT_PATH, "A": "1", "TERM": "vt100"}

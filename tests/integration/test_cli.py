@@ -44,7 +44,7 @@ def one_line_error(result: subprocess.CompletedProcess[bytes]) -> str:
 
 @pytest.fixture(scope="module")
 def vm(booted_vm: Any) -> str:
-    ready = run("ping", booted_vm.name)
+    ready = run("ping", booted_vm.name, "--timeout", "900", timeout=1000)
     assert ready.returncode == 0, ready.stderr
     return str(booted_vm.name)
 

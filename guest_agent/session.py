@@ -40,6 +40,15 @@ Operation = Callable[["OperationContext"], Awaitable[Any] | Any]
 _NO_ANSWER = object()
 
 
+def features(operations: Mapping[str, Operation]) -> list[str]:
+    """
+    What the agent's HELLO announces beyond the operations, so that a host can refuse
+    what an older agent would silently do otherwise: ``"pty"`` (exec takes ``pty``, and
+    ``resize`` exists), which an agent that ignores the argument would run on pipes.
+    """
+    return ["pty"] if "resize" in operations else []
+
+
 class OperationContext:
     """
     What an operation sees of its request: its arguments, its data streams and a way to
@@ -54,6 +63,7 @@ class OperationContext:
         args: dict[str, Any],
         io: RequestIO,
         notify: Callable[[str, dict[str, Any]], None],
+        running: Callable[[int], OperationContext | None] = lambda request_id: None,
     ) -> None:
         self.reactor = reactor
         self.request_id = request_id
@@ -66,6 +76,15 @@ class OperationContext:
         #: operation whose work outlives the session stops only talking to it.
         self.session_ended = False
         self._cancel_callbacks: list[Callable[[dict[str, Any]], None]] = []
+        self._running = running
+        #: What later requests of the session may do to this running operation, by name
+        #: (a pty exec offers "resize").
+        self.controls: dict[str, Callable[..., None]] = {}
+
+    def control_of(self, request_id: int, name: str) -> Callable[..., None] | None:
+        """Control ``name`` of request ``request_id`` of this session, if it runs and offers one."""
+        other = self._running(request_id)
+        return None if other is None else other.controls.get(name)
 
     def on_cancel(self, callback: Callable[[dict[str, Any]], None]) -> None:
         """Call ``callback`` with the host's CANCEL body when the operation must stop."""
@@ -110,6 +129,7 @@ class AgentSession:
     ) -> None:
         self._reactor = reactor
         self._operations = operations
+        hello = {**(hello or {}), "features": features(operations)}
         self.connection = AgentConnection(limits, hello_extra=hello, authenticator=authenticator)
         self.link = Link(self.connection, write, write_sequence)
         self._running: dict[int, OperationContext] = {}
@@ -181,7 +201,8 @@ class AgentSession:
             )
             return
         io = self.link.open_io(event.request_id)
-        context = OperationContext(self._reactor, event.request_id, event.op, event.args, io, self._notify)
+        context = OperationContext(self._reactor, event.request_id, event.op, event.args, io, self._notify,
+                                   self._running.get)
         self._running[event.request_id] = context
         try:
             outcome = operation(context)

@@ -7,7 +7,15 @@ vmcontroller: drive VMs and the agents inside them from Twisted.
 - :mod:`vmcontroller.errors` has every exception raised.
 """
 
-from vmcontroller.client import CommandInfo, ExecHandle, ExecResult, GuestClient, TransferResult, connect
+from vmcontroller.client import (
+    CommandInfo,
+    ExecHandle,
+    ExecResult,
+    GuestClient,
+    Terminal,
+    TransferResult,
+    connect,
+)
 from vmcontroller.machine import connect_vm_agent
 
 __version__ = "0.1.0"
@@ -17,6 +25,7 @@ __all__ = [
     "ExecHandle",
     "ExecResult",
     "GuestClient",
+    "Terminal",
     "TransferResult",
     "__version__",
     "connect",

@@ -15,6 +15,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.python.failure import Failure
 
 from guest_agent.link import RequestIO
+from guest_agent.ops.exec import PtyRequest
 from guest_agent.protocol.errors import error_from_wire
 from guest_agent.protocol.frames import Channel
 from vmcontroller.errors import (
@@ -23,6 +24,7 @@ from vmcontroller.errors import (
     OperationCancelled,
     ProcessFailed,
     ProtocolError,
+    UnknownOperation,
     VMControllerError,
 )
 
@@ -32,6 +34,28 @@ if TYPE_CHECKING:
 
 class STREAM:
     """Pass as ``stdin`` to write the process's input through :meth:`ExecHandle.write_stdin`."""
+
+
+@dataclass(frozen=True)
+class Terminal:
+    """
+    A pseudo-terminal to run a guest process on (``exec(..., pty=Terminal(...))``).
+
+    :ivar rows: lines, 1 to 4096.
+    :ivar cols: columns, 1 to 4096.
+    :ivar term: the terminal type, the process's ``TERM`` (e.g. the local ``$TERM``).
+    """
+
+    rows: int = 24
+    cols: int = 80
+    term: str = "vt100"
+
+    def __post_init__(self) -> None:
+        """:raises BadRequest: a size or type the agent would refuse (its own check)."""
+        PtyRequest.from_wire(self.to_wire())
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"rows": self.rows, "cols": self.cols, "term": self.term}
 
 
 #: Receives each chunk of output; returning a Deferred holds back further output until it fires.
@@ -86,6 +110,9 @@ class ExecHandle:
     def __init__(self, client: GuestClient, argv: list[str], args: dict[str, Any],
                  stdin: bytes | type[STREAM] | None, on_stdout: OutputCallback | None,
                  on_stderr: OutputCallback | None, max_output: int, op: str = "exec") -> None:
+        self._client = client
+        self._on_pty = args.get("pty") is not None
+        self._answered = False
         self._argv = tuple(argv)
         self._max_output = max_output
         self._op = op
@@ -148,6 +175,19 @@ class ExecHandle:
         """Kill the process group in the guest; the result fails with :class:`OperationCancelled`."""
         self._task.cancel()
 
+    def resize(self, rows: int, cols: int) -> Deferred[None]:
+        """
+        Give the terminal of a process started with ``pty`` a new size (its foreground
+        process group gets SIGWINCH); fires once the agent has.  Once the process has
+        ended this does nothing.
+
+        :raises BadRequest: the process has no terminal; (from the Deferred) a size out of
+            1 to 4096.
+        """
+        if not self._on_pty:
+            raise BadRequest(f"{list(self._argv)!r} was not started with a pty: it has no terminal to resize")
+        return Deferred.fromCoroutine(self._resize(rows, cols))
+
     # ---- stdin ---------------------------------------------------------------------
 
     def _require_stdin_stream(self) -> None:
@@ -167,6 +207,17 @@ class ExecHandle:
         self._io_waiters.append(waiter)
         return await waiter
 
+    async def _resize(self, rows: int, cols: int) -> None:
+        io = await self._wait_io()
+        if self._answered:
+            return
+        try:
+            await self._client.call("resize", {"request": io.request_id, "rows": rows, "cols": cols})
+        except BadRequest as e:
+            if e.details.get("request") == io.request_id and self._answered:
+                return  # the process ended while the resize was on its way
+            raise
+
     async def _write_stdin(self, data: bytes | None) -> None:
         """Send ``data``, or EOF for None, after the writes before it."""
         # One writer at a time: the stream layer keeps a single credit waiter per channel.
@@ -184,6 +235,12 @@ class ExecHandle:
 
     async def _run(self, client: GuestClient, args: dict[str, Any]) -> ExecResult:
         try:
+            if self._on_pty:
+                await client.wait_ready()
+                if "pty" not in client.agent_hello.get("features", ()):
+                    raise UnknownOperation(
+                        f"the agent in the guest ({client.agent_hello.get('software', 'unknown')}) cannot "
+                        "run a program on a pty: install this vmcontroller's agent in the guest")
             io, reply = await client.open_request(self._op, args)
             self._io = io
             waiters, self._io_waiters = self._io_waiters, []
@@ -193,6 +250,7 @@ class ExecHandle:
             if isinstance(self._stdin, bytes):
                 Deferred.fromCoroutine(self._feed(io, self._stdin)).addErrback(lambda _: None)
             status = await reply
+            self._answered = True
             for reader in readers:
                 await reader
         except CancelledError:
@@ -259,18 +317,23 @@ class ExecHandle:
 def start(client: GuestClient, argv: list[str], *, env: dict[str, str] | None, cwd: str | None,
           stdin: bytes | type[STREAM] | None, timeout: float | None, on_stdout: OutputCallback | None,
           on_stderr: OutputCallback | None, max_output: int | None = None,
-          exec_id: str | None = None) -> ExecHandle:
+          exec_id: str | None = None, pty: Terminal | None = None) -> ExecHandle:
     """
     Start ``argv`` in the guest; see :meth:`GuestClient.exec`.
 
-    :raises BadRequest: ``argv`` is not a non-empty list of strings.
+    :raises BadRequest: ``argv`` is not a non-empty list of strings, or both ``exec_id``
+        and ``pty`` are given.
     """
     if not isinstance(argv, list | tuple) or not argv or not all(isinstance(a, str) for a in argv):
         raise BadRequest(f"exec needs argv, a non-empty list of strings; got {argv!r}")
-    args = {"argv": list(argv), "env": env, "cwd": cwd, "stdin": "stream" if stdin is not None else "none",
-            "timeout": timeout}
+    args: dict[str, Any] = {"argv": list(argv), "env": env, "cwd": cwd,
+                            "stdin": "stream" if stdin is not None else "none", "timeout": timeout}
     if exec_id is not None:
+        if pty is not None:
+            raise BadRequest("a command on a pty cannot be retained: give exec_id or pty, not both")
         args["exec_id"] = exec_id
+    if pty is not None:
+        args["pty"] = pty.to_wire()
     limit = client.client_limits.max_output if max_output is None else max_output
     return ExecHandle(client, list(argv), args, stdin, on_stdout, on_stderr, limit)
 
@@ -318,4 +381,6 @@ class CommandInfo:
             raise ProtocolError(f"the agent listed a malformed command {entry!r}: {e!r}") from None
 
 
-__all__ = ["STREAM", "CommandInfo", "ExecHandle", "ExecResult", "OutputCallback", "attach", "start"]
+__all__ = [
+    "STREAM", "CommandInfo", "ExecHandle", "ExecResult", "OutputCallback", "Terminal", "attach", "start",
+]

@@ -99,6 +99,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "remove": _nothing,
     "shutdown": _nothing,
     "reboot": _nothing,
+    "resize": _nothing,
 }
 
 

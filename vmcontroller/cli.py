@@ -5,8 +5,9 @@ Each command takes --driver and --uri (the hypervisor), before or after its name
 commands take --json. A guest path is written NAME:PATH (cp). Exit status: 0 success; 1 an
 error (one line on stderr says what went wrong and what to do); 2 bad usage; 3 no such VM or
 snapshot; 4 the VM's state forbids the command; 5 the agent did not answer; 6 no such file;
-exec exits with the guest command's own status (127: not found, 126: not runnable,
-128+N: killed by signal N, 130: interrupted with Ctrl-C).
+exec and shell exit with the guest command's own status (127: not found, 126: not runnable,
+128+N: killed by signal N, 130: interrupted with Ctrl-C); shell and exec -t exit 2 when
+stdin is not a terminal.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import os
 import signal
 import sys
 import tempfile
+import termios
 import time
+import tty
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path, PurePosixPath
@@ -26,14 +29,19 @@ from typing import Any
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.task import react
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from guest_agent.ops.exec import MAX_TERMINAL_SIDE
 from hypervisors import installed_drivers, load_driver
 from hypervisors.interface import IHypervisorDriver, VMEvent, VMSpec, VMState
-from vmcontroller._exec import STREAM
+from vmcontroller._exec import STREAM, ExecHandle, ExecResult, Terminal
 from vmcontroller.client import GuestClient
 from vmcontroller.errors import (
     AgentUnreachable,
+    BadRequest,
     CommandNotFound,
     HypervisorUnavailable,
     OperationCancelled,
@@ -51,8 +59,19 @@ from vmcontroller.machine import connect_vm_agent
 __all__ = ["EXIT_CODES", "main", "parser"]
 
 DEMO_VM = "vmc-demo"
+
+
+class UsageError(VMControllerError):
+    """The command line asks for something that cannot be done as asked."""
+
+
+class NotATerminal(UsageError):
+    """An interactive command (``shell``, ``exec -t``) was started with stdin not a terminal."""
+
+
 #: The exit status of each error class (the first that matches), documented in the help.
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (NotATerminal, 2),
     (VMNotFound, 3),
     (SnapshotNotFound, 3),
     (VMStateError, 4),
@@ -69,10 +88,6 @@ _CLI_HINTS = (
     ("mkdir with parents=True", "`vmcontroller exec NAME mkdir -p DIR`"),
     ("call startService()", "report this as a bug"),
 )
-
-
-class UsageError(VMControllerError):
-    """The command line asks for something that cannot be done as asked."""
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -371,6 +386,9 @@ async def cmd_exec(reactor: Any, args: argparse.Namespace) -> int:
         if not sep:
             raise UsageError(f"--env {item!r}: write NAME=VALUE")
         env[key] = value
+    if args.tty:
+        return await _interactive(reactor, args, args.argv, env=env or None, cwd=args.cwd,
+                                  timeout=args.exec_timeout, command="exec -t")
     driver = await _driver(reactor, args)
     client = await _agent(reactor, args, driver, args.name)
     forward_stdin = not sys.stdin.isatty() and not args.no_stdin
@@ -408,24 +426,186 @@ async def cmd_exec(reactor: Any, args: argparse.Namespace) -> int:
                 _say("interrupted: the command's process group was killed in the guest")
                 return 130
             raise
-        except CommandNotFound as e:
-            print(f"vmcontroller: {e}", file=sys.stderr)
-            return 127
-        except PermissionDenied as e:
-            print(f"vmcontroller: {e}", file=sys.stderr)
-            return 126
+        except (CommandNotFound, PermissionDenied) as e:
+            return _could_not_start(e)
     finally:
         client.close()
-    if result.exit_code is not None:
-        return result.exit_code
-    number = getattr(signal.Signals, str(result.signal), None)
-    return 128 + (number.value if number is not None else 0)
+    return _status(result)
 
 
 async def _pump_stdin(handle: Any) -> None:
     while data := await threads.deferToThread(os.read, 0, 65536):
         await handle.write_stdin(data)
     handle.close_stdin()
+
+
+# -- shell -------------------------------------------------------------------------------------
+
+#: What `shell` runs without --command: the guest's bash if it has one, else its sh, as a
+#: login shell.
+LOGIN_SHELL = 'exec "$(command -v bash || echo /bin/sh)" -l'
+#: Signals that end an interactive session here; the guest's process group is killed.
+_ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _terminal_size() -> tuple[int, int]:
+    """This terminal's rows and columns (24x80 where it reports none), as a guest's may be."""
+    size = os.get_terminal_size(sys.stdin.fileno())
+    return min(size.lines or 24, MAX_TERMINAL_SIDE), min(size.columns or 80, MAX_TERMINAL_SIDE)
+
+
+def _local_terminal() -> Terminal:
+    rows, cols = _terminal_size()
+    try:
+        return Terminal(rows, cols, os.environ.get("TERM", ""))
+    except BadRequest:  # no TERM, or one the agent would refuse
+        return Terminal(rows, cols)
+
+
+class _RawMode:
+    """
+    This terminal in raw mode: each key goes to the guest as typed (Ctrl-C included), and
+    the guest's terminal does the echoing and the line editing.  :meth:`restore` puts the
+    settings back; it is called on every way out and does its work once.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._saved: list[Any] | None = termios.tcgetattr(fd)
+        tty.setraw(fd, termios.TCSANOW)
+
+    def restore(self) -> None:
+        saved, self._saved = self._saved, None
+        if saved is not None:
+            termios.tcsetattr(self._fd, termios.TCSADRAIN, saved)
+
+
+@implementer(IReadDescriptor)
+class _KeyReader:
+    """
+    Hands what is typed on a terminal (``fd``) to ``typed``, on the reactor: a read only
+    when the fd is readable, so no thread sits in ``read`` when the session ends, and the
+    fd is not made non-blocking (its flags are shared with the shell that started us).
+    A Deferred from ``typed`` stops reading until it fires.
+    """
+
+    def __init__(self, reactor: Any, fd: int, typed: Callable[[bytes], Deferred[None]]) -> None:
+        self._reactor = reactor
+        self._fd = fd
+        self._typed = typed
+        self._stopped = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "terminal"
+
+    def start(self) -> None:
+        if not self._stopped:
+            self._reactor.addReader(self)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._reactor.removeReader(self)
+
+    def doRead(self) -> None:
+        data = os.read(self._fd, 4096)
+        if not data:  # the terminal hung up
+            self.stop()
+            return
+        self._reactor.removeReader(self)
+        self._typed(data).addCallbacks(lambda _: self.start(), lambda _: self.stop())
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._stopped = True
+
+
+async def _interactive(reactor: Any, args: argparse.Namespace, argv: list[str], *, command: str,
+                       env: dict[str, str] | None = None, cwd: str | None = None,
+                       timeout: float | None = None) -> int:
+    """
+    Run ``argv`` in the guest on a pty the size of this terminal, this terminal in raw mode
+    meanwhile, its keys forwarded and its size changes passed on; the guest command's exit
+    status is ours.
+    """
+    stdin = sys.stdin.fileno()
+    if not os.isatty(stdin):
+        raise NotATerminal(f"{command} needs a terminal on stdin; to run a command with its input from a "
+                           f"pipe or file, use `vmcontroller exec {args.name} COMMAND ...`")
+    driver = await _driver(reactor, args)
+    client = await _agent(reactor, args, driver, args.name)
+    ending: list[int] = []
+    raw: _RawMode | None = None
+    keys: _KeyReader | None = None
+    shutdown_trigger = None
+    previous = {number: signal.getsignal(number) for number in (*_ENDING_SIGNALS, signal.SIGWINCH)}
+
+    def write(data: bytes) -> None:
+        try:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        except OSError:  # the terminal hung up (EIO) or the reader left: as a SIGHUP does
+            end(signal.SIGHUP)
+
+    def end(number: int) -> None:
+        if not ending:
+            ending.append(number)
+            handle.cancel()
+
+    try:
+        handle: ExecHandle = client.exec(argv, env=env, cwd=cwd, timeout=timeout, stdin=STREAM,
+                                         pty=_local_terminal(), on_stdout=write, on_stderr=write)
+
+        def resized() -> None:
+            handle.resize(*_terminal_size()).addErrback(lambda _: None)  # it ended meanwhile, say
+
+        # From the signal handler to the reactor's thread, as _on_interrupt does.
+        for number in _ENDING_SIGNALS:
+            signal.signal(number, lambda n, _: reactor.callFromThread(end, n))
+        signal.signal(signal.SIGWINCH, lambda *_: reactor.callFromThread(resized))
+        raw = _RawMode(stdin)
+        # The reactor may stop without this coroutine going on (a second signal...).
+        shutdown_trigger = reactor.addSystemEventTrigger("before", "shutdown", raw.restore)
+        keys = _KeyReader(reactor, stdin, handle.write_stdin)
+        keys.start()
+        try:
+            result: ExecResult = await handle.exited
+        except OperationCancelled:
+            if ending:
+                return 128 + ending[0]
+            raise
+        except (CommandNotFound, PermissionDenied) as e:
+            return _could_not_start(e)
+    finally:
+        if keys is not None:
+            keys.stop()
+        if raw is not None:
+            raw.restore()
+            reactor.removeSystemEventTrigger(shutdown_trigger)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        client.close()
+    return _status(result)
+
+
+def _could_not_start(error: CommandNotFound | PermissionDenied) -> int:
+    """Say why the guest could not start the command; a shell's status for it: 127 or 126."""
+    print(f"vmcontroller: {error}", file=sys.stderr)
+    return 127 if isinstance(error, CommandNotFound) else 126
+
+
+def _status(result: ExecResult) -> int:
+    """The exit status a shell gives a command that ended as ``result`` did."""
+    if result.exit_code is not None:
+        return result.exit_code
+    number = getattr(signal.Signals, str(result.signal), None)
+    return 128 + (number.value if number is not None else 0)
+
+
+async def cmd_shell(reactor: Any, args: argparse.Namespace) -> int:
+    argv = ["/bin/sh", "-c", args.command_line if args.command_line is not None else LOGIN_SHELL]
+    return await _interactive(reactor, args, argv, command="shell")
 
 
 # -- cp ----------------------------------------------------------------------------------------
@@ -681,6 +861,7 @@ COMMANDS: dict[str, Callable[[Any, argparse.Namespace], Awaitable[int]]] = {
     "watch": cmd_watch,
     "ping": cmd_ping,
     "exec": cmd_exec,
+    "shell": cmd_shell,
     "cp": cmd_cp,
 }
 
@@ -790,7 +971,22 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--exec-timeout", type=float, metavar="S", help="kill it after S seconds")
     e.add_argument("--no-stdin", action="store_true", help="do not forward this stdin (a pipe or file)")
     e.add_argument(
+        "-t", "--tty", action="store_true",
+        help="run it on a terminal in the guest, this one in raw mode, as shell does (stdin must be one)",
+    )
+    e.add_argument(
         "argv", nargs=argparse.REMAINDER, metavar="COMMAND ...", help="the command and its arguments"
+    )
+    h = command(
+        "shell",
+        "an interactive shell in the guest on a terminal of its own (a pty), until you exit it; "
+        "its exit status is ours",
+    )
+    vm_name(h)
+    h.add_argument(
+        "--command", dest="command_line", metavar="CMD",
+        help="run CMD with /bin/sh -c on the terminal instead (default: the guest's bash, else sh, "
+        "as a login shell)",
     )
     c = command("cp", "copy files or directories between the host and a guest (NAME:/path)", reading)
     c.add_argument("source", metavar="SOURCE", help="a host path, or NAME:/guest/path")

@@ -46,7 +46,7 @@ from guest_agent.protocol.connection import (
 )
 from guest_agent.protocol.tls import Authenticator, Credentials
 from vmcontroller import _exec, _files
-from vmcontroller._exec import CommandInfo, ExecHandle, ExecResult
+from vmcontroller._exec import CommandInfo, ExecHandle, ExecResult, Terminal
 from vmcontroller._files import Progress, TransferResult
 from vmcontroller._results import check_result
 from vmcontroller.errors import (
@@ -571,6 +571,7 @@ class GuestClient:
         on_stderr: _exec.OutputCallback | None = None,
         exec_id: str | None = None,
         max_output: int | None = None,
+        pty: Terminal | None = None,
     ) -> ExecHandle:
         """
         Start ``argv`` in the guest.  Output goes to ``on_stdout``/``on_stderr`` as it is
@@ -588,8 +589,16 @@ class GuestClient:
         :meth:`attach` collects them, and ``exec`` with the same id and ``argv`` again
         streams the same command from the start instead of starting another.
 
+        With ``pty`` (a :class:`Terminal`) the process runs on a new pseudo-terminal of
+        that size and type, which leads its session: ``on_stdout`` gets what the terminal
+        shows (stdout and stderr together, with the terminal's line endings), stdin bytes
+        are typed into it (``b"\\x03"`` interrupts, as Ctrl-C does; closing stdin sends
+        nothing: type ``b"\\x04"``), and :meth:`ExecHandle.resize` changes its size.  Such
+        a process cannot be retained (no ``exec_id``).
+
         :raises TooManyCommands: (from the result) the agent retains as many commands as it may.
         :raises AlreadyExists: (from the result) ``exec_id`` names a command with another argv.
+        :raises UnknownOperation: (from the result) ``pty`` asked of an agent too old for it.
         """
         return _exec.start(
             self,
@@ -602,6 +611,7 @@ class GuestClient:
             on_stderr=on_stderr,
             exec_id=exec_id,
             max_output=max_output,
+            pty=pty,
         )
 
     def attach(
@@ -916,6 +926,7 @@ __all__ = [
     "ExecResult",
     "GuestClient",
     "Progress",
+    "Terminal",
     "TransferResult",
     "connect",
 ]

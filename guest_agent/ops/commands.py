@@ -334,11 +334,16 @@ class CommandRegistry:
 
         :raises AlreadyExists: the id names a command with another ``argv``.
         :raises TooManyCommands: ``max_commands`` are kept already.
+        :raises BadRequest: the exec asks for a ``pty``.
         """
         if ctx.args.get("exec_id") is None:
             return await _exec.run_exec(ctx)
         exec_id = _exec_id(ctx.args)
         request = _exec.ExecRequest.from_wire(ctx.args)
+        if request.pty is not None:
+            # A terminal is a conversation with the session that opened it: nothing to spool.
+            raise BadRequest("an exec with 'pty' cannot be retained: drop 'exec_id' (the terminal's "
+                             "program is killed with its session) or drop 'pty'", {"exec_id": exec_id})
         command = self._commands.get(exec_id)
         if command is not None:
             if command.request.argv != request.argv:

@@ -15,6 +15,12 @@ through ``reactor.spawnProcess`` and ``setsid(1)`` (util-linux or busybox), whic
 a program the kernel cannot exec itself (``ENOEXEC``: a script without ``#!``, which
 ``execvp`` hands to ``/bin/sh``).
 
+With a ``pty`` argument the program runs on a new pseudo-terminal instead of pipes, as
+the controlling terminal of its session (Twisted's ``usePTY``: ``setsid``, ``TIOCSCTTY``,
+the terminal on fds 0-2), which costs a fork of the agent.  STDOUT carries what the
+terminal shows, INPUT is typed into it (so a Ctrl-C byte interrupts the foreground job) and
+``resize`` changes its size.
+
 Output flows under the protocol's flow control: while the host withholds credit the
 pipes are not read, so the program blocks on a full pipe, nothing is cut and the agent
 buffers at most :data:`HIGH_WATER` bytes per stream.
@@ -24,12 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import itertools
 import os
+import re
 import shutil
 import signal
+import struct
 import sys
+import termios
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -40,7 +50,7 @@ from twisted.internet.interfaces import (
     IPushProducer,
     IReactorProcess,
 )
-from twisted.internet.process import Process, _listOpenFDs
+from twisted.internet.process import Process, PTYProcess, _listOpenFDs
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -68,6 +78,14 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HIGH_WATER = 256 * 1024
 _OUTPUTS = (Channel.STDOUT, Channel.STDERR)
 _SETSID_SHIM = "import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])"
+#: The most rows or columns a terminal may have: enough for any screen, and far from what
+#: a program that allocates rows x columns cells would choke on.
+MAX_TERMINAL_SIDE = 4096
+#: The TERM of a pty exec that names none.
+DEFAULT_TERM = "vt100"
+#: What a TERM value may be: a terminfo entry's name.
+TERM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+_WINSIZE = struct.Struct("HHHH")
 
 
 @functools.cache
@@ -79,6 +97,77 @@ def _launcher() -> tuple[str, ...]:
     return (sys.executable, "-I", "-S", "-c", _SETSID_SHIM)
 
 
+def window_size(args: dict[str, Any], what: str) -> tuple[int, int]:
+    """
+    The ``rows`` and ``cols`` of ``args``.
+
+    :raises BadRequest: either is not an integer from 1 to :data:`MAX_TERMINAL_SIDE`.
+    """
+    sides = []
+    for name in ("rows", "cols"):
+        value = args.get(name)
+        if type(value) is not int or not 1 <= value <= MAX_TERMINAL_SIDE:
+            raise BadRequest(f"{what} '{name}' must be an integer from 1 to {MAX_TERMINAL_SIDE}; "
+                             f"got {str(value)[:100]}")
+        sides.append(value)
+    return sides[0], sides[1]
+
+
+@dataclass(frozen=True)
+class PtyRequest:
+    """The ``pty`` argument of an ``exec`` request, checked: the terminal to open."""
+
+    rows: int
+    cols: int
+    term: str
+
+    @classmethod
+    def from_wire(cls, value: Any) -> PtyRequest:
+        """:raises BadRequest: not an object of ``rows``, ``cols`` and an optional ``term``."""
+        if not isinstance(value, dict) or not set(value) <= {"rows", "cols", "term"}:
+            raise BadRequest("exec 'pty' must be null or an object of 'rows', 'cols' and 'term'; "
+                             f"got {str(value)[:200]}")
+        rows, cols = window_size(value, "exec 'pty'")
+        term = value.get("term", DEFAULT_TERM)
+        if not isinstance(term, str) or not TERM_NAME.fullmatch(term):
+            raise BadRequest("exec 'pty' 'term' must be a terminal type such as \"xterm-256color\" "
+                             f"(letters, digits and ._+-, at most 64); got {str(term)[:100]!r}")
+        return cls(rows, cols, term)
+
+
+#: At most this much is read from a terminal once its program has exited: a background
+#: job may write on for ever.
+TERMINAL_REMAINS = 1024 * 1024
+
+
+def read_terminal_remains(master: int) -> list[bytes]:
+    """
+    What the terminal of pty master ``master`` holds now (up to :data:`TERMINAL_REMAINS`
+    bytes).  Linux's ``read`` of a master first moves along what was written to the
+    terminal and is still on its way, so this is all that was written before the call.
+    """
+    chunks: list[bytes] = []
+    taken = 0
+    while taken < TERMINAL_REMAINS:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EAGAIN: nothing more now; EIO: nobody else holds the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        taken += len(chunk)
+    return chunks
+
+
+def set_window_size(fd: int, rows: int, cols: int) -> None:
+    """
+    Give the terminal of ``fd`` its size; the kernel sends SIGWINCH to the terminal's
+    foreground process group when the size changes, as it does for any TIOCSWINSZ.
+    """
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, _WINSIZE.pack(rows, cols, 0, 0))
+
+
 @dataclass(frozen=True)
 class ExecRequest:
     """The arguments of an ``exec`` request, checked."""
@@ -88,6 +177,7 @@ class ExecRequest:
     cwd: str | None
     stream_stdin: bool
     timeout: float | None
+    pty: PtyRequest | None = None
 
     @classmethod
     def from_wire(cls, args: dict[str, Any]) -> ExecRequest:
@@ -115,7 +205,8 @@ class ExecRequest:
             isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
         ):
             raise BadRequest(f"exec 'timeout' must be null or a positive number of seconds; got {timeout!r}")
-        return cls(argv, env, cwd, stdin == "stream", timeout)
+        pty = None if args.get("pty") is None else PtyRequest.from_wire(args["pty"])
+        return cls(argv, env, cwd, stdin == "stream", timeout, pty)
 
     def timeout_error(self) -> OperationTimeout:
         """What the request ends with when its timeout passes."""
@@ -130,10 +221,14 @@ class ExecRequest:
             "its process group was killed with SIGKILL")
 
     def environment(self) -> dict[str, str]:
-        """The agent's environment, or the given one over a minimal default."""
-        if self.env is None:
-            return dict(os.environ)
-        return {"PATH": DEFAULT_PATH, **self.env}
+        """
+        The agent's environment, or the given one over a minimal default; on a pty,
+        ``TERM`` is the terminal's type.
+        """
+        environment = dict(os.environ) if self.env is None else {"PATH": DEFAULT_PATH, **self.env}
+        if self.pty is not None:
+            environment["TERM"] = self.pty.term
+        return environment
 
     def check_runnable(self, environment: dict[str, str]) -> str:
         """
@@ -310,8 +405,9 @@ class _ExecProcess(ProcessProtocol):
 
     transport: IProcessTransport | None
 
-    def __init__(self, io: RequestIO) -> None:
+    def __init__(self, io: RequestIO, on_pty: bool = False) -> None:
         self._io = io
+        self._on_pty = on_pty
         self._pending: dict[int, bytearray] = {channel: bytearray() for channel in _OUTPUTS}
         self._open_pipes = set(_OUTPUTS)
         self._data_waiters: dict[int, Deferred[None]] = {}
@@ -346,13 +442,44 @@ class _ExecProcess(ProcessProtocol):
 
     def processExited(self, reason: Failure) -> None:
         self._exited = True
+        if self._on_pty:
+            self._hang_up()
         self._settle()
+
+    def _hang_up(self) -> None:
+        """
+        The program that led the terminal's session has exited: take what the terminal
+        still holds for us and close it, so that what is left on it (a background job)
+        gets SIGHUP and the exec ends, as when a terminal window closes; otherwise any
+        process holding the terminal would keep the request open.
+        """
+        transport = cast(PTYProcess, self.transport)
+        if transport is None or not transport.connected:
+            return  # every holder closed it already: the output has been read whole
+        for chunk in read_terminal_remains(transport.fileno()):
+            self.childDataReceived(Channel.STDOUT, chunk)
+        transport.loseConnection()
 
     def processEnded(self, reason: Failure) -> None:
         self._ended = reason
+        # Every pipe has closed by now; a pty reports no pipe closing at all, only this.
+        closing, self._open_pipes = self._open_pipes, set()
+        for channel in closing:
+            self._wake(channel)
         self._settle()
 
     # -- control ------------------------------------------------------------------
+
+    def resize(self, rows: int, cols: int) -> None:
+        """
+        Give the program's terminal a new size.
+
+        :raises BadRequest: the terminal is closed: the program has ended.
+        """
+        transport = cast(PTYProcess, self.transport)
+        if transport is None or not transport.connected:  # its fd is closed, maybe reused
+            raise BadRequest("the terminal is closed: the program has ended")
+        set_window_size(transport.fileno(), rows, cols)
 
     def stop(self, error: VMControllerError) -> None:
         """Kill the program's process group and fail the operation with ``error``."""
@@ -440,6 +567,8 @@ def _spawn(reactor: IReactorProcess, protocol: ProcessProtocol, executable: str,
     """
     argv = request.argv
     try:
+        if request.pty is not None:
+            return _spawn_on_pty(reactor, protocol, executable, request, environment)
         if request.cwd is None and hasattr(os, "posix_spawn"):
             try:
                 return _spawn_in_session(reactor, protocol, executable, argv, environment)
@@ -458,6 +587,24 @@ def _spawn(reactor: IReactorProcess, protocol: ProcessProtocol, executable: str,
             raise PermissionDenied(f"the guest may not run {executable!r}: {e.strerror}",
                                    details) from None
         raise AgentOSError(f"the guest could not start {argv[0]!r}: {e}", {"errno": e.errno}) from None
+
+
+def _spawn_on_pty(reactor: IReactorProcess, protocol: ProcessProtocol, executable: str,
+                  request: ExecRequest, environment: dict[str, str]) -> IProcessTransport:
+    """Start the program on a new terminal of ``request.pty``'s size, which leads its session."""
+    assert request.pty is not None
+    master, terminal = os.openpty()
+    try:
+        set_window_size(terminal, request.pty.rows, request.pty.cols)
+        # Twisted's child calls setsid(), makes the terminal its controlling one
+        # (TIOCSCTTY) and puts it on fds 0-2; the parent keeps the master, non-blocking.
+        # (What reactor.spawnProcess does with usePTY, whose interface types it as a bool.)
+        return cast(IProcessTransport, PTYProcess(reactor, executable, request.argv, environment, request.cwd,
+                                                  protocol, usePTY=(master, terminal, os.ttyname(terminal))))
+    except BaseException:
+        os.close(master)
+        os.close(terminal)
+        raise
 
 
 def _kill_group(group: int) -> None:
@@ -479,8 +626,10 @@ async def run_exec(ctx: OperationContext) -> dict[str, Any]:
     request = ExecRequest.from_wire(ctx.args)
     environment = request.environment()
     executable = request.check_runnable(environment)
-    process = _ExecProcess(ctx.io)
+    process = _ExecProcess(ctx.io, on_pty=request.pty is not None)
     transport = _spawn(IReactorProcess(ctx.reactor), process, executable, request, environment)
+    if request.pty is not None:
+        ctx.controls["resize"] = process.resize
     stdin: Deferred[None] | None = None
     if request.stream_stdin:
         stdin = Deferred.fromCoroutine(_feed_stdin(ctx.io, transport))
@@ -499,4 +648,21 @@ async def run_exec(ctx: OperationContext) -> dict[str, Any]:
             stdin.cancel()
 
 
-OPERATIONS: dict[str, Operation] = {"exec": run_exec}
+def resize(ctx: OperationContext) -> None:
+    """
+    ``resize``: give the terminal of the pty exec ``request`` (a request in flight in this
+    session) ``rows`` and ``cols``.
+
+    :raises BadRequest: a size out of range, or ``request`` is not a pty exec in flight.
+    """
+    target = ctx.args.get("request")
+    rows, cols = window_size(ctx.args, "resize")
+    control = ctx.control_of(target, "resize") if type(target) is int else None
+    if control is None:
+        raise BadRequest(f"resize 'request' must be the id of a pty exec in flight in this session; got "
+                         f"{str(target)[:100]} (an exec without 'pty', or one that has ended?)",
+                         {"request": target if type(target) is int else None})
+    control(rows, cols)
+
+
+OPERATIONS: dict[str, Operation] = {"exec": run_exec, "resize": resize}

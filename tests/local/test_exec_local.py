@@ -20,9 +20,10 @@ from twisted.internet.task import deferLater
 
 from guest_agent.ops import exec as agent_exec
 from guest_agent.transports import AgentFactory
-from vmcontroller._exec import STREAM
+from vmcontroller._exec import STREAM, Terminal
 from vmcontroller.client import GuestClient, connect
 from vmcontroller.errors import (
+    BadRequest,
     CommandNotFound,
     NotADirectory,
     OperationCancelled,
@@ -319,3 +320,118 @@ async def test_many_at_once(client: GuestClient) -> None:
     for i, result in enumerate(results):
         expected = (f"out {i}\n".encode(), f"err {i}\n".encode(), i % 7)
         assert (result.stdout, result.stderr, result.exit_code) == expected
+
+
+# -- on a pty ----------------------------------------------------------------------------------
+
+
+class Screen:
+    """What a pty exec's terminal shows, and a way to wait for something to appear on it."""
+
+    def __init__(self) -> None:
+        self.text = b""
+
+    def show(self, chunk: bytes) -> None:
+        self.text += chunk
+
+    async def wait_for(self, wanted: bytes, start: int = 0) -> int:
+        """Where ``wanted`` ends, after ``start``, once it shows (within 10 s, or the test fails)."""
+        await wait_for(lambda: wanted in self.text[start:], f"{wanted!r} on the terminal")
+        return self.text.index(wanted, start) + len(wanted)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pty_exec_runs_on_a_terminal_of_the_requested_size(client: GuestClient) -> None:
+    screen = Screen()
+    handle = client.exec(["sh", "-c", 'tty; stty size; echo "TERM=$TERM"; ps -o tty= -p $$; exit 3'],
+                         pty=Terminal(31, 101, "xterm-256color"), on_stdout=screen.show)
+    result = await handle.exited
+    lines = screen.text.split(b"\r\n")  # the terminal's line endings (onlcr)
+    assert lines[0].startswith(b"/dev/pts/")
+    assert lines[1:3] == [b"31 101", b"TERM=xterm-256color"]
+    assert lines[3].strip() == lines[0].removeprefix(b"/dev/").strip()  # its controlling terminal
+    assert (result.exit_code, result.stderr) == (3, b"")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resize_reaches_the_foreground_job(client: GuestClient) -> None:
+    screen = Screen()
+    script = 'trap \'echo "winch $(stty size)"\' WINCH; echo ready; while :; do sleep 0.05; done'
+    handle = client.exec(["sh", "-c", script], pty=Terminal(24, 80), stdin=STREAM, on_stdout=screen.show)
+    seen = await screen.wait_for(b"ready")
+    await handle.resize(50, 132)
+    await screen.wait_for(b"winch 50 132", seen)
+    handle.cancel()
+    with pytest.raises(OperationCancelled):
+        await handle.exited
+    await handle.resize(10, 10)  # the process has ended: nothing to do, no error
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_ctrl_c_byte_interrupts_the_foreground_job(client: GuestClient, tmp_path: object) -> None:
+    screen = Screen()
+    pid_file = f"{tmp_path}/sleep.pid"
+    # An interactive shell runs its job in a process group of its own, the terminal's foreground.
+    handle = client.exec(["sh", "-i"], env={"PS1": "$ "}, pty=Terminal(), stdin=STREAM, on_stdout=screen.show)
+    await handle.write_stdin(f"sleep 300 & echo $! > {pid_file}\n".encode())
+    await wait_for(lambda: os.path.exists(pid_file) and os.path.getsize(pid_file), "the pid file")
+    with open(pid_file) as f:
+        sleeper = int(f.read())
+    await handle.write_stdin(b"sleep 301\n")
+    await wait_for(lambda: b"sleep 301\r\n" in screen.text, "the echo of the command")
+    await sleep(0.5)  # the shell has forked it, with the terminal's foreground group
+    await handle.write_stdin(b"\x03")
+    await handle.write_stdin(b"echo after $((6*7)); exit 5\n")
+    result = await handle.exited
+    assert b"after 42" in screen.text and result.exit_code == 5
+    # A background job, not in the foreground group: the interrupt spared it, and though it
+    # holds the terminal the exec ended with the shell.
+    assert alive(sleeper)
+    os.kill(sleeper, signal.SIGKILL)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pty_exec_ends_with_its_program_and_its_output_whole(
+    client: GuestClient, tmp_path: object
+) -> None:
+    """A background job that holds the terminal neither keeps the exec open nor loses output."""
+    pid_file = f"{tmp_path}/job.pid"
+    screen = Screen()
+    handle = client.exec(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; seq 1 30000"],
+                         pty=Terminal(), on_stdout=screen.show)
+    result = await handle.exited
+    with open(pid_file) as f:
+        job = int(f.read())
+    os.kill(job, signal.SIGKILL)
+    assert result.exit_code == 0
+    assert screen.text.split(b"\r\n") == [str(n).encode() for n in range(1, 30001)] + [b""]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelling_a_pty_exec_kills_its_process_group(client: GuestClient, tmp_path: object) -> None:
+    pid_file = f"{tmp_path}/child.pid"
+    screen = Screen()
+    handle = client.exec(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; echo started; wait"],
+                         pty=Terminal(), on_stdout=screen.show)
+    await screen.wait_for(b"started")
+    with open(pid_file) as f:
+        child = int(f.read())
+    handle.cancel()
+    with pytest.raises(OperationCancelled):
+        await handle.exited
+    await wait_for(lambda: not alive(child), "the background child's death")
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_terminal_sizes_are_refused_and_the_agent_serves_on(client: GuestClient) -> None:
+    for pty in ({"rows": 0, "cols": 80}, {"rows": 24, "cols": 4097}, {"rows": 24, "cols": 80, "term": "x y"}):
+        with pytest.raises(BadRequest, match="pty"):
+            await client.call("exec", {"argv": ["true"], "pty": pty})
+    screen = Screen()
+    handle = client.exec(["sh", "-c", "echo ready; read _"], pty=Terminal(), stdin=STREAM,
+                         on_stdout=screen.show)
+    await screen.wait_for(b"ready")
+    with pytest.raises(BadRequest, match="'rows' must be an integer from 1 to 4096"):
+        await handle.resize(-1, 80)
+    await handle.write_stdin(b"\n")
+    assert (await handle.exited).exit_code == 0

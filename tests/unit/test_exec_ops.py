@@ -20,8 +20,9 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from guest_agent.ops import exec as agent_exec
+from guest_agent.ops.commands import CommandRegistry
 from guest_agent.protocol.connection import Limits
-from vmcontroller._exec import STREAM, ExecHandle, ExecResult
+from vmcontroller._exec import STREAM, ExecHandle, ExecResult, Terminal
 from vmcontroller.errors import (
     AgentOSError,
     BadRequest,
@@ -32,6 +33,7 @@ from vmcontroller.errors import (
     PathNotFound,
     PermissionDenied,
     ProcessFailed,
+    UnknownOperation,
 )
 from vmcontroller.testing import InMemoryLink
 
@@ -557,3 +559,249 @@ def test_file_actions_on_random_maps() -> None:
         open_fds = {fd: rng.random() < 0.5 for fd in rng.sample(range(12), rng.randint(0, 10))}
         open_fds.update({parent: rng.random() < 0.3 for parent in fdmap.values()})
         assert _child_fds(agent_exec._file_actions(fdmap, open_fds), open_fds) == fdmap, (fdmap, open_fds)
+
+
+# -- on a pty ----------------------------------------------------------------------------------
+
+
+class FakePtyProcess(FakeProcess):
+    """A process on a pty, as Twisted's ``PTYProcess`` is one: one fd, no pipes to close."""
+
+    connected = 1
+
+    def __init__(self, protocol: IProcessProtocol, executable: str, request: agent_exec.ExecRequest,
+                 env: dict[str, str]) -> None:
+        super().__init__(protocol, executable, request.argv, env, request.cwd, session=True)
+        self.pty = request.pty
+        #: What the terminal still holds when the program exits.
+        self.remains: list[bytes] = []
+
+    def fileno(self) -> int:
+        return 99
+
+    def loseConnection(self) -> None:
+        super().loseConnection()
+        self.connected = 0
+
+    def end(self, reason: Exception) -> None:
+        """The program exits; the terminal closes once the agent hangs it up (or every holder left)."""
+        self.pid = None
+        self.protocol.processExited(Failure(reason))
+        self.connected = 0
+        self.protocol.processEnded(Failure(reason))
+
+
+class PtyExec(Exec):
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__(monkeypatch)
+        #: (fd, rows, cols) of each TIOCSWINSZ.
+        self.sizes: list[tuple[int, int, int]] = []
+        monkeypatch.setattr(agent_exec, "_spawn_on_pty", self._spawn)
+        monkeypatch.setattr(agent_exec, "set_window_size",
+                            lambda fd, rows, cols: self.sizes.append((fd, rows, cols)))
+        monkeypatch.setattr(agent_exec, "read_terminal_remains",
+                            lambda fd: self.pty_process.remains if fd == 99 else [])
+
+    def _spawn(self, reactor: FakeProcessReactor, protocol: IProcessProtocol, executable: str,
+               request: agent_exec.ExecRequest, environment: dict[str, str]) -> FakePtyProcess:
+        process = FakePtyProcess(protocol, executable, request, environment)
+        reactor._spawned(process)
+        return process
+
+    @property
+    def pty_process(self) -> FakePtyProcess:
+        process = self.process
+        assert isinstance(process, FakePtyProcess)
+        return process
+
+    def resize(self, handle: ExecHandle, rows: int, cols: int) -> Any:
+        d = handle.resize(rows, cols)
+        self.link.flush()
+        return outcome(d)
+
+    def call(self, op: str, args: dict[str, Any]) -> Any:
+        d = Deferred.fromCoroutine(self.link.client.call(op, args))
+        self.link.flush()
+        return outcome(d)
+
+
+@pytest.fixture
+def pty_exec(monkeypatch: pytest.MonkeyPatch) -> PtyExec:
+    return PtyExec(monkeypatch)
+
+
+def test_a_pty_exec_runs_on_a_terminal_of_its_size_and_type(pty_exec: PtyExec) -> None:
+    shown: list[bytes] = []
+    handle = pty_exec.start(["sh"], pty=Terminal(30, 100, "xterm-256color"), stdin=STREAM,
+                            on_stdout=shown.append)
+    process = pty_exec.process
+    assert isinstance(process, FakePtyProcess)
+    assert process.pty == agent_exec.PtyRequest(30, 100, "xterm-256color")
+    assert process.env["TERM"] == "xterm-256color" and process.env["PATH"] == os.environ["PATH"]
+    process.output(1, b"$ ")
+    handle.write_stdin(b"sleep 9\r\x03exit 3\r")  # keys, Ctrl-C among them, reach the terminal as typed
+    pty_exec.link.flush()
+    assert process.stdin == b"sleep 9\r\x03exit 3\r"
+    process.remains = [b"exit 3\r\n", b"logout\r\n"]  # still in the terminal when the shell exits
+    process.end(ProcessTerminated(3))
+    pty_exec.link.flush()
+    result = outcome(handle.exited)
+    assert b"".join(shown) == b"$ exit 3\r\nlogout\r\n"
+    assert (result.exit_code, result.stderr) == (3, b"")
+    assert process.lost  # the agent hung the terminal up: what is left on it cannot hold the exec open
+
+
+@pytest.mark.parametrize(("rows", "cols", "term"), [(0, 80, "vt100"), (24, 4097, "vt100"), (24, 80, "")])
+def test_the_host_checks_a_terminal_as_the_agent_does(rows: int, cols: int, term: str) -> None:
+    with pytest.raises(BadRequest, match="'pty'"):
+        Terminal(rows, cols, term)
+
+
+def test_the_pty_term_is_the_terminals_over_a_given_env(pty_exec: PtyExec) -> None:
+    pty_exec.start(["true"], env={"TERM": "dumb", "A": "1"}, pty=Terminal())
+    assert pty_exec.process.env == {"PATH": agent_exec.DEFAULT_PATH, "A": "1", "TERM": "vt100"}
+
+
+def test_resize_reaches_the_terminal_until_the_program_ends(pty_exec: PtyExec) -> None:
+    handle = pty_exec.start(["sh"], pty=Terminal(), stdin=STREAM)
+    assert pty_exec.resize(handle, 50, 132) is None
+    assert pty_exec.sizes == [(99, 50, 132)]
+    request_id = handle._io.request_id if handle._io is not None else 0
+    pty_exec.process.end(ProcessDone(0))
+    pty_exec.link.flush()
+    assert outcome(handle.exited).exit_code == 0
+    assert pty_exec.resize(handle, 10, 10) is None  # it ended: nothing to do, no error
+    refused = pty_exec.call("resize", {"request": request_id, "rows": 10, "cols": 10})
+    assert isinstance(refused, BadRequest) and refused.details == {"request": request_id}
+    assert pty_exec.sizes == [(99, 50, 132)]
+
+
+def test_a_closed_terminal_is_not_resized(pty_exec: PtyExec) -> None:
+    """Between the terminal closing and the exec's answer, its fd number may be another file's."""
+    handle = pty_exec.start(["sh"], pty=Terminal(), stdin=STREAM)
+    pty_exec.pty_process.connected = 0
+    assert isinstance(pty_exec.resize(handle, 50, 132), BadRequest)
+    assert pty_exec.sizes == []
+
+
+def test_an_exec_without_a_pty_has_nothing_to_resize(pty_exec: PtyExec) -> None:
+    handle = pty_exec.start(["sleep", "9"])
+    with pytest.raises(BadRequest, match="not started with a pty"):
+        handle.resize(24, 80)
+    assert handle._io is not None
+    refused = pty_exec.call("resize", {"request": handle._io.request_id, "rows": 24, "cols": 80})
+    assert isinstance(refused, BadRequest) and "pty exec in flight" in str(refused)
+    assert pty_exec.sizes == []
+
+
+@pytest.mark.parametrize("pty", [
+    {"rows": 0, "cols": 80},
+    {"rows": 24, "cols": 4097},
+    {"rows": -1, "cols": 80},
+    {"rows": "24", "cols": 80},
+    {"rows": True, "cols": 80},
+    {"rows": 24.0, "cols": 80},
+    {"rows": 24},
+    {"rows": 24, "cols": 80, "term": ""},
+    {"rows": 24, "cols": 80, "term": "xterm; rm -rf /"},
+    {"rows": 24, "cols": 80, "term": "x" * 65},
+    {"rows": 24, "cols": 80, "term": 7},
+    {"rows": 24, "cols": 80, "colour": True},
+    [24, 80],
+    "xterm",
+])
+def test_bad_pty_arguments_spawn_nothing(pty_exec: PtyExec, pty: Any) -> None:
+    refused = pty_exec.call("exec", {"argv": ["true"], "pty": pty})
+    assert isinstance(refused, BadRequest) and "'pty'" in str(refused)
+    assert pty_exec.reactor.processes == []
+    pty_exec.start(["true"], pty=Terminal(4096, 1))  # the agent serves on; the extremes are sizes
+    assert pty_exec.pty_process.pty == agent_exec.PtyRequest(4096, 1, "vt100")
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(0, 80), (24, 4097), (True, 80), (24, None), ("24", "80")])
+def test_bad_sizes_leave_the_terminal_as_it_was(pty_exec: PtyExec, rows: Any, cols: Any) -> None:
+    handle = pty_exec.start(["sh"], pty=Terminal(), stdin=STREAM)
+    assert isinstance(pty_exec.resize(handle, rows, cols), BadRequest)
+    assert pty_exec.sizes == [] and not handle.exited.called
+    assert pty_exec.resize(handle, 25, 81) is None and pty_exec.sizes == [(99, 25, 81)]
+
+
+def test_resize_of_a_request_that_is_no_pty_exec(pty_exec: PtyExec) -> None:
+    for target in (12345, "1", None, 0):
+        refused = pty_exec.call("resize", {"request": target, "rows": 24, "cols": 80})
+        assert isinstance(refused, BadRequest) and "'request'" in str(refused)
+
+
+def test_cancelling_a_pty_exec_kills_its_group(pty_exec: PtyExec) -> None:
+    handle = pty_exec.start(["sh"], pty=Terminal(), stdin=STREAM)
+    handle.cancel()
+    pty_exec.link.flush()
+    assert pty_exec.process.signals == ["KILL"] and pty_exec.killed_groups == [PID]
+    pty_exec.process.end(ProcessTerminated(signal=9))
+    pty_exec.link.flush()
+    assert isinstance(outcome(handle.exited), OperationCancelled)
+
+
+def test_the_agent_announces_pty_and_an_agent_without_it_is_refused(pty_exec: PtyExec) -> None:
+    assert pty_exec.link.client.agent_hello["features"] == ["pty"]
+    older = InMemoryLink({"exec": agent_exec.run_exec}, agent_reactor=pty_exec.reactor)
+    older.flush()
+    assert older.client.agent_hello["features"] == []
+    handle = older.client.exec(["sh"], pty=Terminal())
+    older.flush()
+    refused = outcome(handle.exited)
+    assert isinstance(refused, UnknownOperation) and "install this vmcontroller's agent" in str(refused)
+    assert pty_exec.reactor.processes == []
+
+
+def test_a_pty_exec_is_not_retained(pty_exec: PtyExec, tmp_path: Any) -> None:
+    with pytest.raises(BadRequest, match="exec_id or pty"):
+        pty_exec.link.client.exec(["sh"], exec_id="s1", pty=Terminal())
+    registry = CommandRegistry(str(tmp_path / "spool"))
+    link = InMemoryLink(registry.operations(), agent_reactor=pty_exec.reactor)
+    link.flush()
+    d = Deferred.fromCoroutine(link.client.call("exec", {"argv": ["sh"], "exec_id": "s1",
+                                                         "pty": {"rows": 24, "cols": 80}}))
+    link.flush()
+    refused = outcome(d)
+    assert isinstance(refused, BadRequest) and "cannot be retained" in str(refused)
+    assert pty_exec.reactor.processes == [] and registry.list(None)["commands"] == []  # type: ignore[arg-type]
+
+
+# A real pseudo-terminal, without a reactor or a process.
+
+
+def test_set_window_size_sets_what_the_terminal_reports() -> None:
+    master, terminal = os.openpty()
+    try:
+        agent_exec.set_window_size(master, 33, 77)
+        size = os.get_terminal_size(terminal)
+        assert (size.lines, size.columns) == (33, 77)
+    finally:
+        os.close(master)
+        os.close(terminal)
+
+
+def test_read_terminal_remains_reads_what_was_written_up_to_its_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    master, terminal = os.openpty()
+    os.set_blocking(master, False)
+    try:
+        written = bytes(random.randrange(32, 127) for _ in range(3000))
+        os.write(terminal, written)
+        # Read at once: what the kernel still moves from the terminal to the master comes too.
+        assert b"".join(agent_exec.read_terminal_remains(master)) == written
+        assert agent_exec.read_terminal_remains(master) == []  # nothing more now (EAGAIN)
+        monkeypatch.setattr(agent_exec, "TERMINAL_REMAINS", 1)
+        os.write(terminal, b"a")
+        first = agent_exec.read_terminal_remains(master)
+        os.write(terminal, b"b")
+        assert first == [b"a"] and agent_exec.read_terminal_remains(master) == [b"b"]
+        os.close(terminal)
+        terminal = -1
+        assert agent_exec.read_terminal_remains(master) == []  # EIO: nobody holds the terminal
+    finally:
+        os.close(master)
+        if terminal >= 0:
+            os.close(terminal)

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shlex
 import signal
 import sys
@@ -250,6 +251,12 @@ def _slot_relative(path: str) -> str:
     return path
 
 
+def _slot_file(slot: Path, name: str) -> Path:
+    """The host file a job file's name stands for: in the slot, or where the client's soft link
+    there leads (an input or output file of the workunit, in the project directory)."""
+    return boinc.resolve_filename(slot, _slot_relative(name))
+
+
 # -- what survives the wrapper ------------------------------------------------------------------
 
 
@@ -324,11 +331,10 @@ class Client:
     def report(self, cpu: float, checkpoint_cpu: float, fraction: float) -> None:
         if self.channels is not None:
             start, end = self.init.fraction_done_start, self.init.fraction_done_end
-            message = boinc.app_status_message(
-                self.init.wu_cpu_time + cpu,
-                self.init.wu_cpu_time + checkpoint_cpu,
-                start + (end - start) * fraction,
-            )
+            # The CPU time of earlier runs is in the state file, as BOINC's wrapper keeps it in its
+            # checkpoint file; init_data.xml's wu_cpu_time (the client's checkpoint_cpu_time,
+            # client/app_start.cpp) counts the same seconds again, so it is not added.
+            message = boinc.app_status_message(cpu, checkpoint_cpu, start + (end - start) * fraction)
             self.channels.send_msg("app_status", message)
 
     def finish(self, status: int, message: str = "") -> None:
@@ -369,6 +375,11 @@ def _cpu_seconds(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _read_fraction(text: str) -> float | None:
     try:
         value = float(text.split()[0])
@@ -404,7 +415,7 @@ async def _host_task(
     total: float,
 ) -> tuple[int, float]:
     def open_fd(name: str, flags: int) -> int | None:
-        return os.open(slot / _slot_relative(name), flags, 0o644) if name else None
+        return os.open(_slot_file(slot, name), flags, 0o644) if name else None
 
     fds = {
         0: open_fd(task.stdin_filename, os.O_RDONLY),
@@ -412,11 +423,17 @@ async def _host_task(
         2: open_fd(task.stderr_filename, os.O_WRONLY | os.O_CREAT | os.O_APPEND),
     }
     child_fds: dict[int, Any] = {n: (fd if fd is not None else ("r" if n else "w")) for n, fd in fds.items()}
-    application = task.application if os.path.isabs(task.application) else str(slot / task.application)
+    # A file of the app version is a soft link in the slot, as BOINC's wrapper resolves it.
+    application = task.application if os.path.isabs(task.application) else str(
+        boinc.resolve_filename(slot, task.application)
+    )
     if not os.path.exists(application):
         application = task.application  # a program on PATH, as BOINC's wrapper allows
     env = {**os.environ, **dict(task.setenv)}
     protocol = HostTask()
+    # The task's exact CPU time once it is reaped (the wrapper runs one child at a time): the
+    # samples from /proc miss a task that ends between two of them.
+    children_cpu_before = _children_cpu_seconds()
     # setsid(1) execs the task in place (same pid) as the leader of a new session and process
     # group, which suspend, resume and kill then reach whole, children included.
     process = reactor.spawnProcess(
@@ -449,7 +466,8 @@ async def _host_task(
                 state.cpu_done + cpu, state.checkpoint_cpu, (done_weight + task.weight * fraction) / total
             )
             await deferLater(reactor, POLL_INTERVAL, lambda: None)
-        return await protocol.ended, cpu
+        status = await protocol.ended
+        return status, max(cpu, _children_cpu_seconds() - children_cpu_before)
     finally:
         if not protocol.ended.called:
             await protocol.ended
@@ -553,12 +571,12 @@ class VMJob:
             await self._boot_or_reattach()
             if not self.state.inputs_copied:
                 for host, guest in self.settings.copy_in:
-                    await self.agent.push(str(self.slot / _slot_relative(host)), guest)
+                    await self.agent.push(str(_slot_file(self.slot, host)), guest)
                 self.state.inputs_copied = True
                 self.state.note(self.slot, "inputs copied in")
             status = await self._tasks()
             for guest, host in self.settings.copy_out:
-                target = self.slot / _slot_relative(host)
+                target = _slot_file(self.slot, host)
                 await self.agent.pull(guest, str(target))
             self.state.note(self.slot, "outputs copied out")
             await self._remove_vm()
@@ -736,7 +754,7 @@ class VMJob:
         d = f"{GUEST_RUN_DIR}/task-{index}"
         for guest, host in (("stdout", task.stdout_filename), ("stderr", task.stderr_filename)):
             if host:
-                await self.agent.pull(f"{d}/{guest}", str(self.slot / _slot_relative(host)))
+                await self.agent.pull(f"{d}/{guest}", str(_slot_file(self.slot, host)))
 
     async def _remove_vm(self) -> None:
         from hypervisors.interface import VMState
@@ -759,14 +777,18 @@ class VMJob:
 # -- entry point --------------------------------------------------------------------------------
 
 
-async def run_job(reactor: Any, slot: Path, job_file: Path) -> int:
-    """Run (or resume) the job of ``job_file`` in ``slot``; return the exit status."""
-    vbox = slot / VBOX_JOB_FILE
-    job = JobFile.parse(job_file.read_text(), vbox.read_text() if vbox.exists() else None)
+async def run_job(reactor: Any, slot: Path, job_name: str) -> int:
+    """Run (or resume) the job of the job file ``job_name`` in ``slot``; return the exit status."""
+    # Under the client both files are soft links to the app version's files.
+    vbox = boinc.resolve_filename(slot, VBOX_JOB_FILE)
+    job = JobFile.parse(
+        boinc.resolve_filename(slot, job_name).read_text(), vbox.read_text() if vbox.exists() else None
+    )
     client = Client(slot, reactor)
     state = WrapperState.load(slot)
     log.info(
-        "vmwrapper: {n} task(s) {where}, {mode}, resuming after {done} done",
+        "vmwrapper: workunit {wu}, {n} task(s) {where}, {mode}, resuming after {done} done",
+        wu=client.init.wu_name or "(none)",
         n=len(job.tasks),
         where="in a VM" if job.vm else "on the host",
         mode="standalone" if client.standalone else "under the BOINC client",
@@ -812,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def go(reactor: Any) -> None:
         try:
-            status.append(await run_job(reactor, slot, job_file))
+            status.append(await run_job(reactor, slot, args.job))
         except VMControllerError as e:
             # The state file is kept: started again, the wrapper goes on from where it was.
             print(f"vmwrapper: error: {e}", file=sys.stderr)

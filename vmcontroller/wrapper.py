@@ -62,6 +62,8 @@ VBOX_JOB_FILE = "vbox_job.xml"
 HEARTBEAT_TIMEOUT = 30.0
 #: Seconds between two looks at the job (fraction done, CPU time, requests).
 POLL_INTERVAL = 1.0
+#: The client reads app_status every second: a report waits at most this long for it to.
+REPORT_WAIT = 2.5
 #: Where the guest keeps each task's output, status and pid.
 GUEST_RUN_DIR = "/var/lib/vmwrapper"
 CHECKPOINT_PREFIX = "vmwrapper-checkpoint-"
@@ -328,14 +330,26 @@ class Client:
             requests.append(boinc.ClientRequest.QUIT)
         return requests
 
-    def report(self, cpu: float, checkpoint_cpu: float, fraction: float) -> None:
-        if self.channels is not None:
-            start, end = self.init.fraction_done_start, self.init.fraction_done_end
-            # The CPU time of earlier runs is in the state file, as BOINC's wrapper keeps it in its
-            # checkpoint file; init_data.xml's wu_cpu_time (the client's checkpoint_cpu_time,
-            # client/app_start.cpp) counts the same seconds again, so it is not added.
-            message = boinc.app_status_message(cpu, checkpoint_cpu, start + (end - start) * fraction)
-            self.channels.send_msg("app_status", message)
+    def report(self, cpu: float, checkpoint_cpu: float, fraction: float) -> bool:
+        """Put the job's status on ``app_status``; say whether it went (the channel was free)."""
+        if self.channels is None:
+            return True
+        start, end = self.init.fraction_done_start, self.init.fraction_done_end
+        # The CPU time of earlier runs is in the state file, as BOINC's wrapper keeps it in its
+        # checkpoint file; init_data.xml's wu_cpu_time (the client's checkpoint_cpu_time,
+        # client/app_start.cpp) counts the same seconds again, so it is not added.
+        message = boinc.app_status_message(cpu, checkpoint_cpu, start + (end - start) * fraction)
+        return self.channels.send_msg("app_status", message)
+
+    async def report_task_end(self, cpu: float, checkpoint_cpu: float, fraction: float) -> None:
+        """
+        Report the status at a task's end, waiting up to :data:`REPORT_WAIT` seconds for the
+        client to take the previous report: the client reads the channel once more when the
+        application has exited (``handle_exited_app``) and takes the job's final CPU time from it.
+        """
+        deadline = self.clock.seconds() + REPORT_WAIT
+        while not self.report(cpu, checkpoint_cpu, fraction) and self.clock.seconds() < deadline:
+            await deferLater(self.clock, 0.1, lambda: None)
 
     def finish(self, status: int, message: str = "") -> None:
         boinc.write_finish_file(self.slot, status, message)
@@ -402,6 +416,10 @@ async def run_on_host(reactor: Any, slot: Path, job: JobFile, client: Client, st
         state.cpu_done += cpu
         state.checkpoint_cpu = state.cpu_done
         state.note(slot, f"task {state.tasks_done - 1} done")
+        # A finished task is a checkpoint: the client learns it from the new checkpoint CPU time.
+        await client.report_task_end(
+            state.cpu_done, state.checkpoint_cpu, (done_weight + task.weight) / total_weight
+        )
     return 0
 
 
@@ -424,8 +442,10 @@ async def _host_task(
     }
     child_fds: dict[int, Any] = {n: (fd if fd is not None else ("r" if n else "w")) for n, fd in fds.items()}
     # A file of the app version is a soft link in the slot, as BOINC's wrapper resolves it.
-    application = task.application if os.path.isabs(task.application) else str(
-        boinc.resolve_filename(slot, task.application)
+    application = (
+        task.application
+        if os.path.isabs(task.application)
+        else str(boinc.resolve_filename(slot, task.application))
     )
     if not os.path.exists(application):
         application = task.application  # a program on PATH, as BOINC's wrapper allows
@@ -653,6 +673,8 @@ class VMJob:
             self.state.tasks_done += 1
             self.state.task_started = False
             self.state.note(self.slot, f"task {index} exited with {status}")
+            done = sum(t.weight for t in tasks[: index + 1]) / total
+            await self.client.report_task_end(self.state.cpu_done, self.state.checkpoint_cpu, done)
             await self._copy_task_output(task, index)
             if status != 0:
                 return status

@@ -71,7 +71,7 @@ open("worker.pid", "w").write(str(os.getpid()))
 done = int(open("worker.ckpt").read()) if os.path.exists("worker.ckpt") else 0
 while done < steps:
     start = time.process_time()
-    while time.process_time() - start < 0.02:
+    while time.process_time() - start < 0.01:
         pass
     time.sleep(0.1)
     done += 1
@@ -327,7 +327,7 @@ def test_the_real_client_runs_the_wrapper_and_suspends_and_resumes_it(data: Path
         state = (data / "client_state.xml").read_text()
     log = client.log()
     # Started once, ended with boinc_finish_called: no restart, no error.
-    assert log.count(f"Starting task {RESULT}") == 1, log
+    assert log.count("ACTIVE_TASK::start(): forked process") == 1, log
     assert "exited with zero status but no 'finished' file" not in log
     result = state.split("<result>")[1].split("</result>")[0]
     assert "<exit_status>0</exit_status>" in result and "<state>4</state>" in result, result
@@ -337,3 +337,41 @@ def test_the_real_client_runs_the_wrapper_and_suspends_and_resumes_it(data: Path
     assert out == "".join(f"step {i}\n" for i in range(1, 61))
     # init_data.xml was read: the wrapper knew the workunit's name and that a client was there.
     assert "under the BOINC client" in result and "workunit wu1" in result, result
+
+
+def test_suspended_after_a_checkpoint_it_is_quit_and_started_again_where_it_was(data: Path) -> None:
+    # The volunteer's default: a task that has checkpointed is removed from memory when
+    # suspended (ACTIVE_TASK::preempt in client/app.cpp sends <quit/>), and started again on resume.
+    first_task_cpu = 2.5
+    client = RealClient(data, job_xml(first_task_cpu), steps=40, leave_apps_in_memory=False)
+    with running(client):
+        worker_pid = client.slot / "worker.pid"
+        wait_for(worker_pid.exists, "the worker, the wrapper's second task")
+        # The first task's end was a checkpoint, reported with its CPU time.
+        wait_for(
+            lambda: number(client.task(), "CPU time at last checkpoint") >= first_task_cpu, "the checkpoint"
+        )
+        assert f"[checkpoint] result {RESULT} checkpointed" in client.log()
+        worker = int(worker_pid.read_text())
+        client.task_control("suspend")
+        wait_for(lambda: "(removed from memory)" in client.log(), "the client to quit the task")
+        # The wrapper quit: its worker is gone, and it did not call the job finished.
+        wait_for(lambda: process_state(worker) in ("gone", "Z"), "the worker's end")
+        wait_for(lambda: "task_state=UNINITIALIZED" in client.log(), "the wrapper's exit")
+        assert not (client.slot / "boinc_finish_called").exists()
+        client.task_control("resume")
+        wait_for(lambda: f"Computation for task {RESULT} finished" in client.log(), "the task's end")
+        state = (data / "client_state.xml").read_text()
+    log = client.log()
+    assert log.count("ACTIVE_TASK::start(): forked process") == 2, log
+    result = state.split("<result>")[1].split("</result>")[0]
+    assert "<exit_status>0</exit_status>" in result, result
+    # Started again, the wrapper went on from its state file: the first task ran once, and
+    # the worker went on from its own checkpoint.
+    out = (client.project / f"{RESULT}_r0").read_text().splitlines()
+    assert out.count("step 1") == 1 and out[-1] == "step 40", out
+    assert "resuming after 1 done" in result, result
+    # The CPU time the client keeps is the job's: the first run's seconds counted once (the
+    # client's wu_cpu_time in init_data.xml holds them too, and is not added again).
+    final_cpu = float(result.split("<final_cpu_time>")[1].split("<")[0])
+    assert first_task_cpu <= final_cpu < first_task_cpu + 1.5, result

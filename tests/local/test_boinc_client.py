@@ -43,7 +43,6 @@ MASTER_URL = "http://vmcontroller.invalid/test/"
 #: The project's directory, as the client names it (escape_project_url in lib/url.cpp).
 PROJECT_DIR = "projects/vmcontroller.invalid_test"
 PASSWORD = "vmc-test"
-RESULT = "wu1_0"
 VMWRAPPER = Path(sys.executable).with_name("vmwrapper")
 # The app version's main program, what a project deploys: the wrapper is a Python program, so a
 # script that starts it. The last line is never run (exec replaces the shell); BOINC's
@@ -123,16 +122,24 @@ def _file_info(path: Path, extra: str = "") -> str:
 class RealClient:
     """The BOINC client in its own data directory, with one job of a local project."""
 
-    def __init__(self, data: Path, job: str, steps: int, *, leave_apps_in_memory: bool) -> None:
+    def __init__(
+        self, data: Path, job: str, inputs: dict[str, str], *, wu: str = "wu1", leave_apps_in_memory: bool
+    ) -> None:
+        """
+        :param job: the app version's ``job.xml``.
+        :param inputs: the workunit's input files, by the name the job opens them with.
+        :param wu: the workunit's name (the wrapper names its VM after it).
+        """
         self.data = data
         self.project = data / PROJECT_DIR
         self.project.mkdir(parents=True)
+        self.wu, self.result = wu, f"{wu}_0"
         now = time.time()
         files = {
             "vmwrapper_launcher": LAUNCHER,
             "job_1.xml": job,
             "worker_1.py": WORKER,
-            "wu1_steps": f"{steps}\n",
+            **{f"{wu}_{name}": text for name, text in inputs.items()},
         }
         for name, text in files.items():
             (self.project / name).write_text(text)
@@ -145,7 +152,7 @@ class RealClient:
         (data / "global_prefs_override.xml").write_text(
             "<global_preferences><suspend_cpu_usage>0</suspend_cpu_usage>"
             f"<leave_apps_in_memory>{int(leave_apps_in_memory)}</leave_apps_in_memory>"
-            "<disk_interval>1</disk_interval></global_preferences>"
+            "</global_preferences>"
         )
         (data / "cc_config.xml").write_text(
             "<cc_config><log_flags><task/><task_debug/><cpu_sched/><checkpoint_debug/></log_flags>"
@@ -162,12 +169,9 @@ class RealClient:
   <dont_request_more_work/>
 </project>
 <app><name>vmwrapper</name><user_friendly_name>vmwrapper</user_friendly_name></app>
-{_file_info(self.project / "vmwrapper_launcher", "<executable/>")}
-{_file_info(self.project / "job_1.xml")}
-{_file_info(self.project / "worker_1.py")}
-{_file_info(self.project / "wu1_steps")}
+{"".join(_file_info(self.project / name, "<executable/>" * (name == "vmwrapper_launcher")) for name in files)}
 <file_info>
-  <name>{RESULT}_r0</name>
+  <name>{self.result}_r0</name>
   <max_nbytes>1000000</max_nbytes>
   <url>http://vmcontroller.invalid/test_cgi/file_upload_handler</url>
 </file_info>
@@ -182,24 +186,24 @@ class RealClient:
   <file_ref><file_name>worker_1.py</file_name><open_name>worker.py</open_name><copy_file/></file_ref>
 </app_version>
 <workunit>
-  <name>wu1</name>
+  <name>{wu}</name>
   <app_name>vmwrapper</app_name>
   <version_num>100</version_num>
   <rsc_fpops_est>1e12</rsc_fpops_est>
   <rsc_fpops_bound>1e18</rsc_fpops_bound>
   <rsc_memory_bound>1e9</rsc_memory_bound>
   <rsc_disk_bound>1e10</rsc_disk_bound>
-  <file_ref><file_name>wu1_steps</file_name><open_name>steps.txt</open_name></file_ref>
+  {"".join(f"<file_ref><file_name>{wu}_{n}</file_name><open_name>{n}</open_name></file_ref>" for n in inputs)}
 </workunit>
 <result>
-  <name>{RESULT}</name>
-  <wu_name>wu1</wu_name>
+  <name>{self.result}</name>
+  <wu_name>{wu}</wu_name>
   <version_num>100</version_num>
   <platform>x86_64-pc-linux-gnu</platform>
   <state>2</state>
   <received_time>{now:f}</received_time>
   <report_deadline>{now + 7 * 86400:f}</report_deadline>
-  <file_ref><file_name>{RESULT}_r0</file_name><open_name>out.txt</open_name></file_ref>
+  <file_ref><file_name>{self.result}_r0</file_name><open_name>out.txt</open_name></file_ref>
 </result>
 </client_state>
 """
@@ -257,7 +261,19 @@ class RealClient:
         return fields
 
     def task_control(self, op: str) -> None:
-        self.boinccmd("--task", MASTER_URL, RESULT, op)
+        self.boinccmd("--task", MASTER_URL, self.result, op)
+
+    def output(self) -> str:
+        """The result's output file, in the project directory."""
+        return (self.project / f"{self.result}_r0").read_text()
+
+    def finished(self) -> bool:
+        return f"Computation for task {self.result} finished" in self.log()
+
+    def result_state(self) -> str:
+        """The result's record in client_state.xml."""
+        state = (self.data / "client_state.xml").read_text()
+        return state.split("<result>")[1].split("</result>")[0]
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -301,7 +317,7 @@ def number(fields: dict[str, str], key: str) -> float:
 
 
 def test_the_real_client_runs_the_wrapper_and_suspends_and_resumes_it(data: Path) -> None:
-    client = RealClient(data, job_xml(first_task_cpu=0.2), steps=60, leave_apps_in_memory=True)
+    client = RealClient(data, job_xml(first_task_cpu=0.2), {"steps.txt": "60\n"}, leave_apps_in_memory=True)
     with running(client):
         worker_pid = client.slot / "worker.pid"
         wait_for(worker_pid.exists, "the worker, the wrapper's second task")
@@ -323,17 +339,16 @@ def test_the_real_client_runs_the_wrapper_and_suspends_and_resumes_it(data: Path
         client.task_control("resume")
         wait_for(lambda: process_state(worker) != "T", "the worker to go on")
 
-        wait_for(lambda: f"Computation for task {RESULT} finished" in client.log(), "the task's end")
-        state = (data / "client_state.xml").read_text()
+        wait_for(client.finished, "the task's end")
+        result = client.result_state()
     log = client.log()
     # Started once, ended with boinc_finish_called: no restart, no error.
     assert log.count("ACTIVE_TASK::start(): forked process") == 1, log
     assert "exited with zero status but no 'finished' file" not in log
-    result = state.split("<result>")[1].split("</result>")[0]
     assert "<exit_status>0</exit_status>" in result and "<state>4</state>" in result, result
     # The worker's stdout went where the client's soft link in the slot pointed: the result's
     # output file in the project directory.
-    out = (client.project / f"{RESULT}_r0").read_text()
+    out = client.output()
     assert out == "".join(f"step {i}\n" for i in range(1, 61))
     # init_data.xml was read: the wrapper knew the workunit's name and that a client was there.
     assert "under the BOINC client" in result and "workunit wu1" in result, result
@@ -343,7 +358,7 @@ def test_suspended_after_a_checkpoint_it_is_quit_and_started_again_where_it_was(
     # The volunteer's default: a task that has checkpointed is removed from memory when
     # suspended (ACTIVE_TASK::preempt in client/app.cpp sends <quit/>), and started again on resume.
     first_task_cpu = 2.5
-    client = RealClient(data, job_xml(first_task_cpu), steps=40, leave_apps_in_memory=False)
+    client = RealClient(data, job_xml(first_task_cpu), {"steps.txt": "40\n"}, leave_apps_in_memory=False)
     with running(client):
         worker_pid = client.slot / "worker.pid"
         wait_for(worker_pid.exists, "the worker, the wrapper's second task")
@@ -351,7 +366,7 @@ def test_suspended_after_a_checkpoint_it_is_quit_and_started_again_where_it_was(
         wait_for(
             lambda: number(client.task(), "CPU time at last checkpoint") >= first_task_cpu, "the checkpoint"
         )
-        assert f"[checkpoint] result {RESULT} checkpointed" in client.log()
+        assert f"[checkpoint] result {client.result} checkpointed" in client.log()
         worker = int(worker_pid.read_text())
         client.task_control("suspend")
         wait_for(lambda: "(removed from memory)" in client.log(), "the client to quit the task")
@@ -360,15 +375,14 @@ def test_suspended_after_a_checkpoint_it_is_quit_and_started_again_where_it_was(
         wait_for(lambda: "task_state=UNINITIALIZED" in client.log(), "the wrapper's exit")
         assert not (client.slot / "boinc_finish_called").exists()
         client.task_control("resume")
-        wait_for(lambda: f"Computation for task {RESULT} finished" in client.log(), "the task's end")
-        state = (data / "client_state.xml").read_text()
+        wait_for(client.finished, "the task's end")
+        result = client.result_state()
     log = client.log()
     assert log.count("ACTIVE_TASK::start(): forked process") == 2, log
-    result = state.split("<result>")[1].split("</result>")[0]
     assert "<exit_status>0</exit_status>" in result, result
     # Started again, the wrapper went on from its state file: the first task ran once, and
     # the worker went on from its own checkpoint.
-    out = (client.project / f"{RESULT}_r0").read_text().splitlines()
+    out = client.output().splitlines()
     assert out.count("step 1") == 1 and out[-1] == "step 40", out
     assert "resuming after 1 done" in result, result
     # The CPU time the client keeps is the job's: the first run's seconds counted once (the

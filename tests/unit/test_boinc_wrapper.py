@@ -49,14 +49,47 @@ def test_a_short_mmap_file_is_refused(tmp_path: Path) -> None:
 def test_init_data_and_finish_file(tmp_path: Path) -> None:
     init = boinc.InitData.parse(
         "<app_init_data><slot>3</slot><wu_name>wu_7</wu_name><checkpoint_period>120</checkpoint_period>"
-        "<wu_cpu_time>5.5</wu_cpu_time></app_init_data>"
+        "<fraction_done_start>0.5</fraction_done_start></app_init_data>"
     )
-    assert (init.slot, init.wu_name, init.checkpoint_period, init.wu_cpu_time) == (3, "wu_7", 120.0, 5.5)
+    assert (init.slot, init.wu_name, init.checkpoint_period) == (3, "wu_7", 120.0)
+    assert (init.fraction_done_start, init.fraction_done_end) == (0.5, 1.0)
     assert boinc.InitData.parse("<app_init_data/>").checkpoint_period == 300.0
     with pytest.raises(ValueError, match="checkpoint_period"):
         boinc.InitData.parse("<app_init_data><checkpoint_period>soon</checkpoint_period></app_init_data>")
     boinc.write_finish_file(tmp_path, 3, "bad input")
     assert (tmp_path / boinc.FINISH_FILE).read_text() == "3\nbad input\n"
+
+
+def slot_in_data_dir(tmp_path: Path) -> tuple[Path, Path]:
+    """A slot and a project directory laid out as the client lays them out."""
+    slot, project = tmp_path / "slots" / "0", tmp_path / "projects" / "example.org_p"
+    slot.mkdir(parents=True)
+    project.mkdir(parents=True)
+    return slot, project
+
+
+def test_soft_links_lead_to_the_project_directory(tmp_path: Path) -> None:
+    slot, project = slot_in_data_dir(tmp_path)
+    (project / "job_3.xml").write_text("<job_desc/>")
+    # As make_soft_link (client/file_names.cpp) writes it.
+    (slot / "job.xml").write_text("<soft_link>../../projects/example.org_p/job_3.xml</soft_link>\n")
+    assert boinc.resolve_filename(slot, "job.xml") == project / "job_3.xml"
+    # An output file's link leads to a file not there yet.
+    (slot / "out.txt").write_text("<soft_link>../../projects/example.org_p/wu_0_r0</soft_link>\n")
+    assert boinc.resolve_filename(slot, "out.txt") == project / "wu_0_r0"
+    # A plain file, a symbolic link and a missing file are themselves.
+    (slot / "plain.txt").write_text("data <soft_link> not on the first line\n")
+    (slot / "link").symlink_to(project / "job_3.xml")
+    for name in ("plain.txt", "link", "missing"):
+        assert boinc.resolve_filename(slot, name) == slot / name
+
+
+@pytest.mark.parametrize("target", ["../../../etc/passwd", "/etc/passwd", "../../projects", "../../slots/1"])
+def test_a_soft_link_out_of_the_project_directories_is_refused(tmp_path: Path, target: str) -> None:
+    slot, _ = slot_in_data_dir(tmp_path)
+    (slot / "job.xml").write_text(f"<soft_link>{target}</soft_link>\n")
+    with pytest.raises(boinc.SoftLinkError, match="outside the client's project directories"):
+        boinc.resolve_filename(slot, "job.xml")
 
 
 PLAIN_JOB = """

@@ -34,10 +34,11 @@ import pytest
 
 BOINC = shutil.which("boinc")
 BOINCCMD = shutil.which("boinccmd")
-pytestmark = pytest.mark.skipif(
+needs_boinc = pytest.mark.skipif(
     BOINC is None or BOINCCMD is None,
     reason="the BOINC client is not installed: bash scripts/setup-host.sh installs Debian's boinc-client",
 )
+pytestmark = needs_boinc
 
 MASTER_URL = "http://vmcontroller.invalid/test/"
 #: The project's directory, as the client names it (escape_project_url in lib/url.cpp).
@@ -232,6 +233,11 @@ class RealClient:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        process = self.process
+        # The GUI RPC socket is set up before that line (client/main.cpp, initialize()).
+        started = "Initialization completed"
+        wait_for(lambda: started in self.log() or process.poll() is not None, "the client's start")
+        assert process.poll() is None, f"the BOINC client exited at start:\n{self.log()}"
 
     def log(self) -> str:
         return (self.data / "client.log").read_text(errors="replace")
@@ -303,6 +309,9 @@ def running(client: RealClient) -> Iterator[RealClient]:
     finally:
         client.stop()
         print(client.log())
+        stderr = client.slot / "stderr.txt"  # the wrapper's, while the slot is kept
+        if stderr.exists():
+            print(f"--- the wrapper's stderr.txt ---\n{stderr.read_text(errors='replace')}")
 
 
 def process_state(pid: int) -> str:

@@ -808,6 +808,14 @@ async def run_job(reactor: Any, slot: Path, job_name: str) -> int:
     )
     client = Client(slot, reactor)
     state = WrapperState.load(slot)
+    if os.sched_getscheduler(0) == os.SCHED_IDLE:
+        # The client runs applications so unless the app version says is_wrapper
+        # (client/app_start.cpp); on a busy host the wrapper then starves, and with it the
+        # hypervisor's connection (libvirt drops a client that misses its keepalives).
+        log.warn(
+            "vmwrapper runs in the SCHED_IDLE class: on a busy host it may not get to run; the "
+            "project's app version should carry <is_wrapper/>"
+        )
     log.info(
         "vmwrapper: workunit {wu}, {n} task(s) {where}, {mode}, resuming after {done} done",
         wu=client.init.wu_name or "(none)",

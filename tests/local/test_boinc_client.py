@@ -6,7 +6,9 @@ The client gets its work from a server's scheduler, but it keeps what it has in
 writes a data directory as the client would have left it after downloading one job of a
 project: an account file (a project without one is dropped, ``parse_state_file_aux``), the
 project with no master file or scheduler RPC pending, the app, its version (our launcher as the
-main program, ``job.xml`` as a file of the version, as BOINC's wrapper is deployed), a workunit
+main program, ``job.xml`` as a file of the version, as BOINC's wrapper is deployed; flagged
+``is_wrapper``, which spares it the idle scheduling class that the client gives applications,
+``client/app_start.cpp``), a workunit
 with an input file and a result in state "files downloaded" with one output file. The master URL
 is in ``.invalid``, which never resolves (RFC 2606): nothing reaches a server, and the finished
 result waits for an upload that cannot happen, which does not matter here.
@@ -182,6 +184,7 @@ class RealClient:
   <platform>x86_64-pc-linux-gnu</platform>
   <avg_ncpus>1</avg_ncpus>
   <api_version>7.20.0</api_version>
+  <is_wrapper/>
   <file_ref><file_name>vmwrapper_launcher</file_name><main_program/></file_ref>
   <file_ref><file_name>job_1.xml</file_name><open_name>job.xml</open_name></file_ref>
   <file_ref><file_name>worker_1.py</file_name><open_name>worker.py</open_name><copy_file/></file_ref>
@@ -337,6 +340,8 @@ def test_the_real_client_runs_the_wrapper_and_suspends_and_resumes_it(data: Path
         task = client.task()
         assert number(task, "current CPU time") > 0.2, task
         assert task["active_task_state"] == "EXECUTING", task
+        # An app version flagged is_wrapper runs out of the idle class (client/app_start.cpp).
+        assert os.sched_getscheduler(int(task["PID"])) != os.SCHED_IDLE
 
         # The client sends <suspend/> (the task stays in memory): the wrapper stops the worker.
         client.task_control("suspend")

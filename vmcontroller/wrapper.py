@@ -36,7 +36,7 @@ from typing import Any, Literal
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater, react
+from twisted.internet.task import LoopingCall, deferLater, react
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
 
@@ -313,6 +313,27 @@ class Client:
         self.init = boinc.InitData.parse(init.read_text()) if init.exists() else boinc.InitData()
         self.channels = boinc.ClientChannels(slot) if (slot / boinc.MMAP_FILE).exists() else None
         self.last_heartbeat = clock.seconds()
+        self._pending: list[boinc.ClientRequest] = []
+        # The channels are read every second whatever the wrapper is doing (a VM boots for
+        # minutes under TCG): the client takes an application that leaves a request unread for
+        # 180 s for hung and kills it (process_control_poll, client/app_control.cpp).
+        self._reader = LoopingCall(self._read)
+        self._reader.clock = clock
+
+    def start(self) -> None:
+        """Start reading the client's channels."""
+        if self.channels is not None:
+            self._reader.start(POLL_INTERVAL)
+
+    def stop(self) -> None:
+        if self._reader.running:
+            self._reader.stop()
+
+    def _read(self) -> None:
+        assert self.channels is not None
+        if self.channels.heartbeat():
+            self.last_heartbeat = self.clock.seconds()
+        self._pending.extend(self.channels.requests())
 
     @property
     def standalone(self) -> bool:
@@ -322,9 +343,8 @@ class Client:
         """The client's requests since the last poll; a client gone silent means quit."""
         if self.channels is None:
             return []
-        if self.channels.heartbeat():
-            self.last_heartbeat = self.clock.seconds()
-        requests = self.channels.requests()
+        self._read()
+        requests, self._pending = self._pending, []
         if self.clock.seconds() - self.last_heartbeat > HEARTBEAT_TIMEOUT:
             log.warn("No heartbeat from the BOINC client for {s:g} s: quitting", s=HEARTBEAT_TIMEOUT)
             requests.append(boinc.ClientRequest.QUIT)
@@ -810,8 +830,8 @@ async def run_job(reactor: Any, slot: Path, job_name: str) -> int:
     state = WrapperState.load(slot)
     if os.sched_getscheduler(0) == os.SCHED_IDLE:
         # The client runs applications so unless the app version says is_wrapper
-        # (client/app_start.cpp); on a busy host the wrapper then starves, and with it the
-        # hypervisor's connection (libvirt drops a client that misses its keepalives).
+        # (client/app_start.cpp): the wrapper then runs only when a CPU is otherwise idle, while
+        # it has to answer the client and the hypervisor in time.
         log.warn(
             "vmwrapper runs in the SCHED_IDLE class: on a busy host it may not get to run; the "
             "project's app version should carry <is_wrapper/>"
@@ -824,6 +844,7 @@ async def run_job(reactor: Any, slot: Path, job_name: str) -> int:
         mode="standalone" if client.standalone else "under the BOINC client",
         done=state.tasks_done,
     )
+    client.start()
     try:
         if job.vm is None:
             status = await run_on_host(reactor, slot, job, client, state)
@@ -834,6 +855,8 @@ async def run_job(reactor: Any, slot: Path, job_name: str) -> int:
     except _Abort:
         client.finish(boinc.EXIT_ABORTED_BY_CLIENT, "aborted by the client")
         return boinc.EXIT_ABORTED_BY_CLIENT
+    finally:
+        client.stop()
     client.finish(status)
     (slot / STATE_FILE).unlink(missing_ok=True)
     return status

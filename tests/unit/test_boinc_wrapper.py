@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from twisted.internet.task import Clock
 
 from vmcontroller import boinc
-from vmcontroller.wrapper import GuestTaskStatus, JobFile, JobFileError, Task, WrapperState
+from vmcontroller.wrapper import Client, GuestTaskStatus, JobFile, JobFileError, Task, WrapperState
 
 
 def test_channels_follow_boincs_flag_protocol(tmp_path: Path) -> None:
@@ -178,3 +179,23 @@ def test_state_survives_in_its_file(tmp_path: Path) -> None:
     (tmp_path / "vmwrapper_state.json").write_text("{not json")
     with pytest.raises(JobFileError, match="remove it to start the job over"):
         WrapperState.load(tmp_path)
+
+
+def test_the_client_channels_are_read_while_the_wrapper_is_busy(tmp_path: Path) -> None:
+    # The real client kills an application that leaves a request unread for 180 s
+    # (process_control_poll, client/app_control.cpp): requests are taken off the channel every
+    # second, and kept until the wrapper asks for them.
+    client_side = boinc.ClientChannels.create(tmp_path)
+    clock = Clock()
+    wrapper_client = Client(tmp_path, clock)
+    wrapper_client.start()
+    assert client_side.send_msg("process_control_request", "<suspend/>")
+    clock.advance(1.0)
+    assert client_side.send_msg("process_control_request", "<resume/>")  # the channel was emptied
+    clock.advance(1.0)
+    assert wrapper_client.poll() == [boinc.ClientRequest.SUSPEND, boinc.ClientRequest.RESUME]
+    assert wrapper_client.poll() == []
+    wrapper_client.stop()
+    assert client_side.send_msg("process_control_request", "<quit/>")
+    clock.advance(1.0)
+    assert not client_side.send_msg("process_control_request", "<abort/>")  # stopped: not read

@@ -7,9 +7,9 @@ writes a data directory as the client would have left it after downloading one j
 project: an account file (a project without one is dropped, ``parse_state_file_aux``), the
 project with no master file or scheduler RPC pending, the app, its version (our launcher as the
 main program, ``job.xml`` as a file of the version, as BOINC's wrapper is deployed; flagged
-``is_wrapper``, which spares it the idle scheduling class that the client gives applications,
-``client/app_start.cpp``), a workunit
-with an input file and a result in state "files downloaded" with one output file. The master URL
+``is_wrapper``, which spares it the idle scheduling class the client gives applications,
+``client/app_start.cpp``), a workunit with an input file and a result in state "files
+downloaded" with one output file. The master URL
 is in ``.invalid``, which never resolves (RFC 2606): nothing reaches a server, and the finished
 result waits for an upload that cannot happen, which does not matter here.
 
@@ -285,12 +285,14 @@ class RealClient:
         return state.split("<result>")[1].split("</result>")[0]
 
     def stop(self) -> None:
+        """Ask the client to exit (it quits the wrapper first); kill its process group (the
+        wrapper is in it) if it does not."""
         if self.process is None or self.process.poll() is not None:
             return
-        self.boinccmd("--quit")
         try:
+            self.boinccmd("--quit")
             self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        except (AssertionError, subprocess.TimeoutExpired):
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 

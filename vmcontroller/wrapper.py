@@ -345,6 +345,8 @@ class Client:
             return []
         self._read()
         requests, self._pending = self._pending, []
+        for request in requests:
+            log.info("The BOINC client asks the job to {request}", request=request.value)
         if self.clock.seconds() - self.last_heartbeat > HEARTBEAT_TIMEOUT:
             log.warn("No heartbeat from the BOINC client for {s:g} s: quitting", s=HEARTBEAT_TIMEOUT)
             requests.append(boinc.ClientRequest.QUIT)

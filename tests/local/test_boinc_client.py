@@ -407,3 +407,20 @@ def test_suspended_after_a_checkpoint_it_is_quit_and_started_again_where_it_was(
     # client's wu_cpu_time in init_data.xml holds them too, and is not added again).
     final_cpu = float(result.split("<final_cpu_time>")[1].split("<")[0])
     assert first_task_cpu <= final_cpu < first_task_cpu + 1.5, result
+
+
+def test_aborted_by_the_client_the_wrapper_stops_its_task(data: Path) -> None:
+    client = RealClient(data, job_xml(first_task_cpu=0.1), {"steps.txt": "1000\n"}, leave_apps_in_memory=True)
+    with running(client):
+        worker_pid = client.slot / "worker.pid"
+        wait_for(worker_pid.exists, "the worker")
+        worker = int(worker_pid.read_text())
+        client.task_control("abort")  # <abort/> (ACTIVE_TASK::request_abort, client/app_control.cpp)
+        wait_for(lambda: process_state(worker) in ("gone", "Z"), "the worker's end")
+        wait_for(lambda: "task_state=ABORTED" in client.log(), "the wrapper's exit")
+        result = client.result_state()
+    # The client marks the result aborted (state 6) with EXIT_ABORTED_VIA_GUI (203) whatever the
+    # wrapper exits with (ACTIVE_TASK::abort_task); the wrapper's log has the request.
+    assert "<state>6</state>" in result and "<exit_status>203</exit_status>" in result, result
+    assert "asks the job to abort" in result, result
+    assert client.output().count("step") < 1000

@@ -34,6 +34,7 @@ __all__ = [
     "FINISH_FILE",
     "INIT_DATA_FILE",
     "MMAP_FILE",
+    "TEMPORARY_EXIT_FILE",
     "ClientChannels",
     "ClientRequest",
     "InitData",
@@ -41,11 +42,13 @@ __all__ = [
     "app_status_message",
     "resolve_filename",
     "write_finish_file",
+    "write_temporary_exit",
 ]
 
 INIT_DATA_FILE = "init_data.xml"
 MMAP_FILE = "boinc_mmap_file"
 FINISH_FILE = "boinc_finish_called"
+TEMPORARY_EXIT_FILE = "boinc_temporary_exit"
 MSG_CHANNEL_SIZE = 1024
 #: ``struct SHARED_MEM``'s channels, in their order in the mapped file.
 CHANNELS = (
@@ -243,3 +246,15 @@ def write_finish_file(slot_dir: Path, status: int, message: str = "") -> None:
     partial = slot_dir / f".{FINISH_FILE}.partial"
     partial.write_text(f"{status}\n{message}\n" if message else f"{status}\n")
     partial.replace(slot_dir / FINISH_FILE)
+
+
+def write_temporary_exit(slot_dir: Path, delay: int, reason: str) -> None:
+    """
+    Write ``boinc_temporary_exit`` as ``boinc_temporary_exit`` (``api/boinc_api.cpp``) does: the
+    delay in seconds, then the reason. An application that exits 0 with it is started again
+    after the delay (``handle_temporary_exit``, ``client/app_control.cpp``), not failed.
+    """
+    one_line = " ".join(reason.split())
+    partial = slot_dir / f".{TEMPORARY_EXIT_FILE}.partial"
+    partial.write_text(f"{delay}\n{one_line}\n")
+    partial.replace(slot_dir / TEMPORARY_EXIT_FILE)

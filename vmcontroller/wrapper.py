@@ -41,7 +41,14 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
 
 from vmcontroller import boinc
-from vmcontroller.errors import VMControllerError, VMNotFound
+from vmcontroller.errors import (
+    AgentUnreachable,
+    HypervisorUnavailable,
+    VMControllerError,
+    VMLocked,
+    VMNotFound,
+    VMTimeout,
+)
 
 __all__ = [
     "STATE_FILE",
@@ -64,6 +71,11 @@ HEARTBEAT_TIMEOUT = 30.0
 POLL_INTERVAL = 1.0
 #: The client reads app_status every second: a report waits at most this long for it to.
 REPORT_WAIT = 2.5
+#: Errors that may pass (a busy host, a hypervisor restarting): under the client the wrapper
+#: asks to be started again after TEMPORARY_EXIT_DELAY seconds instead of failing the job, as
+#: vboxwrapper does when a VM does not come up in time.
+TRANSIENT_ERRORS = (AgentUnreachable, HypervisorUnavailable, VMLocked, VMTimeout)
+TEMPORARY_EXIT_DELAY = 60
 #: Where the guest keeps each task's output, status and pid.
 GUEST_RUN_DIR = "/var/lib/vmwrapper"
 CHECKPOINT_PREFIX = "vmwrapper-checkpoint-"
@@ -857,6 +869,13 @@ async def run_job(reactor: Any, slot: Path, job_name: str) -> int:
     except _Abort:
         client.finish(boinc.EXIT_ABORTED_BY_CLIENT, "aborted by the client")
         return boinc.EXIT_ABORTED_BY_CLIENT
+    except TRANSIENT_ERRORS as e:
+        if client.standalone:
+            raise
+        # The state file is kept: started again, the wrapper goes on from where it was.
+        log.warn("{error}: the client is to start the job again in {s} s", error=e, s=TEMPORARY_EXIT_DELAY)
+        boinc.write_temporary_exit(slot, TEMPORARY_EXIT_DELAY, f"vmwrapper: {e}")
+        return 0
     finally:
         client.stop()
     client.finish(status)

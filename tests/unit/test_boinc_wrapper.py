@@ -5,10 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
 
 from vmcontroller import boinc
-from vmcontroller.wrapper import Client, GuestTaskStatus, JobFile, JobFileError, Task, WrapperState
+from vmcontroller.errors import AgentUnreachable
+from vmcontroller.wrapper import (
+    TEMPORARY_EXIT_DELAY,
+    Client,
+    GuestTaskStatus,
+    JobFile,
+    JobFileError,
+    Task,
+    VMJob,
+    WrapperState,
+    run_job,
+)
+
+successResultOf = SynchronousTestCase().successResultOf
+failureResultOf = SynchronousTestCase().failureResultOf
 
 
 def test_channels_follow_boincs_flag_protocol(tmp_path: Path) -> None:
@@ -199,3 +215,27 @@ def test_the_client_channels_are_read_while_the_wrapper_is_busy(tmp_path: Path) 
     assert client_side.send_msg("process_control_request", "<quit/>")
     clock.advance(1.0)
     assert not client_side.send_msg("process_control_request", "<abort/>")  # stopped: not read
+
+
+VM_JOB = "<job_desc><task><application>sh</application></task><vm/></job_desc>"
+
+
+def test_a_vm_that_does_not_come_up_is_a_temporary_exit_under_the_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def agent_never_answers(self: VMJob) -> int:
+        raise AgentUnreachable("no agent answered on vmwrapper-x within 300 s")
+
+    monkeypatch.setattr(VMJob, "run", agent_never_answers)
+    (tmp_path / "job.xml").write_text(VM_JOB)
+    # Standalone, the error is the wrapper's (main prints it and exits 1).
+    failure = failureResultOf(Deferred.fromCoroutine(run_job(Clock(), tmp_path, "job.xml")))
+    assert failure.check(AgentUnreachable)
+    assert not (tmp_path / boinc.TEMPORARY_EXIT_FILE).exists()
+    # Under the client, the job is put off: boinc_temporary_exit and status 0, as
+    # boinc_temporary_exit() leaves them, and nothing that says the job is finished.
+    boinc.ClientChannels.create(tmp_path)
+    assert successResultOf(Deferred.fromCoroutine(run_job(Clock(), tmp_path, "job.xml"))) == 0
+    delay, reason = (tmp_path / boinc.TEMPORARY_EXIT_FILE).read_text().splitlines()
+    assert int(delay) == TEMPORARY_EXIT_DELAY and "no agent answered" in reason
+    assert not (tmp_path / boinc.FINISH_FILE).exists()

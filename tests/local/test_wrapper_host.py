@@ -96,14 +96,14 @@ class StandInClient:
         if status is not None:
             self.fractions.append(float(status.split("<fraction_done>")[1].split("<")[0]))
 
-    def wait_for(self, condition: Callable[[], bool], what: str) -> None:
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
         """Wait as a client waits: beating the heart and reading app_status meanwhile."""
 
         def beating() -> bool:
             self.beat()
             return condition()
 
-        wait_for(beating, what)
+        wait_for(beating, what, timeout)
 
     def ask(self, request: str) -> None:
         message = f"<{request}/>"

@@ -497,7 +497,7 @@ async def _host_task(
         if fd is not None:
             os.close(fd)
     pid = process.pid
-    cpu = 0.0
+    cpu = fraction = 0.0
     suspended = False
     try:
         while not protocol.ended.called:
@@ -512,10 +512,11 @@ async def _host_task(
                     os.killpg(pid, signal.SIGKILL)
                     raise _Quit() if request is boinc.ClientRequest.QUIT else _Abort()
             cpu = max(cpu, _cpu_seconds(pid))
-            fraction = 0.0
             if task.fraction_done_filename:
                 with contextlib.suppress(OSError):
-                    fraction = _read_fraction((slot / task.fraction_done_filename).read_text()) or 0.0
+                    # A file caught while the task rewrites it (empty) leaves the last value.
+                    read = _read_fraction((slot / task.fraction_done_filename).read_text())
+                    fraction = fraction if read is None else read
             client.report(
                 state.cpu_done + cpu, state.checkpoint_cpu, (done_weight + task.weight * fraction) / total
             )

@@ -59,14 +59,14 @@ def test_the_real_client_runs_a_vm_job_and_suspends_and_resumes_the_vm(tmp_path:
     vm = f"vmwrapper-{workunit}"
     with running(client):
         # The VM boots (minutes under TCG on a busy host), then the job reports its progress.
-        wait_for(lambda: number(client.task(), "fraction done") >= 2 / STEPS, "the job's progress", 900)
+        wait_for(lambda: number(client.task(), "fraction done") >= 2 / STEPS, "the job's progress", 500)
         assert vm_state(vm) == "running"
         client.task_control("suspend")
         wait_for(lambda: vm_state(vm) == "paused", "the VM to pause", 120)
         assert client.task()["active_task_state"] == "SUSPENDED"
         client.task_control("resume")
         wait_for(lambda: vm_state(vm) == "running", "the VM to run again", 120)
-        wait_for(client.finished, "the task's end", 600)
+        wait_for(client.finished, "the task's end", 300)
         result = client.result_state()
     assert "<exit_status>0</exit_status>" in result, result
     assert client.log().count("ACTIVE_TASK::start(): forked process") == 1

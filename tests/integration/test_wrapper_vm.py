@@ -22,7 +22,7 @@ from tests.local.test_wrapper_host import StandInClient
 pytestmark = pytest.mark.integration
 
 #: What waits on a guest's boot or shutdown may wait this long: minutes under TCG on a busy host.
-VM_WAIT = 900.0
+VM_WAIT = 480.0
 
 STEPS = 30
 # The job: counts to STEPS, a second a step; "started" is written once per start of the job,

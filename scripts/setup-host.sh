@@ -6,8 +6,9 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 URI="qemu:///system"
+# boinc-client: the real BOINC client, which tests/local/test_boinc_client.py runs the wrapper under.
 PACKAGES=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils mmdebstrap
-          libvirt-dev pkg-config python3-dev python3-venv e2fsprogs gcc tini)
+          libvirt-dev pkg-config python3-dev python3-venv e2fsprogs gcc tini boinc-client)
 
 step() { echo "setup-host: $*"; }
 die() { echo "setup-host: error: $*" >&2; exit 1; }
@@ -26,6 +27,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
         step "apt-get update"
         apt-get update -qq >/dev/null || step "apt-get update reported errors; trying the install anyway"
     fi
+    # boinc-client's postinst makes its user with adduser --gecos, which runs chfn; where PAM
+    # refuses chfn (containers) the install fails. The user made beforehand, adduser is skipped.
+    if ! getent passwd boinc >/dev/null; then
+        getent group boinc >/dev/null || groupadd --system boinc
+        useradd --system --gid boinc --home-dir /var/lib/boinc-client --no-create-home \
+            --shell /usr/sbin/nologin --comment "BOINC core client" boinc
+    fi
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
         || die "apt-get install ${missing[*]} failed; run it by hand to see why"
 else
@@ -38,6 +46,13 @@ fi
 if [ -c /dev/kvm ] && getent group kvm >/dev/null; then
     chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
     step "/dev/kvm is root:kvm 0660, as Debian's udev rule leaves it"
+fi
+
+# The tests run their own BOINC client in a directory of their own; the system one (started by
+# the package under systemd) would only look for work from projects this machine has none of.
+if [ -d /run/systemd/system ] && systemctl is-active --quiet boinc-client 2>/dev/null; then
+    systemctl disable --now boinc-client >/dev/null 2>&1 || true
+    step "stopped and disabled the system boinc-client service"
 fi
 
 # PID 1 may not be systemd (containers, CI): start the daemons ourselves when not running.

@@ -10,6 +10,10 @@ receiver clears the flag. The client sends ``<heartbeat/>`` every second and ask
 ``<suspend/>``, ``<resume/>``, ``<quit/>`` or ``<abort/>``; the application reports its CPU time
 and fraction done every second on ``app_status``. When done it writes ``boinc_finish_called``
 and exits with its status. Without ``init_data.xml`` the application runs standalone.
+
+The client puts the application's files in the slot as *soft links*: small files whose first
+line is ``<soft_link>../../projects/DIR/NAME</soft_link>`` (``client/file_names.cpp``,
+``make_soft_link``); :func:`resolve_filename` follows them as ``boinc_resolve_filename`` does.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from __future__ import annotations
 import enum
 import mmap
 import os
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+
+from vmcontroller.errors import VMControllerError
 
 __all__ = [
     "CHANNELS",
@@ -27,16 +34,21 @@ __all__ = [
     "FINISH_FILE",
     "INIT_DATA_FILE",
     "MMAP_FILE",
+    "TEMPORARY_EXIT_FILE",
     "ClientChannels",
     "ClientRequest",
     "InitData",
+    "SoftLinkError",
     "app_status_message",
+    "resolve_filename",
     "write_finish_file",
+    "write_temporary_exit",
 ]
 
 INIT_DATA_FILE = "init_data.xml"
 MMAP_FILE = "boinc_mmap_file"
 FINISH_FILE = "boinc_finish_called"
+TEMPORARY_EXIT_FILE = "boinc_temporary_exit"
 MSG_CHANNEL_SIZE = 1024
 #: ``struct SHARED_MEM``'s channels, in their order in the mapped file.
 CHANNELS = (
@@ -52,6 +64,13 @@ CHANNELS = (
 SHARED_MEM_SIZE = MSG_CHANNEL_SIZE * len(CHANNELS)
 #: BOINC's ``EXIT_ABORTED_BY_CLIENT`` (``lib/error_numbers.h``).
 EXIT_ABORTED_BY_CLIENT = 194
+#: ``boinc_resolve_filename`` reads a soft link's first line into a buffer of this size.
+SOFT_LINK_LINE = 512
+_SOFT_LINK = re.compile(rb"<soft_link>(.*?)</soft_link>")
+
+
+class SoftLinkError(VMControllerError):
+    """A soft link in the slot points outside the BOINC client's project directories."""
 
 
 class ClientRequest(enum.Enum):
@@ -71,7 +90,6 @@ class InitData:
     :ivar slot: the slot number.
     :ivar wu_name: the workunit's name.
     :ivar checkpoint_period: seconds between checkpoints the volunteer asked for.
-    :ivar wu_cpu_time: CPU seconds the job used in earlier runs (before a restart).
     :ivar fraction_done_start: where this run's fraction done starts (compound apps).
     :ivar fraction_done_end: where it ends.
     """
@@ -79,7 +97,6 @@ class InitData:
     slot: int = 0
     wu_name: str = ""
     checkpoint_period: float = 300.0
-    wu_cpu_time: float = 0.0
     fraction_done_start: float = 0.0
     fraction_done_end: float = 1.0
 
@@ -108,7 +125,6 @@ class InitData:
             slot=int(number("slot", 0)),
             wu_name=(root.findtext("wu_name") or "").strip(),
             checkpoint_period=number("checkpoint_period", 300.0),
-            wu_cpu_time=number("wu_cpu_time", 0.0),
             fraction_done_start=number("fraction_done_start", 0.0),
             fraction_done_end=number("fraction_done_end", 1.0),
         )
@@ -190,6 +206,38 @@ class ClientChannels:
         self._map.close()
 
 
+def resolve_filename(slot_dir: Path, name: str) -> Path:
+    """
+    The file that ``name`` in ``slot_dir`` stands for, as ``boinc_resolve_filename``
+    (``lib/app_ipc.cpp``) finds it: a symbolic link or a plain file is itself; a file whose first
+    line holds ``<soft_link>PATH</soft_link>`` is ``PATH``, relative to the slot.
+
+    The client's links lead to its ``projects/`` directory, two levels up from the slot; a link
+    that leads elsewhere is refused (``resolve_soft_link`` in the same file checks that prefix too).
+
+    :raises SoftLinkError: a soft link out of the client's project directories.
+    """
+    path = slot_dir / name
+    if path.is_symlink():
+        return path
+    try:
+        with path.open("rb") as f:
+            first_line = f.readline(SOFT_LINK_LINE - 1)
+    except OSError:
+        return path  # not there yet (an output) or not readable: the name itself, as BOINC does
+    found = _SOFT_LINK.search(first_line)
+    if found is None:
+        return path
+    target = (slot_dir / os.fsdecode(found.group(1).strip())).resolve()
+    projects = (slot_dir / ".." / ".." / "projects").resolve()
+    if not target.is_relative_to(projects) or target == projects:
+        raise SoftLinkError(
+            f"{path} is a BOINC soft link to {found.group(1).decode(errors='replace')!r}, outside the "
+            f"client's project directories {projects}: the slot is not one the client set up"
+        )
+    return target
+
+
 def write_finish_file(slot_dir: Path, status: int, message: str = "") -> None:
     """
     Write ``boinc_finish_called`` as ``boinc_finish_message`` does: the exit status on the first
@@ -198,3 +246,15 @@ def write_finish_file(slot_dir: Path, status: int, message: str = "") -> None:
     partial = slot_dir / f".{FINISH_FILE}.partial"
     partial.write_text(f"{status}\n{message}\n" if message else f"{status}\n")
     partial.replace(slot_dir / FINISH_FILE)
+
+
+def write_temporary_exit(slot_dir: Path, delay: int, reason: str) -> None:
+    """
+    Write ``boinc_temporary_exit`` as ``boinc_temporary_exit`` (``api/boinc_api.cpp``) does: the
+    delay in seconds, then the reason. An application that exits 0 with it is started again
+    after the delay (``handle_temporary_exit``, ``client/app_control.cpp``), not failed.
+    """
+    one_line = " ".join(reason.split())
+    partial = slot_dir / f".{TEMPORARY_EXIT_FILE}.partial"
+    partial.write_text(f"{delay}\n{one_line}\n")
+    partial.replace(slot_dir / TEMPORARY_EXIT_FILE)

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shlex
 import signal
 import sys
@@ -35,12 +36,19 @@ from typing import Any, Literal
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater, react
+from twisted.internet.task import LoopingCall, deferLater, react
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
 
 from vmcontroller import boinc
-from vmcontroller.errors import VMControllerError, VMNotFound
+from vmcontroller.errors import (
+    AgentUnreachable,
+    HypervisorUnavailable,
+    VMControllerError,
+    VMLocked,
+    VMNotFound,
+    VMTimeout,
+)
 
 __all__ = [
     "STATE_FILE",
@@ -61,6 +69,13 @@ VBOX_JOB_FILE = "vbox_job.xml"
 HEARTBEAT_TIMEOUT = 30.0
 #: Seconds between two looks at the job (fraction done, CPU time, requests).
 POLL_INTERVAL = 1.0
+#: The client reads app_status every second: a report waits at most this long for it to.
+REPORT_WAIT = 2.5
+#: Errors that may pass (a busy host, a hypervisor restarting): under the client the wrapper
+#: asks to be started again after TEMPORARY_EXIT_DELAY seconds instead of failing the job, as
+#: vboxwrapper does when a VM does not come up in time.
+TRANSIENT_ERRORS = (AgentUnreachable, HypervisorUnavailable, VMLocked, VMTimeout)
+TEMPORARY_EXIT_DELAY = 60
 #: Where the guest keeps each task's output, status and pid.
 GUEST_RUN_DIR = "/var/lib/vmwrapper"
 CHECKPOINT_PREFIX = "vmwrapper-checkpoint-"
@@ -250,6 +265,12 @@ def _slot_relative(path: str) -> str:
     return path
 
 
+def _slot_file(slot: Path, name: str) -> Path:
+    """The host file a job file's name stands for: in the slot, or where the client's soft link
+    there leads (an input or output file of the workunit, in the project directory)."""
+    return boinc.resolve_filename(slot, _slot_relative(name))
+
+
 # -- what survives the wrapper ------------------------------------------------------------------
 
 
@@ -304,6 +325,27 @@ class Client:
         self.init = boinc.InitData.parse(init.read_text()) if init.exists() else boinc.InitData()
         self.channels = boinc.ClientChannels(slot) if (slot / boinc.MMAP_FILE).exists() else None
         self.last_heartbeat = clock.seconds()
+        self._pending: list[boinc.ClientRequest] = []
+        # The channels are read every second whatever the wrapper is doing (a VM boots for
+        # minutes under TCG): the client takes an application that leaves a request unread for
+        # 180 s for hung and kills it (process_control_poll, client/app_control.cpp).
+        self._reader = LoopingCall(self._read)
+        self._reader.clock = clock
+
+    def start(self) -> None:
+        """Start reading the client's channels."""
+        if self.channels is not None:
+            self._reader.start(POLL_INTERVAL)
+
+    def stop(self) -> None:
+        if self._reader.running:
+            self._reader.stop()
+
+    def _read(self) -> None:
+        assert self.channels is not None
+        if self.channels.heartbeat():
+            self.last_heartbeat = self.clock.seconds()
+        self._pending.extend(self.channels.requests())
 
     @property
     def standalone(self) -> bool:
@@ -313,23 +355,35 @@ class Client:
         """The client's requests since the last poll; a client gone silent means quit."""
         if self.channels is None:
             return []
-        if self.channels.heartbeat():
-            self.last_heartbeat = self.clock.seconds()
-        requests = self.channels.requests()
+        self._read()
+        requests, self._pending = self._pending, []
+        for request in requests:
+            log.info("The BOINC client asks the job to {request}", request=request.value)
         if self.clock.seconds() - self.last_heartbeat > HEARTBEAT_TIMEOUT:
             log.warn("No heartbeat from the BOINC client for {s:g} s: quitting", s=HEARTBEAT_TIMEOUT)
             requests.append(boinc.ClientRequest.QUIT)
         return requests
 
-    def report(self, cpu: float, checkpoint_cpu: float, fraction: float) -> None:
-        if self.channels is not None:
-            start, end = self.init.fraction_done_start, self.init.fraction_done_end
-            message = boinc.app_status_message(
-                self.init.wu_cpu_time + cpu,
-                self.init.wu_cpu_time + checkpoint_cpu,
-                start + (end - start) * fraction,
-            )
-            self.channels.send_msg("app_status", message)
+    def report(self, cpu: float, checkpoint_cpu: float, fraction: float) -> bool:
+        """Put the job's status on ``app_status``; say whether it went (the channel was free)."""
+        if self.channels is None:
+            return True
+        start, end = self.init.fraction_done_start, self.init.fraction_done_end
+        # The CPU time of earlier runs is in the state file, as BOINC's wrapper keeps it in its
+        # checkpoint file; init_data.xml's wu_cpu_time (the client's checkpoint_cpu_time,
+        # client/app_start.cpp) counts the same seconds again, so it is not added.
+        message = boinc.app_status_message(cpu, checkpoint_cpu, start + (end - start) * fraction)
+        return self.channels.send_msg("app_status", message)
+
+    async def report_task_end(self, cpu: float, checkpoint_cpu: float, fraction: float) -> None:
+        """
+        Report the status at a task's end, waiting up to :data:`REPORT_WAIT` seconds for the
+        client to take the previous report: the client reads the channel once more when the
+        application has exited (``handle_exited_app``) and takes the job's final CPU time from it.
+        """
+        deadline = self.clock.seconds() + REPORT_WAIT
+        while not self.report(cpu, checkpoint_cpu, fraction) and self.clock.seconds() < deadline:
+            await deferLater(self.clock, 0.1, lambda: None)
 
     def finish(self, status: int, message: str = "") -> None:
         boinc.write_finish_file(self.slot, status, message)
@@ -369,6 +423,11 @@ def _cpu_seconds(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _read_fraction(text: str) -> float | None:
     try:
         value = float(text.split()[0])
@@ -391,6 +450,10 @@ async def run_on_host(reactor: Any, slot: Path, job: JobFile, client: Client, st
         state.cpu_done += cpu
         state.checkpoint_cpu = state.cpu_done
         state.note(slot, f"task {state.tasks_done - 1} done")
+        # A finished task is a checkpoint: the client learns it from the new checkpoint CPU time.
+        await client.report_task_end(
+            state.cpu_done, state.checkpoint_cpu, (done_weight + task.weight) / total_weight
+        )
     return 0
 
 
@@ -404,7 +467,7 @@ async def _host_task(
     total: float,
 ) -> tuple[int, float]:
     def open_fd(name: str, flags: int) -> int | None:
-        return os.open(slot / _slot_relative(name), flags, 0o644) if name else None
+        return os.open(_slot_file(slot, name), flags, 0o644) if name else None
 
     fds = {
         0: open_fd(task.stdin_filename, os.O_RDONLY),
@@ -412,11 +475,19 @@ async def _host_task(
         2: open_fd(task.stderr_filename, os.O_WRONLY | os.O_CREAT | os.O_APPEND),
     }
     child_fds: dict[int, Any] = {n: (fd if fd is not None else ("r" if n else "w")) for n, fd in fds.items()}
-    application = task.application if os.path.isabs(task.application) else str(slot / task.application)
+    # A file of the app version is a soft link in the slot, as BOINC's wrapper resolves it.
+    application = (
+        task.application
+        if os.path.isabs(task.application)
+        else str(boinc.resolve_filename(slot, task.application))
+    )
     if not os.path.exists(application):
         application = task.application  # a program on PATH, as BOINC's wrapper allows
     env = {**os.environ, **dict(task.setenv)}
     protocol = HostTask()
+    # The task's exact CPU time once it is reaped (the wrapper runs one child at a time): the
+    # samples from /proc miss a task that ends between two of them.
+    children_cpu_before = _children_cpu_seconds()
     # setsid(1) execs the task in place (same pid) as the leader of a new session and process
     # group, which suspend, resume and kill then reach whole, children included.
     process = reactor.spawnProcess(
@@ -426,7 +497,7 @@ async def _host_task(
         if fd is not None:
             os.close(fd)
     pid = process.pid
-    cpu = 0.0
+    cpu = fraction = 0.0
     suspended = False
     try:
         while not protocol.ended.called:
@@ -441,15 +512,17 @@ async def _host_task(
                     os.killpg(pid, signal.SIGKILL)
                     raise _Quit() if request is boinc.ClientRequest.QUIT else _Abort()
             cpu = max(cpu, _cpu_seconds(pid))
-            fraction = 0.0
             if task.fraction_done_filename:
                 with contextlib.suppress(OSError):
-                    fraction = _read_fraction((slot / task.fraction_done_filename).read_text()) or 0.0
+                    # A file caught while the task rewrites it (empty) leaves the last value.
+                    read = _read_fraction((slot / task.fraction_done_filename).read_text())
+                    fraction = fraction if read is None else read
             client.report(
                 state.cpu_done + cpu, state.checkpoint_cpu, (done_weight + task.weight * fraction) / total
             )
             await deferLater(reactor, POLL_INTERVAL, lambda: None)
-        return await protocol.ended, cpu
+        status = await protocol.ended
+        return status, max(cpu, _children_cpu_seconds() - children_cpu_before)
     finally:
         if not protocol.ended.called:
             await protocol.ended
@@ -553,12 +626,12 @@ class VMJob:
             await self._boot_or_reattach()
             if not self.state.inputs_copied:
                 for host, guest in self.settings.copy_in:
-                    await self.agent.push(str(self.slot / _slot_relative(host)), guest)
+                    await self.agent.push(str(_slot_file(self.slot, host)), guest)
                 self.state.inputs_copied = True
                 self.state.note(self.slot, "inputs copied in")
             status = await self._tasks()
             for guest, host in self.settings.copy_out:
-                target = self.slot / _slot_relative(host)
+                target = _slot_file(self.slot, host)
                 await self.agent.pull(guest, str(target))
             self.state.note(self.slot, "outputs copied out")
             await self._remove_vm()
@@ -635,6 +708,8 @@ class VMJob:
             self.state.tasks_done += 1
             self.state.task_started = False
             self.state.note(self.slot, f"task {index} exited with {status}")
+            done = sum(t.weight for t in tasks[: index + 1]) / total
+            await self.client.report_task_end(self.state.cpu_done, self.state.checkpoint_cpu, done)
             await self._copy_task_output(task, index)
             if status != 0:
                 return status
@@ -736,7 +811,7 @@ class VMJob:
         d = f"{GUEST_RUN_DIR}/task-{index}"
         for guest, host in (("stdout", task.stdout_filename), ("stderr", task.stderr_filename)):
             if host:
-                await self.agent.pull(f"{d}/{guest}", str(self.slot / _slot_relative(host)))
+                await self.agent.pull(f"{d}/{guest}", str(_slot_file(self.slot, host)))
 
     async def _remove_vm(self) -> None:
         from hypervisors.interface import VMState
@@ -759,19 +834,32 @@ class VMJob:
 # -- entry point --------------------------------------------------------------------------------
 
 
-async def run_job(reactor: Any, slot: Path, job_file: Path) -> int:
-    """Run (or resume) the job of ``job_file`` in ``slot``; return the exit status."""
-    vbox = slot / VBOX_JOB_FILE
-    job = JobFile.parse(job_file.read_text(), vbox.read_text() if vbox.exists() else None)
+async def run_job(reactor: Any, slot: Path, job_name: str) -> int:
+    """Run (or resume) the job of the job file ``job_name`` in ``slot``; return the exit status."""
+    # Under the client both files are soft links to the app version's files.
+    vbox = boinc.resolve_filename(slot, VBOX_JOB_FILE)
+    job = JobFile.parse(
+        boinc.resolve_filename(slot, job_name).read_text(), vbox.read_text() if vbox.exists() else None
+    )
     client = Client(slot, reactor)
     state = WrapperState.load(slot)
+    if os.sched_getscheduler(0) == os.SCHED_IDLE:
+        # The client runs applications so unless the app version says is_wrapper
+        # (client/app_start.cpp): the wrapper then runs only when a CPU is otherwise idle, while
+        # it has to answer the client and the hypervisor in time.
+        log.warn(
+            "vmwrapper runs in the SCHED_IDLE class: on a busy host it may not get to run; the "
+            "project's app version should carry <is_wrapper/>"
+        )
     log.info(
-        "vmwrapper: {n} task(s) {where}, {mode}, resuming after {done} done",
+        "vmwrapper: workunit {wu}, {n} task(s) {where}, {mode}, resuming after {done} done",
+        wu=client.init.wu_name or "(none)",
         n=len(job.tasks),
         where="in a VM" if job.vm else "on the host",
         mode="standalone" if client.standalone else "under the BOINC client",
         done=state.tasks_done,
     )
+    client.start()
     try:
         if job.vm is None:
             status = await run_on_host(reactor, slot, job, client, state)
@@ -782,6 +870,15 @@ async def run_job(reactor: Any, slot: Path, job_file: Path) -> int:
     except _Abort:
         client.finish(boinc.EXIT_ABORTED_BY_CLIENT, "aborted by the client")
         return boinc.EXIT_ABORTED_BY_CLIENT
+    except TRANSIENT_ERRORS as e:
+        if client.standalone:
+            raise
+        # The state file is kept: started again, the wrapper goes on from where it was.
+        log.warn("{error}: the client is to start the job again in {s} s", error=e, s=TEMPORARY_EXIT_DELAY)
+        boinc.write_temporary_exit(slot, TEMPORARY_EXIT_DELAY, f"vmwrapper: {e}")
+        return 0
+    finally:
+        client.stop()
     client.finish(status)
     (slot / STATE_FILE).unlink(missing_ok=True)
     return status
@@ -812,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def go(reactor: Any) -> None:
         try:
-            status.append(await run_job(reactor, slot, job_file))
+            status.append(await run_job(reactor, slot, args.job))
         except VMControllerError as e:
             # The state file is kept: started again, the wrapper goes on from where it was.
             print(f"vmwrapper: error: {e}", file=sys.stderr)

@@ -21,6 +21,9 @@ from tests.local.test_wrapper_host import StandInClient
 
 pytestmark = pytest.mark.integration
 
+#: What waits on a guest's boot or shutdown may wait this long: minutes under TCG on a busy host.
+VM_WAIT = 480.0
+
 STEPS = 30
 # The job: counts to STEPS, a second a step; "started" is written once per start of the job,
 # so a job that started over shows it twice.
@@ -96,7 +99,9 @@ def test_killed_after_a_checkpoint_it_finishes_the_job_without_starting_over(slo
     name = f"vmwrapper-vmc-test-wrapper-{os.getpid()}"
     first = start_wrapper(slot)
     try:
-        client.wait_for(lambda: any(h.startswith("checkpoint ") for h in history(slot)), "a checkpoint")
+        client.wait_for(
+            lambda: any(h.startswith("checkpoint ") for h in history(slot)), "a checkpoint", VM_WAIT
+        )
     finally:
         os.kill(first.pid, signal.SIGKILL)
         print(first.communicate()[0].decode(errors="replace"))
@@ -104,14 +109,16 @@ def test_killed_after_a_checkpoint_it_finishes_the_job_without_starting_over(slo
 
     second = start_wrapper(slot)
     try:
-        client.wait_for(lambda: any(h.startswith("re-attached") for h in history(slot)), "the re-attach")
+        client.wait_for(
+            lambda: any(h.startswith("re-attached") for h in history(slot)), "the re-attach", VM_WAIT
+        )
         client.ask("suspend")
         client.wait_for(lambda: "suspended" in history(slot), "the suspend")
         assert vm_state(name) == "paused"
         client.ask("resume")
         client.wait_for(lambda: "resumed" in history(slot), "the resume")
         assert vm_state(name) == "running"
-        client.wait_for(lambda: second.poll() is not None, "the job's end")
+        client.wait_for(lambda: second.poll() is not None, "the job's end", VM_WAIT)
     finally:
         if second.poll() is None:
             second.kill()

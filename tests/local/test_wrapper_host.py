@@ -69,8 +69,18 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) ->
         time.sleep(0.05)
 
 
+HEARTBEAT = "<heartbeat/><wss>3.600000e+07</wss><max_wss>1.200000e+10</max_wss>"
+
+
 class StandInClient:
-    """The client's side of the slot: heartbeats, requests, and the app_status it reads."""
+    """
+    The client's side of the slot: heartbeats, requests, and the app_status it reads, as the
+    real client (BOINC 7.20, ``client/app_control.cpp``) does them: ``send_heartbeats`` sends
+    ``<heartbeat/>`` with the working set sizes every second, ``suspend``/``unsuspend``/
+    ``request_exit``/``request_abort`` send ``<suspend/>``, ``<resume/>``, ``<quit/>``,
+    ``<abort/>`` on ``process_control_request``. ``tests/local/test_boinc_client.py`` runs the
+    wrapper under the real client; this stand-in drives the same channels message by message.
+    """
 
     def __init__(self, slot: Path) -> None:
         (slot / boinc.INIT_DATA_FILE).write_text(
@@ -81,19 +91,19 @@ class StandInClient:
         self.fractions: list[float] = []
 
     def beat(self) -> None:
-        self.channels.send_msg("heartbeat", "<heartbeat/>")
+        self.channels.send_msg("heartbeat", HEARTBEAT)
         status = self.channels.get_msg("app_status")
         if status is not None:
             self.fractions.append(float(status.split("<fraction_done>")[1].split("<")[0]))
 
-    def wait_for(self, condition: Callable[[], bool], what: str) -> None:
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
         """Wait as a client waits: beating the heart and reading app_status meanwhile."""
 
         def beating() -> bool:
             self.beat()
             return condition()
 
-        wait_for(beating, what)
+        wait_for(beating, what, timeout)
 
     def ask(self, request: str) -> None:
         message = f"<{request}/>"

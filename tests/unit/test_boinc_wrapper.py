@@ -5,9 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
 
 from vmcontroller import boinc
-from vmcontroller.wrapper import GuestTaskStatus, JobFile, JobFileError, Task, WrapperState
+from vmcontroller.errors import AgentUnreachable
+from vmcontroller.wrapper import (
+    TEMPORARY_EXIT_DELAY,
+    Client,
+    GuestTaskStatus,
+    JobFile,
+    JobFileError,
+    Task,
+    VMJob,
+    WrapperState,
+    run_job,
+)
+
+successResultOf = SynchronousTestCase().successResultOf
+failureResultOf = SynchronousTestCase().failureResultOf
 
 
 def test_channels_follow_boincs_flag_protocol(tmp_path: Path) -> None:
@@ -49,14 +66,47 @@ def test_a_short_mmap_file_is_refused(tmp_path: Path) -> None:
 def test_init_data_and_finish_file(tmp_path: Path) -> None:
     init = boinc.InitData.parse(
         "<app_init_data><slot>3</slot><wu_name>wu_7</wu_name><checkpoint_period>120</checkpoint_period>"
-        "<wu_cpu_time>5.5</wu_cpu_time></app_init_data>"
+        "<fraction_done_start>0.5</fraction_done_start></app_init_data>"
     )
-    assert (init.slot, init.wu_name, init.checkpoint_period, init.wu_cpu_time) == (3, "wu_7", 120.0, 5.5)
+    assert (init.slot, init.wu_name, init.checkpoint_period) == (3, "wu_7", 120.0)
+    assert (init.fraction_done_start, init.fraction_done_end) == (0.5, 1.0)
     assert boinc.InitData.parse("<app_init_data/>").checkpoint_period == 300.0
     with pytest.raises(ValueError, match="checkpoint_period"):
         boinc.InitData.parse("<app_init_data><checkpoint_period>soon</checkpoint_period></app_init_data>")
     boinc.write_finish_file(tmp_path, 3, "bad input")
     assert (tmp_path / boinc.FINISH_FILE).read_text() == "3\nbad input\n"
+
+
+def slot_in_data_dir(tmp_path: Path) -> tuple[Path, Path]:
+    """A slot and a project directory laid out as the client lays them out."""
+    slot, project = tmp_path / "slots" / "0", tmp_path / "projects" / "example.org_p"
+    slot.mkdir(parents=True)
+    project.mkdir(parents=True)
+    return slot, project
+
+
+def test_soft_links_lead_to_the_project_directory(tmp_path: Path) -> None:
+    slot, project = slot_in_data_dir(tmp_path)
+    (project / "job_3.xml").write_text("<job_desc/>")
+    # As make_soft_link (client/file_names.cpp) writes it.
+    (slot / "job.xml").write_text("<soft_link>../../projects/example.org_p/job_3.xml</soft_link>\n")
+    assert boinc.resolve_filename(slot, "job.xml") == project / "job_3.xml"
+    # An output file's link leads to a file not there yet.
+    (slot / "out.txt").write_text("<soft_link>../../projects/example.org_p/wu_0_r0</soft_link>\n")
+    assert boinc.resolve_filename(slot, "out.txt") == project / "wu_0_r0"
+    # A plain file, a symbolic link and a missing file are themselves.
+    (slot / "plain.txt").write_text("data <soft_link> not on the first line\n")
+    (slot / "link").symlink_to(project / "job_3.xml")
+    for name in ("plain.txt", "link", "missing"):
+        assert boinc.resolve_filename(slot, name) == slot / name
+
+
+@pytest.mark.parametrize("target", ["../../../etc/passwd", "/etc/passwd", "../../projects", "../../slots/1"])
+def test_a_soft_link_out_of_the_project_directories_is_refused(tmp_path: Path, target: str) -> None:
+    slot, _ = slot_in_data_dir(tmp_path)
+    (slot / "job.xml").write_text(f"<soft_link>{target}</soft_link>\n")
+    with pytest.raises(boinc.SoftLinkError, match="outside the client's project directories"):
+        boinc.resolve_filename(slot, "job.xml")
 
 
 PLAIN_JOB = """
@@ -145,3 +195,47 @@ def test_state_survives_in_its_file(tmp_path: Path) -> None:
     (tmp_path / "vmwrapper_state.json").write_text("{not json")
     with pytest.raises(JobFileError, match="remove it to start the job over"):
         WrapperState.load(tmp_path)
+
+
+def test_the_client_channels_are_read_while_the_wrapper_is_busy(tmp_path: Path) -> None:
+    # The real client kills an application that leaves a request unread for 180 s
+    # (process_control_poll, client/app_control.cpp): requests are taken off the channel every
+    # second, and kept until the wrapper asks for them.
+    client_side = boinc.ClientChannels.create(tmp_path)
+    clock = Clock()
+    wrapper_client = Client(tmp_path, clock)
+    wrapper_client.start()
+    assert client_side.send_msg("process_control_request", "<suspend/>")
+    clock.advance(1.0)
+    assert client_side.send_msg("process_control_request", "<resume/>")  # the channel was emptied
+    clock.advance(1.0)
+    assert wrapper_client.poll() == [boinc.ClientRequest.SUSPEND, boinc.ClientRequest.RESUME]
+    assert wrapper_client.poll() == []
+    wrapper_client.stop()
+    assert client_side.send_msg("process_control_request", "<quit/>")
+    clock.advance(1.0)
+    assert not client_side.send_msg("process_control_request", "<abort/>")  # stopped: not read
+
+
+VM_JOB = "<job_desc><task><application>sh</application></task><vm/></job_desc>"
+
+
+def test_a_vm_that_does_not_come_up_is_a_temporary_exit_under_the_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def agent_never_answers(self: VMJob) -> int:
+        raise AgentUnreachable("no agent answered on vmwrapper-x within 300 s")
+
+    monkeypatch.setattr(VMJob, "run", agent_never_answers)
+    (tmp_path / "job.xml").write_text(VM_JOB)
+    # Standalone, the error is the wrapper's (main prints it and exits 1).
+    failure = failureResultOf(Deferred.fromCoroutine(run_job(Clock(), tmp_path, "job.xml")))
+    assert failure.check(AgentUnreachable)
+    assert not (tmp_path / boinc.TEMPORARY_EXIT_FILE).exists()
+    # Under the client, the job is put off: boinc_temporary_exit and status 0, as
+    # boinc_temporary_exit() leaves them, and nothing that says the job is finished.
+    boinc.ClientChannels.create(tmp_path)
+    assert successResultOf(Deferred.fromCoroutine(run_job(Clock(), tmp_path, "job.xml"))) == 0
+    delay, reason = (tmp_path / boinc.TEMPORARY_EXIT_FILE).read_text().splitlines()
+    assert int(delay) == TEMPORARY_EXIT_DELAY and "no agent answered" in reason
+    assert not (tmp_path / boinc.FINISH_FILE).exists()

@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.transfer_size // MIB,
         help="size of the pushed, pulled and echoed data (default %(default)s)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=defaults.rounds,
+        help="rounds of push and pull, each beside the C-tools reference (default %(default)s)",
+    )
     p.add_argument("--echo-messages", type=int, default=defaults.echo_messages)
     p.add_argument("--echo-message-size", type=int, default=defaults.echo_message_size)
     p.add_argument("--boot-timeout", type=float, default=defaults.boot_timeout)
@@ -54,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> Settings:
     if args.vcpus is not None and args.vcpus < 1:
         raise SystemExit("--vcpus must be at least 1")
-    for name in ("pings", "execs", "size_mib", "echo_messages", "echo_message_size"):
+    for name in ("pings", "execs", "size_mib", "rounds", "echo_messages", "echo_message_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     size = args.size_mib * MIB
@@ -68,6 +74,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         execs=args.execs,
         warmup=max(args.warmup, 0),
         transfer_size=size,
+        rounds=args.rounds,
         echo_size=size,
         echo_messages=args.echo_messages,
         echo_message_size=args.echo_message_size,

@@ -33,6 +33,19 @@ def _verdict(met: bool) -> str:
     return "met" if met else "MISSED"
 
 
+def _transfer_rows(results: Results, name: str, agent: Throughput, reference: Throughput,
+                   over_reference: float, over_echo: float, met: bool) -> list[list[str]]:
+    """The agent's transfer (median round) with its ratios, then the C-tools reference's."""
+    rounds = str(len(results.transfer_rounds))
+    row = _rate(f"{name} {_size(agent.size)}", agent)
+    row[1] = rounds
+    row[5:8] = [f"{name}/C-tools {over_reference:.2f} (/echo {over_echo:.2f})",
+                f">= {TRANSFER_RATIO_MIN:.2f}", _verdict(met)]
+    ref = _rate(f"C-tools {name} {_size(reference.size)} (**)", reference)
+    ref[1] = rounds
+    return [row, ref]
+
+
 def table(results: Results) -> str:
     s = results.settings
     met = results.verdicts()
@@ -48,20 +61,10 @@ def table(results: Results) -> str:
     exec_true[6:8] = [f"median <= {EXEC_MEDIAN_MAX * 1000:g} ms", _verdict(met["exec_median"])]
     rows.append(exec_true)
 
-    push = _rate(f"push {_size(results.push.size)}", results.push)
-    push[5:8] = [
-        f"push/echo {results.push_ratio:.2f}",
-        f">= {TRANSFER_RATIO_MIN:.2f}",
-        _verdict(met["push_ratio"]),
-    ]
-    rows.append(push)
-    pull = _rate(f"pull {_size(results.pull.size)}", results.pull)
-    pull[5:8] = [
-        f"pull/echo {results.pull_ratio:.2f}",
-        f">= {TRANSFER_RATIO_MIN:.2f}",
-        _verdict(met["pull_ratio"]),
-    ]
-    rows.append(pull)
+    rows.extend(_transfer_rows(results, "push", results.push, results.push_reference,
+                               results.push_over_reference, results.push_ratio, met["push_over_reference"]))
+    rows.extend(_transfer_rows(results, "pull", results.pull, results.pull_reference,
+                               results.pull_over_reference, results.pull_ratio, met["pull_over_reference"]))
     rows.append(_rate(f"raw echo {_size(results.echo_bulk.size)} (*)", results.echo_bulk))
 
     widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
@@ -93,5 +96,9 @@ def table(results: Results) -> str:
         "    through the VM's second virtio-serial port (cat in the guest). MB = 10^6 bytes.",
         "    push and pull are whole API calls: sha256 on both ends, fsync in the guest (push) and on",
         "    the host (pull).",
+        "(**) the same guest work by C tools on that port: push = head -c SIZE <port | tee TEMP |",
+        "    sha256sum, sync TEMP, mv TEMP FILE, sync DIR, digest back; pull = cat FILE | tee",
+        "    >(sha256sum >port) >port. Rates and ratios are the median of rounds of push, C-tools",
+        "    push, pull, C-tools pull (each ratio from one round).",
     ]
     return "\n".join(head + lines + foot)

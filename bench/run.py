@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,8 +18,9 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, race
 
+from bench.ctools import TransferRound, median_rate, reference_pull, reference_push
 from bench.echo import EchoClient, connect_echo, echo_rtt, echo_throughput, wait_until_echoing
-from bench.stats import Latency, Throughput
+from bench.stats import MB, Latency, Throughput
 from hypervisors import load_driver
 from hypervisors.interface import Accel, IHypervisorDriver, VMState
 from hypervisors.libvirt import LibvirtDriver
@@ -43,6 +45,8 @@ ECHO_CHANNEL = "org.vmcontroller.echo.0"
 #: A virtio-serial port admits one opener, so one read-write descriptor serves both ways.
 ECHO_COMMAND = ["sh", "-c", f"exec 3<>/dev/virtio-ports/{ECHO_CHANNEL}; exec cat <&3 >&3"]
 GUEST_FILE = "/root/bench.bin"
+#: Where the C-tools reference push puts its copy (and its pull reads it back).
+GUEST_REFERENCE_FILE = "/root/bench-reference.bin"
 MIB = 1024 * 1024
 #: Seconds the echo gets to exit by itself once its host end is closed.
 ECHO_EXIT_TIMEOUT = 10.0
@@ -73,6 +77,8 @@ class Settings:
     #: Python's first-call costs in the agent).
     warmup: int = 5
     transfer_size: int = 64 * MIB
+    #: Rounds of push, reference push, pull, reference pull; ratios are per round, then the median.
+    rounds: int = 3
     echo_messages: int = 200
     echo_message_size: int = 64
     echo_size: int = 64 * MIB
@@ -96,6 +102,7 @@ class Results:
     settings: Settings
     ping: Latency
     exec_true: Latency
+    #: The agent's push and pull: the rounds' median rates.
     push: Throughput
     pull: Throughput
     echo_rtt: Latency
@@ -107,6 +114,26 @@ class Results:
     #: Seconds from the start of the wait (right after the VM was started, or found running)
     #: to the agent's answer; None when not measured.
     boot_to_agent: float | None = None
+    #: Each round's push and pull beside the C-tools reference (bench.ctools).
+    transfer_rounds: tuple[TransferRound, ...] = ()
+
+    @property
+    def push_reference(self) -> Throughput:
+        return median_rate([r.push_reference for r in self.transfer_rounds])
+
+    @property
+    def pull_reference(self) -> Throughput:
+        return median_rate([r.pull_reference for r in self.transfer_rounds])
+
+    @property
+    def push_over_reference(self) -> float:
+        """The median of the rounds' push / reference push."""
+        return statistics.median(r.push_ratio for r in self.transfer_rounds)
+
+    @property
+    def pull_over_reference(self) -> float:
+        """The median of the rounds' pull / reference pull."""
+        return statistics.median(r.pull_ratio for r in self.transfer_rounds)
 
     @property
     def ping_ratio(self) -> float:
@@ -124,8 +151,8 @@ class Results:
         return {
             "ping_ratio": self.ping_ratio <= PING_RATIO_MAX,
             "exec_median": self.exec_true.median <= EXEC_MEDIAN_MAX,
-            "push_ratio": self.push_ratio >= TRANSFER_RATIO_MIN,
-            "pull_ratio": self.pull_ratio >= TRANSFER_RATIO_MIN,
+            "push_over_reference": self.push_over_reference >= TRANSFER_RATIO_MIN,
+            "pull_over_reference": self.pull_over_reference >= TRANSFER_RATIO_MIN,
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -133,15 +160,22 @@ class Results:
         data = asdict(self)
         for name in ("push", "pull", "echo_bulk"):
             data[name]["mb_per_s"] = getattr(self, name).mb_per_s
+        for figures in data["transfer_rounds"]:
+            for figure in figures.values():
+                figure["mb_per_s"] = figure["size"] / MB / figure["seconds"]
+        data["push_reference"] = {**asdict(self.push_reference), "mb_per_s": self.push_reference.mb_per_s}
+        data["pull_reference"] = {**asdict(self.pull_reference), "mb_per_s": self.pull_reference.mb_per_s}
         data["echo_bulk"]["definition"] = "bytes echoed / time (each byte counted once)"
         data["ratios"] = {
             "ping_rtt_over_echo_rtt": self.ping_ratio,
             "push_over_echo": self.push_ratio,
             "pull_over_echo": self.pull_ratio,
+            "push_over_reference": self.push_over_reference,
+            "pull_over_reference": self.pull_over_reference,
         }
         data["targets"] = {
             "ping_rtt_over_echo_rtt_max": PING_RATIO_MAX,
-            "transfer_over_echo_min": TRANSFER_RATIO_MIN,
+            "transfer_over_reference_min": TRANSFER_RATIO_MIN,
             "exec_median_max_s": EXEC_MEDIAN_MAX,
         }
         data["met"] = self.verdicts()
@@ -170,32 +204,72 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-async def _transfers(client: GuestClient, settings: Settings, say: Say) -> tuple[Throughput, Throughput, str]:
+def _random_file(path: str, size: int) -> str:
+    """Write ``size`` random bytes to ``path``; return their sha256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for offset in range(0, size, MIB):
+            piece = os.urandom(min(MIB, size - offset))
+            digest.update(piece)
+            f.write(piece)
+    return digest.hexdigest()
+
+
+def _chunks(path: str, size: int) -> list[bytes]:
+    with open(path, "rb") as f:
+        return [f.read(MIB) for _ in range(0, size, MIB)]
+
+
+async def _agent_push_pull(
+    client: GuestClient, source: str, back: str, local: str, size: int
+) -> tuple[Throughput, Throughput]:
+    began = time.perf_counter()
+    pushed = await client.push(source, GUEST_FILE)
+    push = Throughput(pushed.size, time.perf_counter() - began)
+    began = time.perf_counter()
+    pulled = await client.pull(GUEST_FILE, back)
+    pull = Throughput(pulled.size, time.perf_counter() - began)
+    returned = _sha256(back)
+    if not local == pushed.sha256 == pulled.sha256 == returned:
+        raise BenchError(
+            f"the file changed on its round trip: sha256 sent {local}, stored {pushed.sha256}, "
+            f"pulled {pulled.sha256}, received {returned}"
+        )
+    if pushed.size != size or pulled.size != size:
+        raise BenchError(f"moved {pushed.size} and {pulled.size} bytes, not {size}")
+    return push, pull
+
+
+async def _transfers(
+    reactor: Any, client: GuestClient, driver: IHypervisorDriver, settings: Settings, say: Say
+) -> tuple[tuple[TransferRound, ...], str]:
+    """
+    ``settings.rounds`` rounds of the agent's push, the C-tools reference push, the agent's
+    pull and the reference pull, of the same bytes.
+    """
+    size = settings.transfer_size
+    port = await _echo_socket_path(driver, settings.name)
+    device = f"/dev/virtio-ports/{ECHO_CHANNEL}"
+    rounds = []
     with tempfile.TemporaryDirectory(prefix="vmc-bench-") as scratch:
         source = os.path.join(scratch, "bench.bin")
-        with open(source, "wb") as f:
-            for offset in range(0, settings.transfer_size, MIB):
-                f.write(os.urandom(min(MIB, settings.transfer_size - offset)))
-        local = _sha256(source)
-        say(f"push {settings.transfer_size / MIB:g} MiB to {GUEST_FILE}")
-        began = time.perf_counter()
-        pushed = await client.push(source, GUEST_FILE)
-        push = Throughput(pushed.size, time.perf_counter() - began)
-        say("pull it back")
+        local = _random_file(source, size)
+        payload = _chunks(source, size)
         back = os.path.join(scratch, "back.bin")
-        began = time.perf_counter()
-        pulled = await client.pull(GUEST_FILE, back)
-        pull = Throughput(pulled.size, time.perf_counter() - began)
-        returned = _sha256(back)
-        if not local == pushed.sha256 == pulled.sha256 == returned:
-            raise BenchError(
-                f"the file changed on its round trip: sha256 sent {local}, stored {pushed.sha256}, "
-                f"pulled {pulled.sha256}, received {returned}"
+        for number in range(1, settings.rounds + 1):
+            say(f"round {number}/{settings.rounds}: push {size / MIB:g} MiB to {GUEST_FILE}, pull it back, "
+                f"each followed by C tools in the guest on {ECHO_CHANNEL}")
+            push, pull = await _agent_push_pull(client, source, back, local, size)
+            push_reference = await reference_push(
+                reactor, client, port, device, payload, local, GUEST_REFERENCE_FILE, settings.step_timeout
             )
-        if pushed.size != settings.transfer_size or pulled.size != settings.transfer_size:
-            raise BenchError(f"moved {pushed.size} and {pulled.size} bytes, not {settings.transfer_size}")
+            pull_reference = await reference_pull(
+                reactor, client, port, device, GUEST_REFERENCE_FILE, size, local, settings.step_timeout
+            )
+            rounds.append(TransferRound(push, push_reference, pull, pull_reference))
     await client.remove(GUEST_FILE)
-    return push, pull, local
+    await client.remove(GUEST_REFERENCE_FILE)
+    return tuple(rounds), local
 
 
 def _outcome(d: Deferred[Any]) -> Deferred[None]:
@@ -302,7 +376,7 @@ async def measure(
     ping = await _series(settings.pings, settings.warmup, client.ping)
     say(f"exec /bin/true x {settings.execs}")
     exec_true = await _series(settings.execs, settings.warmup, lambda: client.run(["/bin/true"], check=True))
-    push, pull, digest = await _transfers(client, settings, say)
+    rounds, digest = await _transfers(reactor, client, driver, settings, say)
     echo_rtt_, echo_bulk = await _raw_echo(reactor, client, driver, settings, say)
     return Results(
         vm=settings.name,
@@ -312,11 +386,12 @@ async def measure(
         settings=settings,
         ping=ping,
         exec_true=exec_true,
-        push=push,
-        pull=pull,
+        push=median_rate([r.push for r in rounds]),
+        pull=median_rate([r.pull for r in rounds]),
         echo_rtt=echo_rtt_,
         echo_bulk=echo_bulk,
         sha256=digest,
+        transfer_rounds=rounds,
     )
 
 

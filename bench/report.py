@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bench.ctools import median_rate
 from bench.run import EXEC_MEDIAN_MAX, PING_RATIO_MAX, TRANSFER_RATIO_MIN, Results
 from bench.stats import Latency, Throughput
 
@@ -33,17 +34,21 @@ def _verdict(met: bool) -> str:
     return "met" if met else "MISSED"
 
 
-def _transfer_rows(results: Results, name: str, agent: Throughput, reference: Throughput,
-                   over_reference: float, over_echo: float, met: bool) -> list[list[str]]:
-    """The agent's transfer (median round) with its ratios, then the C-tools reference's."""
+def _transfer_rows(results: Results, name: str, agent: Throughput, over_reference: float,
+                   over_echo: float, met: bool) -> list[list[str]]:
+    """The agent's transfer (median round) with its ratios, then each C-tools way's (median)."""
     rounds = str(len(results.transfer_rounds))
     row = _rate(f"{name} {_size(agent.size)}", agent)
     row[1] = rounds
     row[5:8] = [f"{name}/C-tools {over_reference:.2f} (/echo {over_echo:.2f})",
                 f">= {TRANSFER_RATIO_MIN:.2f}", _verdict(met)]
-    ref = _rate(f"C-tools {name} {_size(reference.size)} (**)", reference)
-    ref[1] = rounds
-    return [row, ref]
+    rows = [row]
+    for way in getattr(results.transfer_rounds[0], f"{name}_ways"):
+        figure = median_rate([getattr(r, f"{name}_ways")[way] for r in results.transfer_rounds])
+        ref = _rate(f"C-tools {name}, {way} (**)", figure)
+        ref[1] = rounds
+        rows.append(ref)
+    return rows
 
 
 def table(results: Results) -> str:
@@ -61,10 +66,10 @@ def table(results: Results) -> str:
     exec_true[6:8] = [f"median <= {EXEC_MEDIAN_MAX * 1000:g} ms", _verdict(met["exec_median"])]
     rows.append(exec_true)
 
-    rows.extend(_transfer_rows(results, "push", results.push, results.push_reference,
-                               results.push_over_reference, results.push_ratio, met["push_over_reference"]))
-    rows.extend(_transfer_rows(results, "pull", results.pull, results.pull_reference,
-                               results.pull_over_reference, results.pull_ratio, met["pull_over_reference"]))
+    rows.extend(_transfer_rows(results, "push", results.push, results.push_over_reference,
+                               results.push_ratio, met["push_over_reference"]))
+    rows.extend(_transfer_rows(results, "pull", results.pull, results.pull_over_reference,
+                               results.pull_ratio, met["pull_over_reference"]))
     rows.append(_rate(f"raw echo {_size(results.echo_bulk.size)} (*)", results.echo_bulk))
 
     widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
@@ -96,9 +101,10 @@ def table(results: Results) -> str:
         "    through the VM's second virtio-serial port (cat in the guest). MB = 10^6 bytes.",
         "    push and pull are whole API calls: sha256 on both ends, fsync in the guest (push) and on",
         "    the host (pull).",
-        "(**) the same guest work by C tools on that port: push = head -c SIZE <port | tee TEMP |",
-        "    sha256sum, sync TEMP, mv TEMP FILE, sync DIR, digest back; pull = cat FILE | tee",
-        "    >(sha256sum >port) >port. Rates and ratios are the median of rounds of push, C-tools",
-        "    push, pull, C-tools pull (each ratio from one round).",
+        "(**) the same guest work by C tools on that port (bench/ctools.py). push, tee: head -c SIZE",
+        "    <port | tee TEMP | sha256sum; dd: dd bs=1M <port >TEMP, sha256sum TEMP; both then sync",
+        "    TEMP, mv TEMP FILE, sync DIR, digest back. pull, tee: cat FILE | tee >(sha256sum >port)",
+        "    >port; dd: dd bs=1M <FILE >port, sha256sum FILE >port. Each round: push, C-tools pushes,",
+        "    pull, C-tools pulls; a round's ratio is over its faster way; rates and ratios: medians.",
     ]
     return "\n".join(head + lines + foot)

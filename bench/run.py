@@ -18,7 +18,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, race
 
-from bench.ctools import TransferRound, median_rate, reference_pull, reference_push
+from bench.ctools import PULL_WAYS, PUSH_WAYS, TransferRound, median_rate, reference_pull, reference_push
 from bench.echo import EchoClient, connect_echo, echo_rtt, echo_throughput, wait_until_echoing
 from bench.stats import MB, Latency, Throughput
 from hypervisors import load_driver
@@ -161,7 +161,8 @@ class Results:
         for name in ("push", "pull", "echo_bulk"):
             data[name]["mb_per_s"] = getattr(self, name).mb_per_s
         for figures in data["transfer_rounds"]:
-            for figure in figures.values():
+            for figure in (figures["push"], figures["pull"], *figures["push_ways"].values(),
+                           *figures["pull_ways"].values()):
                 figure["mb_per_s"] = figure["size"] / MB / figure["seconds"]
         data["push_reference"] = {**asdict(self.push_reference), "mb_per_s": self.push_reference.mb_per_s}
         data["pull_reference"] = {**asdict(self.pull_reference), "mb_per_s": self.pull_reference.mb_per_s}
@@ -260,13 +261,17 @@ async def _transfers(
             say(f"round {number}/{settings.rounds}: push {size / MIB:g} MiB to {GUEST_FILE}, pull it back, "
                 f"each followed by C tools in the guest on {ECHO_CHANNEL}")
             push, pull = await _agent_push_pull(client, source, back, local, size)
-            push_reference = await reference_push(
-                reactor, client, port, device, payload, local, GUEST_REFERENCE_FILE, settings.step_timeout
-            )
-            pull_reference = await reference_pull(
-                reactor, client, port, device, GUEST_REFERENCE_FILE, size, local, settings.step_timeout
-            )
-            rounds.append(TransferRound(push, push_reference, pull, pull_reference))
+            push_ways = {
+                way: await reference_push(reactor, client, port, device, payload, local, GUEST_REFERENCE_FILE,
+                                          settings.step_timeout, way)
+                for way in PUSH_WAYS
+            }
+            pull_ways = {
+                way: await reference_pull(reactor, client, port, device, GUEST_REFERENCE_FILE, size, local,
+                                          settings.step_timeout, way)
+                for way in PULL_WAYS
+            }
+            rounds.append(TransferRound(push, pull, push_ways, pull_ways))
     await client.remove(GUEST_FILE)
     await client.remove(GUEST_REFERENCE_FILE)
     return tuple(rounds), local

@@ -1,7 +1,8 @@
 """
 One benchmark run: boot a guest with an extra virtio-serial port, reach its agent, time
-ping, exec, push and pull through the agent, then time a bare echo on the extra port as
-the reference the agent's figures are compared with.
+ping and exec through the agent, push and pull in rounds beside the same work done by C
+tools in the guest on the extra port (:mod:`bench.ctools`), then a bare echo on that port:
+the references the agent's figures are compared with.
 """
 
 from __future__ import annotations

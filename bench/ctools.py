@@ -13,8 +13,9 @@ emulation, through the same kind of channel, with the same work per byte.
 
 Each way is measured; the faster one is the reference.
 
-The host does the least it can (writes from memory, reads into memory, hashes after the
-clock stopped), so that the reference is the guest's and not the host's.  The clock runs
+The host does its share as the agent's push and pull do (reads and hashes the file as it
+sends; writes and hashes the bytes as they arrive, then fsyncs the file and renames it), so
+that the two differ only in the guest.  The clock runs
 from the host's first byte (push) or go byte (pull) to the digest's arrival.  The shell and
 its pipeline are started before that: the guest says "R" once it holds the port, then the
 host waits :data:`SETTLE` seconds for the pipeline's processes to be exec'd and blocked on
@@ -27,14 +28,16 @@ import hashlib
 import os
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IReactorTime, IReactorUNIX
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
 from bench.stats import Throughput
@@ -58,6 +61,8 @@ SETTLE = 0.3
 #: Seconds the guest's shell gets to open the port and say "R".
 READY_TIMEOUT = 60.0
 _READY = b"R"
+#: What the host reads of the file and sends at a time in the reference push.
+_HOST_CHUNK = 1024 * 1024
 _DIGEST_LINE = 64 + 1  # hex digest and newline
 
 
@@ -111,9 +116,24 @@ class PortClient(Protocol):
         self._line_from = 0
         self._waiter: Deferred[bytes] | None = None
         self._lost: str | None = None
+        # Where the bytes at stream offsets [start, end) go as they arrive, and their hash.
+        self._span = (0, 0)
+        self._sink: IO[bytes] | None = None
+        self.hasher = hashlib.sha256()
+
+    def record(self, start: int, size: int, sink: IO[bytes]) -> None:
+        """Write the ``size`` bytes from stream offset ``start`` to ``sink`` as they arrive, hashing them."""
+        self._span, self._sink = (start, start + size), sink
 
     def dataReceived(self, data: bytes) -> None:
+        offset = len(self.received)
         self.received += data
+        start, end = self._span
+        if self._sink is not None and offset < end and offset + len(data) > start:
+            with memoryview(data) as view:
+                piece = view[max(start - offset, 0) : end - offset]
+                self._sink.write(piece)
+                self.hasher.update(piece)
         self._check()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -163,14 +183,16 @@ async def _run_timed(
     client: GuestClient,
     host_socket: str,
     argv: list[str],
-    start: Sequence[bytes],
+    send: Callable[[PortClient, int], Awaitable[None]],
     answer_at: int,
+    finish: Callable[[], Awaitable[None]],
     timeout: float,
 ) -> tuple[float, PortClient]:
     """
     Connect to the port, start ``argv`` in the guest, wait for its "R" and the settle time,
-    then send ``start`` and time until the line at ``answer_at`` (counted after the "R"
-    line) has arrived.  The process must end with status 0.
+    then start the clock, run ``send`` (given the stream offset after the "R" line), wait
+    for the line at ``answer_at`` (counted from that offset), run ``finish`` and stop the
+    clock.  The process must end with status 0.
     """
     clock: IReactorTime = reactor  # type: ignore[assignment]
     port = PortClient()
@@ -185,9 +207,9 @@ async def _run_timed(
         await deferLater(clock, SETTLE, lambda: None)
         base = len(ready) + 1
         began = time.perf_counter()
-        for piece in start:
-            port.send(piece)
+        await send(port, base)
         await port.line(base + answer_at).addTimeout(timeout, clock)
+        await finish()
         elapsed = time.perf_counter() - began
     except BaseException:
         port.close()
@@ -235,23 +257,38 @@ PULL_WAYS = {
 }
 
 
+async def _nothing() -> None:
+    pass
+
+
 async def reference_push(
     reactor: IReactorUNIX,
     client: GuestClient,
     host_socket: str,
     device: str,
-    payload: Sequence[bytes],
+    source: str,
     digest: str,
     destination: str,
     timeout: float,
     way: str,
 ) -> Throughput:
     """
-    Push ``payload`` (its sha256 is ``digest``) to ``destination`` through the port whose
-    host end is ``host_socket`` and guest device ``device``, with C tools in the guest, the
-    :data:`PUSH_WAYS` ``way``.
+    Push the host file ``source`` (its sha256 is ``digest``) to ``destination`` through the
+    port whose host end is ``host_socket`` and guest device ``device``, with C tools in the
+    guest, the :data:`PUSH_WAYS` ``way``.  The host reads and hashes the file as it sends,
+    as the agent's push does.
     """
-    size = sum(len(piece) for piece in payload)
+    clock: IReactorTime = reactor  # type: ignore[assignment]
+    size = os.path.getsize(source)
+    hasher = hashlib.sha256()
+
+    async def send(port: PortClient, base: int) -> None:
+        with open(source, "rb") as f:
+            while piece := f.read(_HOST_CHUNK):
+                hasher.update(piece)
+                port.send(piece)
+                await deferLater(clock, 0, lambda: None)  # let the reactor write it
+
     temp = shlex.quote(f"{destination}.vmc-ref-tmp")
     body = (
         PUSH_WAYS[way].format(size=size, temp=temp) + "\n"
@@ -261,9 +298,9 @@ async def reference_push(
         "printf '%s\\n' \"${sum%% *}\" >&3\n"
     )
     argv = _port_script(device, body)
-    elapsed, port = await _run_timed(reactor, client, host_socket, argv, payload, 0, timeout)
+    elapsed, port = await _run_timed(reactor, client, host_socket, argv, send, 0, _nothing, timeout)
     stored = _digest_of_answer(bytes(port.received), argv)
-    if stored != digest:
+    if not stored == hasher.hexdigest() == digest:
         raise ReferenceError(f"the guest stored sha256 {stored} of {destination}, the host sent {digest}")
     return Throughput(size, elapsed)
 
@@ -276,18 +313,32 @@ async def reference_pull(
     source: str,
     size: int,
     digest: str,
+    destination: str,
     timeout: float,
     way: str,
 ) -> Throughput:
     """
-    Pull ``source`` (``size`` bytes with sha256 ``digest``) from the guest through the port,
-    with C tools in the guest, the :data:`PULL_WAYS` ``way``.
+    Pull ``source`` (``size`` bytes with sha256 ``digest``) from the guest through the port
+    to the host file ``destination``, with C tools in the guest, the :data:`PULL_WAYS`
+    ``way``.  The host writes and hashes the bytes as they arrive, then fsyncs the file and
+    renames it into place, as the agent's pull does.
     """
     argv = _port_script(device, PULL_WAYS[way].format(source=shlex.quote(source)) + "\n")
-    elapsed, port = await _run_timed(reactor, client, host_socket, argv, [b"G"], size, timeout)
-    data = memoryview(port.received)
-    received = hashlib.sha256(data[:size]).hexdigest()
-    told = _digest_of_answer(bytes(data[size : size + _DIGEST_LINE + 8]), argv)
+    temp = f"{destination}.part"
+    with open(temp, "wb") as sink:
+
+        async def send(port: PortClient, base: int) -> None:
+            port.record(base, size, sink)
+            port.send(b"G")
+
+        async def finish() -> None:
+            sink.flush()
+            await deferToThread(os.fsync, sink.fileno())
+            os.replace(temp, destination)
+
+        elapsed, port = await _run_timed(reactor, client, host_socket, argv, send, size, finish, timeout)
+    received = port.hasher.hexdigest()
+    told = _digest_of_answer(bytes(port.received[size : size + _DIGEST_LINE + 8]), argv)
     if not received == told == digest:
         raise ReferenceError(
             f"pulled {source}: the guest's sha256sum says {told}, the bytes received hash to {received}, "

@@ -104,7 +104,8 @@ def table(results: Results) -> str:
         "(**) the same guest work by C tools on that port (bench/ctools.py). push, tee: head -c SIZE",
         "    <port | tee TEMP | sha256sum; dd: dd bs=1M <port >TEMP, sha256sum TEMP; both then sync",
         "    TEMP, mv TEMP FILE, sync DIR, digest back. pull, tee: cat FILE | tee >(sha256sum >port)",
-        "    >port; dd: dd bs=1M <FILE >port, sha256sum FILE >port. Each round: push, C-tools pushes,",
-        "    pull, C-tools pulls; a round's ratio is over its faster way; rates and ratios: medians.",
+        "    >port; dd: dd bs=1M <FILE >port, sha256sum FILE >port. The host does what it does for the",
+        "    agent (reads and hashes the file; writes, hashes, fsyncs and renames it). Each round: push,",
+        "    C-tools pushes, pull, C-tools pulls; a round's ratio is over its faster way; medians.",
     ]
     return "\n".join(head + lines + foot)

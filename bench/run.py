@@ -217,11 +217,6 @@ def _random_file(path: str, size: int) -> str:
     return digest.hexdigest()
 
 
-def _chunks(path: str, size: int) -> list[bytes]:
-    with open(path, "rb") as f:
-        return [f.read(MIB) for _ in range(0, size, MIB)]
-
-
 async def _agent_push_pull(
     client: GuestClient, source: str, back: str, local: str, size: int
 ) -> tuple[Throughput, Throughput]:
@@ -256,20 +251,19 @@ async def _transfers(
     with tempfile.TemporaryDirectory(prefix="vmc-bench-") as scratch:
         source = os.path.join(scratch, "bench.bin")
         local = _random_file(source, size)
-        payload = _chunks(source, size)
         back = os.path.join(scratch, "back.bin")
         for number in range(1, settings.rounds + 1):
             say(f"round {number}/{settings.rounds}: push {size / MIB:g} MiB to {GUEST_FILE}, pull it back, "
                 f"each followed by C tools in the guest on {ECHO_CHANNEL}")
             push, pull = await _agent_push_pull(client, source, back, local, size)
             push_ways = {
-                way: await reference_push(reactor, client, port, device, payload, local, GUEST_REFERENCE_FILE,
+                way: await reference_push(reactor, client, port, device, source, local, GUEST_REFERENCE_FILE,
                                           settings.step_timeout, way)
                 for way in PUSH_WAYS
             }
             pull_ways = {
                 way: await reference_pull(reactor, client, port, device, GUEST_REFERENCE_FILE, size, local,
-                                          settings.step_timeout, way)
+                                          back, settings.step_timeout, way)
                 for way in PULL_WAYS
             }
             rounds.append(TransferRound(push, pull, push_ways, pull_ways))

@@ -213,7 +213,7 @@ class _DeviceReader(abstract.FileDescriptor):
         except OSError as e:
             self._device.host_gone(self, f"read failed: {e}")
             return
-        self._received(0, count)
+        self._received(0, count, "")
         if count < _READ_SIZE or self.disconnected:
             return
         # When that piece began a large frame, the rest of its payload is read straight into
@@ -246,16 +246,17 @@ class _DeviceReader(abstract.FileDescriptor):
         except OSError as e:
             self._device.host_gone(self, f"read failed: {e}")
             return
-        self._received(count, 0)
+        self._received(count, 0, "")
 
-    def _received(self, direct: int, buffered: int) -> None:
-        """``direct`` bytes were read into the read target, ``buffered`` into the read buffer."""
-        if direct + buffered:
+    def _received(self, direct: int, buffered: int, why: str) -> None:
+        if not direct + buffered:
+            # virtio-serial reads end-of-file while no host has the port open.
+            why = "end of file"
+        else:
             # The engine copies what it keeps: the buffer is reused for the next read.
             self._device.data_received(self._read_buffer[:buffered], direct)
-        else:
-            # virtio-serial reads end-of-file while no host has the port open.
-            self._device.host_gone(self, "end of file")
+        if why:
+            self._device.host_gone(self, why)
 
     def write(self, data: bytes) -> None:
         self.write_sequence((data,))

@@ -205,7 +205,8 @@ class _DeviceReader(abstract.FileDescriptor):
             self._read_into(target)
             return
         # One piece first: a small message (most requests) costs a plain read; only a
-        # full piece means more may wait.
+        # full piece means more may wait, and a readv of the rest drains it.
+        why = ""
         try:
             count = os.readv(self._fd, self._read_pieces[:1])
         except BlockingIOError:
@@ -213,40 +214,30 @@ class _DeviceReader(abstract.FileDescriptor):
         except OSError as e:
             self._device.host_gone(self, f"read failed: {e}")
             return
-        self._received(0, count, "")
-        if count < _READ_SIZE or self.disconnected:
-            return
-        # When that piece began a large frame, the rest of its payload is read straight into
-        # the frame's own buffer; otherwise a readv of the other pieces drains the port.
-        target = self._device.read_target()
-        if target is not None:
-            self._read_into(target)
-            return
-        try:
-            more = os.readv(self._fd, self._read_pieces[1:])
-        except BlockingIOError:
-            return
-        except OSError as e:
-            self._device.host_gone(self, f"read failed: {e}")
-            return
-        if more:
-            self._device.data_received(self._read_buffer[_READ_SIZE : _READ_SIZE + more])
+        if count == _READ_SIZE:
+            try:
+                count += os.readv(self._fd, self._read_pieces[1:])
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                why = f"read failed: {e}"
+        self._received(0, count, why)
 
     def _read_into(self, target: memoryview) -> None:
         """
-        Read the rest of a large frame's payload straight into it (no copy in the agent), in
-        pieces of one port buffer, and no further: what follows is read by the next call.
+        Read the rest of a large frame's payload straight into it (no copy in the agent),
+        in pieces of one port buffer, and what follows it into the read buffer.
         """
-        size = min(len(target), _READ_PIECES * _READ_SIZE)
-        pieces = [target[start : start + _READ_SIZE] for start in range(0, size, _READ_SIZE)]
+        pieces = [target[start : start + _READ_SIZE] for start in range(0, len(target), _READ_SIZE)]
         try:
-            count = os.readv(self._fd, pieces)
+            count = os.readv(self._fd, pieces[:_READ_PIECES] + self._read_pieces)
         except BlockingIOError:
             return
         except OSError as e:
             self._device.host_gone(self, f"read failed: {e}")
             return
-        self._received(count, 0, "")
+        direct = min(count, len(target), _READ_PIECES * _READ_SIZE)
+        self._received(direct, count - direct, "")
 
     def _received(self, direct: int, buffered: int, why: str) -> None:
         if not direct + buffered:

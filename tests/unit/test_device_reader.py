@@ -27,17 +27,14 @@ class _Device:
     be read straight into a buffer of its own (as a large frame's payload is).
     """
 
-    def __init__(self, target: int = 0, target_after: int = 0) -> None:
+    def __init__(self, target: int = 0) -> None:
         self.received = bytearray()
         self.gone: list[str] = []
         self.direct = bytearray(target)
         self.filled = 0
-        self.target_after = target_after
 
     def read_target(self) -> memoryview | None:
-        if len(self.received) < self.target_after or self.filled == len(self.direct):
-            return None
-        return memoryview(self.direct)[self.filled :]
+        return memoryview(self.direct)[self.filled :] if self.filled < len(self.direct) else None
 
     def data_received(self, data: memoryview, direct: int = 0) -> None:
         self.filled += direct
@@ -133,23 +130,6 @@ def test_reads_a_payload_straight_into_its_buffer_then_the_rest(
     assert bytes(device.direct) == sent + rest and device.filled == size
     reader.doRead()  # the target is full: what follows goes to the read buffer
     assert bytes(device.received) == after
-    assert device.gone == []
-
-
-def test_a_payload_begun_in_the_first_piece_is_read_straight_into_its_buffer(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    ours, theirs = pair
-    size = transports._READ_SIZE * 5
-    reactor = MemoryReactorClock()
-    device = _Device(target=size, target_after=transports._READ_SIZE)  # a header in the first piece
-    reader = _DeviceReader(reactor, ours.fileno(), device)  # type: ignore[arg-type]
-    first, payload, after = os.urandom(transports._READ_SIZE), os.urandom(size), os.urandom(10)
-    theirs.sendall(first + payload + after)
-    reader.doRead()
-    assert (bytes(device.received), bytes(device.direct)) == (first, payload)
-    reader.doRead()
-    assert bytes(device.received) == first + after
     assert device.gone == []
 
 

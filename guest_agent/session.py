@@ -112,9 +112,8 @@ class AgentSession:
         self.connection.announce_restart()
         self.link.flush()
 
-    def data_received(self, data: bytes | memoryview, direct: int = 0) -> None:
-        """Bytes from the host: ``direct`` of them read into ``connection.read_target()``, then ``data``."""
-        self._handle(self.connection.receive_data(data, direct))
+    def data_received(self, data: bytes | memoryview) -> None:
+        self._handle(self.connection.receive_data(data))
 
     def line_idle(self) -> None:
         """No byte came for a while: a partial frame is dropped (see ``AgentConnection``)."""

@@ -200,10 +200,6 @@ class _DeviceReader(abstract.FileDescriptor):
         return self._fd
 
     def doRead(self) -> None:
-        target = self._device.read_target()
-        if target is not None:
-            self._read_into(target)
-            return
         # One piece first: a small message (most requests) costs a plain read; only a
         # full piece means more may wait, and a readv of the rest drains it.
         why = ""
@@ -221,31 +217,12 @@ class _DeviceReader(abstract.FileDescriptor):
                 pass
             except OSError as e:
                 why = f"read failed: {e}"
-        self._received(0, count, why)
-
-    def _read_into(self, target: memoryview) -> None:
-        """
-        Read the rest of a large frame's payload straight into it (no copy in the agent),
-        in pieces of one port buffer, and what follows it into the read buffer.
-        """
-        pieces = [target[start : start + _READ_SIZE] for start in range(0, len(target), _READ_SIZE)]
-        try:
-            count = os.readv(self._fd, pieces[:_READ_PIECES] + self._read_pieces)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            self._device.host_gone(self, f"read failed: {e}")
-            return
-        direct = min(count, len(target), _READ_PIECES * _READ_SIZE)
-        self._received(direct, count - direct, "")
-
-    def _received(self, direct: int, buffered: int, why: str) -> None:
-        if not direct + buffered:
+        if not count:
             # virtio-serial reads end-of-file while no host has the port open.
             why = "end of file"
         else:
             # The engine copies what it keeps: the buffer is reused for the next read.
-            self._device.data_received(self._read_buffer[:buffered], direct)
+            self._device.data_received(self._read_buffer[:count])
         if why:
             self._device.host_gone(self, why)
 
@@ -393,12 +370,8 @@ class CharacterDeviceTransport(Service):
         super().startService()
         self._start_loop(self._open_when_present, self.APPEAR_INTERVAL)
 
-    def read_target(self) -> memoryview | None:
-        """Where the reader may put the next bytes directly (see ``AgentConnection.read_target``)."""
-        return self.session.connection.read_target()
-
-    def data_received(self, data: memoryview, direct: int = 0) -> None:
-        self.session.data_received(data, direct)
+    def data_received(self, data: memoryview) -> None:
+        self.session.data_received(data)
         if self._serial:
             self._time_partial_frame()
 

@@ -229,7 +229,7 @@ class ExecHandle:
                     collected += chunk
                     continue
                 try:
-                    waiting = callback(bytes(chunk))  # a large chunk comes as a bytearray
+                    waiting = callback(chunk)
                     if waiting is not None:
                         await waiting
                 except CancelledError:

@@ -99,8 +99,7 @@ class ErrorReceived:
 class DataReceived:
     request_id: int
     channel: int
-    #: A large payload is the bytearray the decoder gathered it in, and now the receiver's.
-    data: bytes | bytearray
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -338,19 +337,7 @@ class _Connection:
 
     # -- receiving ----------------------------------------------------------------
 
-    def read_target(self) -> memoryview | None:
-        """
-        Where the transport may read the next bytes into directly (the rest of a large
-        frame's payload), or None; see :meth:`receive_data`.
-        """
-        return self._decoder.read_target()
-
-    def receive_data(self, data: bytes | memoryview, direct: int = 0) -> list[Event]:
-        """
-        Take bytes from the peer: ``direct`` bytes read into :meth:`read_target`, then
-        ``data``.
-        """
-        self._decoder.advance(direct)
+    def receive_data(self, data: bytes | memoryview) -> list[Event]:
         self._decoder.feed(data)
         events: list[Event] = []
         self._process(events)

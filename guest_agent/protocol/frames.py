@@ -75,7 +75,7 @@ class Channel(enum.IntEnum):
 class Frame:
     type: FrameType
     request_id: int
-    payload: bytes | bytearray = b""
+    payload: bytes = b""
     flags: int = 0
 
     def json(self) -> Any:
@@ -94,9 +94,7 @@ def encode_header(frame_type: FrameType, request_id: int, length: int, flags: in
     return header + _CRC.pack(zlib.crc32(header))
 
 
-def encode_frame(
-    frame_type: FrameType, request_id: int, payload: bytes | bytearray = b"", flags: int = 0
-) -> bytes:
+def encode_frame(frame_type: FrameType, request_id: int, payload: bytes = b"", flags: int = 0) -> bytes:
     return encode_header(frame_type, request_id, len(payload), flags) + payload
 
 
@@ -139,7 +137,7 @@ def encode_json(value: Any) -> bytes:
     return "".join(_encode_c(value, 0)).encode()
 
 
-def decode_json(payload: bytes | bytearray) -> Any:
+def decode_json(payload: bytes) -> Any:
     """
     ``json.loads`` for a UTF-8 payload.
 
@@ -170,69 +168,24 @@ class Marker:
 
 _FRAME_TYPES = {kind.value: kind for kind in FrameType}
 
-#: A payload at least this large that has not arrived whole is gathered in a buffer of its
-#: own, which becomes the frame's payload: each byte is copied once (by :meth:`FrameDecoder.feed`)
-#: or not at all (read into :meth:`FrameDecoder.read_target` by the transport), instead of
-#: twice (into the stream buffer, then out of it).  Under emulation a copy costs about as
-#: much as writing the byte to a file.
-DIRECT_PAYLOAD_MIN = 64 * 1024
-
 
 class FrameDecoder:
     """
     Cuts a byte stream into frames and markers.
 
-    A large frame's payload is handed out as the ``bytearray`` it was gathered in, which
-    the decoder does not touch again; smaller ones are ``bytes``.
-
     :param max_payload: the largest payload this side accepts; a header announcing more
         raises :class:`FrameTooLarge` before any of the payload is buffered.
-    :param direct_min: payloads from this size on are gathered in a buffer of their own
-        (:data:`DIRECT_PAYLOAD_MIN`; tests make it small).
     """
 
-    def __init__(self, max_payload: int, direct_min: int = DIRECT_PAYLOAD_MIN) -> None:
+    def __init__(self, max_payload: int) -> None:
         self.max_payload = max_payload
-        self.direct_min = direct_min
         self._buffer = bytearray()
-        # The frame whose payload is being gathered: its header fields, its payload and
-        # how much of it has arrived.
-        self._head: tuple[FrameType, int, int] | None = None
-        self._payload = bytearray()
-        self._filled = 0
 
     def feed(self, data: bytes | memoryview) -> None:
-        if self._head is not None:
-            with memoryview(data) as view:
-                taken = min(len(view), len(self._payload) - self._filled)
-                self._payload[self._filled : self._filled + taken] = view[:taken]
-                self._filled += taken
-                self._buffer += view[taken:]
-            return
         self._buffer += data
-
-    def read_target(self) -> memoryview | None:
-        """
-        Where the next bytes of the stream may be read into directly, sparing the copy of
-        :meth:`feed`: the part of a large payload that has not arrived; None when the next
-        bytes are not known to be payload.  Report what was read with :meth:`advance`, and
-        feed what followed it.
-        """
-        if self._head is None or self._filled == len(self._payload):
-            return None
-        return memoryview(self._payload)[self._filled :]
-
-    def advance(self, count: int) -> None:
-        """``count`` bytes were read into :meth:`read_target`."""
-        if count and (self._head is None or count > len(self._payload) - self._filled):
-            raise ValueError(f"{count} bytes do not fit the read target")
-        self._filled += count
 
     def clear(self) -> None:
         self._buffer.clear()
-        self._head = None
-        self._payload = bytearray()
-        self._filled = 0
 
     @property
     def buffered(self) -> int:
@@ -240,8 +193,7 @@ class FrameDecoder:
         How many bytes are held; once :meth:`next` returned None, those of a frame or
         marker that has begun and not yet arrived whole.
         """
-        gathering = HEADER_SIZE + self._filled if self._head is not None else 0
-        return gathering + len(self._buffer)
+        return len(self._buffer)
 
     def next(self) -> Frame | Marker | None:
         """
@@ -250,8 +202,6 @@ class FrameDecoder:
         :raises ProtocolError: the bytes at a frame boundary are neither a frame nor a
             marker; the caller must resynchronise.
         """
-        if self._head is not None:
-            return self._gathered()
         buf = self._buffer
         if not buf:
             return None
@@ -274,28 +224,12 @@ class FrameDecoder:
             raise ProtocolError(f"unknown frame type {frame_type}")
         end = HEADER_SIZE + length
         if len(buf) < end:
-            if length >= self.direct_min:
-                self._head = (kind, request_id, flags)
-                self._payload = bytearray(length)
-                self._filled = len(buf) - HEADER_SIZE
-                with memoryview(buf) as view:
-                    self._payload[: self._filled] = view[HEADER_SIZE:]
-                buf.clear()
             return None
         # One copy, straight out of the buffer (slicing the bytearray first would copy twice);
         # deleting the head of a bytearray only moves its start, it does not shift the rest.
         with memoryview(buf) as view:
             payload = bytes(view[HEADER_SIZE:end])
         del buf[:end]
-        return Frame(kind, request_id, payload, flags)
-
-    def _gathered(self) -> Frame | None:
-        """The frame whose payload was gathered apart, once all of it has arrived."""
-        assert self._head is not None
-        if self._filled < len(self._payload):
-            return None
-        (kind, request_id, flags), payload = self._head, self._payload
-        self._head, self._payload, self._filled = None, bytearray(), 0
         return Frame(kind, request_id, payload, flags)
 
     def _next_marker(self) -> Marker | None:

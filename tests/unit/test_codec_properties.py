@@ -77,40 +77,6 @@ def test_frames_and_markers_survive_any_cutting(items: list[Frame | Marker], poi
     assert decoder.buffered == 0
 
 
-@given(
-    st.lists(st.one_of(frames, markers), max_size=12),
-    st.lists(st.integers(0, 10**6), max_size=20),
-    st.integers(1, 64),
-    st.booleans(),
-)
-def test_payloads_gathered_apart_survive_any_cutting(
-    items: list[Frame | Marker], points: list[int], direct_min: int, read_into: bool
-) -> None:
-    """
-    Payloads from ``direct_min`` bytes on are gathered in a buffer of their own, fed or
-    (``read_into``) written into the decoder's read target as a transport does: the same
-    frames come out, and ``buffered`` counts every byte of the one not yet whole.
-    """
-    wire = b"".join(wire_of(item) for item in items)
-    decoder = FrameDecoder(MAX_PAYLOAD, direct_min=direct_min)
-    out: list[Frame | Marker] = []
-    taken = 0
-    for piece in cut(wire, points):
-        view = memoryview(piece)
-        target = decoder.read_target() if read_into else None
-        direct = 0
-        if target is not None:
-            direct = min(len(target), len(view))
-            target[:direct] = view[:direct]
-            decoder.advance(direct)
-        decoder.feed(view[direct:])
-        out += drain(decoder)
-        taken += len(piece)
-        assert decoder.buffered == taken - sum(len(wire_of(item)) for item in out)
-    assert out == items
-    assert decoder.buffered == 0
-
-
 @given(frames, st.integers(1, HEADER_SIZE - 1))
 def test_a_partial_frame_waits_for_the_rest(frame: Frame, keep: int) -> None:
     wire = wire_of(frame)

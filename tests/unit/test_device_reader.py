@@ -22,22 +22,11 @@ from guest_agent.transports import CharacterDeviceTransport, _DeviceReader
 
 
 class _Device:
-    """
-    Stands in for CharacterDeviceTransport; with ``target``, it asks for that many bytes to
-    be read straight into a buffer of its own (as a large frame's payload is).
-    """
-
-    def __init__(self, target: int = 0) -> None:
+    def __init__(self) -> None:
         self.received = bytearray()
         self.gone: list[str] = []
-        self.direct = bytearray(target)
-        self.filled = 0
 
-    def read_target(self) -> memoryview | None:
-        return memoryview(self.direct)[self.filled :] if self.filled < len(self.direct) else None
-
-    def data_received(self, data: memoryview, direct: int = 0) -> None:
-        self.filled += direct
+    def data_received(self, data: memoryview) -> None:
         self.received += data
 
     def host_gone(self, reader: Any, why: str) -> None:
@@ -111,26 +100,6 @@ def test_reads_everything_available_then_end_of_file(pair: tuple[socket.socket, 
     theirs.shutdown(socket.SHUT_WR)
     reader.doRead()
     assert device.gone == ["end of file"]
-
-
-def test_reads_a_payload_straight_into_its_buffer_then_the_rest(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    ours, theirs = pair
-    size = transports._READ_SIZE * 3 + 100
-    reactor, device = MemoryReactorClock(), _Device(target=size)
-    reader = _DeviceReader(reactor, ours.fileno(), device)  # type: ignore[arg-type]
-    sent = os.urandom(size - 1000)
-    theirs.sendall(sent)
-    reader.doRead()
-    assert (device.filled, bytes(device.direct[: len(sent)]), device.received) == (len(sent), sent, b"")
-    rest, after = os.urandom(1000), os.urandom(5000)
-    theirs.sendall(rest + after)
-    reader.doRead()
-    assert bytes(device.direct) == sent + rest and device.filled == size
-    reader.doRead()  # the target is full: what follows goes to the read buffer
-    assert bytes(device.received) == after
-    assert device.gone == []
 
 
 def test_a_failed_write_drops_the_queue(pair: tuple[socket.socket, socket.socket]) -> None:

@@ -138,26 +138,3 @@ def test_buffered_counts_what_is_not_yet_a_whole_frame() -> None:
     assert decoder.next() == Frame(FrameType.DATA, 1, b"x" * 100)
     assert decoder.next() is None
     assert decoder.buffered == 50
-
-
-def test_a_large_payload_is_gathered_apart_and_cleared_with_the_rest() -> None:
-    payload = bytes(range(256)) * 4
-    wire = encode_frame(FrameType.DATA, 3, payload, 1)
-    decoder = FrameDecoder(4096, direct_min=512)
-    decoder.feed(wire[:100])
-    assert decoder.next() is None
-    target = decoder.read_target()
-    assert target is not None and len(target) == len(wire) - 100
-    target[:200] = wire[100:300]
-    decoder.advance(200)
-    assert decoder.buffered == 300
-    with pytest.raises(ValueError, match="do not fit"):
-        decoder.advance(len(wire))
-    decoder.clear()  # a resynchronisation drops the partial payload
-    assert (decoder.buffered, decoder.read_target()) == (0, None)
-    decoder.feed(wire[:100])
-    assert decoder.next() is None
-    decoder.feed(wire[100:] + wire[:10])  # the rest of the payload, and the next frame's start
-    frame = decoder.next()
-    assert frame == Frame(FrameType.DATA, 3, payload, 1) and isinstance(frame.payload, bytearray)
-    assert decoder.next() is None and decoder.buffered == 10

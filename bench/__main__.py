@@ -41,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rounds",
         type=int,
-        default=defaults.transfer_rounds,
-        help="push-and-pull rounds per agent, taking turns (default %(default)s)",
+        default=defaults.rounds,
+        help="rounds of push and pull, each beside the C-tools reference (default %(default)s)",
     )
     p.add_argument("--echo-messages", type=int, default=defaults.echo_messages)
     p.add_argument("--echo-message-size", type=int, default=defaults.echo_message_size)
@@ -74,7 +74,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         execs=args.execs,
         warmup=max(args.warmup, 0),
         transfer_size=size,
-        transfer_rounds=args.rounds,
+        rounds=args.rounds,
         echo_size=size,
         echo_messages=args.echo_messages,
         echo_message_size=args.echo_message_size,

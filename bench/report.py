@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bench.ctools import median_rate
 from bench.run import AUTH_RATIO_MIN, EXEC_MEDIAN_MAX, PING_RATIO_MAX, TRANSFER_RATIO_MIN, Results
 from bench.stats import Latency, Throughput
 
@@ -33,6 +34,23 @@ def _verdict(met: bool) -> str:
     return "met" if met else "MISSED"
 
 
+def _transfer_rows(results: Results, name: str, agent: Throughput, over_reference: float,
+                   over_echo: float, met: bool) -> list[list[str]]:
+    """The agent's transfer (median round) with its ratios, then each C-tools way's (median)."""
+    rounds = str(len(results.transfer_rounds))
+    row = _rate(f"{name} {_size(agent.size)}", agent)
+    row[1] = rounds
+    row[5:8] = [f"{name}/C-tools {over_reference:.2f} (/echo {over_echo:.2f})",
+                f">= {TRANSFER_RATIO_MIN:.2f}", _verdict(met)]
+    rows = [row]
+    for way in getattr(results.transfer_rounds[0], f"{name}_ways"):
+        figure = median_rate([getattr(r, f"{name}_ways")[way] for r in results.transfer_rounds])
+        ref = _rate(f"C-tools {name}, {way} (**)", figure)
+        ref[1] = rounds
+        rows.append(ref)
+    return rows
+
+
 def table(results: Results) -> str:
     s = results.settings
     met = results.verdicts()
@@ -48,20 +66,10 @@ def table(results: Results) -> str:
     exec_true[6:8] = [f"median <= {EXEC_MEDIAN_MAX * 1000:g} ms", _verdict(met["exec_median"])]
     rows.append(exec_true)
 
-    push = _rate(f"push {_size(results.push.size)}", results.push)
-    push[5:8] = [
-        f"push/echo {results.push_ratio:.2f}",
-        f">= {TRANSFER_RATIO_MIN:.2f}",
-        _verdict(met["push_ratio"]),
-    ]
-    rows.append(push)
-    pull = _rate(f"pull {_size(results.pull.size)}", results.pull)
-    pull[5:8] = [
-        f"pull/echo {results.pull_ratio:.2f}",
-        f">= {TRANSFER_RATIO_MIN:.2f}",
-        _verdict(met["pull_ratio"]),
-    ]
-    rows.append(pull)
+    rows.extend(_transfer_rows(results, "push", results.push, results.push_over_reference,
+                               results.push_ratio, met["push_over_reference"]))
+    rows.extend(_transfer_rows(results, "pull", results.pull, results.pull_over_reference,
+                               results.pull_ratio, met["pull_over_reference"]))
     rows.append(_rate(f"raw echo {_size(results.echo_bulk.size)} (*)", results.echo_bulk))
 
     development = results.development
@@ -102,7 +110,7 @@ def table(results: Results) -> str:
         (f"vcpus {s.vcpus}; " if s.vcpus is not None else "")
         + (f"boot to agent {results.boot_to_agent:.1f} s; " if results.boot_to_agent is not None else "")
         + ("authenticated and development-mode agents in turn; " if results.development else "sequential; ")
-        + f"{s.warmup} untimed warm-up runs before each series; {s.transfer_rounds} push/pull rounds; "
+        + f"{s.warmup} untimed warm-up runs before each series; {s.rounds} push/pull rounds; "
         "push/pull/echo verified "
         f"(sha256 {results.sha256[:16]}..., CRC-32)",
         "",
@@ -114,6 +122,12 @@ def table(results: Results) -> str:
         "    through the VM's second virtio-serial port (cat in the guest). MB = 10^6 bytes.",
         "    push and pull are whole API calls: sha256 on both ends, fsync in the guest (push) and on",
         "    the host (pull).",
+        "(**) the same guest work by C tools on that port (bench/ctools.py). push, tee: head -c SIZE",
+        "    <port | tee TEMP | sha256sum; dd: dd bs=1M <port >TEMP, sha256sum TEMP; both then sync",
+        "    TEMP, mv TEMP FILE, sync DIR, digest back. pull, tee: cat FILE | tee >(sha256sum >port)",
+        "    >port; dd: dd bs=1M <FILE >port, sha256sum FILE >port. The host does what it does for the",
+        "    agent (reads and hashes the file; writes, hashes, fsyncs and renames it). Each round: push,",
+        "    C-tools pushes, pull, C-tools pulls; a round's ratio is over its faster way; medians.",
         f"Every figure above the indented rows is with authentication (TLS 1.3, {results.tls_cipher});",
         "    the indented rows: the same operations through a second agent in the same guest started",
         "    with --development (no TLS), and `openssl speed -evp` in the guest on 16 KiB blocks (one",

@@ -1,13 +1,15 @@
 """
 One benchmark run: boot a guest with an extra virtio-serial port, reach its agent, time
-ping, exec, push and pull through the agent, then time a bare echo on the extra port as
-the reference the agent's figures are compared with.
+ping and exec through the agent, push and pull in rounds beside the same work done by C
+tools in the guest on the extra port (:mod:`bench.ctools`), then a bare echo on that port:
+the references the agent's figures are compared with.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -19,8 +21,9 @@ from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, race
 from twisted.internet.endpoints import UNIXClientEndpoint
 
+from bench.ctools import PULL_WAYS, PUSH_WAYS, TransferRound, median_rate, reference_pull, reference_push
 from bench.echo import EchoClient, connect_echo, echo_rtt, echo_throughput, wait_until_echoing
-from bench.stats import Latency, Throughput
+from bench.stats import MB, Latency, Throughput
 from hypervisors import load_driver
 from hypervisors.interface import Accel, IHypervisorDriver, VMState
 from hypervisors.libvirt import LibvirtDriver
@@ -53,6 +56,8 @@ OPENSSL_ALGORITHMS = ("aes-256-gcm", "aes-128-gcm", "chacha20-poly1305", "sha384
 #: A virtio-serial port admits one opener, so one read-write descriptor serves both ways.
 ECHO_COMMAND = ["sh", "-c", f"exec 3<>/dev/virtio-ports/{ECHO_CHANNEL}; exec cat <&3 >&3"]
 GUEST_FILE = "/root/bench.bin"
+#: Where the C-tools reference push puts its copy (and its pull reads it back).
+GUEST_REFERENCE_FILE = "/root/bench-reference.bin"
 MIB = 1024 * 1024
 #: Seconds the echo gets to exit by itself once its host end is closed.
 ECHO_EXIT_TIMEOUT = 10.0
@@ -85,8 +90,8 @@ class Settings:
     #: Python's first-call costs in the agent).
     warmup: int = 5
     transfer_size: int = 64 * MIB
-    #: Push-and-pull rounds per agent, the agents taking turns; the rates are over all rounds.
-    transfer_rounds: int = 2
+    #: Rounds of push, reference push, pull, reference pull; ratios are per round, then the median.
+    rounds: int = 3
     echo_messages: int = 200
     echo_message_size: int = 64
     echo_size: int = 64 * MIB
@@ -125,6 +130,7 @@ class Results:
     settings: Settings
     ping: Latency
     exec_true: Latency
+    #: The agent's push and pull: the rounds' median rates.
     push: Throughput
     pull: Throughput
     echo_rtt: Latency
@@ -143,6 +149,26 @@ class Results:
     #: ``openssl speed -evp`` in the guest, bytes per second on 16 KiB blocks (a TLS record's
     #: size), by algorithm: what bounds the guest's side of an authenticated transfer.
     guest_openssl: dict[str, float] = field(default_factory=dict)
+    #: Each round's push and pull beside the C-tools reference (bench.ctools).
+    transfer_rounds: tuple[TransferRound, ...] = ()
+
+    @property
+    def push_reference(self) -> Throughput:
+        return median_rate([r.push_reference for r in self.transfer_rounds])
+
+    @property
+    def pull_reference(self) -> Throughput:
+        return median_rate([r.pull_reference for r in self.transfer_rounds])
+
+    @property
+    def push_over_reference(self) -> float:
+        """The median of the rounds' push / reference push."""
+        return statistics.median(r.push_ratio for r in self.transfer_rounds)
+
+    @property
+    def pull_over_reference(self) -> float:
+        """The median of the rounds' pull / reference pull."""
+        return statistics.median(r.pull_ratio for r in self.transfer_rounds)
 
     @property
     def ping_ratio(self) -> float:
@@ -169,8 +195,8 @@ class Results:
         verdicts = {
             "ping_ratio": self.ping_ratio <= PING_RATIO_MAX,
             "exec_median": self.exec_true.median <= EXEC_MEDIAN_MAX,
-            "push_ratio": self.push_ratio >= TRANSFER_RATIO_MIN,
-            "pull_ratio": self.pull_ratio >= TRANSFER_RATIO_MIN,
+            "push_over_reference": self.push_over_reference >= TRANSFER_RATIO_MIN,
+            "pull_over_reference": self.pull_over_reference >= TRANSFER_RATIO_MIN,
         }
         if self.auth_push_ratio is not None and self.auth_pull_ratio is not None:
             verdicts["auth_push_ratio"] = self.auth_push_ratio >= AUTH_RATIO_MIN
@@ -182,6 +208,12 @@ class Results:
         data = asdict(self)
         for name in ("push", "pull", "echo_bulk"):
             data[name]["mb_per_s"] = getattr(self, name).mb_per_s
+        for figures in data["transfer_rounds"]:
+            for figure in (figures["push"], figures["pull"], *figures["push_ways"].values(),
+                           *figures["pull_ways"].values()):
+                figure["mb_per_s"] = figure["size"] / MB / figure["seconds"]
+        data["push_reference"] = {**asdict(self.push_reference), "mb_per_s": self.push_reference.mb_per_s}
+        data["pull_reference"] = {**asdict(self.pull_reference), "mb_per_s": self.pull_reference.mb_per_s}
         data["echo_bulk"]["definition"] = "bytes echoed / time (each byte counted once)"
         data["ratios"] = {
             "ping_rtt_over_echo_rtt": self.ping_ratio,
@@ -189,10 +221,12 @@ class Results:
             "pull_over_echo": self.pull_ratio,
             "push_authenticated_over_development": self.auth_push_ratio,
             "pull_authenticated_over_development": self.auth_pull_ratio,
+            "push_over_reference": self.push_over_reference,
+            "pull_over_reference": self.pull_over_reference,
         }
         data["targets"] = {
             "ping_rtt_over_echo_rtt_max": PING_RATIO_MAX,
-            "transfer_over_echo_min": TRANSFER_RATIO_MIN,
+            "transfer_over_reference_min": TRANSFER_RATIO_MIN,
             "exec_median_max_s": EXEC_MEDIAN_MAX,
             "transfer_authenticated_over_development_min": AUTH_RATIO_MIN,
         }
@@ -234,32 +268,76 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-async def _transfers(client: GuestClient, settings: Settings, say: Say) -> tuple[Throughput, Throughput, str]:
+def _random_file(path: str, size: int) -> str:
+    """Write ``size`` random bytes to ``path``; return their sha256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for offset in range(0, size, MIB):
+            piece = os.urandom(min(MIB, size - offset))
+            digest.update(piece)
+            f.write(piece)
+    return digest.hexdigest()
+
+
+async def _agent_push_pull(
+    client: GuestClient, source: str, back: str, local: str, size: int
+) -> tuple[Throughput, Throughput]:
+    began = time.perf_counter()
+    pushed = await client.push(source, GUEST_FILE)
+    push = Throughput(pushed.size, time.perf_counter() - began)
+    began = time.perf_counter()
+    pulled = await client.pull(GUEST_FILE, back)
+    pull = Throughput(pulled.size, time.perf_counter() - began)
+    returned = _sha256(back)
+    if not local == pushed.sha256 == pulled.sha256 == returned:
+        raise BenchError(
+            f"the file changed on its round trip: sha256 sent {local}, stored {pushed.sha256}, "
+            f"pulled {pulled.sha256}, received {returned}"
+        )
+    if pushed.size != size or pulled.size != size:
+        raise BenchError(f"moved {pushed.size} and {pulled.size} bytes, not {size}")
+    return push, pull
+
+
+async def _transfers(
+    reactor: Any, clients: Sequence[GuestClient], driver: IHypervisorDriver, settings: Settings, say: Say
+) -> tuple[tuple[TransferRound, ...], list[tuple[Throughput, Throughput]], str]:
+    """
+    ``settings.rounds`` rounds of each agent's push (taking turns, in alternate order), the
+    C-tools reference push, each agent's pull and the reference pull, of the same bytes.
+    The rounds hold the first (authenticated) agent's figures; the list, the others'.
+    """
+    size = settings.transfer_size
+    port = await _echo_socket_path(driver, settings.name)
+    device = f"/dev/virtio-ports/{ECHO_CHANNEL}"
+    rounds = []
+    others: list[tuple[Throughput, Throughput]] = []
     with tempfile.TemporaryDirectory(prefix="vmc-bench-") as scratch:
         source = os.path.join(scratch, "bench.bin")
-        with open(source, "wb") as f:
-            for offset in range(0, settings.transfer_size, MIB):
-                f.write(os.urandom(min(MIB, settings.transfer_size - offset)))
-        local = _sha256(source)
-        say(f"push {settings.transfer_size / MIB:g} MiB to {GUEST_FILE}")
-        began = time.perf_counter()
-        pushed = await client.push(source, GUEST_FILE)
-        push = Throughput(pushed.size, time.perf_counter() - began)
-        say("pull it back")
+        local = _random_file(source, size)
         back = os.path.join(scratch, "back.bin")
-        began = time.perf_counter()
-        pulled = await client.pull(GUEST_FILE, back)
-        pull = Throughput(pulled.size, time.perf_counter() - began)
-        returned = _sha256(back)
-        if not local == pushed.sha256 == pulled.sha256 == returned:
-            raise BenchError(
-                f"the file changed on its round trip: sha256 sent {local}, stored {pushed.sha256}, "
-                f"pulled {pulled.sha256}, received {returned}"
-            )
-        if pushed.size != settings.transfer_size or pulled.size != settings.transfer_size:
-            raise BenchError(f"moved {pushed.size} and {pulled.size} bytes, not {settings.transfer_size}")
-    await client.remove(GUEST_FILE)
-    return push, pull, local
+        for number in range(1, settings.rounds + 1):
+            say(f"round {number}/{settings.rounds}: push {size / MIB:g} MiB to {GUEST_FILE}, pull it back, "
+                f"each followed by C tools in the guest on {ECHO_CHANNEL}")
+            order = range(len(clients)) if number % 2 else reversed(range(len(clients)))
+            moved = {i: await _agent_push_pull(clients[i], source, back, local, size) for i in order}
+            first = clients[0]
+            push_ways = {
+                way: await reference_push(reactor, first, port, device, source, local, GUEST_REFERENCE_FILE,
+                                          settings.step_timeout, way)
+                for way in PUSH_WAYS
+            }
+            pull_ways = {
+                way: await reference_pull(reactor, first, port, device, GUEST_REFERENCE_FILE, size, local,
+                                          back, settings.step_timeout, way)
+                for way in PULL_WAYS
+            }
+            push, pull = moved[0]
+            rounds.append(TransferRound(push, pull, push_ways, pull_ways))
+            others.extend(moved[index] for index in range(1, len(clients)))
+    await clients[0].remove(GUEST_FILE)
+    await clients[0].remove(GUEST_REFERENCE_FILE)
+    return tuple(rounds), others, local
 
 
 def _outcome(d: Deferred[Any]) -> Deferred[None]:
@@ -355,44 +433,16 @@ async def _raw_echo(
     return Latency.of(samples), bulk
 
 
-@dataclass(frozen=True)
-class _Figures:
-    ping: Latency
-    exec_true: Latency
-    push: Throughput
-    pull: Throughput
-    sha256: str
-
-
-async def _operations(clients: Sequence[GuestClient], settings: Settings, say: Say) -> list[_Figures]:
-    """
-    Ping, exec and push/pull through each of ``clients`` (one agent each), taking turns
-    operation by operation, and transfer by transfer over ``settings.transfer_rounds``.
-    """
+async def _operations(
+    clients: Sequence[GuestClient], settings: Settings, say: Say
+) -> tuple[list[Latency], list[Latency]]:
+    """Ping and exec through each of ``clients`` (one agent each), taking turns operation by operation."""
     say(f"ping x {settings.pings}" + (" through each agent in turn" if len(clients) > 1 else ""))
     pings = await _series(settings.pings, settings.warmup, [client.ping for client in clients])
     say(f"exec /bin/true x {settings.execs}")
     exec_true = [partial(client.run, ["/bin/true"], check=True) for client in clients]
     execs = await _series(settings.execs, settings.warmup, exec_true)
-    moved: list[list[tuple[Throughput, Throughput, str]]] = [[] for _ in clients]
-    for turn in range(settings.transfer_rounds):
-        order = range(len(clients)) if turn % 2 == 0 else reversed(range(len(clients)))
-        for index in order:
-            moved[index].append(await _transfers(clients[index], settings, say))
-    return [
-        _Figures(
-            ping,
-            exec_true,
-            _total([push for push, _, _ in rounds]),
-            _total([pull for _, pull, _ in rounds]),
-            rounds[-1][2],
-        )
-        for ping, exec_true, rounds in zip(pings, execs, moved, strict=True)
-    ]
-
-
-def _total(rounds: Sequence[Throughput]) -> Throughput:
-    return Throughput(sum(r.size for r in rounds), sum(r.seconds for r in rounds))
+    return pings, execs
 
 
 async def _start_development_agent(
@@ -454,19 +504,25 @@ async def measure(
     virtualization = virt.stdout.decode(errors="replace").strip() or "unknown"
     cmdline = (await client.run(["cat", "/proc/cmdline"], check=True)).stdout.decode(errors="replace").strip()
     insecure = await _start_development_agent(reactor, client, driver, settings, say)
+    clients = [client] if insecure is None else [client, insecure]
     try:
         if insecure is not None:
             say("every operation with authentication and through the development-mode agent, in turn")
-        figures = await _operations([client] if insecure is None else [client, insecure], settings, say)
+        pings, execs = await _operations(clients, settings, say)
+        rounds, development_moves, digest = await _transfers(reactor, clients, driver, settings, say)
     finally:
         if insecure is not None:
             insecure.close()
             await client.run(["systemctl", "stop", DEVELOPMENT_UNIT])
-    authenticated = figures[0]
     development = (
         None
         if insecure is None
-        else DevelopmentMode(figures[1].ping, figures[1].exec_true, figures[1].push, figures[1].pull)
+        else DevelopmentMode(
+            pings[1],
+            execs[1],
+            median_rate([push for push, _ in development_moves]),
+            median_rate([pull for _, pull in development_moves]),
+        )
     )
     echo_rtt_, echo_bulk = await _raw_echo(reactor, client, driver, settings, say)
     guest_openssl = await _guest_openssl(client, say)
@@ -476,13 +532,14 @@ async def measure(
         guest_cmdline=cmdline,
         agent=dict(client.agent_hello),
         settings=settings,
-        ping=authenticated.ping,
-        exec_true=authenticated.exec_true,
-        push=authenticated.push,
-        pull=authenticated.pull,
+        ping=pings[0],
+        exec_true=execs[0],
+        push=median_rate([r.push for r in rounds]),
+        pull=median_rate([r.pull for r in rounds]),
         echo_rtt=echo_rtt_,
         echo_bulk=echo_bulk,
-        sha256=authenticated.sha256,
+        sha256=digest,
+        transfer_rounds=rounds,
         tls_cipher=client.tls_cipher,
         development=development,
         guest_openssl=guest_openssl,

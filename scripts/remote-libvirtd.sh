@@ -5,6 +5,7 @@
 # system daemon's domains.
 #
 #   bash scripts/remote-libvirtd.sh start DIR   # prints the URI, e.g. qemu+tcp://10.231.7.2/system
+#   bash scripts/remote-libvirtd.sh restart DIR # libvirtd stopped and started again (its VMs run on)
 #   bash scripts/remote-libvirtd.sh stop DIR    # its domains destroyed, daemons stopped, netns gone
 #
 # DIR (new or empty) holds the private directories, the pid files and the logs. As root.
@@ -12,7 +13,7 @@ set -euo pipefail
 
 die() { echo "remote-libvirtd: error: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (network namespaces, bind mounts, libvirtd)"
-[ $# -eq 2 ] || die "usage: $0 start|stop DIR"
+[ $# -eq 2 ] || die "usage: $0 start|restart|stop DIR"
 ACTION=$1
 DIR=$(realpath -m "$2")
 STATE="$DIR/state"
@@ -81,12 +82,28 @@ EOF
     ' remote-libvirtd "$DIR" </dev/null >>"$DIR/log/start.log" 2>&1 \
         || die "the daemons did not start; see $DIR/log/"
 
-    local uri="qemu+tcp://$addr/system"
+    wait_for "qemu+tcp://$addr/system"
+}
+
+wait_for() {
+    local uri=$1
     for _ in $(seq 1 120); do
         virsh -c "$uri" version >/dev/null 2>&1 && { echo "$uri"; return 0; }
         sleep 0.5
     done
     die "libvirtd does not answer on $uri after 60 s; see $DIR/log/libvirtd.log"
+}
+
+restart() {
+    [ -e "$STATE" ] || die "nothing runs in $DIR"
+    # shellcheck disable=SC1090
+    . "$STATE"
+    stop_pid "$DIR/libvirtd.pid"
+    # Into the namespaces virtlogd still holds (network, and the mounts of the private copies).
+    nsenter --target "$(cat "$DIR/virtlogd.pid")" --mount --net \
+        /usr/sbin/libvirtd --listen -d -p "$DIR/libvirtd.pid" </dev/null >>"$DIR/log/start.log" 2>&1 \
+        || die "libvirtd did not start again; see $DIR/log/"
+    wait_for "qemu+tcp://$ADDR/system"
 }
 
 stop_pid() {
@@ -119,6 +136,7 @@ stop() {
 
 case "$ACTION" in
     start) start ;;
+    restart) restart ;;
     stop) stop ;;
-    *) die "usage: $0 start|stop DIR" ;;
+    *) die "usage: $0 start|restart|stop DIR" ;;
 esac

@@ -107,12 +107,15 @@ class StreamTransport(FileDescriptor):
         protocol: IProtocol,
         close_stream: CloseStream,
         address: ChannelAddress,
+        live: set[StreamTransport] | None = None,
     ) -> None:
         super().__init__(reactor)
         self._stream = stream
         self.protocol = protocol
         self._close_stream = close_stream
         self._address = address
+        #: The open transports this one belongs to while it is open (see ChannelEndpoint).
+        self._live = live if live is not None else set()
         #: The events libvirt is asked to report now.
         self._events = _READABLE
         self._watching = False
@@ -121,6 +124,7 @@ class StreamTransport(FileDescriptor):
         """Watch the stream and give the protocol its connection."""
         self._stream.eventAddCallback(self._events, self._on_event, None)
         self._watching = True
+        self._live.add(self)
         self.connected = 1
         self.protocol.makeConnection(self)
 
@@ -201,7 +205,16 @@ class StreamTransport(FileDescriptor):
         if not self.disconnected:
             self.connectionLost(Failure(ConnectionAborted()))
 
+    def lose(self, error: BaseException) -> None:
+        """
+        Close at once because of ``error``, from outside (the libvirt connection under the
+        stream is gone, so the stream will never say so itself).
+        """
+        if not self.disconnected:
+            self.connectionLost(Failure(error))
+
     def connectionLost(self, reason: Failure) -> None:
+        self._live.discard(self)
         super().connectionLost(reason)
         if self._watching:
             self._watching = False
@@ -237,6 +250,8 @@ class ChannelEndpoint:
     :param open_stream: opens the channel's stream (``virDomainOpenChannel``, in the driver's
         thread pool); fails with one of our :class:`~vmcontroller.errors.HypervisorError`\\ s.
     :param close_stream: see :data:`CloseStream`.
+    :param live: the set each open transport is in until it closes, for the driver to close
+        them all when its libvirt connection goes (:meth:`StreamTransport.lose`).
     """
 
     def __init__(
@@ -245,11 +260,13 @@ class ChannelEndpoint:
         open_stream: Callable[[], Deferred[VirStream]],
         close_stream: CloseStream,
         address: ChannelAddress,
+        live: set[StreamTransport] | None = None,
     ) -> None:
         self._reactor = reactor
         self._open_stream = open_stream
         self._close_stream = close_stream
         self.address = address
+        self._live = live
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         cancelled = False
@@ -269,7 +286,9 @@ class ChannelEndpoint:
                 protocol = protocolFactory.buildProtocol(self.address)
                 if protocol is None:
                     raise ConnectionLost(f"the protocol factory refused the {self.address}")
-                StreamTransport(self._reactor, stream, protocol, self._close_stream, self.address).start()
+                StreamTransport(
+                    self._reactor, stream, protocol, self._close_stream, self.address, self._live
+                ).start()
             except BaseException:
                 self._close_stream(stream, True)
                 result.errback()

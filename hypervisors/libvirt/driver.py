@@ -67,7 +67,7 @@ from hypervisors.interface import (
     VMSpec,
     VMState,
 )
-from hypervisors.libvirt.channel import ChannelAddress, ChannelEndpoint, VirStream
+from hypervisors.libvirt.channel import ChannelAddress, ChannelEndpoint, StreamTransport, VirStream
 from hypervisors.libvirt.events import LifecycleTranslator, event_loop
 from hypervisors.libvirt.host import (
     KVM_DEVICE_FIX,
@@ -90,6 +90,7 @@ from hypervisors.libvirt.xml import (
     serial_port_socket_path,
 )
 from vmcontroller.errors import (
+    ConnectionLost,
     HypervisorError,
     HypervisorUnavailable,
     SnapshotNotFound,
@@ -348,6 +349,8 @@ class LibvirtDriver(Service):
         self._reconnect_call: IDelayedCall | None = None
         #: VM -> (libvirt's domain id, forwarded host port) of its agent's TCP forward.
         self._agent_forwards: dict[str, tuple[int, int]] = {}
+        #: Open channel streams (remote URIs), closed when the libvirt connection goes.
+        self._channels: set[StreamTransport] = set()
 
     # -- service --------------------------------------------------------------------------
 
@@ -385,6 +388,7 @@ class LibvirtDriver(Service):
             self._shutdown_trigger = None
         if self._reconnect_call is not None and self._reconnect_call.active():
             self._reconnect_call.cancel()
+        self._close_channels("the libvirt driver was stopped")
         self._hub.close()
         done: Deferred[None] = Deferred()
 
@@ -407,6 +411,9 @@ class LibvirtDriver(Service):
             if self._conn is not None and self._conn.isAlive() != 1:
                 # libvirtd restarted: reconnect instead of failing every later call.
                 self._drop_connection()
+                self._reactor.callFromThread(
+                    self._close_channels, f"the connection to libvirtd at {self.uri} was lost"
+                )
             if self._conn is None:
                 try:
                     conn = libvirt.open(self.uri)
@@ -457,7 +464,13 @@ class LibvirtDriver(Service):
             uri=self.uri,
             reason=reason,
         )
+        # Their streams went with it, and libvirt does not tell them.
+        self._close_channels(f"the connection to libvirtd at {self.uri} was lost (close reason {reason})")
         self._connect_soon(_RECONNECT_FIRST)
+
+    def _close_channels(self, why: str) -> None:
+        for transport in list(self._channels):
+            transport.lose(ConnectionLost(f"the agent's channel closed: {why}"))
 
     def _connect_soon(self, delay: float) -> None:
         """Connect to libvirt in ``delay`` seconds, and again with backoff until it works."""
@@ -1067,6 +1080,7 @@ class LibvirtDriver(Service):
             lambda: self._in_pool(open_stream, action=f"open the channel {channel!r} of", vm=name),
             close_stream,
             ChannelAddress(self.uri, name, channel),
+            self._channels,
         )
 
     def _sockets_here(self, name: str, what: str) -> Deferred[str] | None:

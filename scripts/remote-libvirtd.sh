@@ -49,7 +49,11 @@ start() {
 
     # Private copies of what libvirtd keeps: no domain, pool or network definitions of the
     # system daemon (it would list and autostart them), nothing of its running domains.
-    mkdir -p "$DIR/run" "$DIR/lib" "$DIR/cache" "$DIR/etc" "$DIR/log"
+    mkdir -p "$DIR/run" "$DIR/lib" "$DIR/cache" "$DIR/etc" "$DIR/log" "$DIR/bin"
+    # Under names of their own, so that what looks for the system daemons by name (pgrep -x
+    # libvirtd) does not take these for them.
+    ln -sf /usr/sbin/libvirtd "$DIR/bin/libvirtd-remote"
+    ln -sf /usr/sbin/virtlogd "$DIR/bin/virtlogd-remote"
     chmod 0755 "$DIR" "$DIR/run" "$DIR/lib" "$DIR/cache"
     cp -a /etc/libvirt/. "$DIR/etc/"
     rm -rf "$DIR"/etc/qemu/*.xml "$DIR/etc/qemu/autostart" "$DIR/etc/qemu/networks/autostart" \
@@ -77,8 +81,8 @@ EOF
         mount --bind "$1/lib" /var/lib/libvirt
         mount --bind "$1/etc" /etc/libvirt
         mount --bind "$1/cache" /var/cache/libvirt
-        /usr/sbin/virtlogd -d -p "$1/virtlogd.pid"
-        /usr/sbin/libvirtd --listen -d -p "$1/libvirtd.pid"
+        "$1/bin/virtlogd-remote" -d -p "$1/virtlogd.pid"
+        "$1/bin/libvirtd-remote" --listen -d -p "$1/libvirtd.pid"
     ' remote-libvirtd "$DIR" </dev/null >>"$DIR/log/start.log" 2>&1 \
         || die "the daemons did not start; see $DIR/log/"
 
@@ -101,7 +105,7 @@ restart() {
     stop_pid "$DIR/libvirtd.pid"
     # Into the namespaces virtlogd still holds (network, and the mounts of the private copies).
     nsenter --target "$(cat "$DIR/virtlogd.pid")" --mount --net \
-        /usr/sbin/libvirtd --listen -d -p "$DIR/libvirtd.pid" </dev/null >>"$DIR/log/start.log" 2>&1 \
+        "$DIR/bin/libvirtd-remote" --listen -d -p "$DIR/libvirtd.pid" </dev/null >>"$DIR/log/start.log" 2>&1 \
         || die "libvirtd did not start again; see $DIR/log/"
     wait_for "qemu+tcp://$ADDR/system"
 }

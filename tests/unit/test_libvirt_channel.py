@@ -139,8 +139,13 @@ class Setup:
         self.stream = FakeStream()
         self.closed: list[tuple[Any, bool]] = []
         self.opening: Deferred[Any] = Deferred()
+        self.live: set[StreamTransport] = set()
         self.endpoint = ChannelEndpoint(
-            self.reactor, lambda: self.opening, lambda s, abort: self.closed.append((s, abort)), ADDRESS
+            self.reactor,
+            lambda: self.opening,
+            lambda s, abort: self.closed.append((s, abort)),
+            ADDRESS,
+            self.live,
         )
         self.protocol = Recorder()
 
@@ -358,3 +363,24 @@ def _failure(d: Deferred[Any]) -> Failure:
     d.addErrback(failures.append)
     assert failures, "the Deferred did not fail"
     return failures[0]
+
+
+def test_open_transports_are_known_until_they_close(setup: Setup) -> None:
+    transport = setup.connected()
+    assert setup.live == {transport}
+    setup.stream.incoming = [b""]
+    setup.stream.fire(READABLE)
+    assert setup.live == set()
+
+
+def test_lose_closes_at_once_with_the_reason_given(setup: Setup) -> None:
+    """What the driver does when the libvirt connection under the streams goes."""
+    transport = setup.connected()
+    transport.write(b"unsent")
+    transport.lose(ConnectionLost("the connection to libvirtd was lost"))
+    [reason] = setup.protocol.lost
+    assert reason.check(ConnectionLost) and "libvirtd was lost" in str(reason.value)
+    assert setup.closed == [(setup.stream, True)] and setup.live == set()
+    assert setup.stream.callback is None and setup.stream.sent == b""
+    transport.lose(ConnectionLost("again"))  # closed already: nothing more
+    assert len(setup.protocol.lost) == 1 and len(setup.closed) == 1

@@ -726,12 +726,13 @@ class LibvirtDriver(Service):
         initrd = self._storage.upload(conn, Path(spec.initrd)).path() if spec.initrd else None
         capacity = qcow2_virtual_size(Path(spec.disk))
         overlay = self._storage.overlay(conn, _overlay_volume(spec.name), base, capacity)
+        console_log = self._storage.empty(conn, _console_volume(spec.name))
         there = dataclasses.replace(spec, disk=base.path(), kernel=kernel, initrd=initrd)
         return domain_xml(
             there,
             accel=accel,
             disk_path=overlay.path(),
-            console_log=str(self.console_log_path(spec.name)),
+            console_log=console_log.path(),
             disk_cache=self.disk_cache,
             serial_dir=self._storage.path,
         )

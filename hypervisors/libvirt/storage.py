@@ -176,7 +176,7 @@ class StoragePool:
                     volume.delete(0)
                 raise
             # Only now is it whole: the mark says so to later defines, also after a crash.
-            pool.createXML(volume_xml(name + _COMPLETE, 0, "raw"), 0)
+            self.empty(conn, name + _COMPLETE)
             return volume
 
     @staticmethod
@@ -201,11 +201,19 @@ class StoragePool:
         xml = volume_xml(name, capacity, "qcow2", backing=(base.path(), "qcow2"))
         return pool.createXML(xml, 0)
 
-    def delete_volumes(self, conn: libvirt.virConnect, names: list[str]) -> None:
-        """Delete the volumes ``names`` that exist (files the host wrote included)."""
+    def empty(self, conn: libvirt.virConnect, name: str) -> libvirt.virStorageVol:
+        """
+        A new empty volume ``name``: a file for the libvirt host to write (a console log) that
+        the pool knows, so that it is deleted as a volume without a pool refresh (which libvirt
+        refuses while an upload runs).
+        """
         pool = self.pool(conn)
-        # libvirt knows of files it did not create (a console log) after a refresh.
-        pool.refresh(0)
+        self.delete(pool, name)
+        return pool.createXML(volume_xml(name, 0, "raw"), 0)
+
+    def delete_volumes(self, conn: libvirt.virConnect, names: list[str]) -> None:
+        """Delete the volumes ``names`` that exist."""
+        pool = self.pool(conn)
         for name in names:
             self.delete(pool, name)
 

@@ -9,6 +9,7 @@ is reached through ``virDomainOpenChannel``, over libvirt's own connection.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -102,6 +103,20 @@ async def two_agents(
     await gatherResults([local.close(), remote.close()])
 
 
+def _on_remote(remote_host: RemoteHost, path: str) -> Path:
+    """Where a file the second libvirtd has under /var/lib/libvirt is, seen from here."""
+    return remote_host.directory / "lib" / Path(path).relative_to("/var/lib/libvirt")
+
+
+async def _backing_file(path: Path) -> str:
+    out, err, code = await utils.getProcessOutputAndValue(
+        "qemu-img", ["info", "-U", "--output=json", str(path)], env=dict(os.environ)
+    )
+    assert code == 0, err
+    backing: str = json.loads(out)["backing-filename"]
+    return backing
+
+
 def _tcp_peers() -> set[tuple[str, int]]:
     """The remote (address, port) of every TCP connection this process holds (IPv4)."""
     inodes = set()
@@ -147,6 +162,14 @@ async def test_one_controller_drives_a_local_and_a_remote_guest(
     assert _qemu_netns(remote_host, remote_vm.name) != _netns("/proc/self/ns/net")
     assert remote_vm.name not in await booted_vm.driver.list_vms()
     assert await remote_vm.driver.list_vms() == [remote_vm.name]
+    # Its disk is an overlay volume there, over the base image uploaded there; its console log
+    # is written there.
+    pool = remote_host.directory / "lib" / "images" / "vmcontroller"
+    base = await _backing_file(pool / f"{remote_vm.name}.qcow2")
+    assert base.startswith("/var/lib/libvirt/images/vmcontroller/") and base.endswith("-root.qcow2")
+    assert _on_remote(remote_host, base).stat().st_size == Path(remote_vm.image.root_disk).stat().st_size
+    console_log = _on_remote(remote_host, str(remote_vm.driver.console_log_path(remote_vm.name)))
+    assert console_log.stat().st_size > 0
     # Local: the channel's unix socket; remote: the channel through libvirt.
     assert isinstance(await booted_vm.driver.agent_endpoint(booted_vm.name), UNIXClientEndpoint)
     assert isinstance(await remote_vm.driver.agent_endpoint(remote_vm.name), ChannelEndpoint)
@@ -215,3 +238,31 @@ async def test_what_a_remote_host_cannot_do_is_refused_clearly(
     with pytest.raises(HypervisorError, match="does not exist"):
         await driver.define(missing)
     assert missing.name not in await driver.list_vms()
+
+
+@pytest_twisted.ensureDeferred
+async def test_images_are_uploaded_once_and_a_vms_own_volumes_go_with_it(
+    remote_vm: BootedVM, remote_host: RemoteHost
+) -> None:
+    driver = remote_host.driver
+    pool = remote_host.directory / "lib" / "images" / "vmcontroller"
+
+    def uploaded() -> dict[str, tuple[int, int]]:
+        return {
+            p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in pool.iterdir()
+            if not p.name.startswith(TEST_VM_PREFIX)
+        }
+
+    before = uploaded()
+    assert len(before) == 6  # base, kernel, initrd, and their marks
+    name = f"{TEST_VM_PREFIX}remote-second-{os.getpid()}"
+    await driver.define(remote_vm.image.vm_spec(name))
+    try:
+        # The base, kernel and initrd the first VM uploaded serve this one: none sent again.
+        assert uploaded() == before
+        assert (pool / f"{name}.qcow2").exists() and (pool / f"{name}.console.log").exists()
+    finally:
+        await driver.undefine(name)
+    assert not (pool / f"{name}.qcow2").exists() and not (pool / f"{name}.console.log").exists()
+    assert (pool / f"{remote_vm.name}.qcow2").exists()  # the other VM's are left alone

@@ -721,10 +721,10 @@ class LibvirtDriver(Service):
         In the thread pool: the VM's files as volumes on the libvirt host (the base disk,
         kernel and initrd uploaded unless they are there already, a new overlay); its domain XML.
         """
+        capacity = qcow2_virtual_size(Path(spec.disk))  # before anything is uploaded
         base = self._storage.upload(conn, Path(spec.disk), "qcow2")
         kernel = self._storage.upload(conn, Path(spec.kernel)).path() if spec.kernel else None
         initrd = self._storage.upload(conn, Path(spec.initrd)).path() if spec.initrd else None
-        capacity = qcow2_virtual_size(Path(spec.disk))
         overlay = self._storage.overlay(conn, _overlay_volume(spec.name), base, capacity)
         console_log = self._storage.empty(conn, _console_volume(spec.name))
         there = dataclasses.replace(spec, disk=base.path(), kernel=kernel, initrd=initrd)

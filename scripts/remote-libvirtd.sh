@@ -10,6 +10,7 @@
 #
 # DIR (new or empty) holds the private directories, the pid files and the logs. As root.
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/usr/bin:/sbin:/bin"
 
 die() { echo "remote-libvirtd: error: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (network namespaces, bind mounts, libvirtd)"

@@ -25,7 +25,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from hypervisors.interface import VMSpec
 from hypervisors.libvirt import LibvirtDriver
 from hypervisors.libvirt.channel import ChannelEndpoint
-from tests.conftest import TEST_VM_PREFIX, BootedVM, teardown_vm
+from tests.conftest import TEST_VM_PREFIX, BootedVM, pid_alive, teardown_vm
 from vmcontroller.client import GuestClient
 from vmcontroller.errors import CapabilityUnsupported, ConnectionLost, HypervisorError
 from vmcontroller.images import GuestImage
@@ -34,6 +34,8 @@ from vmcontroller.machine import connect_vm_agent
 pytestmark = pytest.mark.integration
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "remote-libvirtd.sh"
+#: The second hosts' directories, one per test process (named by its pid): uploads go there.
+REMOTE_HOSTS = Path("/var/tmp/vmc-remote-libvirtd")
 #: libvirtd's TCP port: the one port of the other host this process may talk to.
 LIBVIRT_TCP_PORT = 16509
 
@@ -58,10 +60,18 @@ def _script(action: str, directory: Path) -> str:
     return pytest_twisted.blockon(Deferred.fromCoroutine(run_script(action, directory)))
 
 
+def _sweep() -> None:
+    """Stop the second hosts of test processes that died without stopping them (a timeout)."""
+    for directory in REMOTE_HOSTS.glob("*"):
+        if directory.name.isdigit() and not pid_alive(int(directory.name)):
+            _script("stop", directory)
+
+
 @pytest.fixture(scope="module")
-def remote_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteHost]:
+def remote_host() -> Iterator[RemoteHost]:
     """The second libvirt host, and a started driver on its ``qemu+tcp://`` URI."""
-    directory = tmp_path_factory.mktemp("remote-libvirtd")
+    _sweep()
+    directory = REMOTE_HOSTS / str(os.getpid())
     try:
         uri = _script("start", directory).splitlines()[-1]
         address = re.fullmatch(r"qemu\+tcp://([\d.]+)/system", uri)

@@ -103,12 +103,20 @@ async def two_agents(
     booted_vm: BootedVM, remote_vm: BootedVM
 ) -> AsyncIterator[tuple[GuestClient, GuestClient]]:
     """Clients of the local and the remote guest's agents, connected at the same time."""
-    local, remote = await gatherResults(
-        [
-            Deferred.fromCoroutine(connect_vm_agent(reactor, vm.driver, vm.name, timeout=300))
-            for vm in (booted_vm, remote_vm)
-        ]
-    )
+    attempts = [
+        # Two guests booting at once: more time than one gets.
+        Deferred.fromCoroutine(connect_vm_agent(reactor, vm.driver, vm.name, timeout=600))
+        for vm in (booted_vm, remote_vm)
+    ]
+    try:
+        local, remote = await gatherResults(attempts, consumeErrors=True)
+    except BaseException:
+        # The other one gives up, or closes: left open it would hold its channel, which takes
+        # one client at a time, from the next tests.
+        for attempt in attempts:
+            attempt.addCallback(lambda client: client.close()).addErrback(lambda _: None)
+            attempt.cancel()
+        raise
     yield local, remote
     await gatherResults([local.close(), remote.close()])
 

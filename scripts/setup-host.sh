@@ -7,8 +7,10 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 URI="qemu:///system"
 # boinc-client: the real BOINC client, which tests/local/test_boinc_client.py runs the wrapper under.
+# iproute2 and util-linux (unshare, nsenter): the second libvirt host of the remote-URI test
+# (scripts/remote-libvirtd.sh).
 PACKAGES=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils mmdebstrap
-          libvirt-dev pkg-config python3-dev python3-venv e2fsprogs gcc tini boinc-client)
+          libvirt-dev pkg-config python3-dev python3-venv e2fsprogs gcc tini boinc-client iproute2 util-linux)
 
 step() { echo "setup-host: $*"; }
 die() { echo "setup-host: error: $*" >&2; exit 1; }

@@ -36,7 +36,7 @@ class BootedVM(NamedTuple):
     image: GuestImage
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -62,7 +62,7 @@ def hypervisor() -> Iterator[LibvirtDriver]:
     for name in pytest_twisted.blockon(driver.list_vms()):
         rest = name.removeprefix(TEST_VM_PREFIX)
         pid = rest.split("-")[-1]
-        if name.startswith(TEST_VM_PREFIX) and pid.isdigit() and not _pid_alive(int(pid)):
+        if name.startswith(TEST_VM_PREFIX) and pid.isdigit() and not pid_alive(int(pid)):
             pytest_twisted.blockon(driver.undefine(name))
     yield driver
     pytest_twisted.blockon(driver.stopService())

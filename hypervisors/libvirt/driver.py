@@ -6,18 +6,23 @@ reactor thread, never the reactor's shared pool) and ``libvirtError`` becomes on
 exceptions inside the worker thread, where libvirt keeps the per-thread error details. libvirt's
 events arrive through its event loop on the reactor (:mod:`hypervisors.libvirt.events`).
 
-Each VM gets a directory ``/var/lib/vmcontroller/vms/<name>/`` with its qcow2 overlay of the
-base image (``disk.qcow2``), its serial console log (``console.log``, written by virtlogd) and
-the host sockets of its extra serial ports (``serial-<port>.sock``), so the base image is never
-modified and several VMs can share it.
+On a local URI each VM gets a directory ``/var/lib/vmcontroller/vms/<name>/`` with its qcow2
+overlay of the base image (``disk.qcow2``), its serial console log (``console.log``, written by
+virtlogd) and the host sockets of its extra serial ports (``serial-<port>.sock``), so the base
+image is never modified and several VMs can share it; the agent is reached on its channel's
+unix socket.
 
-Only local URIs are supported: the agent's channels are unix sockets on this host. A remote
-URI (``qemu+tcp://``) would reach them with ``virDomainOpenChannel`` in :meth:`agent_endpoint`.
+On a remote URI (one that names a host: ``qemu+tcp://``, ``qemu+ssh://``, ``qemu+tls://``) the
+files go through libvirt's storage API instead (:mod:`hypervisors.libvirt.storage`): base disk,
+kernel and initrd uploaded once into a pool of ours there, each VM's overlay a volume over the
+base. The agent is reached through libvirt's own connection, ``virDomainOpenChannel`` on a
+stream carried on the reactor (:mod:`hypervisors.libvirt.channel`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import pwd
@@ -27,7 +32,7 @@ import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlparse
 
 import libvirt
@@ -63,8 +68,16 @@ from hypervisors.interface import (
     VMSpec,
     VMState,
 )
+from hypervisors.libvirt.channel import ChannelAddress, ChannelEndpoint, StreamTransport, VirStream
 from hypervisors.libvirt.events import LifecycleTranslator, event_loop
-from hypervisors.libvirt.host import KVM_DEVICE_FIX, kvm_device_problem, kvm_usable, select_accel
+from hypervisors.libvirt.host import (
+    KVM_DEVICE_FIX,
+    kvm_device_problem,
+    kvm_in_capabilities,
+    kvm_usable,
+    select_accel,
+)
+from hypervisors.libvirt.storage import DEFAULT_POOL, DEFAULT_POOL_PATH, StoragePool, qcow2_virtual_size
 from hypervisors.libvirt.xml import (
     METADATA_NS,
     agent_channel,
@@ -79,6 +92,7 @@ from hypervisors.libvirt.xml import (
 )
 from vmcontroller.credentials import CredentialStore
 from vmcontroller.errors import (
+    ConnectionLost,
     HypervisorError,
     HypervisorUnavailable,
     SnapshotNotFound,
@@ -87,7 +101,7 @@ from vmcontroller.errors import (
     VMStateError,
 )
 
-__all__ = ["DEFAULT_STATE_DIR", "LibvirtDriver", "capabilities_for", "translate_error"]
+__all__ = ["DEFAULT_STATE_DIR", "LibvirtDriver", "capabilities_for", "translate_error", "uri_is_remote"]
 
 T = TypeVar("T")
 
@@ -132,10 +146,24 @@ _TEST_CAPABILITIES = frozenset(
 )
 
 
+#: On another host, serial ports and forwarded ports are sockets there, out of our reach.
+_REMOTE_CAPABILITIES = _ALL_CAPABILITIES - {Capability.SERIAL_PORTS, Capability.PORT_FORWARD}
+
+
+def uri_is_remote(uri: str) -> bool:
+    """
+    Whether ``uri`` names a host (``qemu+tcp://host/system``, ``qemu+ssh://user@host/system``):
+    then the VMs' files and sockets are there, not here, even when the host is this one.
+    """
+    return bool(urlparse(uri).netloc)
+
+
 def capabilities_for(uri: str) -> frozenset[Capability]:
     """What the driver can do on the hypervisor behind ``uri``."""
     scheme = urlparse(uri).scheme.split("+")[0]
-    return _TEST_CAPABILITIES if scheme == "test" else _ALL_CAPABILITIES
+    if scheme == "test":
+        return _TEST_CAPABILITIES
+    return _REMOTE_CAPABILITIES if uri_is_remote(uri) else _ALL_CAPABILITIES
 
 
 def translate_error(
@@ -299,7 +327,11 @@ class LibvirtDriver(Service):
     :param reactor: the reactor; its clock drives ``wait_for_state``, it runs ``qemu-img`` and
         libvirt's event loop.
     :param uri: the libvirt URI; ``qemu:///system`` when running as root, else
-        ``qemu:///session``; ``test:///default`` is libvirt's simulated hypervisor.
+        ``qemu:///session``; ``test:///default`` is libvirt's simulated hypervisor. A URI that
+        names a host (``qemu+tcp://host/system``, ``qemu+ssh://root@host/system``,
+        ``qemu+tls://host/system``) drives the VMs there: images are uploaded into
+        ``storage_pool`` and the agent is reached through libvirt's connection (see
+        :meth:`agent_endpoint`); serial ports and port forwards are not available then.
     :param accel: the default for VMs whose spec says ``accel='auto'`` (see :func:`select_accel`).
     :param state_dir: where each VM's directory (overlay disk, console log) goes; it and its
         parents must be searchable by the user QEMU runs as (``libvirt-qemu``).
@@ -308,6 +340,8 @@ class LibvirtDriver(Service):
     :param credentials_dir: where each VM's credentials are kept (a
         :class:`~vmcontroller.credentials.CredentialStore`, root only); by default
         ``credentials`` beside ``state_dir``.
+    :param storage_pool: on a remote URI, the directory pool (on that host) the images and
+        overlays go to; defined at ``storage_pool_path`` when it does not exist.
     """
 
     name = "libvirt"
@@ -323,12 +357,17 @@ class LibvirtDriver(Service):
         disk_cache: str = "unsafe",
         max_threads: int = 8,
         credentials_dir: Path | str | None = None,
+        storage_pool: str = DEFAULT_POOL,
+        storage_pool_path: str = DEFAULT_POOL_PATH,
     ) -> None:
         if accel not in ("auto", "kvm", "tcg"):
             raise ValueError(f"accel={accel!r}: use 'auto', 'kvm' or 'tcg'")
         self._reactor = reactor
         self.uri = uri or ("qemu:///system" if os.geteuid() == 0 else "qemu:///session")
         self.capabilities = capabilities_for(self.uri)
+        #: The URI names a host: files and sockets are there (see the module's description).
+        self.remote = uri_is_remote(self.uri)
+        self._storage = StoragePool(storage_pool, storage_pool_path)
         self.accel: Accel = accel
         self.state_dir = Path(state_dir)
         self.credentials = CredentialStore(credentials_dir or self.state_dir.parent / "credentials")
@@ -355,6 +394,8 @@ class LibvirtDriver(Service):
         self._reconnect_call: IDelayedCall | None = None
         #: VM -> (libvirt's domain id, forwarded host port) of its agent's TCP forward.
         self._agent_forwards: dict[str, tuple[int, int]] = {}
+        #: Open channel streams (remote URIs), closed when the libvirt connection goes.
+        self._channels: set[StreamTransport] = set()
 
     # -- service --------------------------------------------------------------------------
 
@@ -392,6 +433,7 @@ class LibvirtDriver(Service):
             self._shutdown_trigger = None
         if self._reconnect_call is not None and self._reconnect_call.active():
             self._reconnect_call.cancel()
+        self._close_channels("the libvirt driver was stopped")
         self._hub.close()
         done: Deferred[None] = Deferred()
 
@@ -414,6 +456,9 @@ class LibvirtDriver(Service):
             if self._conn is not None and self._conn.isAlive() != 1:
                 # libvirtd restarted: reconnect instead of failing every later call.
                 self._drop_connection()
+                self._reactor.callFromThread(
+                    self._close_channels, f"the connection to libvirtd at {self.uri} was lost"
+                )
             if self._conn is None:
                 try:
                     conn = libvirt.open(self.uri)
@@ -464,7 +509,13 @@ class LibvirtDriver(Service):
             uri=self.uri,
             reason=reason,
         )
+        # Their streams went with it, and libvirt does not tell them.
+        self._close_channels(f"the connection to libvirtd at {self.uri} was lost (close reason {reason})")
         self._connect_soon(_RECONNECT_FIRST)
+
+    def _close_channels(self, why: str) -> None:
+        for transport in list(self._channels):
+            transport.lose(ConnectionLost(f"the agent's channel closed: {why}"))
 
     def _connect_soon(self, delay: float) -> None:
         """Connect to libvirt in ``delay`` seconds, and again with backoff until it works."""
@@ -619,8 +670,10 @@ class LibvirtDriver(Service):
     def console_log_path(self, name: str) -> Path:
         """
         The file that receives VM ``name``'s serial console (truncated at each start): read it
-        to see how the guest boots.
+        to see how the guest boots. On a remote URI it is on that host, in the storage pool.
         """
+        if self.remote:
+            return Path(self._storage.volume_path(_console_volume(name)))
         return self._vm_dir(name) / "console.log"
 
     # -- IHypervisorDriver ----------------------------------------------------------------
@@ -638,9 +691,6 @@ class LibvirtDriver(Service):
         return self._run(self._exclusive(spec.name, lambda: self._define(spec)))
 
     async def _define(self, spec: VMSpec) -> str:
-        vm_dir = self._vm_dir(spec.name)
-        overlay = vm_dir / "disk.qcow2"
-
         def prepare(conn: libvirt.virConnect) -> Literal["kvm", "tcg"]:
             try:
                 conn.lookupByName(spec.name)
@@ -658,43 +708,31 @@ class LibvirtDriver(Service):
                         f"cannot define VM {spec.name!r}: its {label} {path} does not exist; build the "
                         "image first (python -m vmcontroller.images build)"
                     )
-            accel = select_accel(spec.accel, self.accel, environ=os.environ, kvm_available=kvm_usable())
-            # Left over from a VM of the same name whose undefine did not finish: not in use,
-            # since libvirt knows no such domain.
-            shutil.rmtree(vm_dir, ignore_errors=True)
-            for d in (self.state_dir.parent, self.state_dir, vm_dir):
-                d.mkdir(parents=True, exist_ok=True)
-                d.chmod(0o755)
-            # The agent's credentials, new for every definition (a VM of the same name
-            # defined again is another VM to the host).
-            self.credentials.create(spec.name)
-            self._provision(conn, spec.name)
-            return accel
+            kvm = kvm_in_capabilities(conn.getCapabilities()) if self.remote else kvm_usable()
+            return select_accel(spec.accel, self.accel, environ=os.environ, kvm_available=kvm)
 
         accel = await self._in_pool(prepare, action="define VM", vm=spec.name)
         self._defining.add(spec.name)
         try:
-            xml = domain_xml(
-                spec,
-                accel=accel,
-                disk_path=str(overlay),
-                console_log=str(vm_dir / "console.log"),
-                disk_cache=self.disk_cache,
-                serial_dir=str(vm_dir),
-                credentials_file=str(vm_dir / FW_CFG_FILE),
+            if self.remote:
+                xml = await self._in_pool(
+                    lambda conn: self._place_remote(conn, spec, accel),
+                    action="upload the images and make the overlay of",
+                    vm=spec.name,
+                )
+            else:
+                xml = await self._place_local(spec, accel)
+            # The agent's credentials, new for every definition (a VM of the same name
+            # defined again is another VM to the host).
+            await self._in_pool(
+                lambda conn: self._provision(conn, spec.name, new=True), action="define VM", vm=spec.name
             )
-            await self._create_overlay(spec, overlay)
             uuid = await self._in_pool(
                 lambda conn: conn.defineXML(xml).UUIDString(), action="define VM", vm=spec.name
             )
             self._ours[uuid] = True
         except BaseException:
-
-            def clean_up(conn: libvirt.virConnect) -> None:
-                shutil.rmtree(vm_dir, ignore_errors=True)
-                self.credentials.remove(spec.name)
-
-            await self._in_pool(clean_up, action="clean up")
+            await self._in_pool(lambda conn: self._remove_files(conn, spec.name), action="clean up")
             raise
         finally:
             self._defining.discard(spec.name)
@@ -702,6 +740,63 @@ class LibvirtDriver(Service):
             "Defined VM {vm} ({accel}, {memory} MiB)", vm=spec.name, accel=accel, memory=spec.memory_mib
         )
         return spec.name
+
+    async def _place_local(self, spec: VMSpec, accel: Literal["kvm", "tcg"]) -> str:
+        """The VM's directory and overlay on this host; its domain XML."""
+        vm_dir = self._vm_dir(spec.name)
+        overlay = vm_dir / "disk.qcow2"
+
+        def make_dirs(_conn: libvirt.virConnect) -> None:
+            # Left over from a VM of the same name whose undefine did not finish: not in use,
+            # since libvirt knows no such domain.
+            shutil.rmtree(vm_dir, ignore_errors=True)
+            for d in (self.state_dir.parent, self.state_dir, vm_dir):
+                d.mkdir(parents=True, exist_ok=True)
+                d.chmod(0o755)
+
+        await self._in_pool(make_dirs, action="define VM", vm=spec.name)
+        xml = domain_xml(
+            spec,
+            accel=accel,
+            disk_path=str(overlay),
+            console_log=str(vm_dir / "console.log"),
+            disk_cache=self.disk_cache,
+            serial_dir=str(vm_dir),
+            credentials_file=self._credentials_path(spec.name),
+        )
+        await self._create_overlay(spec, overlay)
+        return xml
+
+    def _place_remote(self, conn: libvirt.virConnect, spec: VMSpec, accel: Literal["kvm", "tcg"]) -> str:
+        """
+        In the thread pool: the VM's files as volumes on the libvirt host (the base disk,
+        kernel and initrd uploaded unless they are there already, a new overlay); its domain XML.
+        """
+        capacity = qcow2_virtual_size(Path(spec.disk))  # before anything is uploaded
+        base = self._storage.upload(conn, Path(spec.disk), "qcow2")
+        kernel = self._storage.upload(conn, Path(spec.kernel)).path() if spec.kernel else None
+        initrd = self._storage.upload(conn, Path(spec.initrd)).path() if spec.initrd else None
+        overlay = self._storage.overlay(conn, _overlay_volume(spec.name), base, capacity)
+        console_log = self._storage.empty(conn, _console_volume(spec.name))
+        there = dataclasses.replace(spec, disk=base.path(), kernel=kernel, initrd=initrd)
+        return domain_xml(
+            there,
+            accel=accel,
+            disk_path=overlay.path(),
+            console_log=console_log.path(),
+            disk_cache=self.disk_cache,
+            serial_dir=self._storage.path,
+            credentials_file=self._credentials_path(spec.name),
+        )
+
+    def _remove_files(self, conn: libvirt.virConnect, name: str) -> None:
+        """In the thread pool: what the VM had of its own (not the shared base images)."""
+        if self.remote:
+            volumes = [_overlay_volume(name), _console_volume(name), _credentials_volume(name)]
+            self._storage.delete_volumes(conn, volumes)
+        else:
+            shutil.rmtree(self._vm_dir(name), ignore_errors=True)
+        self.credentials.remove(name)
 
     async def _create_overlay(self, spec: VMSpec, overlay: Path) -> None:
         qemu_img = shutil.which("qemu-img", path=os.environ.get("PATH", "") + ":/usr/bin:/usr/local/bin")
@@ -912,9 +1007,8 @@ class LibvirtDriver(Service):
         )
 
     def undefine(self, name: str) -> Deferred[None]:
-        vm_dir = self._vm_dir(name)
-
-        def remove(d: libvirt.virDomain) -> None:
+        def remove(conn: libvirt.virConnect) -> None:
+            d = conn.lookupByName(name)
             if d.isActive():
                 d.destroy()
             # The snapshots' data lives in the overlay deleted below; drop libvirt's records of them.
@@ -923,21 +1017,35 @@ class LibvirtDriver(Service):
                 libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE,
                 libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA,
             )
-            shutil.rmtree(vm_dir, ignore_errors=True)
-            self.credentials.remove(name)
+            self._remove_files(conn, name)
 
         async def go() -> None:
-            await self._domain_call(name, "undefine", remove)
+            await self._in_pool(remove, action="undefine", vm=name)
             self._agent_forwards.pop(name, None)
             self.log.info("Undefined VM {vm}", vm=name)
 
         return self._run(self._exclusive(name, go))
 
-    def _provision(self, conn: libvirt.virConnect, name: str) -> None:
-        """Put the agent's end where QEMU reads it at start (in a worker thread)."""
+    def _provision(self, conn: libvirt.virConnect, name: str, new: bool = False) -> None:
+        """
+        Put the agent's end where QEMU reads it at start (in a worker thread): a file beside
+        the VM's disk, or on a remote URI a volume of the storage pool there, 0600 and owned
+        by the user QEMU runs as on that host. ``new``: mint the VM's credentials first.
+        """
+        if new:
+            self.credentials.create(name)
         owner = qemu_owner(conn.getCapabilities())
-        agent = self.credentials.agent_credentials(name)
-        write_qemu_credentials(self._vm_dir(name) / FW_CFG_FILE, agent.to_json(), owner)
+        agent = self.credentials.agent_credentials(name).to_json()
+        if self.remote:
+            self._storage.write(conn, _credentials_volume(name), agent, "0600", owner)
+        else:
+            write_qemu_credentials(self._vm_dir(name) / FW_CFG_FILE, agent, owner)
+
+    def _credentials_path(self, name: str) -> str:
+        """Where QEMU reads the agent's credentials of VM ``name`` (see :meth:`_provision`)."""
+        if self.remote:
+            return self._storage.volume_path(_credentials_volume(name))
+        return str(self._vm_dir(name) / FW_CFG_FILE)
 
     def agent_credentials(self, name: str) -> Deferred[Credentials]:
         return self._in_pool(
@@ -989,6 +1097,11 @@ class LibvirtDriver(Service):
         ``agent_transport`` (kept in the domain's metadata), else the virtio-serial channel
         every VM of this driver has. ``"tcp"`` forwards :data:`DEFAULT_AGENT_TCP_PORT` once per
         emulator process and reuses that forward.
+
+        On a local URI the endpoint connects to the channel's unix socket. On a remote URI it
+        opens the channel with ``virDomainOpenChannel`` on each connect, and its bytes travel
+        over the driver's libvirt connection (see :mod:`hypervisors.libvirt.channel`); the
+        channel takes one client at a time, as its socket does.
         """
 
         def chosen(d: libvirt.virDomain) -> tuple[AgentTransport, str, int]:
@@ -997,7 +1110,9 @@ class LibvirtDriver(Service):
             if wanted == "auto":
                 wanted = "virtio-serial"
             _require_running(d, name, f"it has no {wanted} agent channel")
-            if wanted == "virtio-serial":
+            if wanted == "virtio-serial" and self.remote:
+                path: str | None = agent_channel(xml)  # the channel's name: its socket is there
+            elif wanted == "virtio-serial":
                 path = channel_socket_path(xml, agent_channel(xml))
             elif wanted == "serial":
                 ports = serial_port_names(xml)
@@ -1022,6 +1137,8 @@ class LibvirtDriver(Service):
                     port = await self.forward_port(name, DEFAULT_AGENT_TCP_PORT)
                     known = self._agent_forwards[name] = (domain_id, port)
                 return TCP4ClientEndpoint(self._reactor, "127.0.0.1", known[1])
+            if self.remote:
+                return self._channel_endpoint(name, path)
             if not path:
                 raise HypervisorError(
                     f"VM {name!r} has no socket for its agent channel; it was defined without it "
@@ -1030,6 +1147,50 @@ class LibvirtDriver(Service):
             return UNIXClientEndpoint(self._reactor, path)
 
         return self._run(go())
+
+    def _channel_endpoint(self, name: str, channel: str) -> ChannelEndpoint:
+        """An endpoint that opens VM ``name``'s virtio-serial ``channel`` through libvirt."""
+
+        def open_stream(conn: libvirt.virConnect) -> VirStream:
+            d = conn.lookupByName(name)
+            _require_running(d, name, f"its channel {channel!r} cannot be opened")
+            stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+            try:
+                d.openChannel(channel, stream, 0)
+            except libvirt.libvirtError:
+                with contextlib.suppress(libvirt.libvirtError):
+                    stream.abort()
+                raise
+            return stream
+
+        def close_stream(stream: VirStream, abort: bool) -> None:
+            def close(_conn: libvirt.virConnect) -> None:
+                libvirt_stream = cast(libvirt.virStream, stream)
+                (libvirt_stream.abort if abort else libvirt_stream.finish)()
+
+            self._in_pool(close, action=f"close the channel {channel!r} of", vm=name).addErrback(
+                # The stream failed or the VM went away: libvirtd has dropped it already.
+                lambda f: self.log.debug("Closing a channel stream: {error}", error=f.value)
+            )
+
+        return ChannelEndpoint(
+            self._reactor,
+            lambda: self._in_pool(open_stream, action=f"open the channel {channel!r} of", vm=name),
+            close_stream,
+            ChannelAddress(self.uri, name, channel),
+            self._channels,
+        )
+
+    def _sockets_here(self, name: str, what: str) -> Deferred[str] | None:
+        """A failure when the VM's sockets are on another host (a remote URI)."""
+        if not self.remote:
+            return None
+        return fail(
+            HypervisorError(
+                f"the {what} of VM {name!r} is a socket on the host of {self.uri}, not here; reach "
+                "the agent with agent_endpoint(), which opens its channel through libvirt"
+            )
+        )
 
     def agent_socket_path(self, name: str, channel: str | None = None) -> Deferred[str]:
         """
@@ -1050,6 +1211,9 @@ class LibvirtDriver(Service):
                 )
             return found
 
+        elsewhere = self._sockets_here(name, f"channel {channel!r}" if channel else "agent's channel")
+        if elsewhere is not None:
+            return elsewhere
         return self._run(self._domain_call(name, "find the agent socket of", path))
 
     def forward_port(
@@ -1127,6 +1291,18 @@ class LibvirtDriver(Service):
             return channel_state(xml, channel or agent_channel(xml)) == "connected"
 
         return self._run(self._domain_call(name, "read the channel state of", is_open))
+
+
+def _overlay_volume(vm: str) -> str:
+    return f"{vm}.qcow2"
+
+
+def _console_volume(vm: str) -> str:
+    return f"{vm}.console.log"
+
+
+def _credentials_volume(vm: str) -> str:
+    return f"{vm}.{FW_CFG_FILE}"
 
 
 _TRANSPORT_CAPABILITY: dict[str, Capability] = {

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import stat
+import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from typing import Literal
 
 from hypervisors.interface import Accel
 from vmcontroller.errors import HypervisorError
 
-__all__ = ["KVM_DEVICE_FIX", "kvm_device_problem", "kvm_usable", "select_accel"]
+__all__ = ["KVM_DEVICE_FIX", "kvm_device_problem", "kvm_in_capabilities", "kvm_usable", "select_accel"]
 
 #: What fixes a ``/dev/kvm`` that QEMU's user cannot open (see :func:`kvm_device_problem`).
 KVM_DEVICE_FIX = (
@@ -44,6 +45,21 @@ def kvm_usable(dev_kvm: str = "/dev/kvm", cpuinfo: str | None = None) -> bool:
         if key.strip() == "flags" and {"vmx", "svm"} & set(value.split()):
             return True
     return False
+
+
+def kvm_in_capabilities(capabilities_xml: str) -> bool:
+    """
+    :func:`kvm_usable` for a host known only through libvirt (a remote URI), from its
+    ``virConnectGetCapabilities`` XML: QEMU there offers KVM for x86_64 guests, and the host CPU
+    shows ``vmx`` or ``svm``. libvirt offers KVM wherever ``/dev/kvm`` exists, also inside a VM
+    without nested virtualisation, where the CPU flag is missing and a KVM guest would hang.
+    """
+    root = ET.fromstring(capabilities_xml)
+    features = {f.get("name") for f in root.iterfind("host/cpu/feature")}
+    offered = any(
+        guest.find("arch[@name='x86_64']/domain[@type='kvm']") is not None for guest in root.iterfind("guest")
+    )
+    return offered and bool({"vmx", "svm"} & features)
 
 
 def select_accel(

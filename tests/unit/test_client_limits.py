@@ -630,7 +630,7 @@ def test_no_ping_waits_behind_a_full_set_of_slots() -> None:
 
 
 def test_what_waits_for_a_session_fails_with_the_reason_the_agent_was_dropped() -> None:
-    client = GuestClient(Clock())
+    client = GuestClient(Clock(), authenticator=None)
     transport = StringTransport()
     transport.registerProducer(SendGate(client._link), True)
     client._transport_connected(transport)
@@ -643,7 +643,7 @@ def test_what_waits_for_a_session_fails_with_the_reason_the_agent_was_dropped() 
 
 
 def test_the_host_names_its_software_in_its_hello() -> None:
-    client = GuestClient(Clock())
+    client = GuestClient(Clock(), authenticator=None)
     transport = StringTransport()
     client._transport_connected(transport)
     nonce = transport.value()[len(SYNC_MAGIC):]

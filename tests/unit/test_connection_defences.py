@@ -717,7 +717,7 @@ def test_the_hosts_protocol_errors_say_exactly_what_was_wrong(frame: bytes, mess
 
 def test_calls_without_a_session_say_so_exactly() -> None:
     with pytest.raises(ProtocolError) as raised:
-        HostConnection().send_request("op")
+        HostConnection(authenticator=None).send_request("op")
     assert str(raised.value) == "no session: the handshake has not completed"
 
 
@@ -742,7 +742,7 @@ def test_a_frame_without_a_payload() -> None:
 
 
 def test_both_ends_report_what_the_handshake_agreed() -> None:
-    host, agent = HostConnection(), AgentConnection()
+    host, agent = HostConnection(authenticator=None), AgentConnection(authenticator=None)
     assert (agent.is_open, agent.version, agent.buffered) == (False, 0, 0)
     host.start()
     agent.receive_data(host.data_to_send())
@@ -760,7 +760,7 @@ def test_both_ends_report_what_the_handshake_agreed() -> None:
 
 
 def test_an_ack_and_the_agents_hello_in_one_read_open_the_session() -> None:
-    host, agent = HostConnection(), AgentConnection()
+    host, agent = HostConnection(authenticator=None), AgentConnection(authenticator=None)
     host.start()
     agent.receive_data(host.data_to_send())
     ack = agent.data_to_send()
@@ -769,7 +769,7 @@ def test_an_ack_and_the_agents_hello_in_one_read_open_the_session() -> None:
 
 
 def test_a_frame_other_than_hello_or_error_while_waiting_for_hello() -> None:
-    host = HostConnection()
+    host = HostConnection(authenticator=None)
     host.start()
     nonce = host.data_to_send()[len(SYNC_MAGIC):]
     host.receive_data(ACK_MAGIC + nonce)
@@ -841,13 +841,13 @@ def test_credit_goes_back_at_a_quarter_of_an_odd_window_and_in_whole_quarters() 
 
 
 def test_the_agent_answers_each_of_two_syncs_in_one_read() -> None:
-    agent = AgentConnection()
+    agent = AgentConnection(authenticator=None)
     agent.receive_data(SYNC_MAGIC + b"\x01" * NONCE_SIZE + SYNC_MAGIC + b"\x02" * NONCE_SIZE)
     assert agent.data_to_send() == ACK_MAGIC + b"\x01" * NONCE_SIZE + ACK_MAGIC + b"\x02" * NONCE_SIZE
 
 
 def test_an_ack_split_after_its_second_to_last_byte_is_still_found() -> None:
-    host = HostConnection()
+    host = HostConnection(authenticator=None)
     host.start()
     nonce = host.data_to_send()[len(SYNC_MAGIC):]
     ack = ACK_MAGIC + nonce

@@ -22,8 +22,14 @@ from zope.interface.verify import verifyObject
 from hypervisors import installed_drivers, load_driver
 from hypervisors.interface import Capability, IHypervisorDriver, VMSpec, VMState
 from hypervisors.libvirt import LibvirtDriver
-from hypervisors.libvirt.driver import capabilities_for, qemu_owner, translate_error, write_qemu_credentials
-from hypervisors.libvirt.host import kvm_device_problem, kvm_usable, select_accel
+from hypervisors.libvirt.driver import (
+    capabilities_for,
+    qemu_owner,
+    translate_error,
+    uri_is_remote,
+    write_qemu_credentials,
+)
+from hypervisors.libvirt.host import kvm_device_problem, kvm_in_capabilities, kvm_usable, select_accel
 from hypervisors.libvirt.xml import (
     METADATA_NS,
     agent_transport,
@@ -324,6 +330,51 @@ def test_capabilities_per_uri() -> None:
     simulated = capabilities_for("test:///default")
     assert Capability.PUSHED_EVENTS in simulated and Capability.SAVE_STATE in simulated
     assert not simulated & {Capability.VIRTIO_SERIAL, Capability.SERIAL_PORTS, Capability.PORT_FORWARD}
+    for uri in ("qemu+tcp://10.0.0.2/system", "qemu+ssh://root@host/system", "qemu+tls://host/system"):
+        remote = capabilities_for(uri)
+        # Sockets and ports on the other host are out of reach; the rest is as local.
+        assert remote == set(Capability) - {Capability.SERIAL_PORTS, Capability.PORT_FORWARD}, uri
+
+
+@pytest.mark.parametrize(
+    ("uri", "remote"),
+    [
+        ("qemu:///system", False),
+        ("qemu:///session", False),
+        ("qemu+unix:///system?socket=/run/x.sock", False),
+        ("test:///default", False),
+        ("qemu+tcp://10.231.1.2/system", True),
+        ("qemu+ssh://root@worker7/system", True),
+        ("qemu+tls://worker7.example.org/system", True),
+        # Named, even as this host: the URI says the files are wherever that host keeps them.
+        ("qemu+tcp://localhost/system", True),
+    ],
+)
+def test_uri_is_remote(uri: str, remote: bool) -> None:
+    assert uri_is_remote(uri) is remote
+    assert LibvirtDriver(Clock(), uri).remote is remote
+
+
+CAPABILITIES = """<capabilities>
+  <host><cpu><arch>x86_64</arch>{features}</cpu></host>
+  <guest><os_type>hvm</os_type>
+    <arch name='x86_64'><domain type='qemu'/>{kvm}</arch>
+  </guest>
+</capabilities>"""
+
+
+@pytest.mark.parametrize(
+    ("features", "kvm", "usable"),
+    [
+        ("<feature name='vmx'/>", "<domain type='kvm'/>", True),
+        ("<feature name='svm'/><feature name='avx'/>", "<domain type='kvm'/>", True),
+        # /dev/kvm there but no virtualisation flag: a VM without nested KVM, where guests hang.
+        ("<feature name='hypervisor'/>", "<domain type='kvm'/>", False),
+        ("<feature name='vmx'/>", "", False),
+    ],
+)
+def test_kvm_in_a_remote_hosts_capabilities(features: str, kvm: str, usable: bool) -> None:
+    assert kvm_in_capabilities(CAPABILITIES.format(features=features, kvm=kvm)) is usable
 
 
 @pytest.mark.parametrize(

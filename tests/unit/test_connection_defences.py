@@ -634,8 +634,8 @@ def test_the_agent_tells_the_host_exactly_why_it_dropped_the_session() -> None:
 def test_an_agent_without_a_common_version_says_which_it_speaks() -> None:
     agent, _ = hello_to_agent({"versions": [7], **HELLO_LIMITS})
     (told,) = frames_in(agent.data_to_send())
-    assert told.json()["details"] == {"supported": [1]}
-    assert told.json()["message"] == ("the host speaks protocol versions [7] and this agent speaks [1]: "
+    assert told.json()["details"] == {"supported": [2]}
+    assert told.json()["message"] == ("the host speaks protocol versions [7] and this agent speaks [2]: "
                                       "install a matching vmcontroller agent in the guest")
 
 
@@ -655,12 +655,12 @@ def test_a_sync_and_hello_in_one_read_mid_session() -> None:
     host.start()  # and starts over: SYNC and HELLO arrive in one read
     nonce_sync = host.data_to_send()
     events = agent.receive_data(nonce_sync + encode_frame(FrameType.HELLO, 0, encode_json(
-        {"versions": [1], **HELLO_LIMITS})))
+        {"versions": [2], **HELLO_LIMITS})))
     assert [type(event) for event in events] == [HandshakeComplete]
     host2, agent2 = opened()
     host2.start()
     sync = host2.data_to_send()
-    hello = encode_frame(FrameType.HELLO, 0, encode_json({"versions": [1], **HELLO_LIMITS}))
+    hello = encode_frame(FrameType.HELLO, 0, encode_json({"versions": [2], **HELLO_LIMITS}))
     events = agent2.receive_data(sync + hello)
     assert events[0] == SessionReset("the host started a new session")
     assert isinstance(events[1], HandshakeComplete) and agent2.is_open
@@ -750,11 +750,11 @@ def test_both_ends_report_what_the_handshake_agreed() -> None:
     (hello,) = frames_in(host.data_to_send())
     assert (hello.type, hello.request_id, hello.flags) == (FrameType.HELLO, 0, 0)
     (agent_done,) = agent.receive_data(encode_frame(FrameType.HELLO, 0, hello.payload))
-    assert agent_done == HandshakeComplete(1, hello.json())
+    assert agent_done == HandshakeComplete(2, hello.json())
     (reply,) = frames_in(agent.data_to_send())
     assert (reply.type, reply.request_id, reply.flags) == (FrameType.HELLO, 0, 0)
     (host_done,) = host.receive_data(encode_frame(FrameType.HELLO, 0, reply.payload))
-    assert host_done == HandshakeComplete(1, reply.json()) and host.version == 1
+    assert host_done == HandshakeComplete(2, reply.json()) and host.version == 2
     agent.host_disconnected()
     assert agent.is_open is False
 
@@ -764,7 +764,7 @@ def test_an_ack_and_the_agents_hello_in_one_read_open_the_session() -> None:
     host.start()
     agent.receive_data(host.data_to_send())
     ack = agent.data_to_send()
-    reply = encode_frame(FrameType.HELLO, 0, encode_json({"version": 1, **HELLO_LIMITS}))
+    reply = encode_frame(FrameType.HELLO, 0, encode_json({"version": 2, **HELLO_LIMITS}))
     assert [type(event) for event in host.receive_data(ack + reply)] == [HandshakeComplete]
 
 
@@ -780,7 +780,7 @@ def test_a_frame_other_than_hello_or_error_while_waiting_for_hello() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [("max_frame", MAX_FRAME), ("max_inflight", MAX_INFLIGHT)])
 def test_hello_limits_at_their_ceilings_are_taken(field: str, value: int) -> None:
-    host = hello_from_agent({"version": 1, **HELLO_LIMITS, field: value})
+    host = hello_from_agent({"version": 2, **HELLO_LIMITS, field: value})
     assert host.is_open and getattr(host.peer_limits, field) == value
 
 

@@ -229,14 +229,18 @@ class StatePoller:
         interval: float = 1.0,
     ) -> None:
         self.hub = EventHub(self._start, self._stop)
+        self._clock = clock
         self._states = states
         self._interval = interval
         self._loop = LoopingCall(self._poll)
-        self._loop.clock = clock
         self._known: dict[str, VMState] | None = None
 
     def _start(self) -> None:
         self._known = None
+        # A new loop each time: a stopped LoopingCall restarted while its last poll is still
+        # out schedules twice, and its second stop then fails inside Twisted.
+        self._loop = LoopingCall(self._poll)
+        self._loop.clock = self._clock
         self._loop.start(self._interval, now=True).addErrback(
             lambda f: self.log.failure("VM state poller stopped", f)
         )

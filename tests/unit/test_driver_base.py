@@ -263,6 +263,30 @@ def test_the_poller_asks_only_while_someone_listens() -> None:
     assert clock.getDelayedCalls() == []
 
 
+def test_the_poller_restarted_while_a_poll_is_out_polls_once_per_interval() -> None:
+    """Unsubscribed and subscribed again before the hypervisor answered: one loop, not two."""
+    clock = Clock()
+    answers: list[Deferred[dict[str, VMState]]] = []
+
+    def states() -> Deferred[dict[str, VMState]]:
+        answers.append(Deferred())
+        return answers[-1]
+
+    poller = StatePoller(clock, states, interval=1.0)
+    poller.hub.subscribe(lambda e: None).cancel()
+    subscription = poller.hub.subscribe(lambda e: None)
+    for answer in answers:
+        answer.callback({})
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(1)
+    answers[-1].callback({})
+    with capturedLogs() as logs:
+        subscription.cancel()
+        clock.advance(10)
+    assert clock.getDelayedCalls() == [] and len(answers) == 3
+    assert not any(e["log_level"] is LogLevel.critical for e in logs)
+
+
 def test_the_poller_publishes_each_change_once() -> None:
     clock = Clock()
     hypervisor = Hypervisor({"vm1": VMState.SHUTOFF})

@@ -816,8 +816,9 @@ class LibvirtDriver(Service):
                 f"{base}: {(err or out).decode(errors='replace').strip()}; check that the base image "
                 "is a qcow2 file and that the directory is writable"
             )
-        # Readable for libvirt-qemu; libvirt's dynamic ownership hands it to QEMU at start.
-        overlay.chmod(0o644)
+        # Root's alone: a snapshot with memory or a saved state inside it holds the guest's RAM,
+        # the agent's key included; libvirt's dynamic ownership hands it to QEMU at start.
+        overlay.chmod(0o600)
 
     def start(self, name: str) -> Deferred[None]:
         def start(d: libvirt.virDomain) -> None:

@@ -26,7 +26,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from hypervisors import installed_drivers
 from hypervisors.interface import Capability, IHypervisorDriver, VMSpec
-from vmcontroller.client import connect
+from vmcontroller.machine import connect_vm_agent
 
 #: The marker's name on the disk (a file in the guest, a key of the fake's disk).
 MARKER = "vmc-conformance-marker"
@@ -179,7 +179,7 @@ def _guest_spec(name: str, workdir: Path, image: Any, **overrides: Any) -> VMSpe
 
 async def _guest_client(driver: Any, vm: str) -> Any:
     # Generous: a TCG guest on a busy host (other VMs booting) can take minutes to boot.
-    return await connect(reactor, await driver.agent_endpoint(vm), timeout=600)
+    return await connect_vm_agent(reactor, driver, vm, timeout=600)
 
 
 async def _guest_boots(driver: Any, vm: str) -> None:

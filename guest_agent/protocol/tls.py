@@ -199,6 +199,13 @@ class _RecordCounter:
         return whole
 
 
+def _closed_by_peer() -> TamperingDetected:
+    return TamperingDetected(
+        "the peer closed its TLS session in the middle of ours (neither end of vmcontroller "
+        "ever does): dropped the session"
+    )
+
+
 class TLSSession:
     """
     One TLS connection in memory: ciphertext in and out as bytes, plaintext likewise.
@@ -261,7 +268,7 @@ class TLSSession:
                 # made one read take two records.
                 return
             except ssl.SSLZeroReturnError:
-                raise TamperingDetected("the peer closed its TLS session in the middle of ours") from None
+                raise _closed_by_peer() from None
             except ssl.SSLError as e:
                 if "ALERT" in (e.reason or ""):
                     # The peer refused us: in TLS 1.3 a client has finished its handshake
@@ -272,7 +279,9 @@ class TLSSession:
                     "the channel was tampered with, or bytes were lost"
                 ) from None
             if not size:
-                return  # the peer's end of the stream, which the next receive reports
+                # The peer's close_notify.  Every read from now on would return nothing
+                # and leave the records in the buffer: the session ends here.
+                raise _closed_by_peer()
             sink(buffer[:size])
 
     def seal(self, pieces: Iterable[bytes | memoryview]) -> list[bytes]:

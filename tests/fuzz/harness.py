@@ -3,6 +3,12 @@ A host engine and an agent engine joined by two byte pipes, driven by a script o
 (honest calls of either side, partial deliveries, and injected frames or junk), checking
 after every step what must always hold.
 
+Two modes: development (no authentication, frames in the clear) and TLS (both ends with
+real credentials, minted once per process).  In TLS mode a hostile step's frame travels
+inside its sender's own TLS session when it has one, sealed validly, because the guest is
+hostile and holds its VM's credentials; records no one sealed, flipped bits and a closed
+TLS session attack the layer below.
+
 The hypothesis properties (tests/unit/test_engine_properties.py) and the atheris target
 (tests/fuzz/fuzz_protocol.py) both drive it: hypothesis draws the steps, atheris decodes
 them from its input.  A step that breaks a rule raises :class:`Violation`; any exception
@@ -12,6 +18,8 @@ other than that, or than the host's :class:`ProtocolError`, is a bug in an engin
 from __future__ import annotations
 
 import contextlib
+import functools
+import ssl
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -39,6 +47,7 @@ from guest_agent.protocol.errors import (
     FrameTooLarge,
     PathNotFound,
     ProtocolError,
+    TamperingDetected,
     TooManyRequests,
 )
 from guest_agent.protocol.frames import (
@@ -51,6 +60,13 @@ from guest_agent.protocol.frames import (
     FrameType,
     encode_frame,
 )
+from guest_agent.protocol.tls import (
+    RECORD_CIPHERTEXT_MAX,
+    RECORD_HEADER_SIZE,
+    Authenticator,
+    TLSSession,
+)
+from vmcontroller.credentials import mint
 
 HOST, AGENT = "host", "agent"
 
@@ -97,7 +113,7 @@ HONEST_KINDS = (
     "notify",
 )
 #: Steps of a broken or hostile peer.
-HOSTILE_KINDS = ("inject", "frame", "restart", "idle", "ack", "sync")
+HOSTILE_KINDS = ("inject", "frame", "restart", "idle", "ack", "sync", "record", "flip", "close")
 KINDS = HONEST_KINDS + HOSTILE_KINDS
 
 
@@ -113,6 +129,8 @@ class _Side:
     received: dict[tuple[int, int], bytearray] = field(default_factory=lambda: defaultdict(bytearray))
     #: Received bytes the application has reported consumed, per (request, channel).
     consumed: dict[tuple[int, int], int] = field(default_factory=lambda: defaultdict(int))
+    #: The TLS session this side closed itself (a hostile step): it can seal nothing more.
+    closed: TLSSession | None = None
 
     def forget_all(self) -> None:
         self.inflight.clear()
@@ -126,27 +144,45 @@ class _Side:
                 del streams[key]
 
 
-class Duel:
-    """A host and an agent engine, both real, and the pipes between them."""
+@functools.cache
+def authenticators() -> tuple[Authenticator, Authenticator]:
+    """The host's and the agent's ends of one VM's credentials, minted once per process."""
+    host, agent = mint()
+    return (
+        Authenticator.from_credentials(host, server_side=False),
+        Authenticator.from_credentials(agent, server_side=True),
+    )
 
-    def __init__(self, host_limits: Limits, agent_limits: Limits) -> None:
-        # The frame protocol in development mode: the steps inject plaintext frames, which
-        # inside TLS would only ever be refused as tampering (tests/unit/test_authentication.py).
-        self.host = _Side(HostConnection(host_limits, authenticator=None))
-        self.agent = _Side(AgentConnection(agent_limits, authenticator=None))
+
+class Duel:
+    """
+    A host and an agent engine, both real, and the pipes between them.
+
+    :param tls: both ends authenticate with this process's test credentials; False is
+        development mode, where frames travel in the clear.
+    """
+
+    def __init__(self, host_limits: Limits, agent_limits: Limits, *, tls: bool = False) -> None:
+        host_authenticator, agent_authenticator = authenticators() if tls else (None, None)
+        self.host = _Side(HostConnection(host_limits, authenticator=host_authenticator))
+        self.agent = _Side(AgentConnection(agent_limits, authenticator=agent_authenticator))
         #: Set once a step injected anything dishonest: end-to-end data checks stop holding.
         self.tampered = False
         self.host_errors = 0
 
     @classmethod
-    def opened(cls, host_limits: Limits, agent_limits: Limits) -> Duel:
+    def opened(cls, host_limits: Limits, agent_limits: Limits, *, tls: bool = False) -> Duel:
         """A duel whose engines completed the handshake, honestly."""
-        duel = cls(host_limits, agent_limits)
+        duel = cls(host_limits, agent_limits, tls=tls)
         duel.run([Step("start")])
         duel.settle()
         _check(
             duel.host_engine.is_open and duel.agent_engine.is_open,
             "an honest handshake did not open a session",
+        )
+        _check(
+            duel.host_engine.authenticated == duel.agent_engine.authenticated == tls,
+            "the session's authentication is not the mode's",
         )
         duel.tampered = False
         return duel
@@ -177,7 +213,13 @@ class Duel:
 
     def collect(self) -> None:
         for side in (self.host, self.agent):
-            side.outbox += side.engine.data_to_send()
+            try:
+                side.outbox += side.engine.data_to_send()
+            except TamperingDetected:
+                # A side that closed its own TLS session cannot seal: its own doing, its
+                # frames lost.  Any other side must always be able to send.
+                if side.closed is None or side.engine._tls is not side.closed:
+                    raise
 
     def apply(self, step: Step) -> None:
         getattr(self, f"_step_{step.kind}")(step)
@@ -274,17 +316,66 @@ class Duel:
         self.receive(self.side(step.side), step.payload)
 
     def _step_frame(self, step: Step) -> None:
-        """A well-framed frame (its header CRC right) with anything in it."""
+        """
+        A well-framed frame (its header CRC right) with anything in it: sealed in the
+        sender's own TLS session when it has one (a hostile guest holds valid credentials),
+        so that it reaches the receiver's decoder of the frames inside TLS; on the wire
+        otherwise.
+        """
         self.tampered = True
         receiver = self.side(step.side)
-        request_id = self._slot(self.other(receiver), step.slot) if step.request_id == 0 else step.request_id
+        sender = self.other(receiver)
+        request_id = self._slot(sender, step.slot) if step.request_id == 0 else step.request_id
         wire = encode_frame(FrameType(step.frame_type), request_id or 0, step.payload, step.flags)
-        self.receive(receiver, wire)
+        session = sender.engine._tls
+        if session is None or not session.established or session is sender.closed:
+            self.receive(receiver, wire)
+            return
+        # Behind everything the sender wrote before: TLS records are numbered.
+        for records in session.seal([wire]):
+            sender.outbox += encode_frame(FrameType.TLS, 0, records)
+        self._step_deliver(Step("deliver", side=HOST if sender is self.host else AGENT))
+
+    def _step_record(self, step: Step) -> None:
+        """
+        A TLS frame holding a record no one sealed: a content type TLS knows (20-24) or any
+        byte, a length from the step (up to 64 KiB, beyond what TLS allows) or the body's,
+        junk for a body; slots 1-4 cut it inside its header.
+        """
+        self.tampered = True
+        content_type = 20 + step.flags % 5 if step.flags < 128 else step.flags
+        length = step.request_id & 0xFFFF if step.request_id else len(step.payload)
+        record = bytes([content_type]) + b"\x03\x03" + length.to_bytes(2, "big") + step.payload
+        if 0 < step.slot < RECORD_HEADER_SIZE:
+            record = record[: step.slot]
+        self.receive(self.side(step.side), encode_frame(FrameType.TLS, 0, record))
+
+    def _step_flip(self, step: Step) -> None:
+        """Bits of a byte the sender wrote and the receiver has not read change on the way."""
+        sender = self.other(self.side(step.side))
+        if sender.outbox:
+            self.tampered = True
+            sender.outbox[step.size % len(sender.outbox)] ^= step.flags or 1
+
+    def _step_close(self, step: Step) -> None:
+        """The sender ends its TLS session properly (a close_notify, sealed validly) and writes on."""
+        sender = self.other(self.side(step.side))
+        session = sender.engine._tls
+        if session is None or not session.established or session is sender.closed:
+            return
+        self.tampered = True
+        sender.closed = session
+        # The close_notify is written first; then OpenSSL reads on for the peer's (not
+        # there yet, or junk the step script put in the closer's inbox).
+        with contextlib.suppress(ssl.SSLError):
+            session._tls.unwrap()
+        sender.outbox += encode_frame(FrameType.TLS, 0, session.ciphertext())
 
     def _step_restart(self, step: Step) -> None:
-        """The agent process restarts on the same channel."""
+        """The agent process restarts on the same channel, with the same credentials."""
         self.tampered = True
-        self.agent = _Side(AgentConnection(self.agent_engine.limits, authenticator=None))
+        engine = self.agent_engine
+        self.agent = _Side(AgentConnection(engine.limits, authenticator=engine._authenticator))
         self.agent_engine.announce_restart()
 
     def _step_idle(self, step: Step) -> None:
@@ -390,11 +481,27 @@ class Duel:
                         f"receiving window broken: credit {stream.credit}, unacknowledged "
                         f"{stream.unacknowledged}, window {own.window}",
                     )
-            # The bytes held are at most one partial frame or marker.
+            # The bytes held are at most one partial frame or marker on the wire, one partial
+            # TLS record, and one partial frame inside TLS.
+            wire_limit = engine._decoder.max_payload
             _check(
-                engine._decoder.buffered < max(HEADER_SIZE + own.max_frame, MARKER_SIZE + NONCE_SIZE),
-                f"{engine._decoder.buffered} bytes buffered with a frame limit of {own.max_frame}",
+                engine._decoder.buffered < max(HEADER_SIZE + wire_limit, MARKER_SIZE + NONCE_SIZE),
+                f"{engine._decoder.buffered} bytes buffered with a frame limit of {wire_limit}",
             )
+            _check(
+                engine._inner.buffered < HEADER_SIZE + own.max_frame,
+                f"{engine._inner.buffered} bytes of a frame inside TLS with a limit of {own.max_frame}",
+            )
+            if engine._tls is not None:
+                # Every whole record is read as it arrives: ciphertext waits only for the
+                # rest of the one record that has begun.
+                pending = engine._tls._incoming.pending
+                records = engine._tls._records
+                within = records._header or records._body_left
+                _check(
+                    pending < RECORD_HEADER_SIZE + RECORD_CIPHERTEXT_MAX if within else pending == 0,
+                    f"{type(engine).__name__} holds {pending} bytes of TLS records it has not read",
+                )
             if engine.is_open:
                 peer = engine.peer_limits
                 _check(

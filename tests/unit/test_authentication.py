@@ -227,6 +227,30 @@ def test_a_record_header_announcing_too_much_is_refused_at_once() -> None:
     assert_serves_its_host(agent)
 
 
+@pytest.mark.parametrize("closer", ["agent", "host"])
+def test_a_peer_that_closes_its_tls_session_ends_ours_and_is_not_buffered(closer: str) -> None:
+    """
+    A hostile guest holds valid credentials: it can end its TLS session properly (a sealed
+    close_notify) and write on.  The other end must drop the session at once, not keep
+    every later record unread in its buffer for as long as the peer writes.
+    """
+    host, agent = connected()
+    sender, receiver = (agent, host) if closer == "agent" else (host, agent)
+    assert sender._tls is not None
+    with pytest.raises(ssl.SSLWantReadError):
+        sender._tls._tls.unwrap()  # sends close_notify, then would wait for the peer's
+    close_notify = encode_frame(FrameType.TLS, 0, sender._tls.ciphertext())
+    junk = encode_frame(FrameType.TLS, 0, b"\x17\x03\x03\x40\x00" + bytes(16384))
+    if receiver is host:
+        with pytest.raises(TamperingDetected, match="closed its TLS session"):
+            host.receive_data(close_notify + junk)
+    else:
+        error = refused_by_agent(agent.receive_data(close_notify + junk))
+        assert isinstance(error, TamperingDetected) and "closed its TLS session" in str(error)
+        assert agent.buffered == 0 and agent._tls is None  # nothing of the peer's kept
+        assert_serves_its_host(agent)
+
+
 def test_host_without_credentials_is_refused() -> None:
     """A TLS client with no certificate at all: what anyone on the channel could try."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -2,7 +2,9 @@
 Properties of both protocol engines (hypothesis), through tests/fuzz/harness.py: random
 interleavings of honest calls, partial deliveries and hostile frames never raise anything
 but the host's ProtocolError (the agent raises nothing), and keep the in-flight counts,
-credit windows and buffered bytes within their limits.
+credit windows and buffered bytes within their limits.  Each example runs in development
+mode or, drawn as often, inside mutually authenticated TLS, where hostile frames are
+sealed in the sender's own session and records are forged below it.
 """
 
 from __future__ import annotations
@@ -83,20 +85,25 @@ def steps(kinds: tuple[str, ...]) -> st.SearchStrategy[Step]:
     )
 
 
-@given(limits, limits, st.lists(steps(KINDS), max_size=40))
+@given(limits, limits, st.lists(steps(KINDS), max_size=40), st.booleans())
 def test_engines_survive_any_interleaving(
-    host_limits: Limits, agent_limits: Limits, script: list[Step]
+    host_limits: Limits, agent_limits: Limits, script: list[Step], tls: bool
 ) -> None:
-    duel = Duel.opened(host_limits, agent_limits)
+    duel = Duel.opened(host_limits, agent_limits, tls=tls)
     duel.run(script)
     duel.settle()
 
 
-@given(limits, limits, st.lists(steps(tuple(k for k in HONEST_KINDS if k != "start")), max_size=60))
+@given(
+    limits,
+    limits,
+    st.lists(steps(tuple(k for k in HONEST_KINDS if k != "start")), max_size=60),
+    st.booleans(),
+)
 def test_honest_traffic_arrives_whole_and_in_order(
-    host_limits: Limits, agent_limits: Limits, script: list[Step]
+    host_limits: Limits, agent_limits: Limits, script: list[Step], tls: bool
 ) -> None:
-    duel = Duel.opened(host_limits, agent_limits)
+    duel = Duel.opened(host_limits, agent_limits, tls=tls)
     duel.run(script)
     duel.settle()
     # Without a hostile step, no session broke and every stream carried exactly what was sent.
@@ -106,11 +113,11 @@ def test_honest_traffic_arrives_whole_and_in_order(
             assert receiver.received[key] == sender.sent[key]
 
 
-@given(limits, limits, st.lists(steps(KINDS), max_size=30))
+@given(limits, limits, st.lists(steps(KINDS), max_size=30), st.booleans())
 def test_a_new_session_always_opens_after_any_damage(
-    host_limits: Limits, agent_limits: Limits, script: list[Step]
+    host_limits: Limits, agent_limits: Limits, script: list[Step], tls: bool
 ) -> None:
-    duel = Duel.opened(host_limits, agent_limits)
+    duel = Duel.opened(host_limits, agent_limits, tls=tls)
     duel.run(script)
     # Whatever happened, the host's next SYNC gives a working session with its agent.
     duel.agent_engine.host_disconnected()
@@ -120,6 +127,7 @@ def test_a_new_session_always_opens_after_any_damage(
     duel.run([Step("start")])
     duel.settle()
     assert duel.host_engine.is_open and duel.agent_engine.is_open
+    assert duel.host_engine.authenticated == duel.agent_engine.authenticated == tls
 
 
 first_frames = st.one_of(st.just(int(FrameType.HELLO)), st.sampled_from([int(t) for t in FrameType]))

@@ -177,13 +177,11 @@ class QGAClient(Protocol):
         try:
             responses = self._decoder.feed(data)
         except QGAError as e:
-            self._fail_all(e)
-            assert self.transport is not None
-            self.transport.loseConnection()
+            self._give_up(e)
             return
         for response in responses:
             if not self._waiting:
-                self._fail_all(QGAError(f"qemu-ga answered a request it was not sent: {response!r:.80}"))
+                self._give_up(QGAError(f"qemu-ga answered a request it was not sent: {response!r:.80}"))
                 return
             waiter = self._waiting.popleft()
             if "error" in response:
@@ -195,6 +193,11 @@ class QGAClient(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = reason.getErrorMessage()
         self._fail_all(QGAError(f"the connection to qemu-ga closed: {self._lost}"))
+
+    def _give_up(self, error: QGAError) -> None:
+        self._fail_all(error)
+        assert self.transport is not None
+        self.transport.loseConnection()
 
     def _fail_all(self, error: QGAError) -> None:
         while self._waiting:

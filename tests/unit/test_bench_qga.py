@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -174,7 +174,7 @@ def test_push_sends_the_file_in_base64_chunks(qga: ModuleType, tmp_path: Path) -
     assert received == data
     assert requests(transport) == [{"execute": "guest-file-close", "arguments": {"handle": 1000}}]
     answer(client, {})
-    throughput, digest = done.result
+    throughput, digest = cast(tuple[Any, str], done.result)
     assert (throughput.size, digest) == (len(data), hashlib.sha256(data).hexdigest())
 
     short = Deferred.fromCoroutine(qga.qga_push(client, str(source), "/root/y"))
@@ -200,7 +200,7 @@ def test_pull_reads_until_eof_and_stops_at_the_limit(qga: ModuleType, tmp_path: 
         answer(client, {"count": len(piece), "buf-b64": base64.b64encode(piece).decode(), "eof": eof})
     assert requests(transport) == [{"execute": "guest-file-close", "arguments": {"handle": 7}}]
     answer(client, {})
-    throughput, digest = done.result
+    throughput, digest = cast(tuple[Any, str], done.result)
     assert destination.read_bytes() == b"hello you"
     assert (throughput.size, digest) == (9, hashlib.sha256(b"hello you").hexdigest())
 

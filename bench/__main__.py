@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
         help="size of the pushed, pulled and echoed data (default %(default)s)",
     )
     p.add_argument(
+        "--qga-size-mib",
+        type=int,
+        default=defaults.qga_transfer_size // MIB,
+        help="size of the QEMU guest agent's push and pull, each round (default %(default)s)",
+    )
+    p.add_argument(
         "--rounds",
         type=int,
         default=defaults.rounds,
@@ -60,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> Settings:
     if args.vcpus is not None and args.vcpus < 1:
         raise SystemExit("--vcpus must be at least 1")
-    for name in ("pings", "execs", "size_mib", "rounds", "echo_messages", "echo_message_size"):
+    counts = ("pings", "execs", "size_mib", "qga_size_mib", "rounds", "echo_messages", "echo_message_size")
+    for name in counts:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     size = args.size_mib * MIB
@@ -74,6 +81,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         execs=args.execs,
         warmup=max(args.warmup, 0),
         transfer_size=size,
+        qga_transfer_size=args.qga_size_mib * MIB,
         rounds=args.rounds,
         echo_size=size,
         echo_messages=args.echo_messages,

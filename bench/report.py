@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from bench.ctools import median_rate
-from bench.run import AUTH_RATIO_MIN, EXEC_MEDIAN_MAX, PING_RATIO_MAX, TRANSFER_RATIO_MIN, Results
+from bench.qga import QGA_READ_COUNT, QGA_WRITE_CHUNK
+from bench.run import (
+    AUTH_RATIO_MIN,
+    EXEC_MEDIAN_MAX,
+    PING_RATIO_MAX,
+    QGA_SPEEDUP_MIN,
+    TRANSFER_RATIO_MIN,
+    Results,
+)
 from bench.stats import Latency, Throughput
 
 __all__ = ["table"]
@@ -88,6 +96,24 @@ def table(results: Results) -> str:
             ]
             assert authenticated.size == insecure.size
             rows.append(row)
+    qga, speedups = results.qga, results.qga_speedups
+    if qga is not None and speedups is not None:
+        qga_rows = [
+            _latency(f"  QEMU guest agent {qga.version}: ping", qga.ping),
+            _latency(f"  QEMU guest agent: exec /bin/true ({qga.exec_polls:.1f} polls)", qga.exec_true),
+            _rate(f"  QEMU guest agent: push {_size(qga.push.size)}", qga.push),
+            _rate(f"  QEMU guest agent: pull {_size(qga.pull.size)}", qga.pull),
+        ]
+        for row, operation in zip(qga_rows, ("ping", "exec_true", "push", "pull"), strict=True):
+            if operation in ("push", "pull"):
+                row[1] = str(len(results.transfer_rounds))
+            speedup = speedups[operation]
+            row[5:8] = [
+                f"ours x{speedup:.2f} faster" if speedup >= 1 else f"ours x{1 / speedup:.2f} SLOWER",
+                f">= {QGA_SPEEDUP_MIN:g}",
+                _verdict(met[f"faster_than_qga_{operation}"]),
+            ]
+        rows.extend(qga_rows)
     for algorithm, rate in sorted(results.guest_openssl.items()):
         rows.append(["  guest openssl speed " + algorithm, "", "", "", f"{rate / 1e6:.2f} MB/s", "", "", ""])
 
@@ -133,4 +159,17 @@ def table(results: Results) -> str:
         "    with --development (no TLS), and `openssl speed -evp` in the guest on 16 KiB blocks (one",
         "    TLS record): the bound of the guest's cryptography.",
     ]
+    if results.qga is not None:
+        foot += [
+            "QEMU guest agent rows: Debian's qemu-ga in the same guest, on a virtio-serial port of its own,",
+            "    from a Twisted client of its socket (no libvirt), one request at a time, in turn with ours",
+            "    (ping by ping, exec by exec, its push and pull after ours in each round). exec: guest-exec,",
+            "    then guest-exec-status back to back until exited. push: guest-file-open/-write (base64,",
+            f"    {_size(QGA_WRITE_CHUNK)} a request)/-close; pull: guest-file-read of "
+            f"{_size(QGA_READ_COUNT)} until eof;",
+            "    the host hashes (on pull also fsyncs) as for ours; qemu-ga neither hashes nor fsyncs in",
+            "    the guest.",
+            "    'ours xN faster': its time over ours (ping, exec), our rate over its (push, pull); the",
+            "    target: ours at least as fast (x >= 1).",
+        ]
     return "\n".join(head + lines + foot)

@@ -2,7 +2,9 @@
 One benchmark run: boot a guest with an extra virtio-serial port, reach its agent, time
 ping and exec through the agent, push and pull in rounds beside the same work done by C
 tools in the guest on the extra port (:mod:`bench.ctools`), then a bare echo on that port:
-the references the agent's figures are compared with.
+the references the agent's figures are compared with. The peer, the QEMU guest agent, runs
+in the same guest (its image has ``qemu-guest-agent``) and is measured in turn with ours
+(:mod:`bench.qga`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,20 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 
 from bench.ctools import PULL_WAYS, PUSH_WAYS, TransferRound, median_rate, reference_pull, reference_push
 from bench.echo import EchoClient, connect_echo, echo_rtt, echo_throughput, wait_until_echoing
+from bench.qga import (
+    BENCH_QGA_CHANNEL,
+    BENCH_QGA_UNIT,
+    QGA_CHANNEL,
+    QGA_PACKAGE,
+    QGA_UNIT,
+    QGAClient,
+    QGAError,
+    QGAFigures,
+    connect_qga,
+    qga_exec,
+    qga_pull,
+    qga_push,
+)
 from bench.stats import MB, Latency, Throughput
 from hypervisors import load_driver
 from hypervisors.interface import Accel, IHypervisorDriver, VMState
@@ -38,6 +54,7 @@ __all__ = [
     "ECHO_CHANNEL",
     "EXEC_MEDIAN_MAX",
     "PING_RATIO_MAX",
+    "QGA_SPEEDUP_MIN",
     "TRANSFER_RATIO_MIN",
     "BenchError",
     "DevelopmentMode",
@@ -56,6 +73,8 @@ OPENSSL_ALGORITHMS = ("aes-256-gcm", "aes-128-gcm", "chacha20-poly1305", "sha384
 #: A virtio-serial port admits one opener, so one read-write descriptor serves both ways.
 ECHO_COMMAND = ["sh", "-c", f"exec 3<>/dev/virtio-ports/{ECHO_CHANNEL}; exec cat <&3 >&3"]
 GUEST_FILE = "/root/bench.bin"
+#: Where qemu-ga's push puts its copy (and its pull reads it back).
+GUEST_QGA_FILE = "/root/bench-qga.bin"
 #: Where the C-tools reference push puts its copy (and its pull reads it back).
 GUEST_REFERENCE_FILE = "/root/bench-reference.bin"
 MIB = 1024 * 1024
@@ -68,6 +87,8 @@ TRANSFER_RATIO_MIN = 0.60
 EXEC_MEDIAN_MAX = 0.030
 #: Push and pull with authentication, at least this share of their rate without.
 AUTH_RATIO_MIN = 0.80
+#: The peer to beat, the QEMU guest agent: each operation at least this many times faster.
+QGA_SPEEDUP_MIN = 1.0
 
 Say = Callable[[str], None]
 
@@ -90,6 +111,9 @@ class Settings:
     #: Python's first-call costs in the agent).
     warmup: int = 5
     transfer_size: int = 64 * MIB
+    #: qemu-ga's push and pull, each round: smaller, as qemu-ga moves bytes as base64 in JSON
+    #: and is slow at it; rates compare.
+    qga_transfer_size: int = 16 * MIB
     #: Rounds of push, reference push, pull, reference pull; ratios are per round, then the median.
     rounds: int = 3
     echo_messages: int = 200
@@ -151,6 +175,20 @@ class Results:
     guest_openssl: dict[str, float] = field(default_factory=dict)
     #: Each round's push and pull beside the C-tools reference (bench.ctools).
     transfer_rounds: tuple[TransferRound, ...] = ()
+    #: The QEMU guest agent's figures, in turn with ours; None when not measured.
+    qga: QGAFigures | None = None
+
+    @property
+    def qga_speedups(self) -> dict[str, float] | None:
+        """How many times faster ours is than qemu-ga: time over time, or rate over rate."""
+        if self.qga is None:
+            return None
+        return {
+            "ping": self.qga.ping.median / self.ping.median,
+            "exec_true": self.qga.exec_true.median / self.exec_true.median,
+            "push": self.push.mb_per_s / self.qga.push.mb_per_s,
+            "pull": self.pull.mb_per_s / self.qga.pull.mb_per_s,
+        }
 
     @property
     def push_reference(self) -> Throughput:
@@ -201,6 +239,8 @@ class Results:
         if self.auth_push_ratio is not None and self.auth_pull_ratio is not None:
             verdicts["auth_push_ratio"] = self.auth_push_ratio >= AUTH_RATIO_MIN
             verdicts["auth_pull_ratio"] = self.auth_pull_ratio >= AUTH_RATIO_MIN
+        for operation, speedup in (self.qga_speedups or {}).items():
+            verdicts[f"faster_than_qga_{operation}"] = speedup >= QGA_SPEEDUP_MIN
         return verdicts
 
     def as_dict(self) -> dict[str, Any]:
@@ -229,10 +269,15 @@ class Results:
             "transfer_over_reference_min": TRANSFER_RATIO_MIN,
             "exec_median_max_s": EXEC_MEDIAN_MAX,
             "transfer_authenticated_over_development_min": AUTH_RATIO_MIN,
+            "ours_faster_than_qga_min": QGA_SPEEDUP_MIN,
         }
         if self.development is not None:
             for name in ("push", "pull"):
                 data["development"][name]["mb_per_s"] = getattr(self.development, name).mb_per_s
+        if self.qga is not None:
+            for name in ("push", "pull"):
+                data["qga"][name]["mb_per_s"] = getattr(self.qga, name).mb_per_s
+            data["ratios"]["ours_faster_than_qga"] = self.qga_speedups
         data["met"] = self.verdicts()
         return data
 
@@ -299,23 +344,49 @@ async def _agent_push_pull(
     return push, pull
 
 
+#: A push and a pull.
+Moved = tuple[Throughput, Throughput]
+
+
+async def _qga_push_pull(qga: QGAClient, source: str, back: str, local: str, size: int) -> Moved:
+    push, pushed = await qga_push(qga, source, GUEST_QGA_FILE)
+    pull, pulled = await qga_pull(qga, GUEST_QGA_FILE, back, size)
+    if not local == pushed == pulled:
+        raise BenchError(
+            f"qemu-ga changed the file on its round trip: sha256 sent {local}, got back {pulled}"
+        )
+    if push.size != size or pull.size != size:
+        raise BenchError(f"qemu-ga moved {push.size} and {pull.size} bytes, not {size}")
+    return push, pull
+
+
 async def _transfers(
-    reactor: Any, clients: Sequence[GuestClient], driver: IHypervisorDriver, settings: Settings, say: Say
-) -> tuple[tuple[TransferRound, ...], list[tuple[Throughput, Throughput]], str]:
+    reactor: Any,
+    clients: Sequence[GuestClient],
+    driver: IHypervisorDriver,
+    settings: Settings,
+    say: Say,
+    qga: QGAClient | None,
+) -> tuple[tuple[TransferRound, ...], list[Moved], list[Moved], str]:
     """
     ``settings.rounds`` rounds of each agent's push (taking turns, in alternate order), the
-    C-tools reference push, each agent's pull and the reference pull, of the same bytes.
-    The rounds hold the first (authenticated) agent's figures; the list, the others'.
+    C-tools reference push, each agent's pull and the reference pull, of the same bytes, and
+    qemu-ga's push and pull of ``settings.qga_transfer_size`` bytes.
+    The rounds hold the first (authenticated) agent's figures; the first list, the other
+    agents'; the second, qemu-ga's.
     """
     size = settings.transfer_size
     port = await _echo_socket_path(driver, settings.name)
     device = f"/dev/virtio-ports/{ECHO_CHANNEL}"
     rounds = []
-    others: list[tuple[Throughput, Throughput]] = []
+    others: list[Moved] = []
+    qga_moves: list[Moved] = []
     with tempfile.TemporaryDirectory(prefix="vmc-bench-") as scratch:
         source = os.path.join(scratch, "bench.bin")
         local = _random_file(source, size)
         back = os.path.join(scratch, "back.bin")
+        qga_source = os.path.join(scratch, "qga.bin")
+        qga_local = _random_file(qga_source, settings.qga_transfer_size) if qga is not None else ""
         for number in range(1, settings.rounds + 1):
             say(f"round {number}/{settings.rounds}: push {size / MIB:g} MiB to {GUEST_FILE}, pull it back, "
                 f"each followed by C tools in the guest on {ECHO_CHANNEL}")
@@ -332,12 +403,20 @@ async def _transfers(
                                           back, settings.step_timeout, way)
                 for way in PULL_WAYS
             }
+            if qga is not None:
+                say(f"round {number}/{settings.rounds}: qemu-ga's push and pull of "
+                    f"{settings.qga_transfer_size / MIB:g} MiB to {GUEST_QGA_FILE}")
+                qga_moves.append(
+                    await _qga_push_pull(qga, qga_source, back, qga_local, settings.qga_transfer_size)
+                )
             push, pull = moved[0]
             rounds.append(TransferRound(push, pull, push_ways, pull_ways))
             others.extend(moved[index] for index in range(1, len(clients)))
     await clients[0].remove(GUEST_FILE)
     await clients[0].remove(GUEST_REFERENCE_FILE)
-    return tuple(rounds), others, local
+    if qga is not None:
+        await clients[0].remove(GUEST_QGA_FILE)
+    return tuple(rounds), others, qga_moves, local
 
 
 def _outcome(d: Deferred[Any]) -> Deferred[None]:
@@ -433,16 +512,73 @@ async def _raw_echo(
     return Latency.of(samples), bulk
 
 
+async def _qga_exec_true(qga: QGAClient, polls: list[int]) -> None:
+    code, count = await qga_exec(qga, ["/bin/true"])
+    if code != 0:
+        raise BenchError(f"/bin/true through qemu-ga ended with exit code {code}")
+    polls.append(count)
+
+
 async def _operations(
-    clients: Sequence[GuestClient], settings: Settings, say: Say
-) -> tuple[list[Latency], list[Latency]]:
-    """Ping and exec through each of ``clients`` (one agent each), taking turns operation by operation."""
-    say(f"ping x {settings.pings}" + (" through each agent in turn" if len(clients) > 1 else ""))
-    pings = await _series(settings.pings, settings.warmup, [client.ping for client in clients])
+    clients: Sequence[GuestClient], settings: Settings, say: Say, qga: QGAClient | None
+) -> tuple[list[Latency], list[Latency], list[int]]:
+    """
+    Ping and exec through each of ``clients`` (one agent each) and qemu-ga (last in the
+    lists), taking turns operation by operation; and qemu-ga's polls per exec.
+    """
+    pings_of = [client.ping for client in clients]
+    execs_of: list[Callable[[], Deferred[Any]]] = [
+        partial(client.run, ["/bin/true"], check=True) for client in clients
+    ]
+    polls: list[int] = []
+    if qga is not None:
+        pings_of.append(qga.ping)
+        execs_of.append(lambda: Deferred.fromCoroutine(_qga_exec_true(qga, polls)))
+    say(f"ping x {settings.pings}" + (" through each agent in turn" if len(pings_of) > 1 else ""))
+    pings = await _series(settings.pings, settings.warmup, pings_of)
     say(f"exec /bin/true x {settings.execs}")
-    exec_true = [partial(client.run, ["/bin/true"], check=True) for client in clients]
-    execs = await _series(settings.execs, settings.warmup, exec_true)
-    return pings, execs
+    execs = await _series(settings.execs, settings.warmup, execs_of)
+    return pings, execs, polls
+
+
+async def _start_qga(
+    reactor: Any, client: GuestClient, driver: IHypervisorDriver, settings: Settings, say: Say
+) -> QGAClient | None:
+    """
+    qemu-ga on the bench's port, connected; None when the VM or its image has none. Checks
+    first that the package's own unit runs on the standard port, as in any libvirt guest.
+    """
+    if not isinstance(driver, LibvirtDriver):
+        say(f"the {driver.name} driver has no extra virtio-serial port: no comparison with qemu-ga")
+        return None
+    try:
+        path = await driver.agent_socket_path(settings.name, channel=BENCH_QGA_CHANNEL)
+    except VMControllerError:
+        say(f"the VM has no {BENCH_QGA_CHANNEL} port: no comparison with the QEMU guest agent")
+        return None
+    packaged = await client.run(["systemctl", "is-active", QGA_UNIT])
+    state = packaged.stdout.decode(errors="replace").strip()
+    if state != "active":
+        raise BenchError(
+            f"{QGA_UNIT} is {state!r} in the guest, not active on {QGA_CHANNEL}: the image's "
+            f"{QGA_PACKAGE} does not start as it does in any libvirt guest (udev starts it)"
+        )
+    say(f"{QGA_UNIT} runs on {QGA_CHANNEL} (libvirt's); start qemu-ga on {BENCH_QGA_CHANNEL} to measure it")
+    await client.run(["systemctl", "stop", BENCH_QGA_UNIT])  # one left by a run with --keep
+    await client.run(["systemctl", "reset-failed", BENCH_QGA_UNIT])
+    # The package's command with the bench's port, and a state directory of its own (qemu-ga
+    # keeps its file handle counter there; the packaged one uses /var/run).
+    await client.run(
+        ["systemd-run", "--unit", BENCH_QGA_UNIT, "-p", f"RuntimeDirectory={BENCH_QGA_UNIT}",
+         "/usr/sbin/qemu-ga", "--method", "virtio-serial", "--path", f"/dev/virtio-ports/{BENCH_QGA_CHANNEL}",
+         "--statedir", f"/run/{BENCH_QGA_UNIT}"],
+        check=True,
+    )
+    try:
+        return await connect_qga(reactor, path, timeout=120)
+    except BaseException:
+        await client.run(["systemctl", "stop", BENCH_QGA_UNIT])
+        raise
 
 
 async def _start_development_agent(
@@ -505,15 +641,36 @@ async def measure(
     cmdline = (await client.run(["cat", "/proc/cmdline"], check=True)).stdout.decode(errors="replace").strip()
     insecure = await _start_development_agent(reactor, client, driver, settings, say)
     clients = [client] if insecure is None else [client, insecure]
+    qga: QGAClient | None = None
     try:
+        qga = await _start_qga(reactor, client, driver, settings, say)
         if insecure is not None:
-            say("every operation with authentication and through the development-mode agent, in turn")
-        pings, execs = await _operations(clients, settings, say)
-        rounds, development_moves, digest = await _transfers(reactor, clients, driver, settings, say)
+            say("every operation with authentication and through the development-mode agent, in turn"
+                + (", and through qemu-ga" if qga is not None else ""))
+        pings, execs, qga_polls = await _operations(clients, settings, say, qga)
+        rounds, development_moves, qga_moves, digest = await _transfers(
+            reactor, clients, driver, settings, say, qga
+        )
+        qga_figures = None
+        if qga is not None:
+            info = await qga.command("guest-info")
+            qga_figures = QGAFigures(
+                version=str(info.get("version", "?")),
+                ping=pings[-1],
+                exec_true=execs[-1],
+                exec_polls=sum(qga_polls) / len(qga_polls),
+                push=median_rate([push for push, _ in qga_moves]),
+                pull=median_rate([pull for _, pull in qga_moves]),
+            )
+    except QGAError as e:
+        raise BenchError(f"measuring the QEMU guest agent: {e}") from e
     finally:
         if insecure is not None:
             insecure.close()
             await client.run(["systemctl", "stop", DEVELOPMENT_UNIT])
+        if qga is not None:
+            qga.close()
+            await client.run(["systemctl", "stop", BENCH_QGA_UNIT])
     development = (
         None
         if insecure is None
@@ -543,6 +700,7 @@ async def measure(
         tls_cipher=client.tls_cipher,
         development=development,
         guest_openssl=guest_openssl,
+        qga=qga_figures,
     )
 
 
@@ -560,14 +718,17 @@ async def _prepare_vm(reactor: Any, driver: IHypervisorDriver, settings: Setting
         else:
             say(f"reuse the running VM {name}")
             return
-    say("build or reuse the guest image")
-    image = await build_image(reactor)
+    say(f"build or reuse the bench's guest image (ours, with {QGA_PACKAGE})")
+    image = await build_image(reactor, extra_packages=(QGA_PACKAGE,))
     if existing:
         say(f"remove the VM {name} left by an earlier run")
         await driver.undefine(name)
     overrides: dict[str, Any] = {} if settings.vcpus is None else {"vcpus": settings.vcpus}
     spec = image.vm_spec(
-        name, accel=settings.accel, extra_channels=(ECHO_CHANNEL, DEVELOPMENT_CHANNEL), **overrides
+        name,
+        accel=settings.accel,
+        extra_channels=(ECHO_CHANNEL, DEVELOPMENT_CHANNEL, QGA_CHANNEL, BENCH_QGA_CHANNEL),
+        **overrides,
     )
     ports = ", ".join(spec.extra_channels)
     say(f"define {name} (accel={settings.accel}, vcpus={spec.vcpus}) with the extra ports {ports}")

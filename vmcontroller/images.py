@@ -83,9 +83,33 @@ AgentForm = Literal["package", "bundle"]
 AGENT_FORMS: tuple[AgentForm, ...] = ("package", "bundle")
 
 
-def packages(agent: AgentForm = "package") -> tuple[str, ...]:
-    """The image's Debian packages: the single-file agent brings its own Twisted."""
-    return PACKAGES if agent == "package" else tuple(p for p in PACKAGES if p != "python3-twisted")
+#: A Debian package name (Debian Policy 5.6.1): it goes into mmdebstrap's argument list.
+_DEBIAN_PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+
+
+def extra_package_set(extra_packages: Iterable[str] = ()) -> tuple[str, ...]:
+    """
+    ``extra_packages`` sorted and without repeats, so that the same set names the same image.
+
+    :raises ValueError: a name is not a Debian package name.
+    """
+    names = tuple(sorted(set(extra_packages)))
+    for name in names:
+        if not _DEBIAN_PACKAGE_NAME.fullmatch(name):
+            raise ValueError(
+                f"extra package {name!r} is not a Debian package name (lower case, digits, + - .)"
+            )
+    return names
+
+
+def packages(agent: AgentForm = "package", extra_packages: Iterable[str] = ()) -> tuple[str, ...]:
+    """
+    The image's Debian packages: the single-file agent brings its own Twisted;
+    ``extra_packages`` come after :data:`PACKAGES` (see :func:`build_image`).
+    """
+    base = PACKAGES if agent == "package" else tuple(p for p in PACKAGES if p != "python3-twisted")
+    return base + tuple(p for p in extra_package_set(extra_packages) if p not in base)
+
 
 #: ``quiet`` keeps the kernel off the slow emulated serial port; ``systemd.show_status`` still
 #: puts one line per unit in the console log, which is what one reads when a boot goes wrong.
@@ -216,20 +240,23 @@ def _agent_files(agent_dir: Path) -> list[Path]:
     )
 
 
-def recipe_hash(agent_dir: Path | None = None, agent: AgentForm = "package") -> str:
+def recipe_hash(
+    agent_dir: Path | None = None, agent: AgentForm = "package", extra_packages: Iterable[str] = ()
+) -> str:
     """
     The hash that names the image: it changes when anything that goes into the image does.
 
-    Covers this module's source (packages, hooks, build steps), every file of the guest
-    agent package and, for the single-file agent, everything bundled with it (Twisted and its
-    dependencies as installed here). The Debian mirror is left out on purpose: it serves the
-    same suite.
+    Covers this module's source (packages, hooks, build steps), the extra packages, every
+    file of the guest agent package and, for the single-file agent, everything bundled with
+    it (Twisted and its dependencies as installed here). The Debian mirror is left out on
+    purpose: it serves the same suite.
     """
     agent_dir = agent_dir or _agent_dir()
     h = hashlib.sha256()
     h.update(b"vmcontroller-image-v1\0")
     h.update(Path(__file__).read_bytes())
-    h.update(json.dumps([SUITE, packages(agent), _ESSENTIAL_HOOK, _CUSTOMIZE_HOOKS, _DPKG_OPTS]).encode())
+    recipe = [SUITE, packages(agent, extra_packages), _ESSENTIAL_HOOK, _CUSTOMIZE_HOOKS, _DPKG_OPTS]
+    h.update(json.dumps(recipe).encode())
     for path in _agent_files(agent_dir):
         h.update(str(path.relative_to(agent_dir)).encode() + b"\0")
         h.update(path.read_bytes() + b"\0")
@@ -258,10 +285,12 @@ def _image_from_dir(directory: Path) -> GuestImage | None:
 
 
 def cached_image(
-    cache_dir: Path | str = DEFAULT_CACHE_DIR, agent: AgentForm = "package"
+    cache_dir: Path | str = DEFAULT_CACHE_DIR,
+    agent: AgentForm = "package",
+    extra_packages: Iterable[str] = (),
 ) -> GuestImage | None:
     """The image for the current recipe if it was built already, else ``None``."""
-    return _image_from_dir(Path(cache_dir) / recipe_hash(agent=agent))
+    return _image_from_dir(Path(cache_dir) / recipe_hash(agent=agent, extra_packages=extra_packages))
 
 
 # -- Debian sources ---------------------------------------------------------------------------
@@ -386,12 +415,13 @@ async def _build(
     image_id: str,
     disk_size_mib: int,
     agent: AgentForm,
+    extra_packages: tuple[str, ...] = (),
     log: Callable[[str], object],
 ) -> None:
     rootfs = work / "rootfs"
     agent_parent = _agent_dir().parent
     sources = debian_sources()
-    included = packages(agent)
+    included = packages(agent, extra_packages)
     if agent == "package":
         # The agent goes in with the host's python from this checkout, exactly as a user would
         # install it into any Debian tree.
@@ -512,6 +542,7 @@ async def build_image(
     force: bool = False,
     disk_size_mib: int = DEFAULT_DISK_SIZE_MIB,
     agent: AgentForm = "package",
+    extra_packages: Iterable[str] = (),
     log: Callable[[str], object] = print,
 ) -> GuestImage:
     """
@@ -529,13 +560,21 @@ async def build_image(
     :param disk_size_mib: size of the guest's root filesystem.
     :param agent: how the agent goes in (:data:`AgentForm`): the package over Debian's
         Twisted, or the single-file agent with no Twisted package in the image.
+    :param extra_packages: Debian packages to install besides :data:`PACKAGES`, installed
+        as any package is (their maintainer scripts run, their units are enabled as the
+        package enables them). They are part of the recipe, so such an image is cached as an
+        image of its own and the one without them stays as it is: the bench uses this for
+        ``qemu-guest-agent``, which it measures beside ours.
     :param log: called with one line per build step.
     :raises ImageBuildError: a tool failed; the message has its last output lines.
+    :raises ValueError: an unknown ``agent`` or a name in ``extra_packages`` that is not a
+        Debian package name.
     """
     if agent not in AGENT_FORMS:
         raise ValueError(f"agent={agent!r}: use one of {', '.join(AGENT_FORMS)}")
+    extras = extra_package_set(extra_packages)
     cache = Path(cache_dir)
-    image_id = recipe_hash(agent=agent)
+    image_id = recipe_hash(agent=agent, extra_packages=extras)
     final = cache / image_id
     if not force:
         image = _image_from_dir(final)
@@ -565,8 +604,11 @@ async def build_image(
     work.mkdir(mode=0o755)
     log(f"building guest image {image_id} in {work}")
     try:
-        await _build(reactor, work, image_id=image_id, disk_size_mib=disk_size_mib, agent=agent, log=log)
-        if recipe_hash(agent=agent) != image_id:
+        await _build(
+            reactor, work, image_id=image_id, disk_size_mib=disk_size_mib, agent=agent,
+            extra_packages=extras, log=log,
+        )
+        if recipe_hash(agent=agent, extra_packages=extras) != image_id:
             # The image holds whatever the agent's files were when mmdebstrap copied them; it
             # must not be cached under a name that says otherwise.
             raise ImageBuildError(
@@ -719,12 +761,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     hash_ = sub.add_parser("hash", help="print the recipe hash that names the image")
     hash_.add_argument("--agent", choices=AGENT_FORMS, default="package")
+    for command in (build, hash_):
+        command.add_argument(
+            "--extra-package",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help="a Debian package to add to the image, which makes it an image of its own (repeatable)",
+        )
     prune = sub.add_parser("prune", help="delete cached images no VM uses, except the current one")
     prune.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
     prune.add_argument("--keep", type=int, default=0, metavar="N", help="also keep the N most recently used")
     args = parser.parse_args(argv)
     if args.command == "hash":
-        print(recipe_hash(agent=args.agent))
+        print(recipe_hash(agent=args.agent, extra_packages=args.extra_package))
         return 0
     if args.command == "prune":
         for path in prune_images(args.cache_dir, keep_recent=args.keep):
@@ -743,6 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cache_dir=args.cache_dir,
                 force=args.force,
                 agent=args.agent,
+                extra_packages=args.extra_package,
                 log=lambda m: print(m, file=sys.stderr),
             )
         )

@@ -71,6 +71,36 @@ def test_recipe_hash_follows_the_agent_sources(tmp_path: Path) -> None:
     assert len(first) == 16
 
 
+def test_extra_packages_make_an_image_of_their_own(tmp_path: Path) -> None:
+    agent = tmp_path / "guest_agent"
+    agent.mkdir()
+    (agent / "a.py").write_text("x = 1\n")
+    plain = images.recipe_hash(agent)
+    with_qga = images.recipe_hash(agent, extra_packages=["qemu-guest-agent"])
+    assert with_qga != plain
+    # The same set names the same image, however it is spelled.
+    assert images.recipe_hash(agent, extra_packages=("qemu-guest-agent", "qemu-guest-agent")) == with_qga
+    assert images.recipe_hash(agent, extra_packages=["bc", "qemu-guest-agent"]) == images.recipe_hash(
+        agent, extra_packages=["qemu-guest-agent", "bc"]
+    )
+    assert images.packages("package", ["qemu-guest-agent", "udev"]) == (*images.PACKAGES, "qemu-guest-agent")
+    assert images.packages("bundle", ["python3-twisted"])[-1] == "python3-twisted"
+    assert images.packages() == images.PACKAGES
+
+
+@pytest.mark.parametrize("name", ["--include=evil", "Qemu", "a b", "x", "pkg,other", ""])
+def test_an_extra_package_must_be_a_debian_package_name(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="not a Debian package name"):
+        images.recipe_hash(tmp_path, extra_packages=[name])
+    reactor = cast(IReactorProcess, Clock())
+    build = images.build_image(reactor, cache_dir=tmp_path / "cache", extra_packages=[name], log=print)
+    outcome = Deferred.fromCoroutine(build)
+    failures: list[Failure] = []
+    outcome.addErrback(failures.append)
+    assert failures and failures[0].check(ValueError)
+    assert not (tmp_path / "cache").exists()  # refused before anything was made
+
+
 def test_cached_image_needs_every_file(tmp_path: Path) -> None:
     entry = tmp_path / images.recipe_hash()
     entry.mkdir()

@@ -42,7 +42,7 @@ from guest_agent.protocol.frames import (
     encode_frame,
     encode_json,
 )
-from guest_agent.protocol.tls import Authenticator, Credentials
+from guest_agent.protocol.tls import RECORD_CIPHERTEXT_MAX, Authenticator, Credentials, _RecordCounter
 from vmcontroller.credentials import mint
 
 HOST_CREDENTIALS, AGENT_CREDENTIALS = mint()
@@ -457,3 +457,30 @@ def test_openssl_speed_parsing_for_the_bench(monkeypatch: pytest.MonkeyPatch) ->
 
     output = "+DT:aes-256-gcm:2:16384\n+R:9000:aes-256-gcm:2.00\n+H:16384\n+F:25:AES-256-GCM:73728000.00\n"
     assert parse_openssl_speed(output) == {"aes-256-gcm": 73728000.0}
+
+
+def record(length: int, body: bytes | None = None) -> bytes:
+    """A TLS application-data record's header announcing ``length``, and that many bytes."""
+    return b"\x17\x03\x03" + length.to_bytes(2, "big") + (b"r" * length if body is None else body)
+
+
+def test_records_are_counted_whole_however_the_stream_is_cut() -> None:
+    stream = record(1) + record(300) + record(RECORD_CIPHERTEXT_MAX) + record(7)
+    for piece in (1, 2, 5, 6, 301, len(stream)):
+        counter = _RecordCounter()
+        counts = [counter.count(stream[at : at + piece]) for at in range(0, len(stream), piece)]
+        # Each record is counted in the piece that completes it, never before.
+        ends = [6, 6 + 305, 6 + 305 + 5 + RECORD_CIPHERTEXT_MAX, len(stream)]
+        completing = [index for index, count in enumerate(counts) for _ in range(count)]
+        assert completing == [(end - 1) // piece for end in ends], piece
+
+
+def test_a_record_header_that_waits_for_nothing_counts_at_once() -> None:
+    # Empty and oversized records: OpenSSL acts on them as soon as it reads the header, so
+    # the counter must not wait for a body (an oversized one would hold every later record).
+    counter = _RecordCounter()
+    assert counter.count(record(2) + record(0, b"") + record(RECORD_CIPHERTEXT_MAX + 1, b"") + record(3)) == 4
+    assert counter.count(record(RECORD_CIPHERTEXT_MAX + 1, b"") + record(1)) == 2
+    assert counter.count(record(4)[:7]) == 0
+    assert counter.count(b"rr") == 1
+

@@ -484,3 +484,19 @@ def test_a_record_header_that_waits_for_nothing_counts_at_once() -> None:
     assert counter.count(record(4)[:7]) == 0
     assert counter.count(b"rr") == 1
 
+
+
+def test_records_that_arrive_with_the_end_of_the_handshake_are_all_read() -> None:
+    # TLS 1.3: the client's last handshake flight and its first requests leave together, so
+    # the server's session completes and has whole application records in the same bytes.
+    host, agent = HOST.session(), AGENT.session()
+    received: list[bytes] = []
+    host.start()
+    agent.receive(host.ciphertext(), received.append)
+    host.receive(agent.ciphertext(), received.append)
+    assert host.established and not agent.established
+    first, second = b"f" * 300, b"s" * (RECORD_CIPHERTEXT_MAX - 1000)
+    records = b"".join(host.seal([first])) + b"".join(host.seal([second]))
+    agent.receive(host.ciphertext() + records, lambda plaintext: received.append(bytes(plaintext)))
+    assert agent.established
+    assert b"".join(received) == first + second

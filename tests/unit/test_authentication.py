@@ -491,12 +491,16 @@ def test_records_that_arrive_with_the_end_of_the_handshake_are_all_read() -> Non
     # the server's session completes and has whole application records in the same bytes.
     host, agent = HOST.session(), AGENT.session()
     received: list[bytes] = []
+
+    def keep(plaintext: memoryview) -> None:
+        received.append(bytes(plaintext))
+
     host.start()
-    agent.receive(host.ciphertext(), received.append)
-    host.receive(agent.ciphertext(), received.append)
+    agent.receive(host.ciphertext(), keep)
+    host.receive(agent.ciphertext(), keep)
     assert host.established and not agent.established
     first, second = b"f" * 300, b"s" * (RECORD_CIPHERTEXT_MAX - 1000)
     records = b"".join(host.seal([first])) + b"".join(host.seal([second]))
-    agent.receive(host.ciphertext() + records, lambda plaintext: received.append(bytes(plaintext)))
+    agent.receive(host.ciphertext() + records, keep)
     assert agent.established
     assert b"".join(received) == first + second

@@ -136,11 +136,16 @@ class EventHub:
         timeout: float,
         current_state: Callable[[], Awaitable[VMState]],
         hint: str = "",
+        recheck: float | None = None,
     ) -> None:
         """
         Fire once VM ``name`` is in ``state``: subscribe first, so that no event between the
         check and the wait is missed, then ask ``current_state`` once, then wait for the event
         that brings the VM there.
+
+        :param recheck: also ask ``current_state`` again every ``recheck`` seconds: for a
+            :class:`StatePoller`, whose first poll only sets what later polls compare with, so
+            that a change between the check and that poll is never published.
 
         :raises VMTimeout: not there within ``timeout`` seconds; ``hint`` says what to look at.
         :raises VMNotFound: the VM was undefined while waiting.
@@ -169,18 +174,35 @@ class EventHub:
                     )
                 )
 
+        async def check_again() -> None:
+            try:
+                now = await current_state()
+            except Exception as e:
+                if not reached.called:
+                    reached.errback(e)
+                return
+            last[:] = [now]
+            if now is state and not reached.called:
+                reached.callback(None)
+
         subscription = self.subscribe(on_event, name)
         timer: IDelayedCall = clock.callLater(timeout, on_timeout)
+        rechecks = LoopingCall(lambda: ensureDeferred(check_again()))
+        rechecks.clock = clock
         try:
             current = await current_state()
             last[:] = last or [current]
             if current is state and not reached.called:
                 reached.callback(None)
+            if recheck is not None and not reached.called:
+                rechecks.start(recheck, now=False)
             await reached
         finally:
             subscription.cancel()
             if timer.active():
                 timer.cancel()
+            if rechecks.running:
+                rechecks.stop()
 
 
 def event_for_transition(before: VMState | None, after: VMState | None) -> VMEventType | None:
@@ -248,6 +270,19 @@ class StatePoller:
     def _stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
+
+    async def wait_for_state(
+        self,
+        name: str,
+        state: VMState,
+        timeout: float,
+        current_state: Callable[[], Awaitable[VMState]],
+        hint: str = "",
+    ) -> None:
+        """:meth:`EventHub.wait_for_state`, rechecking at each poll interval (see ``recheck``)."""
+        await self.hub.wait_for_state(
+            self._clock, name, state, timeout, current_state, hint, recheck=self._interval
+        )
 
     def _poll(self) -> Deferred[None]:
         async def poll() -> None:

@@ -433,7 +433,12 @@ class VirtualBoxDriver(Service):
         return self._run(self._wait_for_state(name, state, timeout))
 
     async def _wait_for_state(self, name: str, state: VMState, timeout: float, hint: str = "") -> None:
-        await self._hub.wait_for_state(self._reactor, name, state, timeout, lambda: self._state(name), hint)
+        if self._poller is not None:
+            await self._poller.wait_for_state(name, state, timeout, lambda: self._state(name), hint)
+        else:
+            await self._hub.wait_for_state(
+                self._reactor, name, state, timeout, lambda: self._state(name), hint
+            )
 
     # -- events -----------------------------------------------------------------------------
 

@@ -578,9 +578,7 @@ class VMwareDriver(Service):
         return self._poller.hub.subscribe(callback, name)
 
     def wait_for_state(self, name: str, state: VMState, timeout: float = 60.0) -> Deferred[None]:
-        return self._run(
-            self._poller.hub.wait_for_state(self._reactor, name, state, timeout, lambda: self._state(name))
-        )
+        return self._run(self._poller.wait_for_state(name, state, timeout, lambda: self._state(name)))
 
     # -- snapshots ----------------------------------------------------------------------------
 

@@ -378,3 +378,30 @@ def test_per_vm_queue_runs_one_job_per_vm_in_call_order() -> None:
     gates["b1"].callback(None)
     assert [r.result for r in results] == ["a1", "a2", "b1"]
     assert queue._locks == {}  # nothing kept for VMs with no work in hand
+
+
+def test_a_wait_through_the_poller_sees_a_change_its_first_poll_took_as_the_baseline() -> None:
+    """
+    The VM stops between the wait's state query (running) and the poller's first poll
+    (shut off, which only sets what later polls compare with, so no event): the wait asks
+    again at the next interval instead of timing out (vmrun calls may run in any order).
+    """
+    clock = Clock()
+    first_poll: Deferred[dict[str, VMState]] = Deferred()
+    polls = iter([first_poll])
+
+    def states() -> Deferred[dict[str, VMState]]:
+        return next(polls, succeed({"vm1": VMState.SHUTOFF}))
+
+    answers = iter([VMState.RUNNING])
+
+    async def current_state() -> VMState:
+        return next(answers, VMState.SHUTOFF)
+
+    poller = StatePoller(clock, states, interval=1.0)
+    reached = Deferred.fromCoroutine(poller.wait_for_state("vm1", VMState.SHUTOFF, 30, current_state))
+    first_poll.callback({"vm1": VMState.SHUTOFF})
+    assert not reached.called
+    clock.advance(1)
+    assert reached.called and reached.result is None
+    assert clock.getDelayedCalls() == []

@@ -564,15 +564,13 @@ async def _start_qga(
             f"{QGA_PACKAGE} does not start as it does in any libvirt guest (udev starts it)"
         )
     say(f"{QGA_UNIT} runs on {QGA_CHANNEL} (libvirt's); start qemu-ga on {BENCH_QGA_CHANNEL} to measure it")
-    await client.run(["systemctl", "stop", BENCH_QGA_UNIT])  # one left by a run with --keep
-    await client.run(["systemctl", "reset-failed", BENCH_QGA_UNIT])
     # The package's command with the bench's port, and a state directory of its own (qemu-ga
     # keeps its file handle counter there; the packaged one uses /var/run).
-    await client.run(
-        ["systemd-run", "--unit", BENCH_QGA_UNIT, "-p", f"RuntimeDirectory={BENCH_QGA_UNIT}",
+    await _run_unit(
+        client, BENCH_QGA_UNIT,
+        ["-p", f"RuntimeDirectory={BENCH_QGA_UNIT}",
          "/usr/sbin/qemu-ga", "--method", "virtio-serial", "--path", f"/dev/virtio-ports/{BENCH_QGA_CHANNEL}",
          "--statedir", f"/run/{BENCH_QGA_UNIT}"],
-        check=True,
     )
     try:
         return await connect_qga(reactor, path, timeout=120)
@@ -594,18 +592,23 @@ async def _start_development_agent(
         say(f"the VM has no {DEVELOPMENT_CHANNEL} port: no comparison with development mode")
         return None
     say(f"start an agent in development mode on {DEVELOPMENT_CHANNEL}")
-    await client.run(["systemctl", "stop", DEVELOPMENT_UNIT])  # one left by a run with --keep
-    await client.run(["systemctl", "reset-failed", DEVELOPMENT_UNIT])
-    await client.run(
-        ["systemd-run", "--unit", DEVELOPMENT_UNIT, "/usr/bin/python3", "-m", "guest_agent", "run",
-         "--development", "--virtio-port", DEVELOPMENT_CHANNEL],
-        check=True,
+    await _run_unit(
+        client, DEVELOPMENT_UNIT,
+        ["/usr/bin/python3", "-m", "guest_agent", "run", "--development",
+         "--virtio-port", DEVELOPMENT_CHANNEL],
     )
     try:
         return await connect(reactor, UNIXClientEndpoint(reactor, path), development=True, timeout=120)
     except BaseException:
         await client.run(["systemctl", "stop", DEVELOPMENT_UNIT])
         raise
+
+
+async def _run_unit(client: GuestClient, unit: str, arguments: list[str]) -> None:
+    """Run ``arguments`` (systemd-run's) in the guest as the transient ``unit``."""
+    await client.run(["systemctl", "stop", unit])  # one left by a run with --keep
+    await client.run(["systemctl", "reset-failed", unit])
+    await client.run(["systemd-run", "--unit", unit, *arguments], check=True)
 
 
 def parse_openssl_speed(output: str) -> dict[str, float]:

@@ -33,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--execs", type=int, default=defaults.execs)
     p.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed runs before each series")
     p.add_argument(
+        "--block",
+        type=int,
+        default=defaults.block,
+        help="pings or execs through one agent before the next one's turn (default %(default)s)",
+    )
+    p.add_argument(
         "--size-mib",
         type=int,
         default=defaults.transfer_size // MIB,
@@ -80,6 +86,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         pings=args.pings,
         execs=args.execs,
         warmup=max(args.warmup, 0),
+        block=max(args.block, 1),
         transfer_size=size,
         qga_transfer_size=args.qga_size_mib * MIB,
         rounds=args.rounds,

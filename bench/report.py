@@ -135,7 +135,7 @@ def table(results: Results) -> str:
         f"max_inflight {agent.get('max_inflight', '?')}",
         (f"vcpus {s.vcpus}; " if s.vcpus is not None else "")
         + (f"boot to agent {results.boot_to_agent:.1f} s; " if results.boot_to_agent is not None else "")
-        + ("authenticated and development-mode agents in turn; " if results.development else "sequential; ")
+        + (f"agents in turn, {s.block} pings or execs at a time; " if results.development else "sequential; ")
         + f"{s.warmup} untimed warm-up runs before each series; {s.rounds} push/pull rounds; "
         "push/pull/echo verified "
         f"(sha256 {results.sha256[:16]}..., CRC-32)",
@@ -163,8 +163,9 @@ def table(results: Results) -> str:
         foot += [
             "QEMU guest agent rows: Debian's qemu-ga in the same guest, on a virtio-serial port of its own,",
             "    from a Twisted client of its socket (no libvirt), one request at a time, in turn with ours",
-            "    (ping by ping, exec by exec, its push and pull after ours in each round). exec: guest-exec,",
-            "    then guest-exec-status back to back until exited. push: guest-file-open/-write (base64,",
+            f"    ({s.block} pings or execs at a time, its push and pull after ours in each round).",
+            "    exec: guest-exec, then guest-exec-status back to back until exited. push:",
+            "    guest-file-open/-write (base64,",
             f"    {_size(QGA_WRITE_CHUNK)} a request)/-close; pull: guest-file-read of "
             f"{_size(QGA_READ_COUNT)} until eof;",
             "    the host hashes (on pull also fsyncs) as for ours; qemu-ga neither hashes nor fsyncs in",

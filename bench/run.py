@@ -110,6 +110,11 @@ class Settings:
     #: Untimed operations before each timed series (connection set-up, page cache, JIT-less
     #: Python's first-call costs in the agent).
     warmup: int = 5
+    #: Pings or execs through one agent before the next agent's turn. One at a time, every
+    #: request in the single guest vCPU follows one to another agent process and starts
+    #: cold (under TCG a context switch also empties QEMU's software TLB): that measured
+    #: the switch, twice the latency of a series, for the C qemu-ga and ours alike.
+    block: int = 10
     transfer_size: int = 64 * MIB
     #: qemu-ga's push and pull, each round: smaller, as qemu-ga moves bytes as base64 in JSON
     #: and is slow at it; rates compare.
@@ -135,8 +140,8 @@ class DevelopmentMode:
     """
     The same operations through a second agent in the same guest, started with
     ``--development`` (no authentication, no TLS) on its own virtio-serial port, measured in
-    turn with the authenticated agent's (ping by ping, transfer by transfer, so that the load
-    of a shared host falls on both alike): what the authentication costs.
+    turn with the authenticated agent's (pings and execs in blocks, transfer by transfer, so
+    that the load of a shared host falls on both alike): what the authentication costs.
     """
 
     ping: Latency
@@ -286,22 +291,24 @@ class Results:
 
 
 async def _series(
-    count: int, warmup: int, operations: Sequence[Callable[[], Deferred[Any]]]
+    count: int, warmup: int, block: int, operations: Sequence[Callable[[], Deferred[Any]]]
 ) -> list[Latency]:
     """
-    Time each of ``operations`` ``count`` times, taking turns (in alternating order), so that
-    what the loaded host does to the guest falls on all of them alike.
+    Time each of ``operations`` ``count`` times, taking turns ``block`` operations at a time
+    (in alternating order), so that what the loaded host does to the guest falls on all of
+    them alike, while each is measured in a series, as a caller's series of requests runs.
     """
     for once in operations:
         for _ in range(warmup):
             await once()
     samples: list[list[float]] = [[] for _ in operations]
-    for turn in range(count):
+    for turn, first in enumerate(range(0, count, block)):
         order = range(len(operations)) if turn % 2 == 0 else reversed(range(len(operations)))
         for index in order:
-            began = time.perf_counter()
-            await operations[index]()
-            samples[index].append(time.perf_counter() - began)
+            for _ in range(min(block, count - first)):
+                began = time.perf_counter()
+                await operations[index]()
+                samples[index].append(time.perf_counter() - began)
     return [Latency.of(taken) for taken in samples]
 
 
@@ -535,9 +542,9 @@ async def _operations(
         pings_of.append(qga.ping)
         execs_of.append(lambda: Deferred.fromCoroutine(_qga_exec_true(qga, polls)))
     say(f"ping x {settings.pings}" + (" through each agent in turn" if len(pings_of) > 1 else ""))
-    pings = await _series(settings.pings, settings.warmup, pings_of)
+    pings = await _series(settings.pings, settings.warmup, settings.block, pings_of)
     say(f"exec /bin/true x {settings.execs}")
-    execs = await _series(settings.execs, settings.warmup, execs_of)
+    execs = await _series(settings.execs, settings.warmup, settings.block, execs_of)
     return pings, execs, polls
 
 

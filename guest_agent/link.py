@@ -37,7 +37,7 @@ class RequestIO:
     def __init__(self, link: Link, request_id: int) -> None:
         self._link = link
         self.request_id = request_id
-        self._chunks: dict[int, deque[bytes]] = {}
+        self._chunks: dict[int, deque[bytes | bytearray]] = {}
         self._trailers: dict[int, dict[str, Any]] = {}
         self._readers: dict[int, Deferred[None]] = {}
         self._writers: dict[int, Deferred[None]] = {}
@@ -64,7 +64,7 @@ class RequestIO:
         self._link.connection.send_eof(self.request_id, channel, trailer)
         self._link.flush()
 
-    async def receive(self, channel: int) -> bytes | None:
+    async def receive(self, channel: int) -> bytes | bytearray | None:
         """The next chunk on ``channel``, or None once the peer ended it."""
         while True:
             queue = self._chunks.get(channel)
@@ -93,7 +93,7 @@ class RequestIO:
         if waiter is not None:
             waiter.callback(None)
 
-    def data_received(self, channel: int, data: bytes) -> None:
+    def data_received(self, channel: int, data: bytes | bytearray) -> None:
         self._chunks.setdefault(channel, deque()).append(data)
         self._wake(self._readers, channel)
 

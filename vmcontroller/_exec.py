@@ -287,7 +287,7 @@ class ExecHandle:
                     collected += chunk
                     continue
                 try:
-                    waiting = callback(chunk)
+                    waiting = callback(bytes(chunk))  # callbacks get bytes, as documented
                     if waiting is not None:
                         await waiting
                 except CancelledError:

@@ -387,7 +387,7 @@ async def _feed_stdin(io: RequestIO, transport: IProcessTransport) -> None:
     pipes.registerProducer(gate, True)
     try:
         while (chunk := await io.receive(Channel.INPUT)) is not None:
-            transport.write(chunk)
+            transport.write(bytes(chunk))  # a large chunk is a bytearray: copied; bytes as they are
             await gate.wait()
     except (ConnectionLost, CancelledError):
         return  # the host went away or the program ended: nothing left to feed

@@ -130,7 +130,7 @@ def _stop_on_cancel(ctx: OperationContext) -> None:
 # ---- push ---------------------------------------------------------------------------
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]

@@ -104,7 +104,8 @@ class ErrorReceived:
 class DataReceived:
     request_id: int
     channel: int
-    data: bytes
+    #: A bytearray when its frame was assembled from pieces: the receiver owns it.
+    data: bytes | bytearray
 
 
 @dataclass(frozen=True)

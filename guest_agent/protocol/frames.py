@@ -77,7 +77,8 @@ class Channel(enum.IntEnum):
 class Frame:
     type: FrameType
     request_id: int
-    payload: bytes = b""
+    #: A bytearray when the frame was assembled from pieces (see FrameDecoder).
+    payload: bytes | bytearray = b""
     flags: int = 0
 
     def json(self) -> Any:
@@ -96,7 +97,9 @@ def encode_header(frame_type: FrameType, request_id: int, length: int, flags: in
     return header + _CRC.pack(zlib.crc32(header))
 
 
-def encode_frame(frame_type: FrameType, request_id: int, payload: bytes = b"", flags: int = 0) -> bytes:
+def encode_frame(
+    frame_type: FrameType, request_id: int, payload: bytes | bytearray = b"", flags: int = 0
+) -> bytes:
     return encode_header(frame_type, request_id, len(payload), flags) + payload
 
 
@@ -139,7 +142,7 @@ def encode_json(value: Any) -> bytes:
     return "".join(_encode_c(value, 0)).encode()
 
 
-def decode_json(payload: bytes) -> Any:
+def decode_json(payload: bytes | bytearray) -> Any:
     """
     ``json.loads`` for a UTF-8 payload.
 
@@ -227,7 +230,9 @@ class FrameDecoder:
             if self._filled < len(self._payload):
                 return None
             assembled, request_id, flags = self._header
-            frame = Frame(assembled, request_id, bytes(self._payload), flags)
+            # The buffer itself is the payload (a bytes copy would cost as much as the
+            # assembly): the decoder lets go of it here and starts a new one next time.
+            frame = Frame(assembled, request_id, self._payload, flags)
             self._header = None
             self._payload = bytearray()
             return frame

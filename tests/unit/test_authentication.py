@@ -9,7 +9,6 @@ that says why, and the agent then serves its real host as before.
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
 
 import pytest
 
@@ -448,15 +447,6 @@ def test_damaged_credentials_are_a_clear_error() -> None:
     mismatched = Credentials(HOST_CREDENTIALS.private_key, AGENT_CREDENTIALS.certificate, b"")
     with pytest.raises(AuthenticationFailed, match="do not load"):
         Authenticator.from_credentials(mismatched, server_side=False)
-
-
-def test_openssl_speed_parsing_for_the_bench(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The bench is not installed with the package: it runs from the checkout.
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
-    from bench.run import parse_openssl_speed
-
-    output = "+DT:aes-256-gcm:2:16384\n+R:9000:aes-256-gcm:2.00\n+H:16384\n+F:25:AES-256-GCM:73728000.00\n"
-    assert parse_openssl_speed(output) == {"aes-256-gcm": 73728000.0}
 
 
 def record(length: int, body: bytes | None = None) -> bytes:

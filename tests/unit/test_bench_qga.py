@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
@@ -23,16 +21,10 @@ from twisted.python.failure import Failure
 
 
 @pytest.fixture
-def qga() -> Iterator[ModuleType]:
-    # The bench is not installed with the package: it runs from the checkout.
-    checkout = str(Path(__file__).resolve().parents[2])
-    sys.path.insert(0, checkout)
-    try:
-        import bench.qga
+def qga(bench_importable: None) -> ModuleType:
+    import bench.qga
 
-        yield bench.qga
-    finally:
-        sys.path.remove(checkout)
+    return bench.qga
 
 
 def connected(qga: ModuleType) -> tuple[Any, StringTransport]:

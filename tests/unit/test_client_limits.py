@@ -513,7 +513,7 @@ def test_stdin_written_before_the_session_opens_reaches_the_process() -> None:
 
     async def exec_(ctx: OperationContext) -> Any:
         while (chunk := await ctx.io.receive(Channel.INPUT)) is not None:
-            received.append(chunk)
+            received.append(bytes(chunk))
         return {"argv": ctx.args["argv"], "exit_code": 0, "signal": None}
 
     link = InMemoryLink({"exec": exec_})

@@ -8,7 +8,9 @@ that says why, and the agent then serves its real host as before.
 
 from __future__ import annotations
 
+import json
 import ssl
+from typing import Any
 
 import pytest
 
@@ -261,10 +263,17 @@ def test_host_without_credentials_is_refused() -> None:
     host_events, agent_events = exchange(anonymous, agent)
     error = refused_by_agent(agent_events)
     assert isinstance(error, AuthenticationFailed)
-    assert "the host has no credentials for this VM" in str(error)
+    assert str(error) == (
+        "TLS handshake with the host failed: the host has no credentials for this VM "
+        "(PEER_DID_NOT_RETURN_A_CERTIFICATE)"
+    )
     assert not agent.is_open
     # The intruder learns it was refused, with the same error class.
-    assert any(isinstance(e, HandshakeFailed | ErrorReceived) for e in host_events)
+    (failed,) = host_events
+    assert isinstance(failed, HandshakeFailed) and str(failed.error) == (
+        "TLS handshake with the agent failed: the agent requires a certificate and this end sent none "
+        "(TLSV13_ALERT_CERTIFICATE_REQUIRED)"
+    )
     assert_serves_its_host(agent)
 
 
@@ -276,9 +285,17 @@ def test_host_with_another_vms_credentials_is_refused() -> None:
     stranger = HostConnection(authenticator=Authenticator.from_credentials(other, server_side=False))
     agent = AgentConnection(authenticator=AGENT)
     stranger.start()
-    _host_events, agent_events = exchange(stranger, agent)
+    host_events, agent_events = exchange(stranger, agent)
     error = refused_by_agent(agent_events)
-    assert isinstance(error, AuthenticationFailed) and "not the one pinned for this VM" in str(error)
+    assert isinstance(error, AuthenticationFailed) and str(error) == (
+        "the host presented a certificate that is not the one pinned for this VM (self-signed certificate): "
+        "it is another VM's, stale, or not ours"
+    )
+    (failed,) = host_events
+    assert isinstance(failed, HandshakeFailed) and str(failed.error) == (
+        "TLS handshake with the agent failed: the agent does not accept this end's certificate (credentials "
+        "of another VM, or stale ones: rotate them) (TLSV1_ALERT_UNKNOWN_CA)"
+    )
     assert_serves_its_host(agent)
 
 
@@ -287,10 +304,17 @@ def test_agent_of_another_vm_is_refused_by_the_host() -> None:
     other = Authenticator.from_credentials(OTHER_AGENT_CREDENTIALS, server_side=True)
     impostor = AgentConnection(authenticator=other)
     host.start()
-    host_events, _ = exchange(host, impostor)
+    host_events, agent_events = exchange(host, impostor)
     (failed,) = host_events
     assert isinstance(failed, HandshakeFailed) and isinstance(failed.error, AuthenticationFailed)
-    assert "agent presented a certificate that is not the one pinned for this VM" in str(failed.error)
+    assert str(failed.error) == (
+        "the agent presented a certificate that is not the one pinned for this VM (self-signed certificate): "
+        "it is another VM's, stale, or not ours"
+    )
+    assert str(refused_by_agent(agent_events)) == (
+        "TLS handshake with the host failed: the host does not accept this end's certificate (credentials "
+        "of another VM, or stale ones: rotate them) (TLSV1_ALERT_UNKNOWN_CA)"
+    )
     assert not host.is_open
 
 
@@ -309,7 +333,10 @@ def test_replayed_handshake_is_refused() -> None:
     events = replaying.receive_data(recorded)
     error = refused_by_agent(events)
     assert isinstance(error, AuthenticationFailed)
-    assert "replayed or altered handshake" in str(error) or "did not verify" in str(error)
+    assert str(error) == (
+        "TLS handshake with the host failed: a handshake message did not verify: a replayed or altered "
+        "handshake (DECRYPTION_FAILED_OR_BAD_RECORD_MAC)"
+    )
     assert not replaying.is_open
     assert_serves_its_host(replaying)
 
@@ -418,9 +445,17 @@ def test_tls_older_than_1_3_is_refused() -> None:
     old = HostConnection(authenticator=Authenticator(context, AGENT_CREDENTIALS.certificate, False))
     agent = AgentConnection(authenticator=AGENT)
     old.start()
-    _, agent_events = exchange(old, agent)
+    host_events, agent_events = exchange(old, agent)
     error = refused_by_agent(agent_events)
-    assert isinstance(error, AuthenticationFailed) and "TLS 1.3" in str(error)
+    assert isinstance(error, AuthenticationFailed)
+    assert str(error) == (
+        "TLS handshake with the host failed: the host offered no TLS 1.3 (UNSUPPORTED_PROTOCOL)"
+    )
+    (failed,) = host_events
+    assert isinstance(failed, HandshakeFailed) and str(failed.error) == (
+        "TLS handshake with the agent failed: the agent refused our TLS version (only 1.3) "
+        "(TLSV1_ALERT_PROTOCOL_VERSION)"
+    )
     assert_serves_its_host(agent)
 
 
@@ -440,10 +475,38 @@ def test_credentials_round_trip_and_never_show_the_key() -> None:
     assert AGENT_CREDENTIALS.private_key.hex() not in text and "key" not in text.lower()
 
 
-def test_damaged_credentials_are_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="not vmcontroller credentials") as raised:
-        Credentials.from_json(b'{"format": 1, "key": "!!"}')
-    assert "!!" not in str(raised.value)
+def _damaged(change: dict[str, Any]) -> bytes:
+    fields = {**json.loads(AGENT_CREDENTIALS.to_json()), **change}
+    return json.dumps({name: value for name, value in fields.items() if value is not None}).encode()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"not json",
+        b"[1, 2]",
+        b"[" * 100_000,  # nested deeper than Python's stack
+        _damaged({"format": 2}),
+        _damaged({"format": None}),
+        _damaged({"key": None}),
+        _damaged({"certificate": None}),
+        _damaged({"peer_certificate": None}),
+        _damaged({"key": "!!" + json.loads(AGENT_CREDENTIALS.to_json())["key"]}),
+        _damaged({"certificate": "QUJD!"}),
+        _damaged({"peer_certificate": "QUJD!"}),
+        _damaged({"key": 7}),
+    ],
+    ids=lambda data: data[:40].decode(errors="replace"),
+)
+def test_damaged_credentials_are_a_clear_error_that_never_quotes_them(data: bytes) -> None:
+    with pytest.raises(ValueError) as raised:
+        Credentials.from_json(data)
+    assert str(raised.value) == (
+        "not vmcontroller credentials of format 1 (JSON with key, certificate and peer_certificate in base64)"
+    )
+
+
+def test_credentials_that_do_not_match_their_key_do_not_load() -> None:
     mismatched = Credentials(HOST_CREDENTIALS.private_key, AGENT_CREDENTIALS.certificate, b"")
     with pytest.raises(AuthenticationFailed, match="do not load"):
         Authenticator.from_credentials(mismatched, server_side=False)

@@ -89,6 +89,7 @@ def table(results: Results) -> str:
             ("pull", results.pull, development.pull, results.auth_pull_ratio),
         ):
             row = _rate(f"  development mode: {name} {_size(insecure.size)}", insecure)
+            row[1] = str(len(results.transfer_rounds))  # a median of the rounds, as ours
             row[5:8] = [
                 f"auth/dev {ratio:.2f}",
                 f">= {AUTH_RATIO_MIN:.2f}",

@@ -178,6 +178,7 @@ _DPKG_OPTS: tuple[str, ...] = (
 
 _TOOLS = {
     "mmdebstrap": "mmdebstrap",
+    "unshare": "util-linux",
     "mkfs.ext4": "e2fsprogs",
     "qemu-img": "qemu-utils",
 }
@@ -374,6 +375,15 @@ def _tool(name: str) -> str:
     return found
 
 
+def _with_private_mounts(argv: list[str]) -> list[str]:
+    """
+    ``argv`` run in a mount namespace of its own: what it mounts (mmdebstrap's /proc, /sys
+    and /dev in the tree) goes away with it, even when it is killed, instead of staying
+    mounted in the host's namespace and making the tree impossible to remove.
+    """
+    return [_tool("unshare"), "--mount", "--propagation", "private", *argv]
+
+
 def _tail(data: bytes, lines: int = 30) -> str:
     return "\n".join(data.decode("utf-8", "replace").rstrip().splitlines()[-lines:])
 
@@ -457,7 +467,7 @@ async def _build(
     ]
     await _run(
         reactor,
-        argv,
+        _with_private_mounts(argv),
         what="mmdebstrap",
         hint="Check that the Debian mirror above is reachable (VMCONTROLLER_DEBIAN_MIRROR overrides it) "
         "and that `python3 -m guest_agent install` works in this checkout.",
@@ -633,7 +643,8 @@ async def build_image(
                 await _run(reactor, ["rm", "-rf", "--one-file-system", str(entry)], what="pruning", hint="")
             except ImageBuildError as e:
                 # Housekeeping: the image just built is good whatever an old entry holds (a build
-                # that died inside mmdebstrap leaves /proc and /sys mounted in its tree).
+                # killed inside mmdebstrap by a version that ran it in the host's mount namespace
+                # left /proc and /sys mounted in its tree).
                 log(f"could not remove {entry}, left as it is: {e}")
     finally:
         if work.exists():

@@ -32,6 +32,18 @@ hostile_json = st.sampled_from(
         {"versions": [[1]], "max_frame": 1024, "window": 1024, "max_inflight": 1},
         {"versions": ["x", 7], "max_frame": 1024, "window": 1024, "max_inflight": 1},
         {"versions": [1], "max_frame": "big", "window": None, "max_inflight": 1},
+        # The current version (both ends in development mode speak it in the clear): its
+        # limits at, just under and far over their bounds, and of the wrong types.
+        {"version": 2, "max_frame": 1024, "window": 1024, "max_inflight": 1},
+        {"version": 2, "max_frame": 1023, "window": 1024, "max_inflight": 1},
+        {"version": 2, "max_frame": 2**24, "window": 2**26, "max_inflight": 4096},
+        {"version": 2, "max_frame": 2**24 + 1, "window": 2**26 + 1, "max_inflight": 4097},
+        {"version": 2, "max_frame": 10**30, "window": 10**30, "max_inflight": 0},
+        {"version": 2, "max_frame": True, "window": 1024, "max_inflight": 1},
+        {"version": 2, "max_frame": 1024.0, "window": 1024, "max_inflight": 1},
+        {"versions": [2, 1], "max_frame": 4096, "window": 4096, "max_inflight": 2},
+        {"versions": [3, 2], "max_frame": 4096, "window": 4096, "max_inflight": 2},
+        {"version": 2},
         {"op": "ping", "args": {}},
         {"op": 3},
         {"op": "x", "args": []},

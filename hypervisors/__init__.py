@@ -8,6 +8,8 @@ finds one by name. Each driver is a :class:`twisted.application.service.IService
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -22,7 +24,7 @@ from hypervisors.interface import (
     VMSpec,
     VMState,
 )
-from vmcontroller.errors import DriverNotFound
+from vmcontroller.errors import DriverNotFound, InvalidDriverOption
 
 __all__ = [
     "DEFAULT_AGENT_CHANNEL",
@@ -54,6 +56,9 @@ def load_driver(name: str, reactor: Any, **options: Any) -> IHypervisorDriver:
     :return: the driver, not started yet: call ``startService()`` or add it to a ``MultiService``.
     :raises DriverNotFound: no driver of that name is installed, or it does not provide
         :class:`IHypervisorDriver`.
+    :raises InvalidDriverOption: the driver's constructor takes no such option, or refuses its
+        value. A string for an option whose default is a number or a boolean (as a command
+        line gives it) is converted first.
     """
     matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
     if not matches:
@@ -69,7 +74,11 @@ def load_driver(name: str, reactor: Any, **options: Any) -> IHypervisorDriver:
         raise DriverNotFound(
             f"hypervisor driver {name!r} is registered but cannot be imported ({e}); install its dependencies"
         ) from e
-    driver = factory(reactor, **options)
+    options = _options_for(name, factory, options)
+    try:
+        driver = factory(reactor, **options)
+    except ValueError as e:  # a value the driver refuses, e.g. VMware's product="esx"
+        raise InvalidDriverOption(f"hypervisor driver {name!r}: {e}") from e
     try:
         verifyObject(IHypervisorDriver, driver)
     except Invalid as e:
@@ -78,3 +87,39 @@ def load_driver(name: str, reactor: Any, **options: Any) -> IHypervisorDriver:
             f"IHypervisorDriver: {e}"
         ) from e
     return driver
+
+
+def _options_for(name: str, factory: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
+    """
+    ``options`` checked against the keyword parameters of the driver's constructor; a string
+    for a parameter whose default is a number or a boolean (from a command line) converted.
+    """
+    parameters = {
+        parameter.name: parameter
+        for parameter in list(inspect.signature(factory).parameters.values())[1:]  # after the reactor
+        if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+    }
+    converted = {}
+    for option, value in options.items():
+        parameter = parameters.get(option)
+        if parameter is None:
+            raise InvalidDriverOption(
+                f"hypervisor driver {name!r} has no option {option!r}; its options: "
+                f"{', '.join(parameters) or 'none'}"
+            )
+        default = parameter.default
+        if isinstance(value, str) and isinstance(default, bool):
+            if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                raise InvalidDriverOption(
+                    f"hypervisor driver {name!r}: {option}={value!r} is not true or false"
+                )
+            value = value.lower() in ("true", "yes", "1")
+        elif isinstance(value, str) and isinstance(default, int | float):
+            try:
+                value = type(default)(value)
+            except ValueError:
+                raise InvalidDriverOption(
+                    f"hypervisor driver {name!r}: {option}={value!r} is not a number (like {default!r})"
+                ) from None
+        converted[option] = value
+    return converted

@@ -1,13 +1,13 @@
 """
 vmcontroller: control VMs and run commands in them through their guest agent.
 
-Each command takes --driver and --uri (the hypervisor), before or after its name. Read
-commands take --json. A guest path is written NAME:PATH (cp). Exit status: 0 success; 1 an
-error (one line on stderr says what went wrong and what to do); 2 bad usage; 3 no such VM or
-snapshot; 4 the VM's state forbids the command; 5 the agent did not answer; 6 no such file;
-exec and shell exit with the guest command's own status (127: not found, 126: not runnable,
-128+N: killed by signal N, 130: interrupted with Ctrl-C); shell and exec -t exit 2 when
-stdin is not a terminal.
+Each command takes --driver, --uri and --driver-option NAME=VALUE (the hypervisor), before or
+after its name. Read commands take --json. A guest path is written NAME:PATH (cp). Exit
+status: 0 success; 1 an error (one line on stderr says what went wrong and what to do); 2 bad
+usage; 3 no such VM or snapshot; 4 the VM's state forbids the command; 5 the agent did not
+answer; 6 no such file; exec and shell exit with the guest command's own status (127: not
+found, 126: not runnable, 128+N: killed by signal N, 130: interrupted with Ctrl-C); shell and
+exec -t exit 2 when stdin is not a terminal.
 """
 
 from __future__ import annotations
@@ -125,7 +125,14 @@ def _mode(mode: Any) -> str:
 
 
 async def _driver(reactor: Any, args: argparse.Namespace) -> IHypervisorDriver:
-    options = {"uri": args.uri} if args.uri else {}
+    options: dict[str, str] = {}
+    for pair in args.driver_option:
+        option, equals, value = pair.partition("=")
+        if not (option and equals):
+            raise UsageError(f"--driver-option takes NAME=VALUE (product=player, say), not {pair!r}")
+        options[option] = value
+    if args.uri:
+        options["uri"] = args.uri
     driver = load_driver(args.driver, reactor, **options)
     driver.startService()  # type: ignore[attr-defined]
     reactor.addSystemEventTrigger("before", "shutdown", driver.stopService)  # type: ignore[attr-defined]
@@ -879,6 +886,14 @@ def parser() -> argparse.ArgumentParser:
         "--uri", default=argparse.SUPPRESS, help="the hypervisor's URI (the driver's default)"
     )
     common.add_argument(
+        "--driver-option",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="NAME=VALUE",
+        help="an option of the driver, as its constructor names it (e.g. product=player for "
+        "vmware, backend=vboxmanage for virtualbox); repeat for more",
+    )
+    common.add_argument(
         "--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for the agent (default 180)"
     )
     reading = argparse.ArgumentParser(add_help=False)
@@ -1021,7 +1036,7 @@ async def run_command(reactor: Any, args: argparse.Namespace) -> int:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line parsed, with the defaults of the options a command does not take."""
     args = parser().parse_args(argv)
-    for name, default in (("driver", "libvirt"), ("uri", None), ("timeout", 180.0)):
+    for name, default in (("driver", "libvirt"), ("uri", None), ("timeout", 180.0), ("driver_option", [])):
         if not hasattr(args, name):
             setattr(args, name, default)
     return args

@@ -74,6 +74,10 @@ class DriverNotFound(HypervisorError):
     """No installed hypervisor driver has the requested name."""
 
 
+class InvalidDriverOption(HypervisorError):
+    """A driver was given an option it does not take, or a value it refuses."""
+
+
 class VMNotFound(HypervisorError):
     """No VM of that name is defined on this hypervisor."""
 

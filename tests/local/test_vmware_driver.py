@@ -34,6 +34,7 @@ from vmcontroller.errors import (
     CapabilityUnsupported,
     HypervisorError,
     HypervisorUnavailable,
+    InvalidDriverOption,
     SnapshotNotFound,
     VMAlreadyExists,
     VMLocked,
@@ -81,6 +82,28 @@ def test_the_driver_provides_the_interface_and_is_registered(workdir: Path) -> N
     driver = load_driver("vmware", reactor, vmrun=str(workdir / "none"), state_dir=workdir)
     assert isinstance(driver, VMwareDriver)
     assert verifyObject(IHypervisorDriver, driver)
+
+
+def test_options_as_a_command_line_gives_them(workdir: Path) -> None:
+    driver = load_driver(
+        "vmware", reactor, product="player", vmrun=str(workdir / "none"), state_dir=str(workdir),
+        poll_interval="2.5", vmrun_timeout="60",
+    )
+    assert isinstance(driver, VMwareDriver) and driver.product == "player"
+    assert Capability.SNAPSHOTS not in driver.capabilities
+    with pytest.raises(InvalidDriverOption) as raised:
+        load_driver("vmware", reactor, uri="qemu:///system")
+    assert str(raised.value) == (
+        "hypervisor driver 'vmware' has no option 'uri'; its options: product, vmrun, state_dir, qemu_img, "
+        "poll_interval, vmrun_timeout, credentials_dir"
+    )
+    with pytest.raises(InvalidDriverOption) as raised:
+        load_driver("vmware", reactor, product="esx", vmrun=str(workdir / "none"))
+    assert str(raised.value) == (
+        "hypervisor driver 'vmware': product='esx': use 'ws' (Workstation Pro), 'fusion' or 'player'"
+    )
+    with pytest.raises(InvalidDriverOption, match=r"poll_interval='often' is not a number \(like 1.0\)"):
+        load_driver("vmware", reactor, vmrun=str(workdir / "none"), poll_interval="often")
 
 
 def test_capabilities_depend_on_the_product(workdir: Path) -> None:

@@ -7,7 +7,9 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 
+import hypervisors
 from guest_agent.session import OperationContext
 from hypervisors.interface import Capability, VMSpec, VMState
 from vmcontroller import cli
@@ -92,3 +94,40 @@ def test_pause_on_a_driver_that_cannot_is_one_line_saying_why(
         f"vmcontroller: error: the player driver cannot do pause: this fake plays a product that cannot "
         f"{command} a VM\n")
     assert player.vm("vm1").state is VMState.RUNNING
+
+
+def test_driver_options_from_the_command_line_reach_the_constructor_typed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    received: dict[str, Any] = {}
+
+    def factory(reactor: Any, *, uri: str = "", interval: float = 1.0, retries: int = 3,
+                strict: bool = False) -> FakeHypervisor:
+        received.update(uri=uri, interval=interval, retries=retries, strict=strict)
+        return FakeHypervisor(reactor, "fake")
+
+    class EntryPoint:
+        name = "fake"
+        value = "tests:factory"
+
+        def load(self) -> Any:
+            return factory
+
+    monkeypatch.setattr(hypervisors, "entry_points", lambda group: [EntryPoint()])
+    args = cli.parse_args([
+        "list", "--driver", "fake", "--uri", "fake:///", "--driver-option", "interval=2.5",
+        "--driver-option", "retries=7", "--driver-option", "strict=yes",
+    ])
+    Deferred.fromCoroutine(cli._driver(MemoryReactorClock(), args))
+    assert received == {"uri": "fake:///", "interval": 2.5, "retries": 7, "strict": True}
+    for bad, message in (
+        ("retries=many", "hypervisor driver 'fake': retries='many' is not a number (like 3)"),
+        ("strict=maybe", "hypervisor driver 'fake': strict='maybe' is not true or false"),
+        ("colour=red",
+         "hypervisor driver 'fake' has no option 'colour'; its options: uri, interval, retries, strict"),
+        ("retries", "--driver-option takes NAME=VALUE (product=player, say), not 'retries'"),
+    ):
+        args = cli.parse_args(["list", "--driver", "fake", "--driver-option", bad])
+        failed = Deferred.fromCoroutine(cli._driver(MemoryReactorClock(), args))
+        errors: list[Failure] = []
+        failed.addErrback(errors.append)
+        assert errors and errors[0].getErrorMessage() == message

@@ -144,6 +144,7 @@ __all__ = [
     "IncompleteTransfer",
     "IntegrityError",
     "InternalError",
+    "InvalidDriverOption",
     "IsADirectory",
     "LimitExceeded",
     "NotADirectory",

@@ -9,8 +9,9 @@ that says why, and the agent then serves its real host as before.
 from __future__ import annotations
 
 import json
+import re
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -189,9 +190,11 @@ def test_frames_queued_together_share_records_and_large_data_fills_them() -> Non
     host.send_data(rid, Channel.INPUT, data)
     host.send_eof(rid, Channel.INPUT)
     records = tls_records(host.data_to_send())
-    assert all(frame <= TLS_FRAME_MAX and record <= 16384 + 17 for frame, record in records)
-    # Full records but for the few that hold the frame headers between the payloads.
-    assert len(records) <= len(data) // 16384 + 2 * 4 + 1
+    assert all(frame <= TLS_FRAME_MAX for frame, _ in records)
+    # Every record full (16 KiB, its content type and tag), the headers between the
+    # payloads included, but the last: 4 x (16-byte header + 256 KiB) + EOF's 16 bytes.
+    plaintext = 4 * (16 + 262144) + 16
+    assert [record for _, record in records] == [16384 + 17] * (plaintext // 16384) + [plaintext % 16384 + 17]
 
 
 @pytest.mark.parametrize("longest", [1, 7])
@@ -242,12 +245,17 @@ def test_a_peer_that_closes_its_tls_session_ends_ours_and_is_not_buffered(closer
         sender._tls._tls.unwrap()  # sends close_notify, then would wait for the peer's
     close_notify = encode_frame(FrameType.TLS, 0, sender._tls.ciphertext())
     junk = encode_frame(FrameType.TLS, 0, b"\x17\x03\x03\x40\x00" + bytes(16384))
+    closed = (
+        "the peer closed its TLS session in the middle of ours (neither end of vmcontroller ever does): "
+        "dropped the session"
+    )
     if receiver is host:
-        with pytest.raises(TamperingDetected, match="closed its TLS session"):
+        with pytest.raises(TamperingDetected) as raised:
             host.receive_data(close_notify + junk)
+        assert str(raised.value) == closed
     else:
         error = refused_by_agent(agent.receive_data(close_notify + junk))
-        assert isinstance(error, TamperingDetected) and "closed its TLS session" in str(error)
+        assert isinstance(error, TamperingDetected) and str(error) == closed
         assert agent.buffered == 0 and agent._tls is None  # nothing of the peer's kept
         assert_serves_its_host(agent)
 
@@ -506,10 +514,50 @@ def test_damaged_credentials_are_a_clear_error_that_never_quotes_them(data: byte
     )
 
 
-def test_credentials_that_do_not_match_their_key_do_not_load() -> None:
-    mismatched = Credentials(HOST_CREDENTIALS.private_key, AGENT_CREDENTIALS.certificate, b"")
-    with pytest.raises(AuthenticationFailed, match="do not load"):
-        Authenticator.from_credentials(mismatched, server_side=False)
+@pytest.mark.parametrize(
+    ("reason", "side", "hint"),
+    [
+        ("DECRYPT_ERROR", "host", "a handshake message did not verify: a replayed or altered handshake"),
+        ("TLSV1_ALERT_DECRYPT_ERROR", "host", "the peer could not verify our handshake"),
+        ("SSLV3_ALERT_BAD_CERTIFICATE", "host", "the agent rejected this end's certificate"),
+        ("SSLV3_ALERT_BAD_CERTIFICATE", "agent", "the host rejected this end's certificate"),
+        ("SOMETHING_NEW", "agent", "the handshake broke"),
+    ],
+)
+def test_handshake_failures_no_honest_peer_causes_are_explained(reason: str, side: str, hint: str) -> None:
+    """What OpenSSL reports for a forged signature, a peer's refusal or an unknown reason."""
+    session = (HOST if side == "host" else AGENT).session()
+    error = ssl.SSLError(1, f"[SSL: {reason}] {reason.lower()}")
+    error.reason = reason
+    peer = "agent" if side == "host" else "host"
+    assert session._explain(error) == f"TLS handshake with the {peer} failed: {hint} ({reason})"
+    unnamed = ssl.SSLError(1, "something went wrong")
+    cast(Any, unnamed).reason = None  # OpenSSL named no reason: the error's text stands in
+    assert session._explain(unnamed) == (
+        f"TLS handshake with the {peer} failed: the handshake broke ({unnamed})"
+    )
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        Credentials(
+            HOST_CREDENTIALS.private_key, AGENT_CREDENTIALS.certificate, HOST_CREDENTIALS.certificate
+        ),
+        Credentials(HOST_CREDENTIALS.private_key, HOST_CREDENTIALS.certificate, b"not a certificate"),
+    ],
+    ids=["key-of-another-certificate", "damaged-peer-certificate"],
+)
+def test_credentials_that_do_not_load_say_how_to_get_new_ones(credentials: Credentials) -> None:
+    for server_side in (False, True):
+        with pytest.raises(AuthenticationFailed) as raised:
+            Authenticator.from_credentials(credentials, server_side=server_side)
+        # OpenSSL's own words in the parentheses vary with its version.
+        assert re.fullmatch(
+            r"these credentials do not load \(.+\): mint new ones for the VM "
+            r"\(vmcontroller\.credentials\.CredentialStore\.rotate\)",
+            str(raised.value),
+        )
 
 
 def record(length: int, body: bytes | None = None) -> bytes:

@@ -37,6 +37,7 @@ from guest_agent.protocol.errors import (
 )
 from guest_agent.protocol.frames import (
     ACK_MAGIC,
+    SYNC_MAGIC,
     Channel,
     Frame,
     FrameDecoder,
@@ -381,10 +382,107 @@ def test_plaintext_frame_injected_into_an_authenticated_session_is_refused() -> 
     host, agent = connected()
     events = agent.receive_data(encode_frame(FrameType.REQUEST, 7, b'{"op":"exec","args":{"argv":["sh"]}}'))
     error = refused_by_agent(events)
-    assert "outside TLS" in str(error)
+    assert str(error) == (
+        "the host sent a REQUEST frame outside TLS on an authenticated channel: dropped the session "
+        "(something other than the host may be writing to the channel)"
+    )
     assert not any(isinstance(e, RequestReceived) for e in events)
-    with pytest.raises(ProtocolError, match="outside TLS"):
+    with pytest.raises(ProtocolError) as raised:
         host.receive_data(encode_frame(FrameType.RESPONSE, 1, b"{}"))
+    assert str(raised.value) == (
+        "the agent sent a RESPONSE frame outside TLS on an authenticated channel: dropped the session "
+        "(something other than the agent may be writing to the channel)"
+    )
+
+
+def test_plaintext_frames_before_the_handshake_are_refused_as_such() -> None:
+    """Before TLS, a plaintext frame that is not HELLO is not taken for a HELLO (either end)."""
+    agent = AgentConnection(authenticator=AGENT)
+    agent.receive_data(SYNC_MAGIC + b"n" * 16)
+    events = agent.receive_data(encode_frame(FrameType.REQUEST, 1, b'{"op":"ping","args":{}}'))
+    assert str(refused_by_agent(events)) == (
+        "the host sent a REQUEST frame outside TLS on an authenticated channel: dropped the session "
+        "(something other than the host may be writing to the channel)"
+    )
+    assert_serves_its_host(agent)
+    host = HostConnection(authenticator=HOST)
+    host.start()
+    nonce = host.data_to_send()[-16:]
+    with pytest.raises(ProtocolError) as raised:
+        host.receive_data(ACK_MAGIC + nonce + encode_frame(FrameType.RESPONSE, 1, b"{}"))
+    assert str(raised.value) == (
+        "the agent sent a RESPONSE frame outside TLS on an authenticated channel: dropped the session "
+        "(something other than the agent may be writing to the channel)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("hello", "refusal"),
+    [
+        (
+            b'{"versions":[2],"max_frame":262144,"window":4194304,"max_inflight":64}',
+            "the host sent an unauthenticated HELLO and this agent requires authentication: the host "
+            "runs in development mode, or something else is impersonating it",
+        ),
+        (
+            b'{"versions":[1],"max_frame":262144,"window":4194304,"max_inflight":64}',
+            "the host offered protocol versions [1] without authentication; this agent speaks [2], "
+            "mutually authenticated only: upgrade vmcontroller on the host",
+        ),
+        (b'{"versions":[]}', "the host offered protocol versions [] without authentication; this agent "
+         "speaks [2], mutually authenticated only: upgrade vmcontroller on the host"),
+        (b'{"versions":2}', "the host offered protocol versions 2 without authentication; this agent "
+         "speaks [2], mutually authenticated only: upgrade vmcontroller on the host"),
+        (b"[2]", "the host offered protocol versions None without authentication; this agent speaks "
+         "[2], mutually authenticated only: upgrade vmcontroller on the host"),
+    ],
+    ids=["current", "old", "none", "not-a-list", "not-an-object"],
+)
+def test_a_plaintext_hello_is_refused_saying_what_the_host_should_do(hello: bytes, refusal: str) -> None:
+    agent = AgentConnection(authenticator=AGENT)
+    agent.receive_data(SYNC_MAGIC + b"n" * 16)
+    error = refused_by_agent(agent.receive_data(encode_frame(FrameType.HELLO, 0, hello)))
+    assert str(error) == refusal
+    assert_serves_its_host(agent)
+
+
+def test_a_marker_sealed_inside_tls_is_refused() -> None:
+    host, agent = connected()
+    assert host._tls is not None
+    (records,) = host._tls.seal([SYNC_MAGIC + b"n" * 16])
+    error = refused_by_agent(agent.receive_data(encode_frame(FrameType.TLS, 0, records)))
+    assert str(error) == "a marker inside the TLS session: only frames may travel there"
+
+
+def test_a_handshake_flight_cut_across_tls_frames_completes_before_hello() -> None:
+    """The host says HELLO once its handshake is complete, not at the first piece of the flight."""
+    host, agent = HostConnection(authenticator=HOST), AgentConnection(authenticator=AGENT)
+    host.start()
+    agent.receive_data(host.data_to_send())
+    assert host.receive_data(agent.data_to_send()) == []  # the ACK: the host starts TLS
+    agent.receive_data(host.data_to_send())  # its ClientHello
+    decoder = FrameDecoder(1 << 20)
+    decoder.feed(agent.data_to_send())  # the agent's flight, up to its Finished
+    flight = []
+    while (item := decoder.next()) is not None:
+        assert isinstance(item, Frame) and item.type is FrameType.TLS
+        flight.append(bytes(item.payload))
+    ciphertext = b"".join(flight)
+    agent_events = []
+    for start in range(0, len(ciphertext), 100):
+        piece = ciphertext[start : start + 100]
+        events = host.receive_data(encode_frame(FrameType.TLS, 0, piece))
+        assert events == []  # nothing to say until the agent's HELLO
+        assert host._tls is not None
+        sent = host.data_to_send()
+        if not host._tls.established:
+            assert sent == b""  # neither a HELLO nor anything else before the handshake ends
+        else:
+            agent_events += agent.receive_data(sent)
+    host_events, more = exchange(host, agent)
+    agent_events += more
+    assert [type(e) for e in host_events] == [HandshakeComplete]
+    assert HandshakeComplete in [type(e) for e in agent_events]
 
 
 def test_downgrade_to_no_authentication_is_refused_by_the_agent() -> None:
@@ -396,7 +494,10 @@ def test_downgrade_to_no_authentication_is_refused_by_the_agent() -> None:
     assert isinstance(refused_by_agent(agent_events), AuthenticationFailed)
     (failed,) = host_events
     assert isinstance(failed, HandshakeFailed) and isinstance(failed.error, AuthenticationFailed)
-    assert "requires authentication" in str(failed.error)
+    assert str(failed.error) == (  # the agent's refusal, as the host hears it
+        "the host sent an unauthenticated HELLO and this agent requires authentication: the host runs "
+        "in development mode, or something else is impersonating it"
+    )
     assert_serves_its_host(agent)
 
 
@@ -408,7 +509,11 @@ def test_downgrade_to_no_authentication_is_refused_by_the_host() -> None:
     host_events, agent_events = exchange(host, dev_agent)
     (failed,) = host_events
     assert isinstance(failed, HandshakeFailed) and isinstance(failed.error, AuthenticationFailed)
-    assert "development mode" in str(failed.error)
+    assert str(failed.error) == (
+        "the agent answered without authentication: it runs in development mode, or something else "
+        "answers in its place. Refused; give the agent its credentials (or run both ends in "
+        "development mode, for development only)"
+    )
     assert isinstance(refused_by_agent(agent_events), AuthenticationFailed)
 
 

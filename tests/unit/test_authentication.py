@@ -509,10 +509,9 @@ def test_downgrade_to_no_authentication_is_refused_by_the_host() -> None:
     host_events, agent_events = exchange(host, dev_agent)
     (failed,) = host_events
     assert isinstance(failed, HandshakeFailed) and isinstance(failed.error, AuthenticationFailed)
-    assert str(failed.error) == (
-        "the agent answered without authentication: it runs in development mode, or something else "
-        "answers in its place. Refused; give the agent its credentials (or run both ends in "
-        "development mode, for development only)"
+    assert str(failed.error) == (  # the agent's refusal, as the host hears it
+        "the host wants to authenticate and this agent runs in development mode, without credentials: "
+        "give the agent its credentials (or run the host in development mode too, for development only)"
     )
     assert isinstance(refused_by_agent(agent_events), AuthenticationFailed)
 
@@ -524,6 +523,11 @@ def test_meddler_answering_a_plaintext_hello_for_the_agent_is_refused() -> None:
     hello = {"version": 2, "max_frame": 262144, "window": 4194304, "max_inflight": 64}
     (failed,) = host.receive_data(ACK_MAGIC + nonce + encode_frame(FrameType.HELLO, 0, encode_json(hello)))
     assert isinstance(failed, HandshakeFailed) and isinstance(failed.error, AuthenticationFailed)
+    assert str(failed.error) == (
+        "the agent answered without authentication: it runs in development mode, or something else "
+        "answers in its place. Refused; give the agent its credentials (or run both ends in "
+        "development mode, for development only)"
+    )
     assert not host.is_open
 
 

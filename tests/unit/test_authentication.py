@@ -14,6 +14,7 @@ import ssl
 from typing import Any, cast
 
 import pytest
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from guest_agent.protocol.connection import (
     TLS_FRAME_MAX,
@@ -46,7 +47,9 @@ from guest_agent.protocol.frames import (
     encode_json,
 )
 from guest_agent.protocol.tls import RECORD_CIPHERTEXT_MAX, Authenticator, Credentials, _RecordCounter
+from vmcontroller.client import host_authenticator
 from vmcontroller.credentials import mint
+from vmcontroller.errors import CredentialsUnavailable
 
 HOST_CREDENTIALS, AGENT_CREDENTIALS = mint()
 HOST = Authenticator.from_credentials(HOST_CREDENTIALS, server_side=False)
@@ -714,3 +717,25 @@ def test_records_that_arrive_with_the_end_of_the_handshake_are_all_read() -> Non
     agent.receive(host.ciphertext() + records, keep)
     assert agent.established
     assert b"".join(received) == first + second
+
+
+def test_the_host_runs_without_credentials_only_when_asked_and_says_so_loudly() -> None:
+    with capturedLogs() as logs:
+        assert host_authenticator(None, development=True) is None
+    assert [(event["log_level"], formatEvent(event)) for event in logs] == [(
+        LogLevel.warn,
+        "DEVELOPMENT MODE: the channel to the agent is neither authenticated nor protected; anyone who "
+        "can reach it runs commands as root in the guest. Never use it on a volunteer's machine",
+    )]
+    with pytest.raises(CredentialsUnavailable) as raised:
+        host_authenticator(None, development=False)
+    assert str(raised.value) == (
+        "no credentials for the agent: pass the VM's (driver.agent_credentials(name), or "
+        "vmcontroller.machine.connect_vm_agent, which does), or development=True for an "
+        "unauthenticated development setup"
+    )
+    with capturedLogs() as logs:
+        authenticator = host_authenticator(HOST_CREDENTIALS, development=False)
+    assert logs == []
+    assert authenticator is not None and not authenticator.server_side
+    assert authenticator.pinned == AGENT_CREDENTIALS.certificate

@@ -32,6 +32,7 @@ from guest_agent.protocol.frames import (
     FrameDecoder,
     FrameType,
     encode_header,
+    encode_json,
 )
 from guest_agent.session import Operation, OperationContext
 from tests.unit.test_client_session import call, error_of, result_of
@@ -216,8 +217,25 @@ def test_a_silent_agent_times_out_with_a_clear_error() -> None:
     link.clock.advance(1)
     link.flush()
     error = error_of(pending)
-    assert isinstance(error, OperationTimeout) and "within 10 s" in str(error)
+    assert isinstance(error, OperationTimeout) and str(error) == (
+        "the agent did not answer ping within 10 s; it was cancelled (pass a longer timeout, or check "
+        "the guest's load)"
+    )
+    assert error.details == {"timeout": 10}
     assert silent.cancels and link.client._transport is not None  # it answered the CANCEL: kept
+
+
+def test_deadlines_a_fraction_of_a_second_apart_each_fire_on_time() -> None:
+    silent = Silent(ignore_cancel=False)
+    link = InMemoryLink({"ping": silent}, host_limits=ClientLimits(call_timeout=10))
+    link.flush()
+    calls = [start(link, Deferred.fromCoroutine(link.client.call("ping", timeout=t))) for t in (2, 2.5, 2.75)]
+    for step, ended in ((1.99, [False] * 3), (0.01, [True, False, False]), (0.5, [True, True, False]),
+                        (0.25, [True] * 3)):
+        link.clock.advance(step)
+        link.flush()
+        assert [c.called for c in calls] == ended
+    assert all(isinstance(error_of(c), OperationTimeout) for c in calls)
 
 
 def test_calls_time_out_each_at_its_own_deadline_on_one_timer() -> None:
@@ -354,6 +372,7 @@ def test_a_notification_flood_drops_the_agent() -> None:
 
     link = InMemoryLink({"flood": flood}, host_limits=ClientLimits(notification_rate=50))
     link.flush()
+    link.clock.advance(100)  # a while after connecting: the bucket holds 50, not more
     seen: list[str] = []
     link.client.notifications.append(lambda name, body: seen.append(name))
     with capturedLogs() as logs:
@@ -375,6 +394,17 @@ def test_notifications_within_the_rate_are_delivered() -> None:
         assert result_of(call(link, "some")) is None
         link.clock.advance(1)  # the bucket refills
     assert len(seen) == 120 and link.client._transport is not None
+
+
+def test_a_notification_of_exactly_the_largest_size_is_delivered() -> None:
+    largest = len(encode_json({"name": "big", "body": {"x": "y" * 2000}}))
+    link = InMemoryLink({"big": lambda ctx: ctx.notify("big", {"x": "y" * 2000})},
+                        host_limits=ClientLimits(max_notification=largest))
+    link.flush()
+    seen: list[dict[str, Any]] = []
+    link.client.notifications.append(lambda name, body: seen.append(body))
+    assert result_of(call(link, "big")) is None
+    assert seen == [{"x": "y" * 2000}] and link.client._transport is not None
 
 
 def test_a_large_notification_drops_the_agent() -> None:

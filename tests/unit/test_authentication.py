@@ -545,6 +545,23 @@ def test_old_host_without_authentication_gets_unsupported_version() -> None:
     assert_serves_its_host(agent)
 
 
+def test_the_refusal_of_an_old_host_names_the_versions_the_agent_speaks_on_the_wire() -> None:
+    """docs/protocol.md: ERROR (id 0) unsupported-version with details.supported."""
+    old_host = HostConnection(versions=(1,), authenticator=None)
+    agent = AgentConnection(authenticator=AGENT)
+    old_host.start()
+    agent.receive_data(old_host.data_to_send())
+    old_host.receive_data(agent.data_to_send())  # the ACK: the old host sends its plaintext HELLO
+    agent.receive_data(old_host.data_to_send())
+    decoder = FrameDecoder(1 << 20)
+    decoder.feed(agent.data_to_send())
+    (refusal,) = [item for item in iter(decoder.next, None) if isinstance(item, Frame)]
+    assert refusal.type is FrameType.ERROR and refusal.request_id == 0
+    body = refusal.json()
+    assert body["code"] == "unsupported-version" and body["details"] == {"supported": [2]}
+    assert_serves_its_host(agent)
+
+
 def test_old_agent_that_does_not_know_tls_frames_gets_a_clear_error() -> None:
     """What a protocol-1 agent answers to a TLS frame, a type it does not know."""
     host = HostConnection(authenticator=HOST)

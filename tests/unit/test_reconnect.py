@@ -24,7 +24,7 @@ from guest_agent.ops.files import PartialUploads
 from guest_agent.session import OperationContext
 from tests.unit.test_exec_ops import FakeProcessReactor, fake_session_spawns, outcome
 from vmcontroller import testing
-from vmcontroller._files import CHUNK_SIZE, RESUME_WAIT
+from vmcontroller._files import CHUNK_SIZE, MAX_RESUMES, RESUME_WAIT
 from vmcontroller.client import RECONNECT_MAX_DELAY, ClientLimits, GuestClient, connect
 from vmcontroller.errors import (
     AgentUnreachable,
@@ -240,7 +240,7 @@ class DroppingPush:
     """A resumable agent whose channel the test drops each time the host has sent ``every`` more bytes."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                 operations: dict[str, Any] | None = None) -> None:
+                 operations: dict[str, Any] | None = None, size: int = SIZE) -> None:
         # A new connection carries nothing by itself: the test moves its bytes a step at a time.
         connect_quietly = partial(iosim.connect, greet=False)
         monkeypatch.setattr(testing.iosim, "connect", lambda *args, greet: connect_quietly(*args))
@@ -251,7 +251,7 @@ class DroppingPush:
             agent_reactor=self.controller.agent_reactor)
         self.client = self.controller.connect(timeout=10)
         self.source = tmp_path / "source.bin"
-        self.source.write_bytes(os.urandom(SIZE))
+        self.source.write_bytes(os.urandom(size))
         self.destination = tmp_path / "pushed.bin"
         self.progress: list[int] = [0]
         self.pushing = self.client.push(str(self.source), str(self.destination),
@@ -269,6 +269,46 @@ class DroppingPush:
         assert not self.pushing.called, "the push ended before the channel could be dropped"
         self.controller.endpoint.drop()
 
+
+
+def test_a_push_resumes_as_often_as_allowed_then_gives_up(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    uploads = PartialUploads()
+    pushes: list[dict[str, Any]] = []
+
+    received: list[int] = []
+
+    async def counted_push(ctx: OperationContext) -> dict[str, Any]:
+        pushes.append(dict(ctx.args))
+        receive = ctx.io.receive
+
+        async def counting(channel: int) -> bytes | bytearray | None:
+            chunk = await receive(channel)
+            received.append(len(chunk or b""))
+            return chunk
+
+        ctx.io.receive = counting  # type: ignore[method-assign]
+        return await uploads.push(ctx)
+
+    # A window (4 MiB) crosses at each step of the in-memory channel: one per attempt, and more.
+    run = DroppingPush(monkeypatch, tmp_path, {**OPERATIONS, **uploads.operations(), "push": counted_push},
+                       size=(MAX_RESUMES + 2) * 4 * 1024 * 1024)
+    for attempt in range(1, MAX_RESUMES + 2):
+        received.clear()
+        while len(pushes) < attempt or not any(received):  # until this attempt's push has sent some
+            assert not run.pushing.called
+            pump = run.controller.endpoint.pump
+            assert pump is not None
+            pump.pump()
+        run.controller.endpoint.drop()
+        run.controller.clock.advance(RECONNECT_MAX_DELAY * 1.5)  # it reconnects, then resumes
+    error = outcome(run.pushing)  # at once: no more waiting for the agent
+    assert isinstance(error, ConnectionLost) and str(error) == (
+        "the channel to the agent closed: Connection was closed cleanly: Connection done.; what was in "
+        "flight has an unknown outcome in the guest; reconnecting")
+    assert len(pushes) == MAX_RESUMES + 1
+    assert all(push["transfer_id"] == pushes[0]["transfer_id"] for push in pushes)
+    assert not run.destination.exists() and list(tmp_path.glob(".pushed.bin.*")) == []
 
 
 def test_a_push_whose_agent_is_not_back_in_time_says_so(monkeypatch: pytest.MonkeyPatch,

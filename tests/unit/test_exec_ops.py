@@ -676,6 +676,17 @@ def test_resize_reaches_the_terminal_until_the_program_ends(pty_exec: PtyExec) -
     assert pty_exec.sizes == [(99, 50, 132)]
 
 
+def test_a_resize_that_crosses_the_programs_end_is_no_error(pty_exec: PtyExec) -> None:
+    """The agent refuses a resize for an exec that is over; once its answer is in, that is fine."""
+    handle = pty_exec.start(["sh"], pty=Terminal(), stdin=STREAM)
+    resizing = handle.resize(50, 132)  # on its way to the agent ...
+    pty_exec.process.end(ProcessDone(0))  # ... which the program's end overtakes
+    pty_exec.link.flush()
+    assert outcome(handle.exited).exit_code == 0
+    assert outcome(resizing) is None
+    assert pty_exec.sizes == []
+
+
 def test_a_closed_terminal_is_not_resized(pty_exec: PtyExec) -> None:
     """Between the terminal closing and the exec's answer, its fd number may be another file's."""
     handle = pty_exec.start(["sh"], pty=Terminal(), stdin=STREAM)
@@ -750,7 +761,18 @@ def test_the_agent_announces_pty_and_an_agent_without_it_is_refused(pty_exec: Pt
     handle = older.client.exec(["sh"], pty=Terminal())
     older.flush()
     refused = outcome(handle.exited)
-    assert isinstance(refused, UnknownOperation) and "install this vmcontroller's agent" in str(refused)
+    software = older.client.agent_hello["software"]
+    assert isinstance(refused, UnknownOperation) and str(refused) == (
+        f"the agent in the guest ({software}) cannot run a program on a pty: install this vmcontroller's "
+        "agent in the guest")
+    # Older still: a HELLO without features, nor the software's name.
+    del older.client.agent_hello["features"], older.client.agent_hello["software"]
+    handle = older.client.exec(["sh"], pty=Terminal())
+    older.flush()
+    refused = outcome(handle.exited)
+    assert isinstance(refused, UnknownOperation) and str(refused) == (
+        "the agent in the guest (unknown) cannot run a program on a pty: install this vmcontroller's "
+        "agent in the guest")
     assert pty_exec.reactor.processes == []
 
 

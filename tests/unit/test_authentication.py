@@ -8,6 +8,7 @@ that says why, and the agent then serves its real host as before.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import ssl
@@ -360,12 +361,16 @@ def test_tampered_frame_mid_session_ends_the_session_and_the_next_works() -> Non
     wire[-3] ^= 0x01  # a bit of the record's ciphertext; the frame header's CRC still holds
     events = agent.receive_data(bytes(wire))
     error = refused_by_agent(events)
-    assert isinstance(error, TamperingDetected) and "integrity" in str(error)
+    tampered = (
+        "a record from the peer failed TLS's integrity check (DECRYPTION_FAILED_OR_BAD_RECORD_MAC): the "
+        "channel was tampered with, or bytes were lost"
+    )
+    assert isinstance(error, TamperingDetected) and str(error) == tampered
     assert not any(isinstance(e, RequestReceived) for e in events)  # nothing was acted on
     # The host hears why (outside TLS, which is broken) and starts over.
     (told,) = host.receive_data(agent.data_to_send())
     assert isinstance(told, ErrorReceived) and told.request_id == 0
-    assert isinstance(told.error, TamperingDetected)
+    assert isinstance(told.error, TamperingDetected) and str(told.error) == tampered
     assert rid and host.open_requests == 1  # the client fails it and resynchronises
     assert_serves_its_host(agent)
 
@@ -610,6 +615,9 @@ def test_credentials_round_trip_and_never_show_the_key() -> None:
     assert len(AGENT_CREDENTIALS.to_json()) < 1024  # fits a VirtualBox guest property
     text = repr(AGENT_CREDENTIALS)
     assert AGENT_CREDENTIALS.private_key.hex() not in text and "key" not in text.lower()
+    fingerprint = hashlib.sha256(AGENT_CREDENTIALS.certificate).hexdigest()
+    assert text == f"<Credentials certificate sha256 {fingerprint[:16]}...>"
+    assert b" " not in AGENT_CREDENTIALS.to_json()  # compact: a guest property holds 1 KiB at most
 
 
 def _damaged(change: dict[str, Any]) -> bytes:

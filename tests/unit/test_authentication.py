@@ -33,6 +33,7 @@ from guest_agent.protocol.connection import (
 )
 from guest_agent.protocol.errors import (
     AuthenticationFailed,
+    FrameTooLarge,
     ProtocolError,
     TamperingDetected,
     UnsupportedProtocolVersion,
@@ -45,6 +46,7 @@ from guest_agent.protocol.frames import (
     FrameDecoder,
     FrameType,
     encode_frame,
+    encode_header,
     encode_json,
 )
 from guest_agent.protocol.tls import RECORD_CIPHERTEXT_MAX, Authenticator, Credentials, _RecordCounter
@@ -704,7 +706,7 @@ def record(length: int, body: bytes | None = None) -> bytes:
 
 def test_records_are_counted_whole_however_the_stream_is_cut() -> None:
     stream = record(1) + record(300) + record(RECORD_CIPHERTEXT_MAX) + record(7)
-    for piece in (1, 2, 5, 6, 301, len(stream)):
+    for piece in (1, 2, 3, 5, 6, 7, 301, 313, len(stream)):  # headers cut at every offset too
         counter = _RecordCounter()
         counts = [counter.count(stream[at : at + piece]) for at in range(0, len(stream), piece)]
         # Each record is counted in the piece that completes it, never before.
@@ -764,3 +766,15 @@ def test_the_host_runs_without_credentials_only_when_asked_and_says_so_loudly() 
     assert logs == []
     assert authenticator is not None and not authenticator.server_side
     assert authenticator.pinned == AGENT_CREDENTIALS.certificate
+
+
+def test_tls_frames_larger_than_four_records_are_refused_before_their_payload() -> None:
+    """Outside TLS only TLS frames travel, and none larger than TLS_FRAME_MAX, on both ends."""
+    host, agent = connected()
+    too_large = encode_header(FrameType.TLS, 0, TLS_FRAME_MAX + 1)
+    error = refused_by_agent(agent.receive_data(too_large))
+    assert isinstance(error, FrameTooLarge) and str(error) == (
+        f"frame of {TLS_FRAME_MAX + 1} bytes exceeds the limit of {TLS_FRAME_MAX} bytes"
+    )
+    with pytest.raises(FrameTooLarge):
+        host.receive_data(too_large)

@@ -93,10 +93,14 @@ def _options_for(name: str, factory: Callable[..., Any], options: dict[str, Any]
     """
     ``options`` checked against the keyword parameters of the driver's constructor; a string
     for a parameter whose default is a number or a boolean (from a command line) converted.
+    A constructor that takes ``**options`` checks them itself: they pass as they are.
     """
+    signature = list(inspect.signature(factory).parameters.values())[1:]  # after the reactor
+    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in signature):
+        return options
     parameters = {
         parameter.name: parameter
-        for parameter in list(inspect.signature(factory).parameters.values())[1:]  # after the reactor
+        for parameter in signature
         if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
     }
     converted = {}

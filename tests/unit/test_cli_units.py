@@ -131,3 +131,22 @@ def test_driver_options_from_the_command_line_reach_the_constructor_typed(
         errors: list[Failure] = []
         failed.addErrback(errors.append)
         assert errors and errors[0].getErrorMessage() == message
+
+
+def test_a_driver_that_takes_any_options_gets_them_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    received: dict[str, Any] = {}
+
+    def factory(reactor: Any, **options: Any) -> FakeHypervisor:
+        received.update(options)
+        return FakeHypervisor(reactor, "open")
+
+    class EntryPoint:
+        name = "open"
+        value = "tests:factory"
+
+        def load(self) -> Any:
+            return factory
+
+    monkeypatch.setattr(hypervisors, "entry_points", lambda group: [EntryPoint()])
+    hypervisors.load_driver("open", MemoryReactorClock(), capabilities=frozenset(), colour="red")
+    assert received == {"capabilities": frozenset(), "colour": "red"}

@@ -548,6 +548,20 @@ async def _operations(
     return pings, execs, polls
 
 
+async def _extra_port(
+    driver: IHypervisorDriver, settings: Settings, channel: str, comparison: str, say: Say
+) -> str | None:
+    """The host end of the VM's extra port ``channel``; None, and why, when it has none."""
+    if not isinstance(driver, LibvirtDriver):
+        say(f"the {driver.name} driver has no extra virtio-serial port: no comparison with {comparison}")
+        return None
+    try:
+        return await driver.agent_socket_path(settings.name, channel=channel)
+    except VMControllerError:
+        say(f"the VM has no {channel} port: no comparison with {comparison}")
+        return None
+
+
 async def _start_qga(
     reactor: Any, client: GuestClient, driver: IHypervisorDriver, settings: Settings, say: Say
 ) -> QGAClient | None:
@@ -555,13 +569,8 @@ async def _start_qga(
     qemu-ga on the bench's port, connected; None when the VM or its image has none. Checks
     first that the package's own unit runs on the standard port, as in any libvirt guest.
     """
-    if not isinstance(driver, LibvirtDriver):
-        say(f"the {driver.name} driver has no extra virtio-serial port: no comparison with qemu-ga")
-        return None
-    try:
-        path = await driver.agent_socket_path(settings.name, channel=BENCH_QGA_CHANNEL)
-    except VMControllerError:
-        say(f"the VM has no {BENCH_QGA_CHANNEL} port: no comparison with the QEMU guest agent")
+    path = await _extra_port(driver, settings, BENCH_QGA_CHANNEL, "the QEMU guest agent", say)
+    if path is None:
         return None
     packaged = await client.run(["systemctl", "is-active", QGA_UNIT])
     state = packaged.stdout.decode(errors="replace").strip()
@@ -590,13 +599,8 @@ async def _start_development_agent(
     reactor: Any, client: GuestClient, driver: IHypervisorDriver, settings: Settings, say: Say
 ) -> GuestClient | None:
     """An agent in development mode on the third port, connected; None when there is none."""
-    if not isinstance(driver, LibvirtDriver):
-        say(f"the {driver.name} driver has no extra virtio-serial port: no comparison with development mode")
-        return None
-    try:
-        path = await driver.agent_socket_path(settings.name, channel=DEVELOPMENT_CHANNEL)
-    except VMControllerError:
-        say(f"the VM has no {DEVELOPMENT_CHANNEL} port: no comparison with development mode")
+    path = await _extra_port(driver, settings, DEVELOPMENT_CHANNEL, "development mode", say)
+    if path is None:
         return None
     say(f"start an agent in development mode on {DEVELOPMENT_CHANNEL}")
     await _run_unit(

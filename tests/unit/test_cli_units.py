@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -96,6 +98,12 @@ def test_pause_on_a_driver_that_cannot_is_one_line_saying_why(
     assert player.vm("vm1").state is VMState.RUNNING
 
 
+def register_driver(monkeypatch: pytest.MonkeyPatch, name: str, factory: Callable[..., Any]) -> None:
+    """``factory`` as the one installed driver, found by ``name`` through its entry point."""
+    entry_point = SimpleNamespace(name=name, value="tests:factory", load=lambda: factory)
+    monkeypatch.setattr(hypervisors, "entry_points", lambda group: [entry_point])
+
+
 def test_driver_options_from_the_command_line_reach_the_constructor_typed(
         monkeypatch: pytest.MonkeyPatch) -> None:
     received: dict[str, Any] = {}
@@ -105,14 +113,7 @@ def test_driver_options_from_the_command_line_reach_the_constructor_typed(
         received.update(uri=uri, interval=interval, retries=retries, strict=strict)
         return FakeHypervisor(reactor, "fake")
 
-    class EntryPoint:
-        name = "fake"
-        value = "tests:factory"
-
-        def load(self) -> Any:
-            return factory
-
-    monkeypatch.setattr(hypervisors, "entry_points", lambda group: [EntryPoint()])
+    register_driver(monkeypatch, "fake", factory)
     args = cli.parse_args([
         "list", "--driver", "fake", "--uri", "fake:///", "--driver-option", "interval=2.5",
         "--driver-option", "retries=7", "--driver-option", "strict=yes",
@@ -140,13 +141,6 @@ def test_a_driver_that_takes_any_options_gets_them_as_given(monkeypatch: pytest.
         received.update(options)
         return FakeHypervisor(reactor, "open")
 
-    class EntryPoint:
-        name = "open"
-        value = "tests:factory"
-
-        def load(self) -> Any:
-            return factory
-
-    monkeypatch.setattr(hypervisors, "entry_points", lambda group: [EntryPoint()])
+    register_driver(monkeypatch, "open", factory)
     hypervisors.load_driver("open", MemoryReactorClock(), capabilities=frozenset(), colour="red")
     assert received == {"capabilities": frozenset(), "colour": "red"}

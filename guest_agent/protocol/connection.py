@@ -201,6 +201,37 @@ class _Request:
 _CHANNELS = frozenset(Channel)
 
 
+class _InnerFrames:
+    """
+    The plaintext of a TLS session, cut into frames that are handled as they complete:
+    taken out before TLS reuses its buffer, and a large frame's payload decrypted in place.
+    """
+
+    __slots__ = ("_connection", "_decoder", "_events")
+
+    def __init__(self, connection: _Connection, events: list[Event]) -> None:
+        self._connection = connection
+        self._decoder = connection._inner
+        self._events = events
+
+    def room(self) -> memoryview | None:
+        return self._decoder.room()
+
+    def filled(self, size: int) -> None:
+        self._decoder.filled(size)
+        self._handle_frames()
+
+    def received(self, plaintext: memoryview) -> None:
+        self._decoder.feed(plaintext)
+        self._handle_frames()
+
+    def _handle_frames(self) -> None:
+        while (item := self._decoder.next()) is not None:
+            if isinstance(item, Marker):
+                raise ProtocolError("a marker inside the TLS session: only frames may travel there")
+            self._connection._handle_frame(item, self._events)
+
+
 class _Connection:
     """What both ends share: framing, open requests, streams and their credit."""
 
@@ -209,7 +240,12 @@ class _Connection:
         self._authenticator = authenticator
         # The wire: markers, and frames (TLS records once authenticating).  Inside TLS, the
         # plaintext is a stream of frames of its own, cut by ``_inner``.
-        self._decoder = FrameDecoder(TLS_FRAME_MAX if authenticator else self.limits.max_frame)
+        # TLS frames pass through in pieces, straight from the read into TLS's own buffer.
+        self._decoder = (
+            FrameDecoder(TLS_FRAME_MAX, pass_through=frozenset({FrameType.TLS}))
+            if authenticator
+            else FrameDecoder(self.limits.max_frame)
+        )
         self._inner = FrameDecoder(self.limits.max_frame)
         self._tls: TLSSession | None = None
         # What to write, in order: frame headers and payloads as separate pieces, so that
@@ -340,13 +376,8 @@ class _Connection:
         if self._tls is None:
             raise ProtocolError("a TLS frame before the handshake started")
         was_established = self._tls.established
-        inner = self._inner
-        self._tls.receive(frame.payload, inner.feed)
+        self._tls.receive(frame.payload, _InnerFrames(self, events))
         self._emit_tls()
-        while (item := inner.next()) is not None:
-            if isinstance(item, Marker):
-                raise ProtocolError("a marker inside the TLS session: only frames may travel there")
-            self._handle_frame(item, events)
         return self._tls.established and not was_established
 
     def _handle_frame(self, frame: Frame, events: list[Event]) -> None:
@@ -460,7 +491,9 @@ class _Connection:
             stream.credit -= len(frame.payload)
             stream.held += len(frame.payload)
             self._buffered += len(frame.payload)
-            events.append(DataReceived(frame.request_id, frame.flags, frame.payload))
+            # Only TLS frames pass through the decoder as views; a DATA payload is its own.
+            payload = cast(bytes | bytearray, frame.payload)
+            events.append(DataReceived(frame.request_id, frame.flags, payload))
         elif frame.type is FrameType.EOF:
             if frame.request_id in self._requests:
                 trailer = frame.json()

@@ -77,8 +77,9 @@ class Channel(enum.IntEnum):
 class Frame:
     type: FrameType
     request_id: int
-    #: A bytearray when the frame was assembled from pieces (see FrameDecoder).
-    payload: bytes | bytearray = b""
+    #: A bytearray when the frame was assembled from pieces, a memoryview for a piece
+    #: passed through (see FrameDecoder).
+    payload: bytes | bytearray | memoryview = b""
     flags: int = 0
 
     def json(self) -> Any:
@@ -142,7 +143,7 @@ def encode_json(value: Any) -> bytes:
     return "".join(_encode_c(value, 0)).encode()
 
 
-def decode_json(payload: bytes | bytearray) -> Any:
+def decode_json(payload: bytes | bytearray | memoryview) -> Any:
     """
     ``json.loads`` for a UTF-8 payload.
 
@@ -151,14 +152,14 @@ def decode_json(payload: bytes | bytearray) -> Any:
     """
     try:
         try:
-            text = payload.decode()
+            text = str(payload, "utf-8")
             value, end = _scan(text, 0)
             if end == len(text):
                 return value
         except (StopIteration, ValueError):  # UnicodeDecodeError is a ValueError
             pass
         # Whitespace around the value, another encoding, or an error for json.loads to explain.
-        return json.loads(payload, parse_constant=_reject_constant, parse_float=_finite_float)
+        return json.loads(bytes(payload), parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
@@ -174,80 +175,127 @@ class Marker:
 _FRAME_TYPES = {kind.value: kind for kind in FrameType}
 #: A frame at least this large that has not arrived whole is assembled in a buffer of its own.
 _ASSEMBLE_ABOVE = 16 * 1024
+_NOTHING = memoryview(b"")
 
 
 class FrameDecoder:
     """
     Cuts a byte stream into frames and markers.
 
+    What :meth:`feed` is given is read in place, not copied, until :meth:`next` returns
+    None or :meth:`hunt` or :meth:`clear` is called: only the start of a frame or marker
+    that has not arrived whole is then kept.  So the caller may reuse its read buffer as
+    soon as it has taken every frame out, and a payload is copied once at most.
+
     :param max_payload: the largest payload this side accepts; a header announcing more
         raises :class:`FrameTooLarge` before any of the payload is buffered.
+    :param pass_through: frame types whose payloads are handed out as they arrive, in
+        pieces (a :class:`Frame` of that type for each), instead of being put together:
+        TLS records, which the TLS session buffers by itself.  A piece may be a view of
+        the fed bytes, valid until the next call.
     """
 
-    def __init__(self, max_payload: int) -> None:
+    def __init__(self, max_payload: int, pass_through: frozenset[FrameType] = frozenset()) -> None:
         self.max_payload = max_payload
+        self._pass_through = pass_through
+        # The start of a frame or marker that did not arrive whole in one feed.
         self._buffer = bytearray()
+        # What the latest feed brought and nothing has taken yet.
+        self._pending = _NOTHING
         # A large frame that arrives in pieces is put together in a buffer of its size:
         # appending each piece to ``_buffer`` would copy all of it again whenever the
         # bytearray grows, many times per frame (memory copies are slow under emulation).
         self._header: tuple[FrameType, int, int] | None = None  # type, request id, flags
         self._payload = bytearray()
         self._filled = 0
+        # The frame whose payload is being passed through, its length and how much of it
+        # is still to come.
+        self._passing: tuple[FrameType, int, int] | None = None
+        self._passing_length = 0
+        self._passing_left = 0
 
-    def feed(self, data: bytes | memoryview) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pending:
+            self._keep_pending()  # fed again before everything was taken out
+        self._pending = memoryview(data)
+
+    def room(self) -> memoryview | None:
+        """
+        Where the next bytes of the stream belong when they can be written there in place:
+        the rest of the payload of a large frame being put together, when nothing else is
+        held before it.  Say with :meth:`filled` how much was written.
+        """
+        if self._header is None or self._pending:
+            return None
+        return memoryview(self._payload)[self._filled :]
+
+    def filled(self, size: int) -> None:
+        """``size`` bytes of the stream were written to the start of the last :meth:`room`."""
+        self._filled += size
+
+    def _keep_pending(self) -> None:
+        """Copy what is pending into the decoder's own buffers: the caller may reuse it."""
+        pending, self._pending = self._pending, _NOTHING
         if self._header is not None:
-            take = min(len(data), len(self._payload) - self._filled)
+            take = min(len(pending), len(self._payload) - self._filled)
             with memoryview(self._payload) as payload:
-                payload[self._filled : self._filled + take] = data[:take]
+                payload[self._filled : self._filled + take] = pending[:take]
             self._filled += take
-            data = data[take:]
-        if data:
-            self._buffer += data
+            pending = pending[take:]
+        if pending:
+            self._buffer += pending
 
     def clear(self) -> None:
         self._buffer.clear()
+        self._pending = _NOTHING
         self._header = None
         self._payload = bytearray()
+        self._passing = None
+        self._passing_left = 0
 
     @property
     def buffered(self) -> int:
         """
         How many bytes are held; once :meth:`next` returned None, those of a frame or
-        marker that has begun and not yet arrived whole.
+        marker that has begun and not yet arrived whole (counting the pieces of a payload
+        passed through so far: their receiver holds them until the rest comes).
         """
-        if self._header is None:
-            return len(self._buffer)
-        return HEADER_SIZE + self._filled + len(self._buffer)
+        held = len(self._buffer) + len(self._pending)
+        if self._header is not None:
+            held += HEADER_SIZE + self._filled
+        elif self._passing is not None:
+            held += HEADER_SIZE + self._passing_length - self._passing_left
+        return held
 
     def next(self) -> Frame | Marker | None:
         """
-        The next complete frame or marker, or None until more bytes arrive.
+        The next complete frame or marker (or piece of a passed-through payload), or None
+        until more bytes arrive.
 
         :raises ProtocolError: the bytes at a frame boundary are neither a frame nor a
             marker; the caller must resynchronise.
         """
         if self._header is not None:
-            if self._filled < len(self._payload):
-                return None
-            assembled, request_id, flags = self._header
-            # The buffer itself is the payload (a bytes copy would cost as much as the
-            # assembly): the decoder lets go of it here and starts a new one next time.
-            frame = Frame(assembled, request_id, self._payload, flags)
-            self._header = None
-            self._payload = bytearray()
-            return frame
-        buf = self._buffer
-        if not buf:
+            return self._assembled()
+        if self._passing is not None:
+            return self._passed_piece()
+        if self._buffer:
+            self._top_up()
+        source: bytearray | memoryview = self._buffer or self._pending
+        if not source:
             return None
-        if buf[0] == MARKER_LEAD:
-            return self._next_marker()
-        if len(buf) < HEADER_SIZE:
-            if not FRAME_MAGIC.startswith(bytes(buf[:2])):
-                raise ProtocolError(f"expected a frame, got byte 0x{buf[0]:02x}: the stream is out of step")
+        if source[0] == MARKER_LEAD:
+            return self._next_marker(source)
+        if len(source) < HEADER_SIZE:
+            if not FRAME_MAGIC.startswith(bytes(source[:2])):
+                raise ProtocolError(
+                    f"expected a frame, got byte 0x{source[0]:02x}: the stream is out of step"
+                )
+            self._keep_partial(source)
             return None
-        magic, frame_type, flags, request_id, length = _HEADER.unpack_from(buf)
-        (crc,) = _CRC.unpack_from(buf, _HEADER.size)
-        with memoryview(buf) as view:
+        magic, frame_type, flags, request_id, length = _HEADER.unpack_from(source)
+        (crc,) = _CRC.unpack_from(source, _HEADER.size)
+        with memoryview(source) as view:
             header_crc = zlib.crc32(view[: _HEADER.size])
         if magic != FRAME_MAGIC or crc != header_crc:
             raise ProtocolError("corrupt frame header: the stream is out of step")
@@ -257,38 +305,120 @@ class FrameDecoder:
         if kind is None:
             raise ProtocolError(f"unknown frame type {frame_type}")
         end = HEADER_SIZE + length
-        if len(buf) < end:
-            if length >= _ASSEMBLE_ABOVE:
-                # Allocated before the payload arrives: at most max_payload, checked above.
-                self._header = (kind, request_id, flags)
-                self._payload = bytearray(length)
-                self._filled = len(buf) - HEADER_SIZE
-                self._payload[: self._filled] = buf[HEADER_SIZE:]
-                buf.clear()
-            return None
-        # One copy, straight out of the buffer (slicing the bytearray first would copy twice);
-        # deleting the head of a bytearray only moves its start, it does not shift the rest.
-        with memoryview(buf) as view:
+        if kind in self._pass_through:
+            self._passing = (kind, request_id, flags)
+            self._passing_length = self._passing_left = length
+            self._consume(source, HEADER_SIZE)
+            if length:
+                return self._passed_piece()
+            self._passing = None
+            return Frame(kind, request_id, b"", flags)
+        if len(source) < end:
+            if length < _ASSEMBLE_ABOVE:
+                self._keep_partial(source)
+                return None
+            # Allocated before the payload arrives: at most max_payload, checked above.
+            self._header = (kind, request_id, flags)
+            self._payload = bytearray(length)
+            self._filled = len(source) - HEADER_SIZE
+            self._payload[: self._filled] = source[HEADER_SIZE:]
+            self._consume(source, len(source))
+            return self._assembled()
+        # One copy, straight out of the bytes received.
+        with memoryview(source) as view:
             payload = bytes(view[HEADER_SIZE:end])
-        del buf[:end]
+        self._consume(source, end)
         return Frame(kind, request_id, payload, flags)
 
-    def _next_marker(self) -> Marker | None:
-        buf = self._buffer
-        head = bytes(buf[:MARKER_SIZE])
+    def _consume(self, source: bytearray | memoryview, size: int) -> None:
+        if source is self._buffer:
+            # Deleting the head of a bytearray only moves its start.
+            del self._buffer[:size]
+        else:
+            self._pending = self._pending[size:] if size < len(self._pending) else _NOTHING
+
+    def _keep_partial(self, source: bytearray | memoryview) -> None:
+        """The rest of the stream is the start of one frame or marker: keep it for later."""
+        if source is not self._buffer:
+            self._buffer += source
+            self._pending = _NOTHING
+
+    def _top_up(self) -> None:
+        """
+        Complete the start of a frame or marker kept in ``_buffer`` from what is pending,
+        taking no more than it needs: a small frame whole, a large one's header.
+        """
+        buffer = self._buffer
+        if buffer[0] == MARKER_LEAD:
+            self._take_into_buffer(MARKER_SIZE + NONCE_SIZE)
+            return
+        self._take_into_buffer(HEADER_SIZE)
+        if len(buffer) >= HEADER_SIZE:
+            # Not checked yet (next() does that): a wrong length costs at most one copy.
+            length = int.from_bytes(buffer[8:12], "big")
+            if length < _ASSEMBLE_ABOVE and buffer[2] not in self._pass_through:
+                self._take_into_buffer(HEADER_SIZE + length)
+
+    def _take_into_buffer(self, wanted: int) -> None:
+        take = wanted - len(self._buffer)
+        if take > 0 and self._pending:
+            self._buffer += self._pending[:take]
+            self._consume(self._pending, take)
+
+    def _assembled(self) -> Frame | None:
+        missing = len(self._payload) - self._filled
+        if missing and self._pending:
+            take = min(missing, len(self._pending))
+            with memoryview(self._payload) as payload:
+                payload[self._filled : self._filled + take] = self._pending[:take]
+            self._filled += take
+            self._consume(self._pending, take)
+            missing -= take
+        if missing:
+            return None
+        assert self._header is not None
+        assembled, request_id, flags = self._header
+        # The buffer itself is the payload (a bytes copy would cost as much as the
+        # assembly): the decoder lets go of it here and starts a new one next time.
+        frame = Frame(assembled, request_id, self._payload, flags)
+        self._header = None
+        self._payload = bytearray()
+        return frame
+
+    def _passed_piece(self) -> Frame | None:
+        assert self._passing is not None
+        piece: bytes | memoryview
+        if self._buffer:  # kept by a feed that came before everything was taken out
+            piece = bytes(self._buffer[: self._passing_left])
+            del self._buffer[: len(piece)]
+        elif self._pending:
+            piece = self._pending[: self._passing_left]
+            self._consume(self._pending, len(piece))
+        else:
+            return None
+        kind, request_id, flags = self._passing
+        self._passing_left -= len(piece)
+        if not self._passing_left:
+            self._passing = None
+        return Frame(kind, request_id, piece, flags)
+
+    def _next_marker(self, source: bytearray | memoryview) -> Marker | None:
+        head = bytes(source[:MARKER_SIZE])
         if len(head) < MARKER_SIZE:
             if not any(m.startswith(head) for m in (SYNC_MAGIC, ACK_MAGIC, RESET_MARKER)):
                 raise ProtocolError("unknown marker: the stream is out of step")
+            self._keep_partial(source)
             return None
         if head == RESET_MARKER:
-            del buf[:MARKER_SIZE]
+            self._consume(source, MARKER_SIZE)
             return Marker(head)
         if head not in (SYNC_MAGIC, ACK_MAGIC):
             raise ProtocolError("unknown marker: the stream is out of step")
-        if len(buf) < MARKER_SIZE + NONCE_SIZE:
+        if len(source) < MARKER_SIZE + NONCE_SIZE:
+            self._keep_partial(source)
             return None
-        nonce = bytes(buf[MARKER_SIZE : MARKER_SIZE + NONCE_SIZE])
-        del buf[: MARKER_SIZE + NONCE_SIZE]
+        nonce = bytes(source[MARKER_SIZE : MARKER_SIZE + NONCE_SIZE])
+        self._consume(source, MARKER_SIZE + NONCE_SIZE)
         return Marker(head, nonce)
 
     def hunt(self, magic: bytes, nonce: bytes | None = None) -> bytes | None:
@@ -305,6 +435,12 @@ class FrameDecoder:
             ]
             self._header = None
             self._payload = bytearray()
+        # The rest of a payload being passed through is stale bytes like any others.
+        self._passing = None
+        self._passing_left = 0
+        if self._pending:
+            self._buffer += self._pending
+            self._pending = _NOTHING
         needle = magic if nonce is None else magic + nonce
         at = self._buffer.find(needle)
         if at < 0:

@@ -19,10 +19,10 @@ import hashlib
 import json
 import os
 import ssl
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 from guest_agent.protocol.errors import AuthenticationFailed, TamperingDetected
 
@@ -171,7 +171,7 @@ class _RecordCounter:
         self._header = bytearray()
         self._body_left = 0
 
-    def count(self, data: bytes | bytearray) -> int:
+    def count(self, data: bytes | bytearray | memoryview) -> int:
         """How many records ``data`` (the next bytes of the stream) completes."""
         whole = 0
         at = 0
@@ -205,6 +205,23 @@ class _RecordCounter:
         return whole
 
 
+class PlaintextReceiver(Protocol):
+    """Where :meth:`TLSSession.receive` puts the plaintext it decrypts."""
+
+    def room(self) -> memoryview | None:
+        """
+        The place the next plaintext belongs, when it has one already (the rest of a frame
+        being put together): it is decrypted straight into it, then :meth:`filled` says how
+        much came.  None: it goes to :meth:`received` instead.
+        """
+
+    def filled(self, size: int) -> None:
+        """``size`` bytes were decrypted into the start of the last :meth:`room`."""
+
+    def received(self, plaintext: memoryview) -> None:
+        """Plaintext in a buffer that is reused as soon as this returns."""
+
+
 def _closed_by_peer() -> TamperingDetected:
     return TamperingDetected(
         "the peer closed its TLS session in the middle of ours (neither end of vmcontroller "
@@ -226,8 +243,8 @@ class TLSSession:
             self._incoming, self._outgoing, server_side=authenticator.server_side
         )
         self._records = _RecordCounter()
-        # Each record is decrypted into this buffer and handed on from there: no bytes
-        # object per record, no joining them.
+        # Plaintext with no room of its own is decrypted into this buffer and handed on
+        # from there: no bytes object per record, no joining them.
         self._plaintext = memoryview(bytearray(RECORD_PLAINTEXT_MAX))
         self.established = False
 
@@ -245,11 +262,10 @@ class TLSSession:
         """What must go to the peer, in order; the buffer is emptied."""
         return self._outgoing.read() if self._outgoing.pending else b""
 
-    def receive(self, ciphertext: bytes | bytearray, sink: Callable[[memoryview], object]) -> None:
+    def receive(self, ciphertext: bytes | bytearray | memoryview, receiver: PlaintextReceiver) -> None:
         """
-        Take bytes from the peer and give ``sink`` the plaintext they complete, a record at
-        a time (none during the handshake), in a buffer that is reused as soon as ``sink``
-        returns.  After it returns, :attr:`established` may have turned true.
+        Take bytes from the peer and give ``receiver`` the plaintext they complete (none
+        during the handshake).  After it returns, :attr:`established` may have turned true.
 
         :raises AuthenticationFailed: the handshake failed: the peer's certificate is not
             the pinned one, it sent none, it offered no TLS 1.3, or its proof did not verify.
@@ -263,12 +279,19 @@ class TLSSession:
                 return
             # The handshake took some of the records: read until OpenSSL has no more.
             records = -1
-        buffer = self._plaintext
-        while records:
-            records -= 1
+        tls = self._tls
+        while True:
+            # A read takes one record, or the part of it a room has space for: what is
+            # left of a record is read before the next one.
+            if not tls.pending():
+                if not records:
+                    return
+                records -= 1
+            room = receiver.room()
+            target = self._plaintext if room is None else room
             try:
                 # With a buffer, read returns the count (typeshed says bytes).
-                size = cast(int, self._tls.read(RECORD_PLAINTEXT_MAX, buffer))
+                size = cast(int, tls.read(len(target), target))
             except ssl.SSLWantReadError:
                 # A record that carried no application data (a post-handshake message)
                 # made one read take two records.
@@ -288,7 +311,10 @@ class TLSSession:
                 # The peer's close_notify.  Every read from now on would return nothing
                 # and leave the records in the buffer: the session ends here.
                 raise _closed_by_peer()
-            sink(buffer[:size])
+            if room is None:
+                receiver.received(target[:size])
+            else:
+                receiver.filled(size)
 
     def seal(self, pieces: Iterable[bytes | memoryview]) -> list[bytes]:
         """
@@ -372,5 +398,5 @@ class TLSSession:
         return f"TLS handshake with the {self._peer_name} failed: {hint} ({reason})"
 
 
-__all__ = ["CREDENTIALS_FORMAT", "Authenticator", "Credentials", "TLSSession"]
+__all__ = ["CREDENTIALS_FORMAT", "Authenticator", "Credentials", "PlaintextReceiver", "TLSSession"]
 

@@ -732,9 +732,17 @@ def test_records_that_arrive_with_the_end_of_the_handshake_are_all_read() -> Non
     host, agent = HOST.session(), AGENT.session()
     received: list[bytes] = []
 
-    def keep(plaintext: memoryview) -> None:
-        received.append(bytes(plaintext))
+    class Keep:
+        def room(self) -> None:
+            return None
 
+        def filled(self, size: int) -> None:
+            raise AssertionError("no room was offered")
+
+        def received(self, plaintext: memoryview) -> None:
+            received.append(bytes(plaintext))
+
+    keep = Keep()
     host.start()
     agent.receive(host.ciphertext(), keep)
     host.receive(agent.ciphertext(), keep)

@@ -49,7 +49,7 @@ markers = st.one_of(
 def wire_of(item: Frame | Marker) -> bytes:
     if isinstance(item, Marker):
         return item.magic + item.nonce
-    return encode_frame(item.type, item.request_id, item.payload, item.flags)
+    return encode_frame(item.type, item.request_id, bytes(item.payload), item.flags)
 
 
 def cut(data: bytes, points: list[int]) -> list[bytes]:
@@ -74,6 +74,113 @@ def test_frames_and_markers_survive_any_cutting(items: list[Frame | Marker], poi
         decoder.feed(piece)
         out += drain(decoder)
     assert out == items
+    assert decoder.buffered == 0
+
+
+# Large payloads too: they are put together apart (or passed through), not in the buffer.
+mixed_frames = st.builds(
+    Frame,
+    type=st.sampled_from(FrameType),
+    request_id=st.integers(0, 0xFFFFFFFF),
+    payload=st.one_of(st.binary(max_size=300), st.binary(min_size=16_000, max_size=40_000)),
+    flags=st.integers(0, 0xFF),
+)
+PASSED = frozenset({FrameType.TLS})
+
+
+def owned(items: list[Frame | Marker]) -> list[Frame | Marker]:
+    """Each payload copied: a passed-through piece is valid only until the next feed."""
+    return [
+        Frame(item.type, item.request_id, bytes(item.payload), item.flags)
+        if isinstance(item, Frame)
+        else item
+        for item in items
+    ]
+
+
+def joined_pieces(out: list[Frame | Marker], items: list[Frame | Marker]) -> list[Frame | Marker]:
+    """``out`` with the pieces of each passed-through payload joined, as ``items`` cut them."""
+    joined: list[Frame | Marker] = []
+    pieces = iter(out)
+    for item in items:
+        if isinstance(item, Frame) and item.type in PASSED:
+            payload = b""
+            while True:
+                piece = next(pieces)
+                assert isinstance(piece, Frame) and (piece.type, piece.request_id, piece.flags) == (
+                    item.type, item.request_id, item.flags)
+                payload += piece.payload
+                if len(payload) >= len(item.payload):
+                    break
+            joined.append(Frame(item.type, item.request_id, payload, item.flags))
+        else:
+            joined.append(next(pieces))
+    assert next(pieces, None) is None
+    return joined
+
+
+@given(
+    st.lists(st.one_of(mixed_frames, markers), max_size=8),
+    st.lists(st.integers(0, 10**6), max_size=30),
+    st.booleans(),
+)
+def test_a_reused_read_buffer_and_payloads_written_in_place(
+    items: list[Frame | Marker], points: list[int], in_place: bool
+) -> None:
+    """
+    What the agent does: each read lands in the same buffer, which is overwritten once the
+    decoder has given every frame out; TLS passes through in pieces; a large frame's
+    payload is (with ``in_place``) written straight into the decoder's room, as TLS does.
+    """
+    wire = b"".join(wire_of(item) for item in items)
+    decoder = FrameDecoder(1 << 20, pass_through=PASSED)
+    read_buffer = bytearray(len(wire))
+    out: list[Frame | Marker] = []
+    for piece in cut(wire, points):
+        view = memoryview(read_buffer)[: len(piece)]
+        while piece:
+            room = decoder.room() if in_place else None
+            if room is not None:
+                size = min(len(room), len(piece))
+                room[:size] = piece[:size]
+                decoder.filled(size)
+            else:
+                size = len(piece)
+                view[:size] = piece
+                decoder.feed(view[:size])
+            piece = piece[size:]
+            out += owned(drain(decoder))
+            view[:] = b"\0" * len(view)  # the next read
+    assert joined_pieces(out, items) == items
+    assert decoder.buffered == 0
+
+
+@given(
+    st.lists(st.one_of(mixed_frames, markers), max_size=8),
+    st.lists(st.integers(0, 10**6), max_size=30),
+    st.lists(st.booleans(), max_size=30),
+)
+def test_feeding_again_before_taking_everything_out_loses_nothing(
+    items: list[Frame | Marker], points: list[int], drains: list[bool]
+) -> None:
+    """A caller may feed several times before it calls next(): the decoder keeps what it must."""
+    wire = b"".join(wire_of(item) for item in items)
+    decoder = FrameDecoder(1 << 20, pass_through=PASSED)
+    out: list[Frame | Marker] = []
+    kept: bytearray | None = None
+    drain_points = itertools.chain(drains, itertools.repeat(False))
+    for piece, drain_now in zip(cut(wire, points), drain_points, strict=False):
+        fed = bytearray(piece)
+        decoder.feed(fed)
+        if kept is not None:
+            kept[:] = b"\0" * len(kept)  # the decoder kept what it needed of it at this feed
+        kept = fed
+        if drain_now:
+            out += owned(drain(decoder))
+            kept[:] = b"\0" * len(kept)
+            kept = None
+    out += owned(drain(decoder))
+    assert joined_pieces(out, items) == items
     assert decoder.buffered == 0
 
 

@@ -154,12 +154,12 @@ def test_large_frames_in_pieces_come_out_whole_with_what_follows(piece: int) -> 
     )
     decoder = FrameDecoder(1 << 20)
     out: list[Frame | Marker] = []
-    view = memoryview(bytearray(wire))  # a reused read buffer: the decoder must copy
+    view = memoryview(bytearray(wire))  # a reused read buffer: the decoder must copy what it keeps
     for at in range(0, len(wire), piece):
         decoder.feed(view[at : at + piece])
-        view[at : at + piece] = b"\0" * len(view[at : at + piece])
         while (item := decoder.next()) is not None:
             out.append(item)
+        view[at : at + piece] = b"\0" * len(view[at : at + piece])
     assert out == [
         Frame(FrameType.DATA, 1, first, 1),
         Frame(FrameType.EOF, 1, b"", 1),
@@ -190,3 +190,41 @@ def test_hunt_finds_a_marker_inside_a_large_frame_being_put_together() -> None:
     decoder.feed(SYNC_MAGIC + nonce + encode_frame(FrameType.HELLO, 0, b"{}"))
     assert decoder.hunt(SYNC_MAGIC) == nonce
     assert decoder.next() == Frame(FrameType.HELLO, 0, b"{}")
+
+
+def test_tls_frames_pass_through_as_views_of_the_bytes_read() -> None:
+    """No copy of a TLS frame's payload: the TLS session buffers it (one copy) by itself."""
+    records = bytes(range(256)) * 100
+    read = bytearray(encode_frame(FrameType.TLS, 0, records) + encode_frame(FrameType.TLS, 0, b"next"))
+    decoder = FrameDecoder(1 << 20, pass_through=frozenset({FrameType.TLS}))
+    decoder.feed(memoryview(read)[:10_000])
+    first = decoder.next()
+    assert isinstance(first, Frame) and isinstance(first.payload, memoryview)
+    assert first.payload.obj is read and bytes(first.payload) == records[: 10_000 - HEADER_SIZE]
+    assert decoder.next() is None
+    # The received part counts until the frame is whole: a serial line drops a frame cut off.
+    assert decoder.buffered == 10_000
+    decoder.feed(memoryview(read)[10_000:])
+    rest, after = decoder.next(), decoder.next()
+    assert isinstance(rest, Frame) and bytes(rest.payload) == records[10_000 - HEADER_SIZE :]
+    assert after == Frame(FrameType.TLS, 0, b"next") and decoder.next() is None
+    assert decoder.buffered == 0
+
+
+def test_a_large_frame_offers_its_payload_for_writing_in_place() -> None:
+    payload = b"p" * 100_000
+    wire = encode_frame(FrameType.DATA, 3, payload, 1)
+    decoder = FrameDecoder(1 << 20)
+    assert decoder.room() is None  # nothing begun
+    decoder.feed(wire[:20_000])
+    assert decoder.next() is None
+    room = decoder.room()
+    assert room is not None and len(room) == len(payload) - (20_000 - HEADER_SIZE)
+    room[:50_000] = wire[20_000:70_000]
+    decoder.filled(50_000)
+    assert decoder.next() is None and decoder.buffered == 70_000
+    decoder.feed(wire[70_000:] + encode_frame(FrameType.EOF, 3, b"", 1))
+    assert decoder.room() is None  # bytes are pending: they come first
+    frame = decoder.next()
+    assert frame == Frame(FrameType.DATA, 3, payload, 1) and room.obj is frame.payload
+    assert decoder.next() == Frame(FrameType.EOF, 3, b"", 1)

@@ -49,7 +49,13 @@ from guest_agent.protocol.frames import (
     encode_header,
     encode_json,
 )
-from guest_agent.protocol.tls import RECORD_CIPHERTEXT_MAX, Authenticator, Credentials, _RecordCounter
+from guest_agent.protocol.tls import (
+    RECORD_CIPHERTEXT_MAX,
+    RECORD_PLAINTEXT_MAX,
+    Authenticator,
+    Credentials,
+    _RecordCounter,
+)
 from vmcontroller.client import host_authenticator
 from vmcontroller.credentials import mint
 from vmcontroller.errors import CredentialsUnavailable
@@ -752,6 +758,47 @@ def test_records_that_arrive_with_the_end_of_the_handshake_are_all_read() -> Non
     agent.receive(host.ciphertext() + records, keep)
     assert agent.established
     assert b"".join(received) == first + second
+
+
+class _Rooms:
+    """Offers rooms of ``size`` bytes, every third time none (plaintext then comes to ``received``)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.asked = 0
+        self.plaintext = bytearray()
+        self._room = bytearray()
+
+    def room(self) -> memoryview | None:
+        self.asked += 1
+        if self.asked % 3 == 0:
+            return None
+        self._room = bytearray(b"?" * self.size)
+        return memoryview(self._room)
+
+    def filled(self, size: int) -> None:
+        assert 0 < size <= self.size
+        self.plaintext += self._room[:size]
+
+    def received(self, plaintext: memoryview) -> None:
+        self.plaintext += plaintext
+
+
+@pytest.mark.parametrize("room_size", [1, 16, 5000, RECORD_PLAINTEXT_MAX, 40_000])
+def test_plaintext_goes_into_the_rooms_offered_whatever_their_size(room_size: int) -> None:
+    """A record larger than a room is read in parts, the rest waiting in OpenSSL for the next."""
+    host, agent = HOST.session(), AGENT.session()
+    rooms = _Rooms(room_size)
+    host.start()
+    agent.receive(host.ciphertext(), rooms)
+    host.receive(agent.ciphertext(), rooms)
+    agent.receive(host.ciphertext(), rooms)
+    assert agent.established and host.established
+    data = bytes(range(256)) * 400  # six records and a part
+    ciphertext = b"".join(host.seal([data]))
+    agent.receive(ciphertext[:30_000], rooms)  # one record whole, the second cut
+    agent.receive(ciphertext[30_000:], rooms)
+    assert bytes(rooms.plaintext) == data
 
 
 def test_the_host_runs_without_credentials_only_when_asked_and_says_so_loudly() -> None:

@@ -375,6 +375,11 @@ class _Connection:
         """
         if self._tls is None:
             raise ProtocolError("a TLS frame before the handshake started")
+        if frame.request_id:
+            raise ProtocolError(
+                f"a TLS frame carries request id {frame.request_id}: TLS frames belong to the "
+                "connection (id 0); dropped the session"
+            )
         was_established = self._tls.established
         self._tls.receive(frame.payload, _InnerFrames(self, events))
         self._emit_tls()

@@ -40,6 +40,7 @@ from guest_agent.protocol.errors import (
 )
 from guest_agent.protocol.frames import (
     ACK_MAGIC,
+    HEADER_SIZE,
     SYNC_MAGIC,
     Channel,
     Frame,
@@ -408,6 +409,34 @@ def test_plaintext_frame_injected_into_an_authenticated_session_is_refused() -> 
     assert str(raised.value) == (
         "the agent sent a RESPONSE frame outside TLS on an authenticated channel: dropped the session "
         "(something other than the agent may be writing to the channel)"
+    )
+
+
+def with_request_id(wire: bytes, request_id: int) -> bytes:
+    """The first frame of ``wire`` (a TLS frame) sent under ``request_id`` instead of 0."""
+    length = int.from_bytes(wire[8:12], "big")
+    return encode_header(FrameType.TLS, request_id, length) + wire[HEADER_SIZE:]
+
+
+def test_a_tls_frame_with_a_request_id_is_refused_at_either_end() -> None:
+    """TLS frames belong to the connection: one that names a request is not read."""
+    host, agent = connected()
+    host.send_request("ping")
+    events = agent.receive_data(with_request_id(host.data_to_send(), 7))
+    assert str(refused_by_agent(events)) == (
+        "a TLS frame carries request id 7: TLS frames belong to the connection (id 0); dropped the session"
+    )
+    assert not any(isinstance(e, RequestReceived) for e in events)
+    assert_serves_its_host(agent)
+    host, agent = connected()
+    rid = host.send_request("ping")
+    agent.receive_data(host.data_to_send())
+    agent.send_response(rid, {"ok": 1})
+    with pytest.raises(ProtocolError) as raised:
+        host.receive_data(with_request_id(agent.data_to_send(), rid))
+    assert str(raised.value) == (
+        f"a TLS frame carries request id {rid}: TLS frames belong to the connection (id 0); "
+        "dropped the session"
     )
 
 

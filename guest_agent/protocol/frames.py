@@ -152,7 +152,7 @@ def decode_json(payload: bytes | bytearray | memoryview) -> Any:
     """
     try:
         try:
-            text = str(payload, "utf-8")
+            text = bytes(payload).decode()  # no copy of bytes; JSON frames are small
             value, end = _scan(text, 0)
             if end == len(text):
                 return value
@@ -335,7 +335,11 @@ class FrameDecoder:
             # Deleting the head of a bytearray only moves its start.
             del self._buffer[:size]
         else:
-            self._pending = self._pending[size:] if size < len(self._pending) else _NOTHING
+            self._take_pending(size)
+
+    def _take_pending(self, size: int) -> None:
+        # Once all is taken, no view of the caller's buffer is left: the caller may resize it.
+        self._pending = self._pending[size:] if size < len(self._pending) else _NOTHING
 
     def _keep_partial(self, source: bytearray | memoryview) -> None:
         """The rest of the stream is the start of one frame or marker: keep it for later."""
@@ -355,15 +359,15 @@ class FrameDecoder:
         self._take_into_buffer(HEADER_SIZE)
         if len(buffer) >= HEADER_SIZE:
             # Not checked yet (next() does that): a wrong length costs at most one copy.
-            length = int.from_bytes(buffer[8:12], "big")
-            if length < _ASSEMBLE_ABOVE and buffer[2] not in self._pass_through:
+            _, kind, _, _, length = _HEADER.unpack_from(buffer)
+            if length < _ASSEMBLE_ABOVE and kind not in self._pass_through:
                 self._take_into_buffer(HEADER_SIZE + length)
 
     def _take_into_buffer(self, wanted: int) -> None:
         take = wanted - len(self._buffer)
         if take > 0 and self._pending:
             self._buffer += self._pending[:take]
-            self._consume(self._pending, take)
+            self._take_pending(take)
 
     def _assembled(self) -> Frame | None:
         missing = len(self._payload) - self._filled
@@ -372,7 +376,7 @@ class FrameDecoder:
             with memoryview(self._payload) as payload:
                 payload[self._filled : self._filled + take] = self._pending[:take]
             self._filled += take
-            self._consume(self._pending, take)
+            self._take_pending(take)
             missing -= take
         if missing:
             return None
@@ -393,7 +397,7 @@ class FrameDecoder:
             del self._buffer[: len(piece)]
         elif self._pending:
             piece = self._pending[: self._passing_left]
-            self._consume(self._pending, len(piece))
+            self._take_pending(len(piece))
         else:
             return None
         kind, request_id, flags = self._passing

@@ -795,6 +795,7 @@ class _Rooms:
     def __init__(self, size: int) -> None:
         self.size = size
         self.asked = 0
+        self.in_place = 0
         self.plaintext = bytearray()
         self._room = bytearray()
 
@@ -807,6 +808,7 @@ class _Rooms:
 
     def filled(self, size: int) -> None:
         assert 0 < size <= self.size
+        self.in_place += size
         self.plaintext += self._room[:size]
 
     def received(self, plaintext: memoryview) -> None:
@@ -828,6 +830,7 @@ def test_plaintext_goes_into_the_rooms_offered_whatever_their_size(room_size: in
     agent.receive(ciphertext[:30_000], rooms)  # one record whole, the second cut
     agent.receive(ciphertext[30_000:], rooms)
     assert bytes(rooms.plaintext) == data
+    assert rooms.in_place >= min(room_size, len(data))  # the rooms offered were used
 
 
 def test_the_host_runs_without_credentials_only_when_asked_and_says_so_loudly() -> None:

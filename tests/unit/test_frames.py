@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -228,3 +229,126 @@ def test_a_large_frame_offers_its_payload_for_writing_in_place() -> None:
     frame = decoder.next()
     assert frame == Frame(FrameType.DATA, 3, payload, 1) and room.obj is frame.payload
     assert decoder.next() == Frame(FrameType.EOF, 3, b"", 1)
+
+
+TLS_PASSES = frozenset({FrameType.TLS})
+LARGE = bytes(range(256)) * 80  # 20480 bytes: put together in a buffer of its own
+STREAM = (
+    encode_frame(FrameType.DATA, 1, b"small", 1)
+    + encode_frame(FrameType.DATA, 2, LARGE, 2)
+    + encode_frame(FrameType.TLS, 0, LARGE)
+    + encode_frame(FrameType.TLS, 0, b"")
+    + SYNC_MAGIC
+    + b"n" * 16
+    + encode_frame(FrameType.EOF, 2, b"", 2)
+)
+EXPECTED: list[Frame | Marker] = [
+    Frame(FrameType.DATA, 1, b"small", 1),
+    Frame(FrameType.DATA, 2, LARGE, 2),
+    Frame(FrameType.TLS, 0, LARGE),
+    Frame(FrameType.TLS, 0, b""),
+    Marker(SYNC_MAGIC, b"n" * 16),
+    Frame(FrameType.EOF, 2, b"", 2),
+]
+
+
+def joined(items: list[Frame | Marker]) -> list[Frame | Marker]:
+    """Consecutive pieces of one TLS payload joined (a TLS frame of this stream is empty or LARGE)."""
+    out: list[Frame | Marker] = []
+    for item in items:
+        previous = out[-1] if out else None
+        if (
+            isinstance(item, Frame)
+            and item.type is FrameType.TLS
+            and isinstance(previous, Frame)
+            and previous.type is FrameType.TLS
+            and 0 < len(previous.payload) < len(LARGE)
+        ):
+            out[-1] = Frame(FrameType.TLS, 0, bytes(previous.payload) + bytes(item.payload))
+        else:
+            out.append(item)
+    return out
+
+
+def owned(item: Frame | Marker) -> Frame | Marker:
+    return (
+        Frame(item.type, item.request_id, bytes(item.payload), item.flags)
+        if isinstance(item, Frame)
+        else item
+    )
+
+
+def owned_frames(decoder: FrameDecoder) -> list[Frame | Marker]:
+    """Every frame and marker the decoder gives out now, each with a payload of its own."""
+    out = []
+    while (item := decoder.next()) is not None:
+        out.append(owned(item))
+    return out
+
+
+# Where each item of STREAM starts, and cuts inside each header, payload and marker.
+_STARTS = list(
+    itertools.accumulate(
+        [0]
+        + [
+            len(HEADER_SIZE * b"-" + item.payload)
+            if isinstance(item, Frame)
+            else len(item.magic + item.nonce)
+            for item in EXPECTED
+        ]
+    )
+)
+CUTS = [
+    3,  # inside the first header
+    _STARTS[1] + 5,  # inside the large frame's header
+    _STARTS[1] + 100,  # inside its payload: from here it is put together apart
+    _STARTS[1] + 5000,
+    _STARTS[1] + 10000,
+    _STARTS[2] + 7,  # inside the TLS frame's header
+    _STARTS[2] + 3000,  # inside its payload, which passes through
+    _STARTS[2] + 9000,
+    _STARTS[3] - 50,
+    _STARTS[3] + 8,  # inside the empty TLS frame's header
+    _STARTS[4] + 2,  # inside the marker
+    _STARTS[4] + 20,  # inside its nonce
+    _STARTS[5] + 1,
+]
+PIECES = list(zip([0, *CUTS], [*CUTS, len(STREAM)], strict=True))
+
+
+def test_no_view_of_a_fed_buffer_is_kept_once_next_returned_none() -> None:
+    """The agent's read buffer is free again as soon as the decoder has given out every frame."""
+    decoder = FrameDecoder(1 << 20, pass_through=TLS_PASSES)
+    out: list[Frame | Marker] = []
+    for start, end in PIECES:
+        fed = bytearray(STREAM[start:end])
+        decoder.feed(fed)
+        out += owned_frames(decoder)
+        fed.clear()  # BufferError if the decoder still held a view of it
+    assert joined(out) == EXPECTED
+    assert decoder.buffered == 0
+
+
+def test_feeding_again_before_draining_copies_what_the_first_feed_left() -> None:
+    """A caller may feed again before next() returned None: in every state, nothing is lost."""
+    decoder = FrameDecoder(1 << 20, pass_through=TLS_PASSES)
+    out: list[Frame | Marker] = []
+    # Fed twice before draining: the first header's start (pieces 0, 1), the large frame's
+    # payload being put together (3, 4), the TLS payload passing through (7, 8), the empty
+    # TLS frame's header (9, 10) and the marker's nonce (11, 12).
+    drain_after = {1, 2, 4, 5, 6, 8, 10, 12}
+    previous: bytearray | None = None
+    for index, (start, end) in enumerate(PIECES):
+        piece = bytearray(STREAM[start:end])
+        decoder.feed(piece)
+        if previous is not None:
+            # Reused by the caller, as a read buffer is: the decoder copied what it needed.
+            previous[:] = b"\0" * len(previous)
+        previous = piece
+        if index in drain_after:
+            out += owned_frames(decoder)
+            previous[:] = b"\0" * len(previous)
+            previous = None
+    out += owned_frames(decoder)
+    assert joined(out) == EXPECTED
+    assert decoder.buffered == 0

@@ -235,15 +235,11 @@ class FrameDecoder:
 
     def _keep_pending(self) -> None:
         """Copy what is pending into the decoder's own buffers: the caller may reuse it."""
-        pending, self._pending = self._pending, _NOTHING
         if self._header is not None:
-            take = min(len(pending), len(self._payload) - self._filled)
-            with memoryview(self._payload) as payload:
-                payload[self._filled : self._filled + take] = pending[:take]
-            self._filled += take
-            pending = pending[take:]
-        if pending:
-            self._buffer += pending
+            self._fill_payload()
+        if self._pending:
+            self._buffer += self._pending
+            self._pending = _NOTHING
 
     def clear(self) -> None:
         self._buffer.clear()
@@ -369,16 +365,18 @@ class FrameDecoder:
             self._buffer += self._pending[:take]
             self._take_pending(take)
 
-    def _assembled(self) -> Frame | None:
-        missing = len(self._payload) - self._filled
-        if missing and self._pending:
-            take = min(missing, len(self._pending))
+    def _fill_payload(self) -> None:
+        """Move what is pending, up to the frame's end, into the frame being put together."""
+        take = min(len(self._pending), len(self._payload) - self._filled)
+        if take:
             with memoryview(self._payload) as payload:
                 payload[self._filled : self._filled + take] = self._pending[:take]
             self._filled += take
             self._take_pending(take)
-            missing -= take
-        if missing:
+
+    def _assembled(self) -> Frame | None:
+        self._fill_payload()
+        if self._filled < len(self._payload):
             return None
         assert self._header is not None
         assembled, request_id, flags = self._header

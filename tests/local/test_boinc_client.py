@@ -280,7 +280,13 @@ class RealClient:
         return f"Computation for task {self.result} finished" in self.log()
 
     def result_state(self) -> str:
-        """The result's record in client_state.xml."""
+        """The result's record in client_state.xml, as the client wrote it when it quit.
+
+        A running client writes the file some time after a change (``write_state_file_if_needed``
+        in its poll loop): read before that, the record lacks what the change brought (a CI run
+        read an aborted result without the wrapper's stderr). On quit it writes the file first
+        (``CLIENT_STATE::quit_activities``, client/client_state.cpp)."""
+        assert self.process is not None and self.process.poll() is not None, "read after stop()"
         state = (self.data / "client_state.xml").read_text()
         return state.split("<result>")[1].split("</result>")[0]
 
@@ -358,7 +364,7 @@ def test_the_real_client_runs_the_wrapper_and_suspends_and_resumes_it(data: Path
         wait_for(lambda: process_state(worker) != "T", "the worker to go on")
 
         wait_for(client.finished, "the task's end")
-        result = client.result_state()
+    result = client.result_state()
     log = client.log()
     # Started once, ended with boinc_finish_called: no restart, no error.
     assert log.count("ACTIVE_TASK::start(): forked process") == 1, log
@@ -394,7 +400,7 @@ def test_suspended_after_a_checkpoint_it_is_quit_and_started_again_where_it_was(
         assert not (client.slot / "boinc_finish_called").exists()
         client.task_control("resume")
         wait_for(client.finished, "the task's end")
-        result = client.result_state()
+    result = client.result_state()
     log = client.log()
     assert log.count("ACTIVE_TASK::start(): forked process") == 2, log
     assert "<exit_status>0</exit_status>" in result, result
@@ -418,7 +424,7 @@ def test_aborted_by_the_client_the_wrapper_stops_its_task(data: Path) -> None:
         client.task_control("abort")  # <abort/> (ACTIVE_TASK::request_abort, client/app_control.cpp)
         wait_for(lambda: process_state(worker) in ("gone", "Z"), "the worker's end")
         wait_for(lambda: "task_state=ABORTED" in client.log(), "the wrapper's exit")
-        result = client.result_state()
+    result = client.result_state()
     # The client marks the result aborted (state 6) with EXIT_ABORTED_VIA_GUI (203) whatever the
     # wrapper exits with (ACTIVE_TASK::abort_task); the wrapper's log has the request.
     assert "<state>6</state>" in result and "<exit_status>203</exit_status>" in result, result

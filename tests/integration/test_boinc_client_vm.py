@@ -67,7 +67,7 @@ def test_the_real_client_runs_a_vm_job_and_suspends_and_resumes_the_vm(tmp_path:
         client.task_control("resume")
         wait_for(lambda: vm_state(vm) == "running", "the VM to run again", 120)
         wait_for(client.finished, "the task's end", 300)
-        result = client.result_state()
+    result = client.result_state()
     assert "<exit_status>0</exit_status>" in result, result
     assert client.log().count("ACTIVE_TASK::start(): forked process") == 1
     # The output came out of the guest into the result's file, where the slot's soft link led.

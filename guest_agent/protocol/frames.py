@@ -440,9 +440,7 @@ class FrameDecoder:
         # The rest of a payload being passed through is stale bytes like any others.
         self._passing = None
         self._passing_left = 0
-        if self._pending:
-            self._buffer += self._pending
-            self._pending = _NOTHING
+        self._keep_pending()
         needle = magic if nonce is None else magic + nonce
         at = self._buffer.find(needle)
         if at < 0:

@@ -209,7 +209,7 @@ class FrameDecoder:
         self._payload = bytearray()
         self._filled = 0
         # The frame whose payload is being passed through, its length and how much of it
-        # is still to come.
+        # is still to come (both read only while there is one).
         self._passing: tuple[FrameType, int, int] | None = None
         self._passing_length = 0
         self._passing_left = 0
@@ -247,7 +247,6 @@ class FrameDecoder:
         self._header = None
         self._payload = bytearray()
         self._passing = None
-        self._passing_left = 0
 
     @property
     def buffered(self) -> int:
@@ -439,7 +438,6 @@ class FrameDecoder:
             self._payload = bytearray()
         # The rest of a payload being passed through is stale bytes like any others.
         self._passing = None
-        self._passing_left = 0
         self._keep_pending()
         needle = magic if nonce is None else magic + nonce
         at = self._buffer.find(needle)

@@ -19,6 +19,7 @@ from guest_agent.protocol.frames import (
     Marker,
     decode_json,
     encode_frame,
+    encode_header,
     encode_json,
 )
 
@@ -192,6 +193,33 @@ def test_hunt_finds_a_marker_inside_a_large_frame_being_put_together() -> None:
     decoder.feed(SYNC_MAGIC + nonce + encode_frame(FrameType.HELLO, 0, b"{}"))
     assert decoder.hunt(SYNC_MAGIC) == nonce
     assert decoder.next() == Frame(FrameType.HELLO, 0, b"{}")
+
+
+def test_hunt_searches_the_header_of_a_frame_being_put_together_as_it_came() -> None:
+    """Stale bytes are searched as they arrived, a frame's header too: here a SYNC begins in
+    its last byte (the CRC's, 0xFF with this request id) and goes on in the payload."""
+    nonce = b"k" * 16
+    header = next(
+        h for i in range(256, 70_000) if (h := encode_header(FrameType.DATA, i, 100_000, 2))[-1] == 0xFF
+    )
+    decoder = FrameDecoder(1 << 20)
+    decoder.feed(header + SYNC_MAGIC[1:] + nonce + b"z" * 20_000)
+    assert decoder.next() is None  # now being put together apart
+    assert decoder.hunt(SYNC_MAGIC) == nonce
+
+
+def test_hunt_finds_a_marker_kept_after_a_frame_being_put_together() -> None:
+    """Fed again before draining: the frame's end and a SYNC after it were kept; all but the
+    SYNC is stale."""
+    decoder = FrameDecoder(1 << 20)
+    nonce = b"k" * 16
+    wire = encode_frame(FrameType.DATA, 3, b"z" * 100_000)
+    decoder.feed(wire[:30_000])
+    assert decoder.next() is None  # now being put together apart
+    decoder.feed(wire[30_000:] + SYNC_MAGIC + nonce)
+    decoder.feed(encode_frame(FrameType.HELLO, 0, b"{}"))
+    assert decoder.hunt(SYNC_MAGIC) == nonce
+    assert decoder.next() == Frame(FrameType.HELLO, 0, b"{}") and decoder.next() is None
 
 
 def test_tls_frames_pass_through_as_views_of_the_bytes_read() -> None:

@@ -192,7 +192,6 @@ class GuestClient:
         self._handshaken = False
         #: Set by connect(): reconnects the transport, with backoff, whenever it is lost.
         self._service: ClientService | None = None
-        self._closing = False
         #: Why the last connection attempt failed, for the error of a connect() that gives up.
         self.last_connect_error: BaseException | None = None
         self._sync_timer: IDelayedCall | None = None
@@ -338,7 +337,7 @@ class GuestClient:
         self._transport = None
         self._stop_sync_timer()
         self._stop_liveness()
-        reconnecting = self._service is not None and not self._closing and self._closed is None
+        reconnecting = self._service is not None and self._closed is None
         error = self._closed or ConnectionLost(
             f"the channel to the agent closed: {reason.getErrorMessage()}; what was in flight has an "
             "unknown outcome in the guest" + ("; reconnecting" if reconnecting else ""))
@@ -739,7 +738,6 @@ class GuestClient:
         Close the channel and stop reconnecting; what is in flight, and what waits for a
         session, fails with :class:`ConnectionLost`.  Fires once the channel is closed.
         """
-        self._closing = True
         self._stop_sync_timer()
         self._stop_liveness()
         self._deadlines.stop()

@@ -157,8 +157,9 @@ def test_transport_loss_fails_everything_clearly() -> None:
     gate = Gate()
     link = InMemoryLink({"wait": gate})
     pending = call(link, "wait")
-    link.client.close()
+    closed = link.client.close()
     link.flush()
+    assert result_of(closed) is None  # fired: the channel is closed
     assert isinstance(error_of(pending), ConnectionLost)
     assert gate.cancelled == [{"reason": "the host disconnected"}]
     later = Deferred.fromCoroutine(link.client.call("wait"))

@@ -128,8 +128,10 @@ def test_close_stops_reconnecting_and_fails_what_waits(controller: Controller) -
     controller.endpoint.down = True
     controller.endpoint.drop()
     waiting = client.ping()
+    ready = Deferred.fromCoroutine(client.wait_ready())
     client.close()
-    assert isinstance(outcome(waiting), ConnectionLost)
+    for error in (outcome(waiting), outcome(ready)):
+        assert isinstance(error, ConnectionLost) and str(error) == "the client was closed"
     attempts = controller.endpoint.attempts
     controller.endpoint.down = False
     controller.wait_out_backoff()

@@ -423,7 +423,9 @@ class GuestClient:
                 timer.cancel()
             slots.release()
         for request in pending.values():
-            request.result.errback(Failure(error))
+            # An errback of one may have cancelled another (a caller's cleanup).
+            if not request.result.called:
+                request.result.errback(Failure(error))
         self._link.fail_all(error)
 
     def _fire_ready(self, error: BaseException | None) -> None:
@@ -859,9 +861,13 @@ async def _connect(
     try:
         await Deferred.fromCoroutine(client.wait_ready()).addTimeout(timeout, reactor)
     except (CancelledError, DeferredTimeoutError):
+        # Read before closing: the loss of a connection close() ends is not the agent's doing.
+        last_error, silent = client.last_connect_error, client._transport is not None
         await client.close()
-        last_error = client.last_connect_error
-        why = f" (last error: {last_error})" if last_error else ""
+        if silent:
+            why = " (a connection was open, but nothing answered on it)"
+        else:
+            why = f" (last error: {last_error})" if last_error else ""
         raise AgentUnreachable(
             f"no agent answered within {timeout:g} s{why}: check that the guest has booted and that "
             "the vmcontroller-agent service runs in it (journalctl -u vmcontroller-agent)"

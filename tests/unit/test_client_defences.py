@@ -21,7 +21,7 @@ from guest_agent.protocol.errors import (
     ProtocolError,
     UnsupportedProtocolVersion,
 )
-from guest_agent.protocol.frames import Channel, FrameType, encode_frame
+from guest_agent.protocol.frames import RESET_MARKER, Channel, FrameType, encode_frame
 from guest_agent.session import OperationContext
 from vmcontroller._exec import ExecResult
 from vmcontroller.client import GuestClient, _AgentProtocol
@@ -252,9 +252,23 @@ def test_the_agent_rejecting_the_session_fails_what_is_in_flight() -> None:
             encode_frame(FrameType.ERROR, 0, b'{"code":"protocol-violation","message":"m"}')
         )
     link.flush()
-    assert str(error_of(pending)) == "m"
-    assert any("Agent rejected the session" in e["log_format"] for e in events)
+    error = error_of(pending)
+    assert str(error) == "m"
+    assert [e["error"] for e in events if e["log_format"] == "Agent rejected the session: {error}"] == [error]
     assert result_of(call(link, "echo", {"again": 2})) == {"again": 2}
+
+
+def test_an_agent_that_restarts_fails_what_is_in_flight_saying_so() -> None:
+    gate = Gate()
+    link = InMemoryLink({"wait": gate, "echo": lambda ctx: ctx.args})
+    pending = call(link, "wait")
+    link.client._data_received(RESET_MARKER)
+    link.flush()
+    error = error_of(pending)
+    assert isinstance(error, ConnectionLost) and str(error) == (
+        "the agent restarted: operations in flight were abandoned and their outcome in the guest is "
+        "unknown; retry them")
+    assert result_of(call(link, "echo", {"again": 3})) == {"again": 3}  # in a new session
 
 
 def test_notifications_reach_every_observer_even_one_that_leaves() -> None:

@@ -605,6 +605,23 @@ def test_a_silent_agent_without_a_call_timeout_is_dropped_after_twice_the_interv
     assert isinstance(error_of(waiting), ProtocolError)
 
 
+def test_a_silent_agent_gets_one_probe_at_a_time() -> None:
+    ping = CountingPing(silent=True)
+    link = InMemoryLink({"ping": ping, "exec": Silent(ignore_cancel=True)},
+                        host_limits=ClientLimits(liveness_interval=60, call_timeout=150))
+    link.flush()
+    running = link.client.run(["sleep", "1000"])  # no call timeout: it streams
+    for _ in range(3):  # 60 s: the probe; 120 and 180 s: it is still out
+        link.clock.advance(60)
+        link.flush()
+    assert ping.calls == 1 and link.client._transport is not None
+    with capturedLogs() as logs:
+        link.clock.advance(30)  # the probe's timeout is the call timeout
+        dropped(link, logs, "the agent sent nothing for 60 s while 1 operations waited on it, and did not "
+                            "answer a ping within 150 s (the limit liveness_interval)")
+    assert isinstance(error_of(running), ProtocolError)
+
+
 def test_an_agent_that_answers_is_pinged_once_per_silent_interval() -> None:
     ping = CountingPing(silent=False)
     link = InMemoryLink({"ping": ping, "exec": Silent(ignore_cancel=False)},
@@ -671,6 +688,26 @@ def test_what_waits_for_a_session_fails_with_the_reason_the_agent_was_dropped() 
     client._data_received(encode_header(FrameType.RESPONSE, 1, 0))
     error = error_of(waiting)
     assert isinstance(error, ProtocolError) and str(error) == "expected HELLO from the agent, got RESPONSE"
+
+
+def test_a_waiter_cancelled_by_another_as_the_handshake_fails_is_left_alone() -> None:
+    """(A waiter has no canceller: Twisted's cancel then absorbs the errback that follows.)"""
+    client = GuestClient(Clock(), authenticator=None)
+    transport = StringTransport()
+    transport.registerProducer(SendGate(client._link), True)
+    client._transport_connected(transport)
+    nonce = transport.value()[len(SYNC_MAGIC):]
+    first, second = Deferred.fromCoroutine(client.wait_ready()), Deferred.fromCoroutine(client.wait_ready())
+
+    def clean_up(failure: Failure) -> Failure:  # a caller's
+        second.cancel()
+        return failure
+
+    first.addErrback(clean_up)
+    client._data_received(ACK_MAGIC + nonce)
+    client._data_received(encode_header(FrameType.RESPONSE, 1, 0))
+    assert isinstance(error_of(first), ProtocolError)
+    assert isinstance(error_of(second), CancelledError)
 
 
 def test_the_host_names_its_software_in_its_hello() -> None:

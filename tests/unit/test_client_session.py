@@ -15,12 +15,14 @@ from guest_agent.protocol.errors import (
     ConnectionLost,
     FrameTooLarge,
     InternalError,
+    OperationTimeout,
+    ProtocolError,
     UnknownOperation,
     UnsupportedProtocolVersion,
 )
 from guest_agent.protocol.frames import SYNC_MAGIC, FrameType, encode_frame
 from guest_agent.session import OperationContext
-from vmcontroller.client import SYNC_RETRY_INTERVAL, GuestClient, connect
+from vmcontroller.client import SYNC_RETRY_INTERVAL, ClientLimits, GuestClient, connect
 from vmcontroller.errors import AuthenticationFailed, CredentialsUnavailable
 from vmcontroller.testing import InMemoryLink, paired_authenticators
 
@@ -164,6 +166,48 @@ def test_transport_loss_fails_everything_clearly() -> None:
     assert gate.cancelled == [{"reason": "the host disconnected"}]
     later = Deferred.fromCoroutine(link.client.call("wait"))
     assert isinstance(error_of(later), ConnectionLost)
+
+
+def test_ended_requests_leave_nothing_behind() -> None:
+    """A session may run for days: no request is kept once it is answered, failed, cancelled
+    or past its deadline."""
+    gate = Gate()
+    link = InMemoryLink({"echo": echo, "broken": broken, "wait": gate},
+                        host_limits=ClientLimits(call_timeout=10, cancel_grace=1000))
+    answered, failed, cancelled = call(link, "echo", {"a": 1}), call(link, "broken"), call(link, "wait")
+    cancelled.cancel()
+    assert not link.client._link._io  # its streams let go at once, before the agent's answer
+    timed_out = call(link, "wait")
+    link.clock.advance(10)
+    link.flush()
+    for waiting in gate.waiting:  # the agent answers the cancelled requests
+        waiting.callback(None)
+    link.flush()
+    link.clock.advance(10)  # the deadlines' timer goes round again
+    assert result_of(answered) == {"a": 1}
+    assert isinstance(error_of(failed), InternalError)
+    assert isinstance(error_of(cancelled), CancelledError)
+    assert isinstance(error_of(timed_out), OperationTimeout)
+    assert len(gate.cancelled) == 2
+    client = link.client
+    assert not client._pending and not client._cancelled and not client._link._io
+    assert not client._deadlines._due and not client._deadlines._expired
+
+
+def test_a_request_cancelled_while_the_session_fails_fails_like_the_others() -> None:
+    """Cancelling another request from an errback as the session fails (a caller's cleanup)."""
+    gate = Gate()
+    link = InMemoryLink({"wait": gate})
+    first, second = call(link, "wait"), call(link, "wait")
+
+    def clean_up(failure: Failure) -> Failure:
+        second.cancel()
+        return failure
+
+    first.addErrback(clean_up)
+    link.client._drop(ProtocolError("the agent misbehaved"))
+    assert isinstance(error_of(first), ProtocolError)
+    assert isinstance(error_of(second), CancelledError)
 
 
 def test_retry_from_an_errback_waits_for_the_new_session() -> None:

@@ -12,10 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone, ProcessDone
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.python.failure import Failure
 from twisted.test import iosim
+from zope.interface import implementer
 
 from guest_agent.ops import OPERATIONS
 from guest_agent.ops import exec as agent_exec
@@ -149,6 +154,54 @@ def test_connect_gives_up_after_its_timeout_with_the_last_error(controller: Cont
     attempts = controller.endpoint.attempts
     controller.wait_out_backoff()
     assert controller.endpoint.attempts == attempts  # nothing retries after giving up
+
+
+@implementer(IStreamClientEndpoint)
+class SilentPorts:
+    """
+    An endpoint whose connections are accepted and then say nothing, as a guest's port with
+    no agent behind it; the test closes them (an agent that refuses a second host does).
+    """
+
+    def __init__(self) -> None:
+        self.protocols: list[IProtocol] = []
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
+        assert protocol is not None
+        transport = StringTransportWithDisconnection()
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        self.protocols.append(protocol)
+        return succeed(protocol)
+
+
+def test_connect_that_gives_up_names_a_channel_closed_before_the_handshake() -> None:
+    clock, ports = Clock(), SilentPorts()
+    connecting = connect(clock, ports, credentials=minted()[0], timeout=5)
+    closed = 0
+    for _ in range(60):  # each attempt is closed at once, past the deadline
+        for protocol in ports.protocols[closed:]:
+            protocol.connectionLost(Failure(ConnectionDone("closed by the guest")))
+        closed = len(ports.protocols)
+        clock.advance(0.1)
+    error = outcome(connecting)
+    assert closed >= 2
+    assert isinstance(error, AgentUnreachable)
+    lost = "the channel to the agent closed: Connection was closed cleanly: closed by the guest."
+    assert f"(last error: {lost}" in str(error), error
+
+
+def test_connect_that_gives_up_on_a_silent_connection_says_so() -> None:
+    """Not "the channel closed": connect() closed it, and the agent's silence is what matters."""
+    clock, ports = Clock(), SilentPorts()
+    connecting = connect(clock, ports, credentials=minted()[0], timeout=5)
+    clock.advance(5)
+    error = outcome(connecting)
+    assert len(ports.protocols) == 1
+    assert isinstance(error, AgentUnreachable)
+    assert str(error).startswith(
+        "no agent answered within 5 s (a connection was open, but nothing answered on it): check"), error
 
 
 def test_an_agent_without_a_common_version_is_not_retried(controller: Controller) -> None:

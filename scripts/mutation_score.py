@@ -49,6 +49,12 @@ def main() -> int:
     for name in alive:
         note = f"  (equivalent: {equivalent[name]})" if name in equivalent else ""
         print(f"  {status[name]:<10} {name}{note}")
+    # A name is kept only while its function's source is unchanged: a changed function
+    # renumbers its mutants, and its judgements must be made again.
+    for name in sorted(equivalent):
+        if name not in status or status[name] in KILLED:
+            why = "no such mutant now" if name not in status else "killed"
+            print(f"  stale      {name}  (judged equivalent, but {why}: judge its function again)")
     return 0
 
 

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.local.test_wrapper_host import PUT_WHOLE
+
 BOINC = shutil.which("boinc")
 BOINCCMD = shutil.which("boinccmd")
 needs_boinc = pytest.mark.skipif(
@@ -69,7 +71,8 @@ if sys.argv[1:2] == ["burn"]:
     print("burnt", flush=True)
     sys.exit(0)
 steps = int(sys.stdin.read())
-open("worker.pid", "w").write(str(os.getpid()))
+""" + PUT_WHOLE + """\
+put("worker.pid", str(os.getpid()))
 done = int(open("worker.ckpt").read()) if os.path.exists("worker.ckpt") else 0
 while done < steps:
     start = time.process_time()
@@ -78,8 +81,8 @@ while done < steps:
     time.sleep(0.1)
     done += 1
     print("step", done, flush=True)
-    open("worker.ckpt", "w").write(str(done))
-    open("progress", "w").write(str(done / steps))
+    put("worker.ckpt", str(done))
+    put("progress", str(done / steps))
 """
 
 

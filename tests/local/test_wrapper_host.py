@@ -20,17 +20,25 @@ from vmcontroller import boinc
 
 # A BOINC-style application: counts to STEPS, one step per 0.1 s, writing its fraction done,
 # keeping a checkpoint file so that a restart resumes where it was, and its pid.
+# Its files are written whole or not at all: the tests and a restarted worker read them.
+PUT_WHOLE = """\
+def put(name, text):
+    with open(name + ".new", "w") as f:
+        f.write(text)
+    os.replace(name + ".new", name)
+"""
 WORKER = """\
 import os, sys, time
 steps = int(sys.argv[1])
-open("worker.pid", "w").write(str(os.getpid()))
+""" + PUT_WHOLE + """\
+put("worker.pid", str(os.getpid()))
 done = int(open("worker.ckpt").read()) if os.path.exists("worker.ckpt") else 0
 while done < steps:
     time.sleep(0.1)
     done += 1
     print("step", done, flush=True)
-    open("worker.ckpt", "w").write(str(done))
-    open("progress", "w").write(str(done / steps))
+    put("worker.ckpt", str(done))
+    put("progress", str(done / steps))
 """
 
 

@@ -864,10 +864,9 @@ async def _connect(
         # Read before closing: the loss of a connection close() ends is not the agent's doing.
         last_error, silent = client.last_connect_error, client._transport is not None
         await client.close()
-        if silent:
-            why = " (a connection was open, but nothing answered on it)"
-        else:
-            why = f" (last error: {last_error})" if last_error else ""
+        seen = ["a connection was open, but nothing answered on it"] if silent else []
+        seen += [f"last error: {last_error}"] if last_error else []
+        why = f" ({'; '.join(seen)})" if seen else ""
         raise AgentUnreachable(
             f"no agent answered within {timeout:g} s{why}: check that the guest has booted and that "
             "the vmcontroller-agent service runs in it (journalctl -u vmcontroller-agent)"

@@ -196,12 +196,14 @@ def test_connect_that_gives_up_on_a_silent_connection_says_so() -> None:
     """Not "the channel closed": connect() closed it, and the agent's silence is what matters."""
     clock, ports = Clock(), SilentPorts()
     connecting = connect(clock, ports, credentials=minted()[0], timeout=5)
-    clock.advance(5)
+    ports.protocols[0].connectionLost(Failure(ConnectionDone("closed by the guest")))
+    clock.advance(5)  # the next attempt is accepted and stays silent
     error = outcome(connecting)
-    assert len(ports.protocols) == 1
+    assert len(ports.protocols) == 2
     assert isinstance(error, AgentUnreachable)
     assert str(error).startswith(
-        "no agent answered within 5 s (a connection was open, but nothing answered on it): check"), error
+        "no agent answered within 5 s (a connection was open, but nothing answered on it; last error: the "
+        "channel to the agent closed: Connection was closed cleanly: closed by the guest."), error
 
 
 def test_an_agent_without_a_common_version_is_not_retried(controller: Controller) -> None:

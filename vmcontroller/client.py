@@ -188,11 +188,10 @@ class GuestClient:
         self._transport: ITransport | None = None
         self._pending: dict[int, _Pending] = {}
         self._ready_waiters: list[Deferred[None]] = []
-        #: The current transport has carried a session: if not, its loss is a failed attempt.
-        self._handshaken = False
         #: Set by connect(): reconnects the transport, with backoff, whenever it is lost.
         self._service: ClientService | None = None
-        #: Why the last connection attempt failed, for the error of a connect() that gives up.
+        #: Why the last connection attempt failed or the last connection ended, for the error
+        #: of a connect() that gives up.
         self.last_connect_error: BaseException | None = None
         self._sync_timer: IDelayedCall | None = None
         self._closed: BaseException | None = None
@@ -229,7 +228,6 @@ class GuestClient:
 
     def _transport_connected(self, transport: ITransport) -> None:
         self._transport = transport
-        self._handshaken = False
         self._resync()
 
     def _resync(self) -> None:
@@ -341,8 +339,7 @@ class GuestClient:
         error = self._closed or ConnectionLost(
             f"the channel to the agent closed: {reason.getErrorMessage()}; what was in flight has an "
             "unknown outcome in the guest" + ("; reconnecting" if reconnecting else ""))
-        if not self._handshaken:
-            self.last_connect_error = error
+        self.last_connect_error = error
         # In flight: failed at once.  Later operations wait for the next session, unless
         # nothing will reconnect.
         self._fail_pending(error)
@@ -364,7 +361,6 @@ class GuestClient:
         # One semaphore across sessions: callers waiting on it keep their place.
         if self._slots is None or self._slots.limit != max_inflight:
             self._slots = DeferredSemaphore(max_inflight)
-        self._handshaken = True
         interval = self.client_limits.liveness_interval
         if interval is not None and self._liveness is None:
             self._liveness = LoopingCall(self._check_liveness, interval)
@@ -799,9 +795,7 @@ class _AttemptEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         def failed(reason: Failure) -> Failure:
-            # A cancelled attempt (the deadline, or close()) says nothing about the channel.
-            if not reason.check(CancelledError):
-                self._client.last_connect_error = reason.value
+            self._client.last_connect_error = reason.value
             return reason
 
         found = maybeDeferred(self._find)

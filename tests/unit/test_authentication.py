@@ -333,6 +333,7 @@ def test_agent_of_another_vm_is_refused_by_the_host() -> None:
         "the agent presented a certificate that is not the one pinned for this VM (self-signed certificate): "
         "it is another VM's, stale, or not ours"
     )
+    assert not host.authenticated and host.tls_cipher is None and not host.is_open
     assert str(refused_by_agent(agent_events)) == (
         "TLS handshake with the host failed: the host does not accept this end's certificate (credentials "
         "of another VM, or stale ones: rotate them) (TLSV1_ALERT_UNKNOWN_CA)"
@@ -865,3 +866,12 @@ def test_tls_frames_larger_than_four_records_are_refused_before_their_payload() 
     )
     with pytest.raises(FrameTooLarge):
         host.receive_data(too_large)
+
+
+def test_the_agent_s_cipher_order_decides_and_no_session_is_resumable() -> None:
+    # The server's order decides, which prefer_chacha_without_aes (guest_agent/__main__.py)
+    # relies on in a guest without AES instructions; no ticket, so every session proves both keys.
+    assert AGENT.context.options & ssl.OP_CIPHER_SERVER_PREFERENCE
+    assert AGENT.context.num_tickets == 0
+    for end in (HOST, AGENT):
+        assert end.context.options & ssl.OP_NO_TICKET

@@ -605,6 +605,21 @@ def test_a_silent_agent_without_a_call_timeout_is_dropped_after_twice_the_interv
     assert isinstance(error_of(waiting), ProtocolError)
 
 
+def test_without_a_liveness_interval_a_silent_agent_is_never_pinged() -> None:
+    ping = CountingPing(silent=False)
+    link = InMemoryLink({"ping": ping, "exec": Silent(ignore_cancel=False)},
+                        host_limits=ClientLimits(liveness_interval=None, call_timeout=None))
+    link.flush()
+    running = link.client.run(["sleep", "1000"])
+    for _ in range(10):
+        link.clock.advance(600)
+        link.flush()
+    assert ping.calls == 0 and link.client.connected and not running.called
+    running.cancel()
+    running.addErrback(lambda _: None)
+    link.flush()
+
+
 def test_a_silent_agent_gets_one_probe_at_a_time() -> None:
     ping = CountingPing(silent=True)
     link = InMemoryLink({"ping": ping, "exec": Silent(ignore_cancel=True)},

@@ -20,9 +20,9 @@ from guest_agent.protocol.errors import (
     UnknownOperation,
     UnsupportedProtocolVersion,
 )
-from guest_agent.protocol.frames import SYNC_MAGIC, FrameType, encode_frame
+from guest_agent.protocol.frames import SYNC_MAGIC, Channel, FrameType, encode_frame
 from guest_agent.session import OperationContext
-from vmcontroller.client import SYNC_RETRY_INTERVAL, ClientLimits, GuestClient, connect
+from vmcontroller.client import SYNC_RETRY_INTERVAL, ClientLimits, GuestClient, _AgentProtocol, connect
 from vmcontroller.errors import AuthenticationFailed, CredentialsUnavailable
 from vmcontroller.testing import InMemoryLink, paired_authenticators
 
@@ -153,6 +153,28 @@ def test_requests_queue_under_the_agents_limit() -> None:
         gate.waiting.pop(0).callback(None)
         link.flush()
     assert [result_of(d) for d in calls] == ["opened"] * 5
+
+
+def test_the_streams_of_an_ended_request_say_so() -> None:
+    link = InMemoryLink({"echo": echo})
+    opened = Deferred.fromCoroutine(link.client.open_request("echo", {"a": 1}))
+    link.flush()
+    io, result = result_of(opened)
+    assert result_of(result) == {"a": 1}
+    error = error_of(Deferred.fromCoroutine(io.send(Channel.INPUT, b"late")))
+    assert isinstance(error, ConnectionLost) and str(error) == "the request already ended"
+
+
+def test_a_full_transport_holds_stream_data_back_until_it_drains() -> None:
+    client = GuestClient(Clock(), authenticator=None)
+    transport = StringTransport()
+    _AgentProtocol(client).makeConnection(transport)
+    assert transport.producer is not None
+    transport.producer.pauseProducing()
+    writable = Deferred.fromCoroutine(client._link.writable())
+    assert not writable.called
+    transport.producer.resumeProducing()
+    assert writable.called
 
 
 def test_transport_loss_fails_everything_clearly() -> None:

@@ -105,6 +105,19 @@ def test_connect_gives_up_at_its_deadline_naming_the_last_error() -> None:
     )
 
 
+def test_a_long_outage_is_retried_at_most_the_maximum_delay_apart() -> None:
+    """A guest that takes minutes to come back is found within RECONNECT_MAX_DELAY (plus the
+    backoff's jitter, under a second) of its return."""
+    clock = Clock()
+    endpoint = ScriptedEndpoint(clock, [ConnectionRefusedError("nobody listens")])
+    d = connect(clock, endpoint, credentials=HOST_END, timeout=300)  # type: ignore[arg-type]
+    clock.pump([0.25] * 1200)
+    assert isinstance(error_of(d), AgentUnreachable)
+    gaps = [b - a for a, b in zip(endpoint.attempts, endpoint.attempts[1:], strict=False)]
+    assert gaps[0] < CONNECT_RETRY_INTERVAL + 1
+    assert RECONNECT_MAX_DELAY <= max(gaps) <= RECONNECT_MAX_DELAY + 1
+
+
 def test_connect_stops_waiting_for_an_endpoint_that_hangs() -> None:
     clock = Clock()
     clock.advance(100)

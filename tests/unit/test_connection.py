@@ -34,7 +34,7 @@ from guest_agent.protocol.errors import (
     TooManyRequests,
     UnsupportedProtocolVersion,
 )
-from guest_agent.protocol.frames import Channel, FrameType, encode_frame
+from guest_agent.protocol.frames import ACK_MAGIC, Channel, FrameType, encode_frame
 
 
 def handshake(host: HostConnection, agent: AgentConnection) -> None:
@@ -216,6 +216,8 @@ def test_agent_restart_resets_host_session() -> None:
     restarted.announce_restart()
     (event,) = host.receive_data(restarted.data_to_send())
     assert isinstance(event, SessionReset) and not host.is_open and host.open_requests == 0
+    # Nothing more is read until the host starts a new session.
+    assert host.receive_data(ACK_MAGIC + b"n" * 16 + encode_frame(FrameType.HELLO, 0, b"{}")) == []
 
 
 def test_new_sync_mid_session_resets_agent() -> None:

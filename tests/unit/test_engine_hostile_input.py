@@ -85,6 +85,9 @@ def test_a_hostile_host_hello_is_refused_and_the_agent_hunts_again(payload: byte
     events = agent.receive_data(encode_frame(FrameType.HELLO, 0, payload))
     assert [type(e) for e in events] == [ProtocolFailure]
     assert b"protocol-violation" in agent.data_to_send() and not agent.is_open
+    # Hunting: what the host sends until its next SYNC is stale, and skipped without a word.
+    assert agent.receive_data(encode_frame(FrameType.HELLO, 0, payload)) == []
+    assert agent.data_to_send() == b""
 
 
 def test_deeply_nested_json_in_a_session_is_our_error_on_both_ends() -> None:

@@ -777,8 +777,10 @@ def test_the_agent_announces_pty_and_an_agent_without_it_is_refused(pty_exec: Pt
 
 
 def test_a_pty_exec_is_not_retained(pty_exec: PtyExec, tmp_path: Any) -> None:
-    with pytest.raises(BadRequest, match="exec_id or pty"):
+    with pytest.raises(BadRequest) as refused_on_the_host:
         pty_exec.link.client.exec(["sh"], exec_id="s1", pty=Terminal())
+    message = "a command on a pty cannot be retained: give exec_id or pty, not both"
+    assert str(refused_on_the_host.value) == message
     registry = CommandRegistry(str(tmp_path / "spool"))
     link = InMemoryLink(registry.operations(), agent_reactor=pty_exec.reactor)
     link.flush()

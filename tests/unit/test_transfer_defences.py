@@ -1039,3 +1039,46 @@ def test_a_rename_error_the_agent_has_no_words_for_keeps_the_systems(tmp_path: P
     assert type(error) is AgentOSError
     assert error.message == f"cannot write {target}: EXDEV: Invalid cross-device link"
     assert os.listdir(tmp_path) == []
+
+
+def test_a_resumed_push_to_an_agent_that_keeps_nothing_is_refused(tmp_path: Path) -> None:
+    """An agent serving push without PartialUploads holds no partial push: an offset is refused."""
+    link = InMemoryLink(OPERATIONS)
+    args = {"path": str(tmp_path / "f"), "transfer_id": "t1", "offset": 4, "size": 6}
+    error = error_of(start(link, raw_push(link, args, b"ef", {"sha256": sha(b"abcdef"), "size": 6})))
+    assert isinstance(error, IncompleteTransfer) and "the agent holds nothing" in str(error)
+    assert os.listdir(tmp_path) == []
+
+
+def test_two_dropped_pushes_with_one_transfer_id_hold_one_file(tmp_path: Path) -> None:
+    """A host that reuses a transfer id at once: the agent holds the later push only."""
+    agent = ResumingAgent()
+    before = open_descriptors()
+
+    async def two_pushes() -> None:
+        for data in (b"first", b"second"):
+            stream, result = await agent.link.client.open_request(
+                "push", {"path": str(tmp_path / "f"), "mode": None, "size": None, "transfer_id": "t1"})
+            await stream.send(Channel.INPUT, data)
+            result.addErrback(lambda _: None)
+
+    start(agent.link, two_pushes())
+    agent.link.client.close()
+    agent.link.flush()
+    agent.link = InMemoryLink(agent.operations)
+    assert agent.offset("t1") == {"offset": 6, "sha256": sha(b"second"), "path": str(tmp_path / "f")}
+    assert open_descriptors() == before + 1  # the first push's file was closed
+
+
+def test_a_push_whose_rename_fails_names_the_destination_not_the_temp_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_rename(source: str, destination: str) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", source)
+
+    monkeypatch.setattr(files.os, "rename", failing_rename)
+    link = InMemoryLink(OPERATIONS)
+    target = tmp_path / "f"
+    trailer = {"sha256": sha(b"abc"), "size": 3}
+    error = error_of(start(link, raw_push(link, {"path": str(target)}, b"abc", trailer)))
+    assert str(target) in str(error) and files.TEMP_SUFFIX not in str(error), error
+    assert os.listdir(tmp_path) == []

@@ -250,12 +250,20 @@ def test_a_push_resumes_from_the_agent_s_verified_offset_after_a_dropped_channel
     assert list(tmp_path.glob(".pushed.bin.*")) == []
 
 
+async def hostile_push_offset(ctx: OperationContext) -> Any:
+    return ["not", "a", "dict"]
+
+
+@pytest.mark.parametrize("push_offset", [None, hostile_push_offset])
 def test_a_push_whose_held_part_does_not_match_fails_with_a_clear_error(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, push_offset: Any) -> None:
+    """The agent holds something else, or says what it holds in a shape that means nothing."""
     controller = Controller(monkeypatch, tmp_path / "spool")
     uploads = PartialUploads()
-    controller.endpoint = InMemoryAgentEndpoint({**OPERATIONS, **uploads.operations()},
-                                                agent_reactor=controller.agent_reactor)
+    operations = {**OPERATIONS, **uploads.operations()}
+    if push_offset is not None:
+        operations["push_offset"] = push_offset
+    controller.endpoint = InMemoryAgentEndpoint(operations, agent_reactor=controller.agent_reactor)
     client = controller.connect(timeout=10)
     source = tmp_path / "source.bin"
     source.write_bytes(os.urandom(8 * 1024 * 1024))

@@ -30,6 +30,7 @@ from guest_agent.protocol.connection import Limits
 from guest_agent.protocol.errors import (
     AgentOSError,
     BadRequest,
+    ConnectionLost,
     IncompleteTransfer,
     IntegrityError,
     IsADirectory,
@@ -1082,3 +1083,19 @@ def test_a_push_whose_rename_fails_names_the_destination_not_the_temp_file(
     error = error_of(start(link, raw_push(link, {"path": str(target)}, b"abc", trailer)))
     assert str(target) in str(error) and files.TEMP_SUFFIX not in str(error), error
     assert os.listdir(tmp_path) == []
+
+
+def test_a_push_whose_channel_drops_before_the_answer_says_so() -> None:
+    """Without reconnection: every byte was sent, the agent's answer never came."""
+
+    async def swallowing(ctx: OperationContext) -> Any:
+        while await ctx.io.receive(Channel.INPUT) is not None:
+            pass
+        await Deferred()  # the channel drops first
+
+    link = InMemoryLink({"push": swallowing})
+    pushing = start(link, link.client.push(io.BytesIO(b"hello"), "/g/f"))
+    link.pump.clientIO.loseConnection()
+    link.flush()
+    error = error_of(pushing)
+    assert isinstance(error, ConnectionLost) and "the channel to the agent closed" in str(error), error

@@ -871,7 +871,9 @@ def test_tls_frames_larger_than_four_records_are_refused_before_their_payload() 
 def test_the_agent_s_cipher_order_decides_and_no_session_is_resumable() -> None:
     # The server's order decides, which prefer_chacha_without_aes (guest_agent/__main__.py)
     # relies on in a guest without AES instructions; no ticket, so every session proves both keys.
-    assert AGENT.context.options & ssl.OP_CIPHER_SERVER_PREFERENCE
-    assert AGENT.context.num_tickets == 0
-    for end in (HOST, AGENT):
+    agent = Authenticator.from_credentials(AGENT_CREDENTIALS, server_side=True)
+    host = Authenticator.from_credentials(HOST_CREDENTIALS, server_side=False)
+    assert agent.context.options & ssl.OP_CIPHER_SERVER_PREFERENCE
+    assert agent.context.num_tickets == 0
+    for end in (host, agent):
         assert end.context.options & ssl.OP_NO_TICKET

@@ -111,11 +111,12 @@ def test_a_long_outage_is_retried_at_most_the_maximum_delay_apart() -> None:
     clock = Clock()
     endpoint = ScriptedEndpoint(clock, [ConnectionRefusedError("nobody listens")])
     d = connect(clock, endpoint, credentials=HOST_END, timeout=300)  # type: ignore[arg-type]
-    clock.pump([0.25] * 1200)
+    step = 0.25  # an attempt is seen up to a step late
+    clock.pump([step] * 1200)
     assert isinstance(error_of(d), AgentUnreachable)
     gaps = [b - a for a, b in zip(endpoint.attempts, endpoint.attempts[1:], strict=False)]
-    assert gaps[0] < CONNECT_RETRY_INTERVAL + 1
-    assert RECONNECT_MAX_DELAY <= max(gaps) <= RECONNECT_MAX_DELAY + 1
+    assert gaps[0] <= CONNECT_RETRY_INTERVAL + 1 + step
+    assert RECONNECT_MAX_DELAY <= max(gaps) <= RECONNECT_MAX_DELAY + 1 + step
 
 
 def test_connect_stops_waiting_for_an_endpoint_that_hangs() -> None:

@@ -26,6 +26,7 @@ from guest_agent.ops import OPERATIONS
 from guest_agent.ops import exec as agent_exec
 from guest_agent.ops.commands import CommandRegistry
 from guest_agent.ops.files import PartialUploads
+from guest_agent.protocol.connection import Limits
 from guest_agent.session import OperationContext
 from tests.unit.test_exec_ops import FakeProcessReactor, fake_session_spawns, outcome
 from vmcontroller import testing
@@ -126,6 +127,36 @@ def test_a_retained_command_is_collected_over_the_reconnected_client(controller:
     controller.endpoint.flush()
     result = outcome(attached.result())
     assert (result.stdout, result.exit_code) == (b"one two", 0)
+
+
+def test_callers_waiting_for_a_slot_keep_their_place_across_a_reconnection(controller: Controller) -> None:
+    """One slot (the agent's max_inflight): the caller that waited for it goes before a later one."""
+    gates: list[Deferred[None]] = []
+
+    async def wait(ctx: OperationContext) -> Any:
+        gate: Deferred[None] = Deferred()
+        gates.append(gate)
+        await gate
+        return ctx.args
+
+    controller.endpoint = InMemoryAgentEndpoint({"wait": wait}, agent_reactor=controller.agent_reactor,
+                                                agent_limits=Limits(max_inflight=1))
+    client = controller.connect(timeout=10)
+    first, second = (Deferred.fromCoroutine(client.call("wait", {"n": n})) for n in (1, 2))
+    controller.endpoint.flush()
+    assert len(gates) == 1
+    controller.endpoint.drop()
+    assert isinstance(outcome(first), ConnectionLost)
+    controller.wait_out_backoff()
+    third = Deferred.fromCoroutine(client.call("wait", {"n": 3}))
+    controller.endpoint.flush()
+    assert len(gates) == 2 and not third.called  # the second went first; the third waits its turn
+    gates[1].callback(None)
+    controller.endpoint.flush()
+    assert outcome(second) == {"n": 2} and len(gates) == 3
+    gates[2].callback(None)
+    controller.endpoint.flush()
+    assert outcome(third) == {"n": 3}
 
 
 def test_close_stops_reconnecting_and_fails_what_waits(controller: Controller) -> None:

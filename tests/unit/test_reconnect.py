@@ -237,6 +237,14 @@ def test_connect_that_gives_up_on_a_silent_connection_says_so() -> None:
         "channel to the agent closed: Connection was closed cleanly: closed by the guest."), error
 
 
+def test_connect_in_development_mode_reaches_a_development_agent() -> None:
+    endpoint = InMemoryAgentEndpoint({}, development=True)
+    connecting = connect(Clock(), endpoint, development=True, timeout=5)
+    endpoint.flush()
+    client = outcome(connecting)
+    assert isinstance(client, GuestClient) and client.connected and not client.authenticated
+
+
 def test_an_agent_without_a_common_version_is_not_retried(controller: Controller) -> None:
     connecting = controller.connecting(timeout=5, versions=(99,))
     controller.endpoint.flush()

@@ -400,6 +400,26 @@ def test_cancel_while_waiting_for_a_request_slot(monkeypatch: pytest.MonkeyPatch
     assert len(reactor.processes) == 1  # the cancelled exec never reached the agent
 
 
+def test_stdin_written_while_waiting_for_a_request_slot_reaches_the_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    reactor = FakeProcessReactor()
+    fake_session_spawns(monkeypatch)
+    link = InMemoryLink(agent_exec.OPERATIONS, agent_reactor=reactor, agent_limits=Limits(max_inflight=1))
+    link.flush()
+    first = link.client.exec(["true"])
+    queued = link.client.exec(["cat"], stdin=STREAM)
+    write = queued.write_stdin(b"written while queued")
+    queued.close_stdin()
+    link.flush()
+    assert len(reactor.processes) == 1
+    reactor.processes[0].end(ProcessDone(0))
+    link.flush()
+    assert outcome(first.exited).exit_code == 0
+    process = reactor.processes[1]
+    assert outcome(write) is None
+    assert process.stdin == b"written while queued" and process.stdin_closed
+
+
 def test_host_gone_kills_the_group(exec_: Exec) -> None:
     exec_.start(["sleep", "100"]).exited.addErrback(lambda f: None)
     exec_.link.client.close()
@@ -685,6 +705,17 @@ def test_a_resize_that_crosses_the_programs_end_is_no_error(pty_exec: PtyExec) -
     assert outcome(handle.exited).exit_code == 0
     assert outcome(resizing) is None
     assert pty_exec.sizes == []
+
+
+def test_a_resize_refused_for_its_sizes_is_an_error_even_after_the_programs_end(pty_exec: PtyExec) -> None:
+    """Only the refusal that the program ended is swallowed once the exec answered, not a bad size."""
+    handle = pty_exec.start(["sh"], pty=Terminal(), stdin=STREAM)
+    resizing = handle.resize(0, 80)  # on its way to the agent ...
+    pty_exec.process.end(ProcessDone(0))  # ... which the program's end overtakes
+    pty_exec.link.flush()
+    assert outcome(handle.exited).exit_code == 0
+    refused = outcome(resizing)
+    assert isinstance(refused, BadRequest) and "'rows'" in str(refused)
 
 
 def test_a_closed_terminal_is_not_resized(pty_exec: PtyExec) -> None:

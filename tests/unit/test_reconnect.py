@@ -36,6 +36,7 @@ from vmcontroller.errors import (
     AgentUnreachable,
     AuthenticationFailed,
     ConnectionLost,
+    IncompleteTransfer,
     UnsupportedProtocolVersion,
 )
 from vmcontroller.testing import InMemoryAgentEndpoint, minted
@@ -413,6 +414,32 @@ def test_a_push_resumes_as_often_as_allowed_then_gives_up(monkeypatch: pytest.Mo
     assert len(pushes) == MAX_RESUMES + 1
     assert all(push["transfer_id"] == pushes[0]["transfer_id"] for push in pushes)
     assert not run.destination.exists() and list(tmp_path.glob(".pushed.bin.*")) == []
+
+
+def test_a_push_resumes_after_a_single_held_byte_that_matches(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    """The smallest part worth resuming from: an agent that says it holds the file's first byte."""
+    uploads = PartialUploads()
+    pushes: list[dict[str, Any]] = []
+    run: DroppingPush | None = None
+
+    async def recording_push(ctx: OperationContext) -> dict[str, Any]:
+        pushes.append(dict(ctx.args))
+        return await uploads.push(ctx)
+
+    async def one_byte_held(ctx: OperationContext) -> dict[str, Any]:
+        assert run is not None
+        return {"offset": 1, "sha256": hashlib.sha256(run.source.read_bytes()[:1]).hexdigest()}
+
+    run = DroppingPush(monkeypatch, tmp_path, {**OPERATIONS, **uploads.operations(), "push": recording_push,
+                                               "push_offset": one_byte_held})
+    run.drop_after(1024 * 1024)
+    run.controller.wait_out_backoff()
+    first, resumed = pushes
+    assert "offset" not in first and resumed["offset"] == 1
+    error = outcome(run.pushing)  # the agent holds more than it said: it refuses, and nothing is written
+    assert isinstance(error, IncompleteTransfer) and f"push to {run.destination} at byte 1:" in str(error)
+    assert not run.destination.exists()
 
 
 def test_a_push_whose_agent_is_not_back_in_time_says_so(monkeypatch: pytest.MonkeyPatch,

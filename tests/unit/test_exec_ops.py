@@ -696,26 +696,23 @@ def test_resize_reaches_the_terminal_until_the_program_ends(pty_exec: PtyExec) -
     assert pty_exec.sizes == [(99, 50, 132)]
 
 
-def test_a_resize_that_crosses_the_programs_end_is_no_error(pty_exec: PtyExec) -> None:
-    """The agent refuses a resize for an exec that is over; once its answer is in, that is fine."""
+@pytest.mark.parametrize(("rows", "refusal"), [(50, None), (0, "'rows'")])
+def test_a_resize_that_crosses_the_programs_end(pty_exec: PtyExec, rows: int, refusal: str | None) -> None:
+    """
+    The agent refuses a resize for an exec that is over; once the exec's answer is in, that
+    refusal is no error, but one of the size itself still is.
+    """
     handle = pty_exec.start(["sh"], pty=Terminal(), stdin=STREAM)
-    resizing = handle.resize(50, 132)  # on its way to the agent ...
+    resizing = handle.resize(rows, 132)  # on its way to the agent ...
     pty_exec.process.end(ProcessDone(0))  # ... which the program's end overtakes
     pty_exec.link.flush()
     assert outcome(handle.exited).exit_code == 0
-    assert outcome(resizing) is None
+    resized = outcome(resizing)
+    if refusal is None:
+        assert resized is None
+    else:
+        assert isinstance(resized, BadRequest) and refusal in str(resized)
     assert pty_exec.sizes == []
-
-
-def test_a_resize_refused_for_its_sizes_is_an_error_even_after_the_programs_end(pty_exec: PtyExec) -> None:
-    """Only the refusal that the program ended is swallowed once the exec answered, not a bad size."""
-    handle = pty_exec.start(["sh"], pty=Terminal(), stdin=STREAM)
-    resizing = handle.resize(0, 80)  # on its way to the agent ...
-    pty_exec.process.end(ProcessDone(0))  # ... which the program's end overtakes
-    pty_exec.link.flush()
-    assert outcome(handle.exited).exit_code == 0
-    refused = outcome(resizing)
-    assert isinstance(refused, BadRequest) and "'rows'" in str(refused)
 
 
 def test_a_closed_terminal_is_not_resized(pty_exec: PtyExec) -> None:

@@ -381,11 +381,17 @@ def test_cancelling_a_result_deferred_cancels_the_exec(exec_: Exec) -> None:
     assert isinstance(outcome(handle.exited), OperationCancelled)
 
 
-def test_cancel_while_waiting_for_a_request_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+def one_request_slot(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeProcessReactor, InMemoryLink]:
+    """An agent that runs one request at a time (max_inflight=1), its session open."""
     reactor = FakeProcessReactor()
     fake_session_spawns(monkeypatch)
     link = InMemoryLink(agent_exec.OPERATIONS, agent_reactor=reactor, agent_limits=Limits(max_inflight=1))
     link.flush()
+    return reactor, link
+
+
+def test_cancel_while_waiting_for_a_request_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    reactor, link = one_request_slot(monkeypatch)
     first = link.client.exec(["true"])
     queued = link.client.exec(["sleep", "100"], stdin=STREAM)
     write = queued.write_stdin(b"never sent")
@@ -402,10 +408,7 @@ def test_cancel_while_waiting_for_a_request_slot(monkeypatch: pytest.MonkeyPatch
 
 def test_stdin_written_while_waiting_for_a_request_slot_reaches_the_process(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    reactor = FakeProcessReactor()
-    fake_session_spawns(monkeypatch)
-    link = InMemoryLink(agent_exec.OPERATIONS, agent_reactor=reactor, agent_limits=Limits(max_inflight=1))
-    link.flush()
+    reactor, link = one_request_slot(monkeypatch)
     first = link.client.exec(["true"])
     queued = link.client.exec(["cat"], stdin=STREAM)
     write = queued.write_stdin(b"written while queued")

@@ -1,7 +1,9 @@
 """
 Host side of file transfers: :func:`push` streams a host file to the agent's ``push``
-operation, :func:`pull` receives the agent's ``pull`` stream.  Both hash what moves and
-check it against the other end's sha256.
+operation, :func:`pull` receives the agent's ``pull`` stream.  Both checksum what moves and
+check it against the other end's account (guest_agent/protocol/checksums.py): the agent is
+asked for CRC-32, far cheaper than sha256 on an emulated CPU, and an agent from before it
+answers with sha256; the host computes both, and sha256 is what the caller gets.
 
 Host disk reads and writes happen on the reactor thread, a 256 KiB chunk at a time: for a
 local file that is far quicker than a thread hop per chunk, and flow control bounds each
@@ -13,7 +15,6 @@ pool.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import stat
 import tempfile
@@ -28,6 +29,7 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 
 from guest_agent.link import RequestIO
+from guest_agent.protocol.checksums import CHECKSUMS, new_checksum
 from guest_agent.protocol.frames import Channel
 from vmcontroller.errors import (
     BadRequest,
@@ -55,6 +57,8 @@ CHUNK_SIZE = 256 * 1024
 MAX_RESUMES = 3
 #: ... and how long it waits each time for the agent to be back.
 RESUME_WAIT = 30.0
+#: The checksum the host asks the agent for.
+CHECKSUM = "crc32"
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,30 @@ def _abandon(result: Deferred[Any]) -> None:
     result.addErrback(lambda failure: None)  # its CancelledError interests nobody
 
 
+class _Checksums:
+    """The host's checksums of what a transfer moved: every one an agent may answer with."""
+
+    def __init__(self) -> None:
+        self._running = [new_checksum(name) for name in CHECKSUMS]
+
+    def update(self, data: bytes | bytearray) -> None:
+        for checksum in self._running:
+            checksum.update(data)
+
+    def hexdigests(self) -> dict[str, str]:
+        return {checksum.name: checksum.hexdigest() for checksum in self._running}
+
+
+def _checksum_of(account: dict[str, Any]) -> tuple[str, Any]:
+    """
+    The checksum in the agent's ``account`` of a file (a trailer or result), as its name
+    and value: the first of :data:`CHECKSUMS` it gives (an agent from before crc32 gives
+    sha256), else ours with the value None.
+    """
+    name = next((name for name in CHECKSUMS if name in account), CHECKSUM)
+    return name, account.get(name)
+
+
 def _open_source(source: str | os.PathLike[str]) -> IO[bytes]:
     path = os.fspath(source)
     try:
@@ -130,17 +158,17 @@ def _describe(source: IO[bytes]) -> tuple[int | None, int | None]:
 
 
 async def _send_file(io: RequestIO, source: IO[bytes], total: int | None, progress: Progress | None,
-                     hasher: Any, sent: int) -> tuple[str, int]:
-    """Send the rest of ``source``; ``hasher`` and ``sent`` cover what was sent before."""
+                     checksums: _Checksums, sent: int) -> tuple[dict[str, str], int]:
+    """Send the rest of ``source``; ``checksums`` and ``sent`` cover what was sent before."""
     while chunk := source.read(CHUNK_SIZE):
-        hasher.update(chunk)
+        checksums.update(chunk)
         await io.send(Channel.INPUT, chunk)
         sent += len(chunk)
         if progress is not None:
             progress(sent, total)
-    digest = hasher.hexdigest()
-    io.send_eof(Channel.INPUT, {"sha256": digest, "size": sent})
-    return digest, sent
+    digests = checksums.hexdigests()
+    io.send_eof(Channel.INPUT, {**digests, "size": sent})
+    return digests, sent
 
 
 async def push(client: GuestClient, source: str | os.PathLike[str] | IO[bytes], destination: str, *,
@@ -159,17 +187,17 @@ async def push(client: GuestClient, source: str | os.PathLike[str] | IO[bytes], 
     try:
         size, host_mode = _describe(f)
         args: dict[str, Any] = {"path": destination, "mode": host_mode if mode is None else mode,
-                                "size": size}
+                                "size": size, "checksum": CHECKSUM}
         # A reconnecting client resumes a push whose channel dropped, from a regular file.
         resumable = client.reconnects and size is not None
         if resumable:
             args["transfer_id"] = uuid.uuid4().hex
         begin = f.tell()
-        hasher, done = hashlib.sha256(), 0
+        checksums, done = _Checksums(), 0
         for attempt in range(MAX_RESUMES + 1):
             io, result = await client.open_request("push", {**args, "offset": done} if done else args)
             try:
-                digest, sent = await _send_file(io, f, size, progress, hasher, done)
+                digests, sent = await _send_file(io, f, size, progress, checksums, done)
             except ConnectionLost as e:
                 _stream_failed(result)
                 lost = e
@@ -195,7 +223,7 @@ async def push(client: GuestClient, source: str | os.PathLike[str] | IO[bytes], 
                 raise ConnectionLost(
                     f"{lost}; the agent was not back within {RESUME_WAIT:g} s to resume the push to "
                     f"{destination}, which was not written: push again") from None
-            hasher, done = await _verified_part(client, args["transfer_id"], f, begin)
+            checksums, done = await _verified_part(client, args["transfer_id"], f, begin)
             if not done:
                 raise ConnectionLost(
                     f"{lost}; the agent holds no part of the push to {destination} that matches the host "
@@ -204,18 +232,20 @@ async def push(client: GuestClient, source: str | os.PathLike[str] | IO[bytes], 
     finally:
         if f is not source:
             f.close()
-    if reply.get("sha256") != digest or reply.get("size") != sent:
+    name, theirs = _checksum_of(reply)
+    if theirs != digests[name] or reply.get("size") != sent:
         raise IntegrityError(
-            f"sent {sent} bytes with sha256 {digest} to {destination} but the agent stored "
-            f"{reply.get('size')} bytes with sha256 {reply.get('sha256')}: push again", {"path": destination})
-    return TransferResult(destination, sent, digest, int(reply["mode"]), client.reactor.seconds() - started)
+            f"sent {sent} bytes with {name} {digests[name]} to {destination} but the agent stored "
+            f"{reply.get('size')} bytes with {name} {theirs}: push again", {"path": destination})
+    return TransferResult(destination, sent, digests["sha256"], int(reply["mode"]),
+                          client.reactor.seconds() - started)
 
 
 async def _verified_part(client: GuestClient, transfer_id: str, source: IO[bytes],
-                         begin: int) -> tuple[Any, int]:
+                         begin: int) -> tuple[_Checksums, int]:
     """
     After a dropped channel: how much of the file the agent holds, checked against the
-    host file's own bytes.  Returns the hash state and the offset to send from, with
+    host file's own bytes.  Returns the checksums and the offset to send from, with
     ``source`` there; offset 0 when the agent holds nothing, or something else.
     """
     try:
@@ -223,25 +253,26 @@ async def _verified_part(client: GuestClient, transfer_id: str, source: IO[bytes
     except UnknownOperation:  # an agent from before resumable pushes
         held = {}
     offset = held.get("offset") if isinstance(held, dict) else None
-    hasher = hashlib.sha256()
+    checksums = _Checksums()
     source.seek(begin)
     if isinstance(offset, int) and offset > 0:
         remaining = offset
         while remaining and (chunk := source.read(min(CHUNK_SIZE, remaining))):
-            hasher.update(chunk)
+            checksums.update(chunk)
             remaining -= len(chunk)
-        if remaining == 0 and hasher.hexdigest() == held.get("sha256"):
-            return hasher, offset
-        hasher = hashlib.sha256()
+        name, theirs = _checksum_of(held)
+        if remaining == 0 and theirs == checksums.hexdigests()[name]:
+            return checksums, offset
+        checksums = _Checksums()
         source.seek(begin)
-    return hasher, 0
+    return checksums, 0
 
 
 async def _receive_file(client: GuestClient, source: str, sink: IO[bytes], max_size: int,
                         progress: Progress | None) -> TransferResult:
     started = client.reactor.seconds()
-    io, result = await client.open_request("pull", {"path": source})
-    hasher = hashlib.sha256()
+    io, result = await client.open_request("pull", {"path": source, "checksum": CHECKSUM})
+    checksums = _Checksums()
     received = 0
     try:
         while (chunk := await io.receive(Channel.INPUT)) is not None:
@@ -252,7 +283,7 @@ async def _receive_file(client: GuestClient, source: str, sink: IO[bytes], max_s
                     f"the guest file {source} is larger than the pull's limit of {max_size} bytes; "
                     "the pull was stopped: pass a larger max_size")
             sink.write(chunk)
-            hasher.update(chunk)
+            checksums.update(chunk)
             received += len(chunk)
             if progress is not None:
                 progress(received, None)
@@ -262,24 +293,27 @@ async def _receive_file(client: GuestClient, source: str, sink: IO[bytes], max_s
     except BaseException:
         _abandon(result)
         raise
-    digest = hasher.hexdigest()
+    digests = checksums.hexdigests()
     trailer = io.trailer(Channel.INPUT) or {}
     reply = await result
     error: IncompleteTransfer | IntegrityError | None = None
+    wrong = [(name, theirs) for name, theirs in map(_checksum_of, (trailer, reply))
+             if theirs != digests[name]]
     if trailer.get("size") != received or reply.get("size") != received:
         error = IncompleteTransfer(
             f"received {received} bytes of the guest file {source} but the agent says it sent "
             f"{trailer.get('size')}: pull again", {"path": source})
-    elif trailer.get("sha256") != digest or reply.get("sha256") != digest:
+    elif wrong:
+        name, theirs = wrong[0]
         error = IntegrityError(
-            f"the {received} bytes received of the guest file {source} hash to sha256 {digest} but the "
-            f"agent sent {trailer.get('sha256')}: the data was corrupted in transit; pull again",
-            {"path": source})
+            f"the {received} bytes received of the guest file {source} have {name} {digests[name]} but the "
+            f"agent sent {theirs}: the data was corrupted in transit; pull again", {"path": source})
     if error is not None:
         # The channel is reliable: an agent whose account differs from its bytes lies.
         client._drop(error)
         raise error
-    return TransferResult(source, received, digest, int(reply["mode"]), client.reactor.seconds() - started)
+    return TransferResult(source, received, digests["sha256"], int(reply["mode"]),
+                          client.reactor.seconds() - started)
 
 
 def _umask() -> int:
@@ -307,7 +341,7 @@ async def pull(client: GuestClient, source: str, destination: str | os.PathLike[
                progress: Progress | None) -> TransferResult:
     """
     Copy the guest file ``source`` to ``destination``.  A host path appears whole or not
-    at all (a temp file in its directory is renamed into place once the size and sha256
+    at all (a temp file in its directory is renamed into place once the size and checksum
     check out); a file object is written to as the data arrives, so it holds what was
     received even when the pull fails.
 
@@ -316,7 +350,7 @@ async def pull(client: GuestClient, source: str, destination: str | os.PathLike[
         never used: the guest is not trusted.
     :param max_size: the most bytes accepted; None: the client's ``max_pull``.
     :raises PathNotFound: the guest file, or the host destination's directory, is missing.
-    :raises IntegrityError: the received bytes do not hash to the agent's sha256.
+    :raises IntegrityError: the received bytes do not match the agent's checksum.
     :raises LimitExceeded: the file is larger than ``max_size``; the guest stopped sending.
     """
     limit = client.client_limits.max_pull if max_size is None else max_size

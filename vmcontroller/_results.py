@@ -14,9 +14,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from guest_agent.protocol.checksums import CHECKSUMS
 from vmcontroller.errors import ProtocolError
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _INT32 = 2**31
 
 
@@ -59,6 +59,11 @@ def _file_name(value: Any) -> bool:
     return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\0" not in value
 
 
+def _hex(digits: int) -> Callable[[Any], bool]:
+    pattern = re.compile(f"[0-9a-f]{{{digits}}}")
+    return lambda value: isinstance(value, str) and pattern.fullmatch(value) is not None
+
+
 def _file_type(value: Any) -> bool:
     return value in ("file", "dir", "symlink", "other")
 
@@ -69,7 +74,7 @@ _MODE = _int(0, 0o7777)
 _ID = _int(0, 2**32 - 1)
 
 _TRANSFER = {"path": _str, "size": _SIZE, "mode": _MODE,
-             "sha256": lambda value: isinstance(value, str) and _SHA256.fullmatch(value) is not None}
+             **{name: _optional(_hex(digits)) for name, digits in CHECKSUMS.items()}}
 _ENTRY = {"name": _file_name, "type": _file_type, "size": _SIZE, "mode": _MODE, "mtime": _number}
 _STAT = {**_ENTRY, "path": _str, "uid": _ID, "gid": _ID, "target": _optional(_str)}
 del _STAT["name"]
@@ -79,6 +84,14 @@ _EXEC = {"exit_code": _optional(_int(-_INT32, _INT32 - 1)), "signal": _optional(
 def _nothing(result: Any) -> None:
     if result is not None:
         raise _Malformed(f"no result was expected, got {_short(result)}")
+
+
+def _transfer(result: Any) -> dict[str, Any]:
+    """A push's or pull's result: the file's facts and its checksum by one name or more."""
+    _object(result, _TRANSFER)
+    if not CHECKSUMS.keys() & result.keys():
+        raise _Malformed(f"a checksum ({' or '.join(map(repr, CHECKSUMS))}) is missing")
+    return result
 
 
 def _entries(result: Any) -> list[dict[str, Any]]:
@@ -91,8 +104,8 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "ping": lambda result: _object(result, {"time": _number, "version": _str}),
     "info": lambda result: _object(result, {}),
     "exec": lambda result: _object(result, _EXEC),
-    "push": lambda result: _object(result, _TRANSFER),
-    "pull": lambda result: _object(result, _TRANSFER),
+    "push": _transfer,
+    "pull": _transfer,
     "stat": lambda result: _object(result, _STAT),
     "list": _entries,
     "mkdir": _nothing,

@@ -712,7 +712,7 @@ async def cmd_cp(reactor: Any, args: argparse.Namespace) -> int:
         progress.stop()
         client.close()
     total = sum(c["size"] for c in copied)
-    _emit(args, copied, lambda: f"copied {len(copied)} file(s), {total} bytes, sha256-checked")
+    _emit(args, copied, lambda: f"copied {len(copied)} file(s), {total} bytes, checked end to end")
     return 0
 
 
@@ -820,11 +820,14 @@ async def _demo(reactor: Any, args: argparse.Namespace) -> None:
             pushed = await steps.run("push a 16 MiB file", lambda: client.push(source, "/root/input.bin"))
             back = os.path.join(scratch, "output.bin")
             await steps.run("pull it back", lambda: client.pull("/root/input.bin", back))
+            # The guest's own sha256sum, not our agent's word (it checks with CRC-32).
+            summed = await client.run(["sha256sum", "/root/input.bin"], check=True)
+            in_guest = summed.stdout.decode().split()[0]
             local, returned = _sha256(source), _sha256(back)
             print(f"    sha256 sent     {local}")
-            print(f"    sha256 in guest {pushed.sha256}")
+            print(f"    sha256 in guest {in_guest} (sha256sum)")
             print(f"    sha256 pulled   {returned}")
-            if not local == pushed.sha256 == returned:
+            if not local == pushed.sha256 == in_guest == returned:
                 raise VMControllerError("the file changed on its round trip through the guest")
         await steps.run("take snapshot 'demo'", lambda: driver.snapshot_create(name, "demo"))
         await steps.run("delete the file in the guest", lambda: client.remove("/root/input.bin"))

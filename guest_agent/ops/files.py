@@ -4,7 +4,7 @@ list, stat and remove answer in one response.
 
 A pushed file is written into an unnamed ``O_TMPFILE`` file in the destination's
 directory, so an agent that crashes or is killed mid-transfer leaves nothing behind, and
-it becomes visible only once its size and sha256 have been checked and it is on disk.
+it becomes visible only once its size and checksum have been checked and it is on disk.
 Every ``OSError`` becomes one of our error classes in :func:`os_error`.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import secrets
 import shutil
@@ -25,6 +24,7 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 
 from guest_agent.ops._checks import mode_arg, os_string
+from guest_agent.protocol.checksums import CHECKSUMS, DEFAULT_CHECKSUM, Checksum, new_checksum
 from guest_agent.protocol.errors import (
     AgentOSError,
     AlreadyExists,
@@ -108,6 +108,13 @@ def _int_arg(args: dict[str, Any], name: str) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise BadRequest(f"{name!r} must be a non-negative integer or null, got {value!r}")
     return value
+
+
+def _checksum_arg(args: dict[str, Any]) -> str:
+    name = args.get("checksum", DEFAULT_CHECKSUM)
+    if not (isinstance(name, str) and name in CHECKSUMS):
+        raise BadRequest(f"'checksum' must be one of {sorted(CHECKSUMS)}, got {name!r}")
+    return name
 
 
 def _bool_arg(args: dict[str, Any], name: str) -> bool:
@@ -220,31 +227,32 @@ def _fsync_directory(path: str) -> None:
         os.close(fd)
 
 
-def _check_trailer(trailer: dict[str, Any] | None, received: int, announced: int | None, digest: str,
-                   destination: str) -> None:
-    sha = (trailer or {}).get("sha256")
+def _check_trailer(trailer: dict[str, Any] | None, received: int, announced: int | None,
+                   checksum: Checksum, destination: str) -> None:
+    sent = (trailer or {}).get(checksum.name)
     size = (trailer or {}).get("size")
-    if not isinstance(sha, str) or not isinstance(size, int):
+    if not isinstance(sent, str) or not isinstance(size, int):
         raise IncompleteTransfer(
-            f"the stream for {destination} ended after {received} bytes without a sha256 and size trailer; "
-            "nothing was written: push again")
+            f"the stream for {destination} ended after {received} bytes without a {checksum.name} and size "
+            "trailer; nothing was written: push again")
     if size != received or (announced is not None and announced != received):
         raise IncompleteTransfer(
             f"received {received} bytes for {destination} but the host announced {announced} and its trailer "
             f"says {size}; nothing was written: did the host file change during the push? push again")
-    if sha.lower() != digest:
+    digest = checksum.hexdigest()
+    if sent.lower() != digest:
         raise IntegrityError(
-            f"the {received} bytes received for {destination} hash to sha256 {digest} but the host sent "
-            f"{sha}: the data was corrupted in transit; nothing was written: push again")
+            f"the {received} bytes received for {destination} have {checksum.name} {digest} but the host "
+            f"sent {sent}: the data was corrupted in transit; nothing was written: push again")
 
 
 @dataclass
 class _PartialUpload:
-    """A push received so far: its file, the hash of what came and how much came."""
+    """A push received so far: its file, the checksum of what came and how much came."""
 
     destination: str
     incoming: _IncomingFile
-    hasher: Any
+    checksum: Checksum
     received: int
 
 
@@ -282,8 +290,8 @@ class PartialUploads:
         transfer_id = _transfer_id(ctx.args)
         upload = None if transfer_id is None else self._parked.get(transfer_id)
         if upload is None:
-            return {"offset": 0, "sha256": hashlib.sha256().hexdigest()}
-        return {"offset": upload.received, "sha256": upload.hasher.copy().hexdigest(),
+            return {"offset": 0}
+        return {"offset": upload.received, upload.checksum.name: upload.checksum.hexdigest(),
                 "path": upload.destination}
 
     async def push(self, ctx: OperationContext) -> dict[str, Any]:
@@ -299,12 +307,12 @@ def _transfer_id(args: dict[str, Any]) -> str | None:
 
 
 def _upload_to_continue(uploads: PartialUploads | None, transfer_id: str | None, offset: int,
-                        destination: str) -> _PartialUpload:
+                        destination: str, checksum: str) -> _PartialUpload:
     """A new upload at offset 0, else the parked one that fits ``offset``."""
     if offset == 0:
         if uploads is not None and transfer_id is not None:
             uploads.drop(transfer_id)
-        return _PartialUpload(destination, _IncomingFile.create(destination), hashlib.sha256(), 0)
+        return _PartialUpload(destination, _IncomingFile.create(destination), new_checksum(checksum), 0)
     upload = uploads.take(transfer_id) if uploads is not None and transfer_id is not None else None
     if upload is None or upload.destination != destination or upload.received != offset:
         held = "nothing" if upload is None else f"{upload.received} bytes for {upload.destination}"
@@ -327,23 +335,24 @@ async def push(ctx: OperationContext, uploads: PartialUploads | None = None) -> 
     announced = _int_arg(ctx.args, "size")
     transfer_id = _transfer_id(ctx.args)
     offset = _int_arg(ctx.args, "offset") or 0
+    checksum_name = _checksum_arg(ctx.args)
     if os.path.isdir(destination):
         raise IsADirectory(f"cannot write {destination}: it is a directory in the guest; "
                            "push to a file path inside it")
     _stop_on_cancel(ctx)
     # Errors here reach the host before its data.
-    upload = _upload_to_continue(uploads, transfer_id, offset, destination)
+    upload = _upload_to_continue(uploads, transfer_id, offset, destination, checksum_name)
     incoming = upload.incoming
     parked = False
     try:
-        hasher = upload.hasher
+        checksum = upload.checksum
         received = upload.received
         while True:
             try:
                 chunk = await ctx.io.receive(Channel.INPUT)
             except (OperationError, ConnectionLost):
                 if ctx.session_ended and uploads is not None and transfer_id is not None:
-                    uploads.park(transfer_id, upload)  # hash and count agree: both stop here
+                    uploads.park(transfer_id, upload)  # checksum and count agree: both stop here
                     parked = True
                 raise
             if chunk is None:
@@ -357,10 +366,9 @@ async def push(ctx: OperationContext, uploads: PartialUploads | None = None) -> 
                 _write_all(incoming.fd, chunk)
             except OSError as e:
                 raise os_error(e, "cannot write", destination) from None
-            hasher.update(chunk)
+            checksum.update(chunk)
             upload.received = received
-        digest = hasher.hexdigest()
-        _check_trailer(ctx.io.trailer(Channel.INPUT), received, announced, digest, destination)
+        _check_trailer(ctx.io.trailer(Channel.INPUT), received, announced, checksum, destination)
         try:
             if mode is not None:
                 os.fchmod(incoming.fd, mode)
@@ -376,7 +384,7 @@ async def push(ctx: OperationContext, uploads: PartialUploads | None = None) -> 
     finally:
         if not parked:
             incoming.discard()
-    return {"path": destination, "size": received, "sha256": digest, "mode": final_mode}
+    return {"path": destination, "size": received, checksum.name: checksum.hexdigest(), "mode": final_mode}
 
 
 # ---- pull ---------------------------------------------------------------------------
@@ -399,11 +407,11 @@ def _open_for_pull(path: str) -> tuple[int, os.stat_result]:
 
 
 async def pull(ctx: OperationContext) -> dict[str, Any]:
-    """Stream the file at ``path`` on INPUT, then EOF with its sha256 and size."""
+    """Stream the file at ``path`` on INPUT, then EOF with its checksum and size."""
     path = path_arg(ctx.args)
+    checksum = new_checksum(_checksum_arg(ctx.args))
     fd, info = _open_for_pull(path)
     _stop_on_cancel(ctx)
-    hasher = hashlib.sha256()
     size = 0
     try:
         while True:
@@ -414,14 +422,14 @@ async def pull(ctx: OperationContext) -> dict[str, Any]:
                 raise os_error(e, "cannot read", path) from None
             if not chunk:
                 break
-            hasher.update(chunk)
+            checksum.update(chunk)
             size += len(chunk)
             await ctx.io.send(Channel.INPUT, chunk)
     finally:
         os.close(fd)
-    digest = hasher.hexdigest()
-    ctx.io.send_eof(Channel.INPUT, {"sha256": digest, "size": size})
-    return {"path": path, "size": size, "sha256": digest, "mode": stat.S_IMODE(info.st_mode)}
+    digest = checksum.hexdigest()
+    ctx.io.send_eof(Channel.INPUT, {checksum.name: digest, "size": size})
+    return {"path": path, "size": size, checksum.name: digest, "mode": stat.S_IMODE(info.st_mode)}
 
 
 # ---- metadata -----------------------------------------------------------------------

@@ -23,6 +23,7 @@ from twisted.internet.task import deferLater
 
 from guest_agent import __version__
 from guest_agent.ops import files, system
+from guest_agent.protocol.checksums import new_checksum
 from guest_agent.protocol.errors import (
     AgentOSError,
     ConnectionLost,
@@ -112,15 +113,18 @@ async def test_missing_paths(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("checksum", ["crc32", "sha256"])
 @pytest_twisted.ensureDeferred
-async def test_wrong_checksum_writes_nothing(tmp_path: Path) -> None:
+async def test_wrong_checksum_writes_nothing(tmp_path: Path, checksum: str) -> None:
     data = os.urandom(3 * 1024 * 1024)
+    wrong = new_checksum(checksum)
+    wrong.update(data[:-1])
     async with agent() as client:
         stream, result = await client.open_request(
-            "push", {"path": str(tmp_path / "f"), "mode": None, "size": len(data)}
+            "push", {"path": str(tmp_path / "f"), "mode": None, "size": len(data), "checksum": checksum}
         )
         await stream.send(Channel.INPUT, data)
-        stream.send_eof(Channel.INPUT, {"sha256": hashlib.sha256(b"else").hexdigest(), "size": len(data)})
+        stream.send_eof(Channel.INPUT, {checksum: wrong.hexdigest(), "size": len(data)})
         with pytest.raises(IntegrityError):
             await result
     assert os.listdir(tmp_path) == []

@@ -36,7 +36,7 @@ from guest_agent.protocol.frames import (
 )
 from guest_agent.session import Operation, OperationContext
 from tests.unit.test_client_session import call, error_of, result_of
-from tests.unit.test_files_ops import current_umask
+from tests.unit.test_files_ops import crc, current_umask
 from vmcontroller._exec import STREAM
 from vmcontroller.client import ClientLimits, GuestClient
 from vmcontroller.errors import (
@@ -112,14 +112,20 @@ def lying_pull(data: bytes, trailer: dict[str, Any], reply: dict[str, Any]) -> O
 
 
 GOOD = hashlib.sha256(b"payload").hexdigest()
+GOOD_CRC = crc(b"payload")
 
 
 @pytest.mark.parametrize(("trailer", "reply", "error"), [
     ({"size": 7, "sha256": SHA_OF_NOTHING}, {"size": 7, "sha256": SHA_OF_NOTHING}, IntegrityError),
     ({"size": 7, "sha256": GOOD}, {"size": 7, "sha256": SHA_OF_NOTHING}, IntegrityError),
+    ({"size": 7, "crc32": crc(b"")}, {"size": 7, "crc32": GOOD_CRC}, IntegrityError),
+    ({"size": 7, "crc32": GOOD_CRC}, {"size": 7, "crc32": crc(b"")}, IntegrityError),
+    ({"size": 7, "crc32": GOOD_CRC}, {"size": 7, "sha256": SHA_OF_NOTHING}, IntegrityError),
+    ({"size": 7}, {"size": 7, "crc32": GOOD_CRC}, IntegrityError),
     ({"size": 8, "sha256": GOOD}, {"size": 8, "sha256": GOOD}, IncompleteTransfer),
     ({"size": 7, "sha256": GOOD}, {"size": 6, "sha256": GOOD}, IncompleteTransfer),
-], ids=["wrong-sha", "reply-sha", "wrong-size", "reply-size"])
+], ids=["wrong-sha", "reply-sha", "wrong-crc", "reply-crc", "reply-other", "no-checksum", "wrong-size",
+        "reply-size"])
 def test_a_tampered_pull_leaves_nothing(tmp_path: Path, trailer: dict[str, Any], reply: dict[str, Any],
                                         error: type[Exception]) -> None:
     reply = {"path": "/f", "mode": 0o644, **reply}
@@ -473,7 +479,13 @@ def test_a_pull_of_exactly_its_limit_is_taken_and_one_byte_more_is_not(tmp_path:
     ({"size": 6, "sha256": GOOD}, {"size": 7, "sha256": GOOD},
      "received 7 bytes of the guest file /f but the agent says it sent 6: pull again"),
     ({"size": 7, "sha256": SHA_OF_NOTHING}, {"size": 7, "sha256": GOOD},
-     f"the 7 bytes received of the guest file /f hash to sha256 {GOOD} but the agent sent {SHA_OF_NOTHING}: "
+     f"the 7 bytes received of the guest file /f have sha256 {GOOD} but the agent sent {SHA_OF_NOTHING}: "
+     "the data was corrupted in transit; pull again"),
+    ({"size": 7, "crc32": GOOD_CRC}, {"size": 7, "crc32": "00000000"},
+     f"the 7 bytes received of the guest file /f have crc32 {GOOD_CRC} but the agent sent 00000000: "
+     "the data was corrupted in transit; pull again"),
+    ({"size": 7}, {"size": 7, "crc32": GOOD_CRC},
+     f"the 7 bytes received of the guest file /f have crc32 {GOOD_CRC} but the agent sent None: "
      "the data was corrupted in transit; pull again"),
 ])
 def test_a_tampered_pull_says_what_did_not_add_up(trailer: dict[str, Any], reply: dict[str, Any],

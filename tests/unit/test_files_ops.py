@@ -11,6 +11,7 @@ import io
 import os
 import shutil
 import stat
+import zlib
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -74,6 +75,14 @@ def result_of(d: Deferred[_T]) -> _T:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def crc(data: bytes) -> str:
+    return f"{zlib.crc32(data):08x}"
+
+
+#: Each checksum by its wire name: what the host asks for now, and what older ends use.
+CHECKSUM_OF = {"crc32": crc, "sha256": sha}
 
 
 class Tracked:

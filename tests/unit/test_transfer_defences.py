@@ -44,7 +44,16 @@ from guest_agent.protocol.errors import (
 from guest_agent.protocol.frames import Channel
 from guest_agent.session import OperationContext
 from tests.unit.test_client_session import error_of
-from tests.unit.test_files_ops import OPERATIONS, Tracked, current_umask, result_of, sha, start
+from tests.unit.test_files_ops import (
+    CHECKSUM_OF,
+    OPERATIONS,
+    Tracked,
+    crc,
+    current_umask,
+    result_of,
+    sha,
+    start,
+)
 from vmcontroller.testing import InMemoryLink
 
 NOBODY = 65534
@@ -110,36 +119,40 @@ def lying(
 # ---- the host checks the agent's word ----------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "answer",
-    [
-        {"sha256": sha(b"other"), "size": 5, "mode": 0o644},
-        {"sha256": sha(b"hello"), "size": 6, "mode": 0o644},
-    ],
-)
-def test_push_checks_the_agents_size_and_sha256(answer: dict[str, Any]) -> None:
-    link = lying("push", answer)
-    with pytest.raises(
-        IntegrityError,
-        match=f"sent 5 bytes with sha256 {sha(b'hello')} to /g/f but the agent stored {answer['size']} bytes",
-    ):
+@pytest.mark.parametrize("checksum", ["crc32", "sha256"])
+@pytest.mark.parametrize(("stored", "size"), [(b"other", 5), (b"hello", 6)])
+def test_push_checks_the_agents_size_and_checksum(checksum: str, stored: bytes, size: int) -> None:
+    """crc32 is what the host asks for; an agent from before it answers with sha256."""
+    ours, theirs = CHECKSUM_OF[checksum](b"hello"), CHECKSUM_OF[checksum](stored)
+    link = lying("push", {checksum: theirs, "size": size, "mode": 0o644})
+    error = error_of(start(link, link.client.push(io.BytesIO(b"hello"), "/g/f")))
+    assert isinstance(error, IntegrityError) and error.details == {"path": "/g/f"}
+    assert error.message == (f"sent 5 bytes with {checksum} {ours} to /g/f but the agent stored {size} bytes "
+                             f"with {checksum} {theirs}: push again")
+
+
+def test_push_checks_the_agents_crc32_where_it_gives_both() -> None:
+    link = lying("push", {"crc32": crc(b"other"), "sha256": sha(b"hello"), "size": 5, "mode": 0o644})
+    with pytest.raises(IntegrityError, match=f"with crc32 {crc(b'hello')} to /g/f"):
         result_of(start(link, link.client.push(io.BytesIO(b"hello"), "/g/f")))
 
 
 @pytest.mark.parametrize(
-    ("answer", "field"),
+    ("answer", "malformed"),
     [
-        ({"size": 5, "mode": 0o644}, "sha256"),
-        ({"sha256": sha(b"hello").upper(), "size": 5, "mode": 0o644}, "sha256"),
-        ({"sha256": sha(b"hello"), "size": "5", "mode": 0o644}, "size"),
-        ({"sha256": sha(b"hello"), "size": 5, "mode": 0o10000}, "mode"),
+        ({"size": 5, "mode": 0o644}, "a checksum ('crc32' or 'sha256') is missing"),
+        ({"sha256": sha(b"hello").upper(), "size": 5, "mode": 0o644}, "'sha256' is missing or invalid"),
+        ({"crc32": crc(b"hello").upper(), "size": 5, "mode": 0o644}, "'crc32' is missing or invalid"),
+        ({"crc32": sha(b"hello"), "size": 5, "mode": 0o644}, "'crc32' is missing or invalid"),
+        ({"crc32": 0x3610A686, "size": 5, "mode": 0o644}, "'crc32' is missing or invalid"),
+        ({"sha256": sha(b"hello"), "size": "5", "mode": 0o644}, "'size' is missing or invalid"),
+        ({"crc32": crc(b"hello"), "size": 5, "mode": 0o10000}, "'mode' is missing or invalid"),
     ],
 )
-def test_a_malformed_push_answer_is_a_protocol_error(answer: dict[str, Any], field: str) -> None:
+def test_a_malformed_push_answer_is_a_protocol_error(answer: dict[str, Any], malformed: str) -> None:
     link = lying("push", answer)
     with pytest.raises(
-        ProtocolError,
-        match=rf"^the agent answered push with a malformed result: '{field}' is missing or invalid",
+        ProtocolError, match="^" + re.escape(f"the agent answered push with a malformed result: {malformed}")
     ):
         result_of(start(link, link.client.push(io.BytesIO(b"hello"), "/g/f")))
 
@@ -166,11 +179,14 @@ def test_push_result_and_what_the_agent_is_told(tmp_path: Path) -> None:
         f.seek(100_000)
         result = result_of(start(link, link.client.push(f, "/g/f", progress=lambda *a: progress.append(a))))
     rest = 700_000 - 100_000
+    sent = source.read_bytes()[100_000:]
     assert seen == {
         "path": "/g/f",
         "mode": 0o640,
         "size": rest,
-        "trailer": {"sha256": sha(source.read_bytes()[100_000:]), "size": rest},
+        "checksum": "crc32",
+        # Both: an agent from before crc32 ignores the argument and checks sha256.
+        "trailer": {"crc32": crc(sent), "sha256": sha(sent), "size": rest},
     }
     assert progress == [(262_144, rest), (524_288, rest), (rest, rest)]
     assert result.path == "/g/f" and result.size == rest and result.mode == 0o604 and result.seconds == 2.5
@@ -604,17 +620,52 @@ def test_a_failed_fsync_publishes_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     assert os.listdir(tmp_path) == []
 
 
-def test_the_agents_push_answer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("checksum", ["crc32", "sha256", None])
+def test_the_agents_push_answer(tmp_path: Path, checksum: str | None) -> None:
+    """The checksum the host names, sha256 for a host that names none (from before crc32)."""
     link = InMemoryLink(OPERATIONS)
     target = str(tmp_path / "f")
+    name = checksum or "sha256"
+    args = {"path": target, "mode": 0o600, "size": 2, **({"checksum": checksum} if checksum else {})}
+    trailer = {name: CHECKSUM_OF[name](b"ab"), "size": 2}
+    result = result_of(start(link, raw_push(link, args, b"ab", trailer)))
+    assert result == {"path": target, "size": 2, name: CHECKSUM_OF[name](b"ab"), "mode": 0o600}
+    assert (tmp_path / "f").read_bytes() == b"ab"
+
+
+@pytest.mark.parametrize("checksum", ["crc32", "sha256"])
+def test_the_agent_checks_the_checksum_the_host_named(tmp_path: Path, checksum: str) -> None:
+    """Only that one: a trailer with the other (right) one and this one wrong is refused."""
+    link = InMemoryLink(OPERATIONS)
+    (tmp_path / "f").write_bytes(b"keep me")
+    other = "sha256" if checksum == "crc32" else "crc32"
+    trailer = {checksum: CHECKSUM_OF[checksum](b"abd"), other: CHECKSUM_OF[other](b"abc"), "size": 3}
+    args = {"path": str(tmp_path / "f"), "checksum": checksum}
+    error = error_of(start(link, raw_push(link, args, b"abc", trailer)))
+    assert isinstance(error, IntegrityError)
+    of = CHECKSUM_OF[checksum]
+    assert error.message == (f"the 3 bytes received for {tmp_path}/f have {checksum} {of(b'abc')} but the "
+                             f"host sent {of(b'abd')}: the data was corrupted in transit; nothing was "
+                             "written: push again")
+    assert os.listdir(tmp_path) == ["f"] and (tmp_path / "f").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("checksum", ["crc32", "sha256"])
+def test_the_agents_pull_trailer_and_answer_carry_the_checksum_named(tmp_path: Path, checksum: str) -> None:
+    link = InMemoryLink(OPERATIONS)
+    (tmp_path / "f").write_bytes(b"pulled")
 
     async def raw() -> Any:
-        stream, result = await link.client.open_request("push", {"path": target, "mode": 0o600, "size": 2})
-        await stream.send(Channel.INPUT, b"ab")
-        stream.send_eof(Channel.INPUT, {"sha256": sha(b"ab"), "size": 2})
-        return await result
+        args = {"path": str(tmp_path / "f"), "checksum": checksum}
+        stream, result = await link.client.open_request("pull", args)
+        while await stream.receive(Channel.INPUT) is not None:
+            pass
+        return stream.trailer(Channel.INPUT), await result
 
-    assert result_of(start(link, raw())) == {"path": target, "size": 2, "sha256": sha(b"ab"), "mode": 0o600}
+    trailer, result = result_of(start(link, raw()))
+    assert trailer == {checksum: CHECKSUM_OF[checksum](b"pulled"), "size": 6}
+    assert result == {"path": str(tmp_path / "f"), "size": 6, checksum: CHECKSUM_OF[checksum](b"pulled"),
+                      "mode": stat.S_IMODE((tmp_path / "f").stat().st_mode)}
 
 
 def test_a_pull_writes_into_a_hidden_temp_file_beside_the_destination(tmp_path: Path) -> None:
@@ -685,6 +736,9 @@ def test_a_push_trailer_may_give_its_sha256_in_capitals(tmp_path: Path) -> None:
                                  f"{'x' * 129!r}"),
     ({"transfer_id": 7}, "'transfer_id' must be null or a string of 1 to 128 characters; got 7"),
     ({"path": 7}, "'path' must be a string, got 7"),
+    ({"checksum": "md5"}, "'checksum' must be one of ['crc32', 'sha256'], got 'md5'"),
+    ({"checksum": ["crc32"]}, "'checksum' must be one of ['crc32', 'sha256'], got ['crc32']"),
+    ({"checksum": None}, "'checksum' must be one of ['crc32', 'sha256'], got None"),
 ])
 def test_odd_push_arguments_are_refused_by_name(tmp_path: Path, args: dict[str, Any], message: str) -> None:
     link = InMemoryLink(OPERATIONS)
@@ -880,9 +934,13 @@ def test_mkdir_with_parents_when_another_process_makes_the_parent_meanwhile(
 
 
 class ResumingAgent:
-    """An agent that keeps partial pushes, reached by one controller after another."""
+    """
+    An agent that keeps partial pushes, reached by one controller after another, each of
+    which names ``checksum`` (crc32, as the host does; sha256, as a host from before it).
+    """
 
-    def __init__(self, limit: int = 8) -> None:
+    def __init__(self, limit: int = 8, checksum: str = "crc32") -> None:
+        self.checksum = checksum
         self.uploads = files.PartialUploads(limit)
         self.operations = {**OPERATIONS, **self.uploads.operations()}
         self.link = InMemoryLink(self.operations)
@@ -892,7 +950,8 @@ class ResumingAgent:
 
         async def partial() -> Any:
             stream, result = await self.link.client.open_request(
-                "push", {"path": str(path), "mode": None, "size": None, "transfer_id": transfer_id})
+                "push", {"path": str(path), "mode": None, "size": None, "transfer_id": transfer_id,
+                         "checksum": self.checksum})
             await stream.send(Channel.INPUT, data)
             result.addErrback(lambda _: None)
 
@@ -906,27 +965,31 @@ class ResumingAgent:
 
     def resume(self, path: Path, transfer_id: str | None, offset: int, rest: bytes,
                whole: bytes) -> Deferred[Any]:
-        args = {"path": str(path), "transfer_id": transfer_id, "offset": offset, "size": len(whole)}
-        return start(self.link, raw_push(self.link, args, rest, {"sha256": sha(whole), "size": len(whole)}))
+        args = {"path": str(path), "transfer_id": transfer_id, "offset": offset, "size": len(whole),
+                "checksum": self.checksum}
+        trailer = {self.checksum: CHECKSUM_OF[self.checksum](whole), "size": len(whole)}
+        return start(self.link, raw_push(self.link, args, rest, trailer))
 
 
 def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_a_dropped_push_is_held_and_continued(tmp_path: Path) -> None:
-    agent = ResumingAgent()
+@pytest.mark.parametrize("checksum", ["crc32", "sha256"])
+def test_a_dropped_push_is_held_and_continued(tmp_path: Path, checksum: str) -> None:
+    agent = ResumingAgent(checksum=checksum)
+    of = CHECKSUM_OF[checksum]
     target = tmp_path / "f"
-    assert agent.offset("t1") == {"offset": 0, "sha256": sha(b"")}
+    assert agent.offset("t1") == {"offset": 0}
     agent.push_then_drop(target, "t1", b"first half, ")
-    assert agent.offset("t1") == {"offset": 12, "sha256": sha(b"first half, "), "path": str(target)}
+    assert agent.offset("t1") == {"offset": 12, checksum: of(b"first half, "), "path": str(target)}
     assert os.listdir(tmp_path) == []
     whole = b"first half, second half"
     result = result_of(agent.resume(target, "t1", 12, b"second half", whole))
-    assert result == {"path": str(target), "size": len(whole), "sha256": sha(whole),
+    assert result == {"path": str(target), "size": len(whole), checksum: of(whole),
                       "mode": 0o666 & ~current_umask()}
     assert target.read_bytes() == whole
-    assert agent.offset("t1") == {"offset": 0, "sha256": sha(b"")}  # nothing held any more
+    assert agent.offset("t1") == {"offset": 0}  # nothing held any more
 
 
 def test_a_push_cancelled_by_the_host_is_not_held(tmp_path: Path) -> None:
@@ -940,7 +1003,7 @@ def test_a_push_cancelled_by_the_host_is_not_held(tmp_path: Path) -> None:
         result.cancel()
 
     start(agent.link, cancelled())
-    assert agent.offset("t1") == {"offset": 0, "sha256": sha(b"")}
+    assert agent.offset("t1") == {"offset": 0}
     assert os.listdir(tmp_path) == []
 
 
@@ -962,7 +1025,7 @@ def test_a_push_that_does_not_continue_what_is_held_is_refused(
                              "push again from the start")
     assert os.listdir(tmp_path) == []
     if transfer_id == "t1":  # what was held and did not fit is dropped, its file closed
-        assert agent.offset("t1") == {"offset": 0, "sha256": sha(b"")}
+        assert agent.offset("t1") == {"offset": 0}
         agent.link.client.close()
         assert open_descriptors() == before
 
@@ -972,7 +1035,7 @@ def test_a_push_from_the_start_replaces_what_is_held(tmp_path: Path) -> None:
     agent.push_then_drop(tmp_path / "f", "t1", b"stale")
     result_of(agent.resume(tmp_path / "f", "t1", 0, b"fresh", b"fresh"))
     assert (tmp_path / "f").read_bytes() == b"fresh"
-    assert agent.offset("t1") == {"offset": 0, "sha256": sha(b"")}
+    assert agent.offset("t1") == {"offset": 0}
 
 
 def test_the_agent_holds_at_most_its_limit_of_dropped_pushes(tmp_path: Path) -> None:
@@ -983,19 +1046,11 @@ def test_the_agent_holds_at_most_its_limit_of_dropped_pushes(tmp_path: Path) -> 
     assert agent.offset("a")["offset"] == 0  # the oldest went
     assert agent.offset("b")["offset"] == agent.offset("c")["offset"] == 3
     agent.push_then_drop(tmp_path / "b", "b", b"bbbb")  # the same id again: the new part only
-    assert agent.offset("b") == {"offset": 4, "sha256": sha(b"bbbb"), "path": f"{tmp_path}/b"}
+    assert agent.offset("b") == {"offset": 4, "crc32": crc(b"bbbb"), "path": f"{tmp_path}/b"}
     agent.uploads.drop("b")
     agent.uploads.drop("c")
     agent.link.client.close()
     assert open_descriptors() == before
-
-
-def test_a_push_that_the_agent_stored_otherwise_says_both_accounts() -> None:
-    link = lying("push", {"sha256": sha(b"other"), "size": 6, "mode": 0o644})
-    error = error_of(start(link, link.client.push(io.BytesIO(b"hello"), "/g/f")))
-    assert isinstance(error, IntegrityError) and error.details == {"path": "/g/f"}
-    assert error.message == (f"sent 5 bytes with sha256 {sha(b'hello')} to /g/f but the agent stored 6 bytes "
-                             f"with sha256 {sha(b'other')}: push again")
 
 
 def test_push_closes_the_files_it_opens_and_only_those(tmp_path: Path,

@@ -11,7 +11,11 @@ emulation, through the same kind of channel, with the same work per byte.
 - pull: on the host's go byte, the guest runs ``cat FILE | tee >(sha256sum >port) >port``
   (or ``dd`` to the port, then ``sha256sum`` of the file): the bytes, then their digest.
 
-Each way is measured; the faster one is the reference.
+Each way is measured; the faster of the two is the reference.  A third way, ``cksum``, is
+the ``dd`` way with coreutils' ``cksum`` (a CRC) in place of ``sha256sum``: the agent
+checks its transfers with CRC-32 (docs/protocol.md, Checksums), so this is the C tools doing
+exactly the agent's guest work but for TLS.  It is printed beside the reference, not judged
+(the issue's reference hashes with sha256).
 
 The host does its share as the agent's push and pull do (reads and hashes the file as it
 sends; writes and hashes the bytes as they arrive, then fsyncs the file and renames it), so
@@ -27,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +50,7 @@ from vmcontroller.client import ExecHandle, GuestClient
 from vmcontroller.errors import VMControllerError
 
 __all__ = [
+    "JUDGED_WAYS",
     "PULL_WAYS",
     "PUSH_WAYS",
     "PortClient",
@@ -63,7 +69,8 @@ READY_TIMEOUT = 60.0
 _READY = b"R"
 #: What the host reads of the file and sends at a time in the reference push.
 _HOST_CHUNK = 1024 * 1024
-_DIGEST_LINE = 64 + 1  # hex digest and newline
+#: The longest answer line: a hex sha256 (cksum's "CRC SIZE" is shorter) and a newline.
+_DIGEST_LINE = 64 + 1
 
 
 class ReferenceError(VMControllerError):
@@ -86,12 +93,12 @@ class TransferRound:
 
     @property
     def push_reference(self) -> Throughput:
-        """The fastest way: the reference the agent is judged against."""
-        return max(self.push_ways.values(), key=lambda figure: figure.mb_per_s)
+        """The fastest of the :data:`JUDGED_WAYS`: the reference the agent is judged against."""
+        return max((self.push_ways[way] for way in JUDGED_WAYS), key=lambda figure: figure.mb_per_s)
 
     @property
     def pull_reference(self) -> Throughput:
-        return max(self.pull_ways.values(), key=lambda figure: figure.mb_per_s)
+        return max((self.pull_ways[way] for way in JUDGED_WAYS), key=lambda figure: figure.mb_per_s)
 
     @property
     def push_ratio(self) -> float:
@@ -234,11 +241,19 @@ def _fail_port_when_ended(handle: ExecHandle, port: PortClient, argv: list[str])
     handle.exited.addBoth(ended)
 
 
-def _digest_of_answer(answer: bytes, argv: list[str]) -> str:
-    digest = answer.decode(errors="replace").split()[0] if answer.strip() else ""
-    if len(digest) != 64:
-        raise ReferenceError(f"the guest's {argv[-1]!r} answered {answer[:80]!r}, not a sha256")
-    return digest
+def _digest_of_answer(answer: bytes) -> str:
+    """The first word of the guest's answer: a hex sha256, or cksum's decimal CRC."""
+    return answer.decode(errors="replace").split()[0] if answer.strip() else ""
+
+
+def _expected_answer(way: str, path: str, digest: str) -> str:
+    """What the guest's tool must answer for the bytes of the host file ``path``."""
+    if way != "cksum":
+        return digest
+    # The host's own cksum: a POSIX CRC, which zlib does not compute.
+    with open(path, "rb") as f:
+        answer = subprocess.run(["cksum"], stdin=f, capture_output=True, check=True, text=True).stdout
+    return answer.split()[0]
 
 
 #: The guest's ways of doing a push's work, each leaving the digest line in ``$sum``: the
@@ -248,13 +263,19 @@ PUSH_WAYS = {
     "tee": "sum=$(head -c {size} <&3 | tee {temp} | sha256sum)",
     "dd": "dd bs=1M iflag=fullblock,count_bytes count={size} of={temp} status=none <&3\n"
     "sum=$(sha256sum <{temp})",
+    "cksum": "dd bs=1M iflag=fullblock,count_bytes count={size} of={temp} status=none <&3\n"
+    "sum=$(cksum <{temp})",
 }
 #: The guest's ways of doing a pull's work after the host's go byte (read by the shell's
 #: builtin, so no process is started on the clock but the tool itself).
 PULL_WAYS = {
     "tee": "{{ read -r -N 1 -u 3 _; exec cat {source}; }} | tee >(sha256sum >&3) >&3",
     "dd": "read -r -N 1 -u 3 _\ndd if={source} bs=1M status=none >&3\nsha256sum <{source} >&3",
+    "cksum": "read -r -N 1 -u 3 _\ndd if={source} bs=1M status=none >&3\ncksum <{source} >&3",
 }
+#: The ways the agent is judged against (the issue's work, with sha256); the others are
+#: printed beside.
+JUDGED_WAYS = ("tee", "dd")
 
 
 async def _nothing() -> None:
@@ -298,10 +319,12 @@ async def reference_push(
         "printf '%s\\n' \"${sum%% *}\" >&3\n"
     )
     argv = _port_script(device, body)
+    expected = await deferToThread(_expected_answer, way, source, digest)
     elapsed, port = await _run_timed(reactor, client, host_socket, argv, send, 0, _nothing, timeout)
-    stored = _digest_of_answer(bytes(port.received), argv)
-    if not stored == hasher.hexdigest() == digest:
-        raise ReferenceError(f"the guest stored sha256 {stored} of {destination}, the host sent {digest}")
+    stored = _digest_of_answer(bytes(port.received))
+    if not (stored == expected and hasher.hexdigest() == digest):
+        raise ReferenceError(f"the guest's {way} way stored {destination} with the sum {stored!r}; the host "
+                             f"sent the bytes of sum {expected!r} (sha256 {digest})")
     return Throughput(size, elapsed)
 
 
@@ -338,10 +361,11 @@ async def reference_pull(
 
         elapsed, port = await _run_timed(reactor, client, host_socket, argv, send, size, finish, timeout)
     received = port.hasher.hexdigest()
-    told = _digest_of_answer(bytes(port.received[size : size + _DIGEST_LINE + 8]), argv)
-    if not received == told == digest:
+    told = _digest_of_answer(bytes(port.received[size : size + _DIGEST_LINE + 8]))
+    expected = await deferToThread(_expected_answer, way, destination, digest)  # of the bytes received
+    if not (told == expected and received == digest):
         raise ReferenceError(
-            f"pulled {source}: the guest's sha256sum says {told}, the bytes received hash to {received}, "
-            f"the file pushed hashed to {digest}"
+            f"pulled {source} the {way} way: the guest's sum is {told!r} where {expected!r} was due; the "
+            f"bytes received hash to sha256 {received}, the file pushed to {digest}"
         )
     return Throughput(size, elapsed)

@@ -68,6 +68,8 @@ class TransferResult:
 
     :ivar path: the file's path in the guest (the destination of a push, the source of
         a pull).
+    :ivar sha256: the host's own sha256 of the bytes it sent or received, which the agent's
+        checksum matched.
     :ivar mode: the permission bits of the guest file (as the agent reports them; a pulled
         host file's mode is the caller's choice, see :func:`pull`).
     :ivar seconds: how long the transfer took, by the client's clock.

@@ -51,9 +51,11 @@ def test_the_table_gives_each_figure_its_sample_count_and_verdict(bench_importab
     def rate(mb_per_s: float, size: int = 64 * mib) -> Throughput:
         return Throughput(size, size / 1e6 / mb_per_s)
 
+    # cksum, the fastest, is not judged: the reference is the faster of tee and dd.
     rounds = tuple(
         TransferRound(
-            rate(20), rate(36), {"tee": rate(15), "dd": rate(30)}, {"tee": rate(30), "dd": rate(45)}
+            rate(20), rate(36), {"tee": rate(15), "dd": rate(30), "cksum": rate(80)},
+            {"tee": rate(30), "dd": rate(45), "cksum": rate(144)},
         )
         for _ in range(3)
     )
@@ -68,6 +70,9 @@ def test_the_table_gives_each_figure_its_sample_count_and_verdict(bench_importab
     rows = {line[:48].strip(): line[48:].split() for line in table(results).splitlines() if len(line) > 48}
     assert rows["push 64 MiB"][:5] == ["3", "20.00", "MB/s", "push/C-tools", "0.67"]
     assert rows["push 64 MiB"][-1] == "met"
+    assert rows["pull 64 MiB"][3:5] == ["pull/C-tools", "0.80"]
+    assert rows["C-tools push, cksum (**)"] == ["3", "80.00", "MB/s", "push/cksum", "0.25", "(not", "judged)"]
+    assert rows["C-tools pull, dd (**)"] == ["3", "45.00", "MB/s"]
     assert rows["development mode: push 64 MiB"][:6] == ["3", "25.00", "MB/s", "auth/dev", "0.80", ">="]
     assert rows["development mode: push 64 MiB"][-1] == "met"
     assert rows["development mode: pull 64 MiB"][:5] == ["3", "60.00", "MB/s", "auth/dev", "0.60"]
